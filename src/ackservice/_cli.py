@@ -1,0 +1,160 @@
+"""Command-line plumbing shared by the server and client entry points.
+
+Every setting is a flag and an ``ACKSERVICE_*`` environment variable; the flag wins. Bad
+values, from either source, end the program with one line on stderr and exit code 2, never
+a traceback or argparse's multi-line usage dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+__all__ = [
+    "EXIT_USAGE",
+    "SettingsParser",
+    "log_format",
+    "log_level",
+    "non_negative_int",
+    "port_number",
+    "positive_int",
+    "seconds",
+]
+
+EXIT_USAGE = 2
+ENV_PREFIX = "ACKSERVICE_"
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("auto", "console", "json")
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise ValueError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535 (0 lets the system pick a free one)."""
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port from 0 to 65535, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A positive, finite duration in seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def log_level(text: str) -> str:
+    """One of the standard level names, in any case."""
+    level = text.lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+def log_format(text: str) -> str:
+    """``auto`` (console on a terminal, JSON lines otherwise), ``console`` or ``json``."""
+    fmt = text.lower()
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {text!r}")
+    return fmt
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+class SettingsParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose settings also read ``ACKSERVICE_*`` environment variables.
+
+    Errors are one line (``prog: error: ... (see --help)``) and exit code 2.
+    """
+
+    def __init__(self, *args: Any, environ: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._environ = os.environ if environ is None else environ
+        self._settings: list[tuple[str, str, Callable[[str], Any], Any]] = []
+
+    def add_setting(
+        self,
+        flag: str,
+        parse: Callable[[str], Any],
+        default: Any,
+        help: str,
+        *,
+        metavar: str | None = None,
+        default_text: str | None = None,
+    ) -> None:
+        """Add ``flag`` (``--max-message-bytes``), backed by ``ACKSERVICE_MAX_MESSAGE_BYTES``."""
+        dest = flag.removeprefix("--").replace("-", "_")
+        env = ENV_PREFIX + dest.upper()
+        shown = default_text if default_text is not None else default
+        self.add_argument(
+            flag,
+            dest=dest,
+            type=_argparse_type(parse),
+            default=None,
+            metavar=metavar or dest.upper(),
+            help=f"{help} (default: {shown}; env: {env})",
+        )
+        self._settings.append((dest, env, parse, default))
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        for dest, env, parse, default in self._settings:
+            if getattr(parsed, dest) is not None:
+                continue  # the flag wins over the environment
+            raw = self._environ.get(env)
+            if raw is None or raw == "":
+                setattr(parsed, dest, default)
+                continue
+            try:
+                setattr(parsed, dest, parse(raw))
+            except ValueError as exc:
+                self.error(f"environment variable {env}: {exc}")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap ``parse`` so argparse reports its own message instead of a generic one."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert

@@ -1,0 +1,243 @@
+"""The ackservice wire protocol (v1), sans-IO: bytes in, messages and reply lines out.
+
+Nothing here does I/O, imports trio or logs: the server and the client both drive this
+module, so the wire format lives in exactly one place (the h11 pattern). docs/protocol.md is
+the prose version of this file.
+
+Client to server: a message is the bytes up to ``\\n``; one ``\\r`` right before the ``\\n``
+is dropped. Server to client, one line per message, in order::
+
+    ACK <seq> <nbytes> <crc32>\\n       the message arrived intact (crc32: 8 lowercase hex)
+    ERR <seq> <code> <detail>\\n        the message was not accepted
+    ERR 0 <code> <detail>\\n            about the connection, sent just before it closes
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from .errors import ProtocolError
+
+__all__ = [
+    "CONNECTION_SEQ",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_REPLY_LINE_BYTES",
+    "OVERSIZED",
+    "Ack",
+    "Err",
+    "ErrorCode",
+    "MessageFramer",
+    "Oversized",
+    "ProtocolError",
+    "Reply",
+    "ack_line",
+    "ack_lines",
+    "crc32_hex",
+    "err_line",
+    "parse_reply",
+]
+
+# 64 KiB: large enough for a log record or a small document, small enough that the server's
+# worst case (one partial message per connection) stays modest at 10,000 connections.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 65536
+
+# The seq of an ERR line that is about the connection rather than about one message.
+CONNECTION_SEQ: Final = 0
+
+# Reply lines are short ("ERR 18446744073709551615 internal-error " plus a one-line detail);
+# a client refuses anything longer rather than buffering a misbehaving peer without bound.
+MAX_REPLY_LINE_BYTES: Final = 1024
+_MAX_DETAIL_CHARS: Final = 300
+
+
+class ErrorCode:
+    """The error codes the v1 protocol defines (lowercase words on the wire)."""
+
+    TOO_LARGE: Final = "too-large"
+    REJECTED: Final = "rejected"
+    INTERNAL_ERROR: Final = "internal-error"
+    BUSY: Final = "busy"
+    IDLE_TIMEOUT: Final = "idle-timeout"
+    SHUTTING_DOWN: Final = "shutting-down"
+
+
+class Oversized:
+    """Stands in the framer's output for a message longer than the limit (it was discarded)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "OVERSIZED"
+
+
+OVERSIZED: Final = Oversized()
+
+
+class MessageFramer:
+    """Splits a byte stream into newline-terminated messages with a hard size bound.
+
+    Feed it whatever the transport delivered; it returns the complete messages, in order.
+    A message whose payload exceeds ``max_message_bytes`` comes out as ``OVERSIZED`` the
+    moment the bound is crossed (not when its newline finally arrives), and the rest of that
+    line is skipped; the framer never holds more than ``max_message_bytes + 1`` bytes of a
+    partial message. The output does not depend on how the stream was split into chunks.
+    """
+
+    __slots__ = ("_discarding", "_max", "_partial")
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        if max_message_bytes < 0:
+            raise ValueError(f"max_message_bytes must be >= 0, got {max_message_bytes}")
+        self._max = max_message_bytes
+        self._partial = b""
+        self._discarding = False
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of an incomplete message held until its newline arrives."""
+        return len(self._partial)
+
+    def feed(self, data: bytes | bytearray) -> list[bytes | Oversized]:
+        """Take the next chunk of the stream; return the messages it completed."""
+        if type(data) is not bytes:
+            data = bytes(data)  # so every message is immutable bytes, whatever the transport
+        if self._discarding:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return []
+            data = data[newline + 1 :]
+            self._discarding = False
+        if self._partial:
+            # Bounded concatenation: _partial is at most max + 1 bytes.
+            data = self._partial + data
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        limit = self._max
+        out: list[bytes | Oversized] = []
+        append = out.append
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            append(line if len(line) <= limit else OVERSIZED)
+        # The tail has no newline yet. Its final "\r" may still be the one that gets dropped,
+        # so it only counts once the next byte shows it is payload.
+        if len(tail) - (tail[-1:] == b"\r") > limit:
+            append(OVERSIZED)
+            self._partial = b""
+            self._discarding = True
+        else:
+            self._partial = tail
+        return out
+
+    def end_of_stream(self) -> list[bytes | Oversized]:
+        """The peer finished sending: bytes after the last newline are one final message.
+
+        No ``\\r`` is dropped from that final message, since no ``\\n`` follows it.
+        """
+        tail, self._partial = self._partial, b""
+        self._discarding = False
+        if not tail:
+            return []
+        return [tail if len(tail) <= self._max else OVERSIZED]
+
+
+# -- Reply lines ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """``ACK <seq> <nbytes> <crc32>``: message ``seq`` arrived with this length and checksum."""
+
+    seq: int
+    nbytes: int
+    crc32: int
+
+    def matches(self, payload: bytes) -> bool:
+        """Whether this acknowledgment proves that ``payload`` arrived intact."""
+        return self.nbytes == len(payload) and self.crc32 == zlib.crc32(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    """``ERR <seq> <code> <detail>``: message ``seq`` was not accepted, or (seq 0) the
+    connection is about to close."""
+
+    seq: int
+    code: str
+    detail: str
+
+    @property
+    def is_connection_error(self) -> bool:
+        """Whether this error is about the whole connection (seq 0) rather than one message."""
+        return self.seq == CONNECTION_SEQ
+
+
+Reply = Ack | Err
+
+
+def crc32_hex(payload: bytes) -> str:
+    """The checksum as it appears on the wire: zlib's CRC-32 as 8 lowercase hex digits."""
+    return f"{zlib.crc32(payload):08x}"
+
+
+def ack_line(seq: int, payload: bytes) -> bytes:
+    """The ``ACK`` line for message ``seq`` carrying ``payload``."""
+    return b"ACK %d %d %08x\n" % (seq, len(payload), zlib.crc32(payload))
+
+
+def ack_lines(first_seq: int, payloads: Iterable[bytes]) -> bytes:
+    """The ``ACK`` lines for consecutive messages, joined for a single write."""
+    crc32 = zlib.crc32
+    return b"".join(
+        [
+            b"ACK %d %d %08x\n" % (seq, len(payload), crc32(payload))
+            for seq, payload in enumerate(payloads, first_seq)
+        ]
+    )
+
+
+def err_line(seq: int, code: str, detail: str) -> bytes:
+    """An ``ERR`` line; ``detail`` is folded onto one line and shortened so it cannot break
+    the framing of the reply stream, whatever an application put in it."""
+    if not code or not code.isascii() or any(c.isspace() for c in code):
+        raise ValueError(f"error code must be one ASCII word, got {code!r}")
+    one_line = " ".join(detail.split())
+    if len(one_line) > _MAX_DETAIL_CHARS:
+        one_line = one_line[: _MAX_DETAIL_CHARS - 3] + "..."
+    return f"ERR {seq} {code} {one_line}\n".encode(errors="replace")
+
+
+def parse_reply(line: bytes) -> Reply:
+    """Parse one reply line (without its ``\\n``).
+
+    Raises:
+        ProtocolError: the line is not a well-formed ``ACK`` or ``ERR`` line.
+    """
+    if line[-1:] == b"\r":
+        line = line[:-1]
+    try:
+        text = line.decode("ascii") if line.startswith(b"ACK ") else line.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"reply line is not valid text: {line[:80]!r}") from None
+    if text.startswith("ACK "):
+        parts = text.split(" ")
+        if (
+            len(parts) == 4
+            and _is_decimal(parts[1])
+            and _is_decimal(parts[2])
+            and len(parts[3]) == 8
+            and all(c in "0123456789abcdef" for c in parts[3])
+        ):
+            return Ack(int(parts[1]), int(parts[2]), int(parts[3], 16))
+    elif text.startswith("ERR "):
+        parts = text.split(" ", 3)
+        if len(parts) >= 3 and _is_decimal(parts[1]) and parts[2]:
+            return Err(int(parts[1]), parts[2], parts[3] if len(parts) == 4 else "")
+    raise ProtocolError(f"malformed reply line: {line[:80]!r}")
+
+
+def _is_decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()

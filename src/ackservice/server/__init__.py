@@ -1,0 +1,23 @@
+"""The ackservice server: embed ``AckHandler`` or ``serve`` in any Trio application.
+
+Use ``server = await nursery.start(serve, ServerConfig(port=0))``, then ``server.port``;
+or pass an ``AckHandler`` to ``trio.serve_tcp``. README.md shows both.
+"""
+
+from __future__ import annotations
+
+from ..errors import Reject
+from .config import ServerConfig
+from .handler import AckHandler, MessageContext, MessageHook, ServerStats
+from .listener import Server, serve
+
+__all__ = [
+    "AckHandler",
+    "MessageContext",
+    "MessageHook",
+    "Reject",
+    "Server",
+    "ServerConfig",
+    "ServerStats",
+    "serve",
+]

@@ -1,0 +1,199 @@
+"""``python -m ackservice.server``: run the server as a daemon.
+
+Exit codes: 0 after a graceful shutdown, 1 when the server cannot start (the address is in
+use, cannot be resolved, ...), 2 for a bad setting, 130 when a second signal forced an
+immediate exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import structlog
+import trio
+
+from .. import _cli
+from ..logconfig import configure_logging
+from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
+from .config import ServerConfig
+from .listener import Server, serve
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_FORCED = 130
+
+# File descriptors the process needs besides its connections: stdio, the listening
+# sockets, Trio's epoll and wakeup fds, and connections briefly held to send "busy".
+_RESERVED_FDS = 64
+
+log = structlog.get_logger(__name__)
+
+
+def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
+    """The server's command-line parser (flags backed by ACKSERVICE_* variables)."""
+    defaults = ServerConfig()
+    parser = _cli.SettingsParser(
+        prog="python -m ackservice.server",
+        description="Acknowledge every newline-terminated message with ACK <seq> <nbytes> "
+        "<crc32>. Stop with SIGTERM or Ctrl-C (graceful); a second signal exits at once.",
+        environ=environ,
+    )
+    add = parser.add_setting
+    add("--host", str, defaults.host, "address to listen on (0.0.0.0 or :: for all)")
+    add("--port", _cli.port_number, defaults.port, "TCP port; 0 picks a free one")
+    add(
+        "--max-message-bytes",
+        _cli.non_negative_int,
+        DEFAULT_MAX_MESSAGE_BYTES,
+        "largest payload accepted; longer ones get ERR too-large",
+    )
+    add(
+        "--max-connections",
+        _cli.positive_int,
+        defaults.max_connections,
+        "connections served at once, lowered to fit the open-file limit; "
+        "beyond it new ones get ERR 0 busy",
+    )
+    add(
+        "--idle-timeout",
+        _cli.seconds,
+        defaults.idle_timeout,
+        "seconds without a complete message before a connection is closed",
+    )
+    add(
+        "--send-timeout",
+        _cli.seconds,
+        defaults.send_timeout,
+        "seconds a client may leave its replies unread before it is disconnected",
+    )
+    add(
+        "--shutdown-grace",
+        _cli.seconds,
+        defaults.shutdown_grace,
+        "seconds a graceful shutdown waits for connections before cancelling them",
+    )
+    add(
+        "--drain-timeout",
+        _cli.seconds,
+        defaults.drain_timeout,
+        "seconds to wait for a client to close after a final ERR 0 line",
+    )
+    add(
+        "--tcp-keepalive",
+        _cli.non_negative_int,
+        defaults.tcp_keepalive,
+        "seconds of silence before TCP keepalive probes (0: system default)",
+    )
+    add("--log-level", _cli.log_level, "info", "debug, info, warning, error or critical")
+    add(
+        "--log-format",
+        _cli.log_format,
+        "auto",
+        "auto (console on a terminal, else JSON lines), console or json",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Run the server until a signal stops it; return the process exit code."""
+    args = build_parser(environ).parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_bytes,
+        max_connections=_fit_to_fd_limit(args.max_connections),
+        idle_timeout=args.idle_timeout,
+        send_timeout=args.send_timeout,
+        shutdown_grace=args.shutdown_grace,
+        drain_timeout=args.drain_timeout,
+        tcp_keepalive=args.tcp_keepalive,
+    )
+    try:
+        return trio.run(_serve_until_signalled, config)
+    except OSError as exc:
+        print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
+        return EXIT_START_FAILED
+
+
+async def _serve_until_signalled(config: ServerConfig) -> int:
+    # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    # Installed before serving starts, so no signal can arrive unhandled in between.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                _serve_then_stop_watching, config, listeners, nursery.cancel_scope
+            )
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if server.handler.shutting_down:
+                    log.warning("forced_exit", signal=name)
+                    nursery.cancel_scope.cancel()
+                    return EXIT_FORCED
+                log.info("signal_received", signal=name)
+                server.shutdown()
+    return EXIT_OK
+
+
+async def _serve_then_stop_watching(
+    config: ServerConfig,
+    listeners: list[trio.SocketListener],
+    signal_watch: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[Server],
+) -> None:
+    await serve(config, listeners=listeners, task_status=task_status)
+    signal_watch.cancel()  # the graceful shutdown completed: stop waiting for signals
+
+
+def _fit_to_fd_limit(max_connections: int) -> int:
+    """Raise the soft open-file limit as far as needed and allowed; lower the connection
+    limit (with a warning) if it still does not fit, so running out of descriptors is a
+    polite ``ERR 0 busy`` instead of failed accepts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + _RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return max_connections
+    allowed = max(1, soft - _RESERVED_FDS)
+    log.warning(
+        "max_connections_lowered",
+        requested=max_connections,
+        allowed=allowed,
+        open_file_limit=soft,
+        hint="raise the open-file limit (ulimit -n) to serve more connections",
+    )
+    return allowed
+
+
+def _describe_listen_error(config: ServerConfig, exc: OSError) -> str:
+    where = f"{config.host}:{config.port}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host {config.host!r} ({exc.strerror}); check --host"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: address already in use; "
+            "stop the other process or choose another --port"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"cannot listen on {where}: permission denied; "
+            "ports below 1024 need privileges, choose another --port"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: this machine has no such address; check --host"
+    return f"cannot listen on {where}: {exc.strerror or exc}"

@@ -1,0 +1,152 @@
+"""The TCP listener: accepts connections, runs one handler task each, shuts down gracefully.
+
+The shape follows Trio's own ``serve_listeners``, with two additions a daemon needs: a
+graceful shutdown that lets every connection answer what it has read, and an accept loop
+that survives running out of file descriptors without flooding the log.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import structlog
+import trio
+
+from .config import ServerConfig
+from .handler import AckHandler, MessageHook
+
+__all__ = ["Server", "serve"]
+
+log = structlog.get_logger(__name__)
+
+# accept() fails with these when the process or the system is out of a resource; the
+# listening socket is fine, so wait for a connection to close and try again (as Trio does).
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_RESOURCE_RETRY_DELAY = 0.1
+# One warning per this many seconds while accept keeps failing, with a count, so an
+# exhausted process does not also exhaust the disk with the same line ten times a second.
+_RESOURCE_LOG_INTERVAL = 10.0
+
+
+class Server:
+    """A running server, as handed back by ``await nursery.start(serve, config)``.
+
+    Attributes:
+        handler: the ``AckHandler`` serving every connection (its ``stats`` are the totals).
+        listeners: the bound listening sockets.
+    """
+
+    def __init__(self, handler: AckHandler, listeners: list[trio.SocketListener]) -> None:
+        self.handler = handler
+        self.listeners = listeners
+        self._shutdown_requested = trio.Event()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs the server listens on."""
+        return [_address(listener) for listener in self.listeners]
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (useful after asking for port 0)."""
+        return self.addresses[0][1]
+
+    def shutdown(self) -> None:
+        """Start a graceful shutdown; ``serve`` returns once it completes."""
+        self._shutdown_requested.set()
+
+    async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
+        config = self.handler.config
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                for listener in self.listeners:
+                    accepting.start_soon(self._accept_loop, listener, connections)
+                log.info(
+                    "listening",
+                    host=self.addresses[0][0],
+                    port=self.port,
+                    addresses=[f"{host}:{port}" for host, port in self.addresses],
+                )
+                task_status.started(self)
+                await self._shutdown_requested.wait()
+                accepting.cancel_scope.cancel()
+            # Closing the listening sockets refuses new connections at once.
+            for listener in self.listeners:
+                await trio.aclose_forcefully(listener)
+            log.info(
+                "shutdown_started", active=self.handler.stats.active, grace=config.shutdown_grace
+            )
+            self.handler.begin_shutdown()
+            # Whatever is still running when the grace period ends is cancelled.
+            connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+        stats = self.handler.stats
+        log.info(
+            "shutdown_complete",
+            connections=stats.connections,
+            messages=stats.messages,
+            acked=stats.acked,
+            errors=stats.errors,
+            refused_busy=stats.refused_busy,
+            forced=connections.cancel_scope.cancelled_caught,
+        )
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        failures = 0
+        last_logged = -_RESOURCE_LOG_INTERVAL
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                failures += 1
+                now = trio.current_time()
+                if now - last_logged >= _RESOURCE_LOG_INTERVAL:
+                    log.error(
+                        "accept_failed",
+                        error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                        detail=exc.strerror,
+                        failures=failures,
+                        hint="raise the open-file limit (ulimit -n) or lower --max-connections",
+                    )
+                    last_logged = now
+                    failures = 0
+                await trio.sleep(_RESOURCE_RETRY_DELAY)
+                continue
+            nursery.start_soon(self.handler, stream)
+
+
+async def serve(
+    config: ServerConfig | None = None,
+    *,
+    on_message: MessageHook | None = None,
+    listeners: list[trio.SocketListener] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``config.host``:``config.port`` and serve the ack protocol until shut down.
+
+    Use ``server = await nursery.start(serve, config)`` to get the running ``Server`` (its
+    ``port``, its ``shutdown()``); ``serve`` returns after a graceful shutdown completes.
+
+    Args:
+        config: address, limits and timeouts.
+        on_message: optional application hook, awaited for each message before its ACK.
+        listeners: already-bound listeners to serve instead of binding ``config.host`` and
+            ``config.port`` (for socket activation, or to bind before dropping privileges).
+
+    Raises:
+        OSError: the address could not be bound (in use, not resolvable, not permitted).
+    """
+    config = ServerConfig() if config is None else config
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    server = Server(AckHandler(config, on_message=on_message), listeners)
+    await server._run(task_status)
+
+
+def _address(listener: trio.SocketListener) -> tuple[str, int]:
+    host, port, *_ = listener.socket.getsockname()
+    if listener.socket.family == socket.AF_INET6:
+        host = f"[{host}]"
+    return str(host), int(port)
