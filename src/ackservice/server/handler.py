@@ -56,7 +56,7 @@ returns), raise ``Reject("reason")`` to refuse; any other exception is an intern
 
 @dataclass(slots=True)
 class ServerStats:
-    """Running totals over every connection the handler has served."""
+    """Totals over the connections the handler has finished serving, plus ``active`` now."""
 
     connections: int = 0
     active: int = 0

@@ -35,17 +35,14 @@ class Server:
     Attributes:
         handler: the ``AckHandler`` serving every connection (its ``stats`` are the totals).
         listeners: the bound listening sockets.
+        addresses: the (host, port) pairs they are bound to (still known after closing).
     """
 
     def __init__(self, handler: AckHandler, listeners: list[trio.SocketListener]) -> None:
         self.handler = handler
         self.listeners = listeners
+        self.addresses = [_address(listener) for listener in listeners]
         self._shutdown_requested = trio.Event()
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """The (host, port) pairs the server listens on."""
-        return [_address(listener) for listener in self.listeners]
 
     @property
     def port(self) -> int:
@@ -57,6 +54,14 @@ class Server:
         self._shutdown_requested.set()
 
     async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
+        try:
+            await self._serve_then_drain(task_status)
+        finally:
+            # Also when cancelled from outside, not only after a graceful shutdown.
+            for listener in self.listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _serve_then_drain(self, task_status: trio.TaskStatus[Server]) -> None:
         config = self.handler.config
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:

@@ -1,0 +1,38 @@
+"""Fixtures shared by every test module."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import structlog
+import trio
+from support import Connect
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Open loopback TCP connections that are closed when the test ends."""
+    streams: list[trio.SocketStream] = []
+
+    async def open_connection(port: int) -> trio.SocketStream:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        streams.append(stream)
+        return stream
+
+    yield open_connection
+    for stream in streams:
+        await trio.aclose_forcefully(stream)
+
+
+def _drop(logger: object, method: str, event_dict: object) -> object:
+    raise structlog.DropEvent
+
+
+@pytest.fixture(autouse=True)
+def quiet_structlog() -> Iterator[None]:
+    """Log calls run (at debug, so every event is built) but print nothing; tests that look
+    at events use structlog.testing.capture_logs, which replaces these processors."""
+    structlog.configure(processors=[_drop])
+    yield
+    structlog.reset_defaults()

@@ -1,0 +1,236 @@
+"""``python -m ackservice.server`` as a real process: signals, settings, logging."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import structlog
+import trio
+from support import LineReader, server_process
+
+from ackservice.logconfig import configure_logging
+from ackservice.protocol import parse_reply
+from ackservice.server.cli import build_parser
+
+
+def run_server_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ackservice.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=env,
+        check=False,
+    )
+
+
+def test_serves_and_logs_json_lines_when_not_a_terminal(tmp_path: Path) -> None:
+    """With stderr not a terminal, logs are JSON lines; the listen event gives the port."""
+    with server_process(tmp_path / "log") as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"hello\n")
+            assert sock.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+        listening = server.events()[0]
+        assert listening["event"] == "listening"
+        assert listening["level"] == "info"
+        assert "timestamp" in listening
+
+
+async def test_sigterm_answers_everything_read_then_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM with 20 clients streaming: each client gets an ACK for every message the server
+    read, in order, then ERR 0 shutting-down and a clean close (no reset); new connections
+    are refused; the process exits 0 and logs the totals."""
+    with server_process(tmp_path / "log") as server:
+        acked_by_clients = 0
+
+        async def streaming_client(started: trio.Event) -> None:
+            nonlocal acked_by_clients
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream, trio.open_nursery() as nursery:
+
+                async def send_forever() -> None:
+                    try:
+                        for _ in range(10_000):  # bounded, though shutdown comes much sooner
+                            await stream.send_all(b"payload\n" * 100)
+                            await trio.sleep(0.001)
+                    except trio.BrokenResourceError:
+                        pass  # the server closed after its final line, as it should
+
+                nursery.start_soon(send_forever)
+                reader = LineReader(stream)
+                seq = 0
+                while True:
+                    reply = parse_reply(await reader.line())
+                    started.set()
+                    if reply.seq == 0:
+                        assert reply.code == "shutting-down"  # type: ignore[union-attr]
+                        break
+                    seq += 1
+                    assert reply.seq == seq
+                acked_by_clients += seq
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                started = trio.Event()
+                nursery.start_soon(streaming_client, started)
+                await started.wait()
+            server.signal(signal.SIGTERM)
+            server.wait_for_event("shutdown_started")
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+        assert server.wait() == 0
+        done = server.wait_for_event("shutdown_complete")
+        assert done["acked"] == done["messages"] == acked_by_clients > 0
+        assert done["connections"] == 20
+        assert done["forced"] is False
+        assert "Traceback" not in server.log_path.read_text()
+
+
+def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
+    """A second SIGINT during a graceful shutdown exits at once (code 130)."""
+    with server_process(
+        tmp_path / "log", "--shutdown-grace", "60", "--drain-timeout", "60"
+    ) as server:
+        # This client never closes, so the graceful shutdown would wait for the grace period.
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            server.signal(signal.SIGINT)
+            server.wait_for_event("shutdown_started")
+            start = time.monotonic()
+            server.signal(signal.SIGINT)
+            assert server.wait(timeout=5) == 130
+            assert time.monotonic() - start < 1
+            assert sock.recv(100).startswith(b"ERR 0 shutting-down")
+        assert server.wait_for_event("forced_exit")["signal"] == "SIGINT"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--port", "-1"], {}, "--port: expected a port from 0 to 65535, got '-1'"),
+        (["--max-message-bytes", "-5"], {}, "expected an integer >= 0, got '-5'"),
+        (["--idle-timeout", "0"], {}, "expected a positive number of seconds"),
+        (["--log-level", "loud"], {}, "expected one of debug, info, warning"),
+        ([], {"ACKSERVICE_SEND_TIMEOUT": "soon"}, "ACKSERVICE_SEND_TIMEOUT: expected a number"),
+        (["--host", "no-such-host.invalid"], {}, "cannot resolve host 'no-such-host.invalid'"),
+        (["--bogus"], {}, "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_settings_are_one_clear_line(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    """A bad setting, from a flag or the environment, exits non-zero with one line on stderr
+    that says what is wrong, never a traceback."""
+    result = run_server_cli("--port", "0", *args, env={**_base_env(), **env})
+    assert result.returncode in (1, 2)
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_port_in_use_is_one_clear_line() -> None:
+    """A port already in use is reported in one line with what to do, exit code 1."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_server_cli("--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"ackservice.server: error: cannot listen on 127.0.0.1:{port}: address already in use; "
+        "stop the other process or choose another --port"
+    )
+
+
+def test_flags_win_over_environment() -> None:
+    """Each setting reads ACKSERVICE_<NAME>; a flag given on the command line wins."""
+    env = {"ACKSERVICE_MAX_MESSAGE_BYTES": "10", "ACKSERVICE_PORT": "1234"}
+    args = build_parser(env).parse_args(["--port", "0"])
+    assert args.max_message_bytes == 10
+    assert args.port == 0
+    assert build_parser({}).parse_args([]).max_message_bytes == 65536
+
+
+def test_environment_settings_reach_the_server(tmp_path: Path) -> None:
+    """A limit set only in the environment is enforced by the running server."""
+    with (
+        server_process(tmp_path / "log", env={"ACKSERVICE_MAX_MESSAGE_BYTES": "3"}) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as sock,
+    ):
+        sock.sendall(b"abcd\n")
+        assert sock.makefile("rb").readline().startswith(b"ERR 1 too-large ")
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+
+def test_connection_limit_is_fitted_to_the_open_file_limit(tmp_path: Path) -> None:
+    """When the open-file limit cannot hold --max-connections, the limit is lowered with a
+    warning at start-up, and connections past it are told busy rather than failing."""
+    log_path = tmp_path / "log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ackservice.server", "--port", "0", "--log-format", "json"],
+            stderr=log_file,
+            preexec_fn=_low_fd_limit,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while "listening" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        events = [json.loads(line) for line in log_path.read_text().splitlines()]
+        lowered = next(e for e in events if e["event"] == "max_connections_lowered")
+        assert (lowered["requested"], lowered["allowed"]) == (10_000, 200 - 64)
+        assert lowered["level"] == "warning"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_trio_stdlib_warnings_reach_the_same_output() -> None:
+    """Records Trio logs through the stdlib come out as the same JSON lines as our events."""
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    try:
+        logging.getLogger("trio.serve_listeners").error("accept returned %s", "EMFILE")
+        structlog.get_logger().info("ours")
+        first, second = (json.loads(line) for line in out.getvalue().splitlines())
+        assert first["event"] == "accept returned EMFILE"
+        assert first["logger"] == "trio.serve_listeners"
+        assert first["level"] == "error"
+        assert second["event"] == "ours"
+        assert set(first) >= {"timestamp", "level"} and set(second) >= {"timestamp", "level"}
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+
+
+def test_console_format_is_human_readable() -> None:
+    """--log-format console gives readable key=value lines rather than JSON."""
+    out = io.StringIO()
+    configure_logging("info", "console", stream=out)
+    try:
+        structlog.get_logger().info("listening", port=9876)
+        line = out.getvalue()
+        assert "listening" in line and "port=9876" in line
+        assert not line.startswith("{")
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+
+
+def _base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("ACKSERVICE_")}

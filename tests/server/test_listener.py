@@ -1,0 +1,164 @@
+"""serve() and AckHandler over real loopback sockets, in-process."""
+
+from __future__ import annotations
+
+import functools
+import random
+import socket
+import struct
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from support import Connect, LineReader
+
+from ackservice.protocol import ack_line
+from ackservice.server import AckHandler, MessageContext, Server, ServerConfig, serve
+
+
+async def start(nursery: trio.Nursery, **settings: Any) -> Server:
+    on_message = settings.pop("on_message", None)
+    config = ServerConfig(port=0, **settings)
+    server: Server = await nursery.start(functools.partial(serve, config, on_message=on_message))
+    return server
+
+
+async def test_serve_reports_the_bound_port(nursery: trio.Nursery) -> None:
+    """Started with port 0, serve reports the port the system picked, and serves on it."""
+    server = await start(nursery)
+    assert server.port != 0
+    assert server.addresses == [("127.0.0.1", server.port)]
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(b"hello\n")
+        assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
+
+
+async def test_many_clients_pipelining_get_correct_in_order_acks(nursery: trio.Nursery) -> None:
+    """200 concurrent clients, each pipelining 500 messages of mixed sizes, all get correct
+    ACKs in order."""
+    server = await start(nursery)
+    rng = random.Random(7)
+
+    async def client(index: int) -> None:
+        payloads = [rng.randbytes(rng.randrange(0, 300)).replace(b"\n", b"") for _ in range(500)]
+        payloads = [p.rstrip(b"\r") for p in payloads]
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(b"".join(p + b"\n" for p in payloads))
+            await stream.send_eof()
+            replies = await LineReader(stream).lines(500)
+        assert replies == [ack_line(seq, p)[:-1] for seq, p in enumerate(payloads, 1)]
+
+    async with trio.open_nursery() as clients:
+        for index in range(200):
+            clients.start_soon(client, index)
+    with trio.fail_after(5):  # totals are added as each connection finishes closing
+        while server.handler.stats.active:
+            await trio.sleep(0.01)
+    assert server.handler.stats.acked == 100_000
+
+
+async def test_final_line_survives_unread_client_input(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """A refused client that keeps sending still receives its ERR 0 busy line: the server
+    half-closes and drains instead of resetting the connection."""
+    server = await start(nursery, max_connections=1, drain_timeout=5)
+    holder = await connect(server.port)
+    await holder.send_all(b"hold\n")
+    await LineReader(holder).line()
+    refused = await connect(server.port)
+
+    async def keep_sending() -> None:
+        try:
+            for _ in range(256):
+                await refused.send_all(b"x" * 16384)
+        except trio.BrokenResourceError:
+            pass
+        await refused.send_eof()
+
+    nursery.start_soon(keep_sending)
+    reader = LineReader(refused)
+    assert (await reader.line()).startswith(b"ERR 0 busy ")
+    assert await reader.at_eof()
+
+
+async def test_graceful_shutdown_refuses_new_connections(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """After shutdown() the listener is closed at once: new connections are refused, while a
+    connected client is told shutting-down."""
+    server = await start(nursery)
+    connected = await connect(server.port)
+    await connected.send_all(b"a\n")
+    reader = LineReader(connected)
+    assert (await reader.line()).startswith(b"ACK 1 ")
+    server.shutdown()
+    assert (await reader.line()).startswith(b"ERR 0 shutting-down ")
+    with pytest.raises(OSError, match="all attempts to connect"):
+        await trio.open_tcp_stream("127.0.0.1", server.port)
+
+
+async def test_grace_period_bounds_shutdown(
+    autojump_clock: trio.testing.MockClock, connect: Connect
+) -> None:
+    """Connections still busy when the grace period ends are cancelled and serve returns."""
+    stuck = trio.Event()
+
+    async def on_message(payload: bytes, context: MessageContext) -> None:
+        stuck.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        server = await start(nursery, shutdown_grace=3, on_message=on_message)
+        stream = await connect(server.port)
+        await stream.send_all(b"never finishes\n")
+        await stuck.wait()
+        started = trio.current_time()
+        server.shutdown()
+    assert trio.current_time() - started == pytest.approx(3)
+    assert server.handler.stats.active == 0
+
+
+async def test_handler_embeds_in_trio_serve_tcp(nursery: trio.Nursery, connect: Connect) -> None:
+    """AckHandler is a plain Trio stream handler: trio.serve_tcp runs it unchanged, and it
+    turns on TCP keepalive (idle 300 s, interval 100 s, 3 probes) on accepted sockets."""
+    accepted: list[trio.SocketStream] = []
+    handler = AckHandler()
+
+    async def remember_then_handle(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await handler(stream)
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, remember_then_handle, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    stream = await connect(port)
+    await stream.send_all(b"hello\n")
+    assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
+    sock = accepted[0]
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 300
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 100
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+
+
+async def test_reset_by_peer_ends_only_that_connection(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """A client that resets its connection (SO_LINGER 0) mid-stream ends only that
+    connection; the server and other clients carry on."""
+    server = await start(nursery)
+    healthy = await connect(server.port)
+    for _ in range(20):
+        with trio.socket.socket() as doomed:
+            await doomed.connect(("127.0.0.1", server.port))
+            await doomed.send(b"x\n" * 5000)
+            doomed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await healthy.send_all(b"still fine\n")
+    assert (await LineReader(healthy).line()).startswith(b"ACK 1 ")
+    with trio.fail_after(5):
+        while server.handler.stats.active > 1:
+            await trio.sleep(0.01)

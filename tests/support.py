@@ -1,0 +1,121 @@
+"""Helpers shared by the test modules (importable as ``support`` via pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ackservice.protocol import MessageFramer, Oversized
+
+Connect = Callable[[int], Awaitable[trio.SocketStream]]
+"""The ``connect`` fixture: open a loopback connection to a port, closed after the test."""
+
+
+class LineReader:
+    """Reads newline-terminated reply lines from a stream, as a client would."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self._framer = MessageFramer(1 << 20)
+        self._lines: list[bytes] = []
+        self.eof = False
+
+    async def line(self) -> bytes:
+        """The next line, without its newline; b"" never appears except for empty lines."""
+        while not self._lines:
+            if self.eof:
+                raise EOFError("stream ended before the next line")
+            data = await self.stream.receive_some(65536)
+            frames = self._framer.feed(data) if data else self._framer.end_of_stream()
+            self.eof = not data
+            self._lines += [f for f in frames if not isinstance(f, Oversized)]
+        return self._lines.pop(0)
+
+    async def lines(self, count: int) -> list[bytes]:
+        return [await self.line() for _ in range(count)]
+
+    async def at_eof(self) -> bool:
+        """Whether the stream ends with no further line."""
+        try:
+            extra = await self.line()
+        except EOFError:
+            return True
+        raise AssertionError(f"expected EOF, got another line: {extra!r}")
+
+
+class ServerProcess:
+    """``python -m ackservice.server`` as a real process, its JSON logs in a file."""
+
+    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log_file = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ackservice.server",
+                "--port",
+                "0",
+                "--log-format",
+                "json",
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log_file,
+            env={**os.environ, **(env or {})},
+        )
+        self.port = int(self.wait_for_event("listening", timeout=15)["port"])
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every log event so far (non-JSON lines, such as tracebacks, fail the parse)."""
+        text = self.log_path.read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def wait_for_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if event.get("event") == name:
+                    return event
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited ({self.process.returncode}) before {name!r}")
+            time.sleep(0.02)
+        raise AssertionError(f"no {name!r} event within {timeout} s: {self.log_path.read_text()}")
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log_file.close()
+
+
+@contextmanager
+def server_process(
+    log_path: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(log_path, *args, env=env)
+    try:
+        yield server
+    finally:
+        server.stop()
