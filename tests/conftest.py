@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import structlog
 import trio
+
 from support import Connect
 
 

@@ -119,3 +119,10 @@ def server_process(
         yield server
     finally:
         server.stop()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` until it holds; fail the test if it takes over 5 seconds."""
+    with trio.fail_after(5):
+        while not condition():  # noqa: ASYNC110 - polls state that has no event to wait on
+            await trio.sleep(0.005)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import structlog
 import trio
-from support import LineReader, server_process
 
 from ackservice.logconfig import configure_logging
 from ackservice.protocol import parse_reply
 from ackservice.server.cli import build_parser
+from support import LineReader, server_process
 
 
 def run_server_cli(
@@ -212,7 +212,8 @@ def test_trio_stdlib_warnings_reach_the_same_output() -> None:
         assert first["logger"] == "trio.serve_listeners"
         assert first["level"] == "error"
         assert second["event"] == "ours"
-        assert set(first) >= {"timestamp", "level"} and set(second) >= {"timestamp", "level"}
+        assert set(first) >= {"timestamp", "level"}
+        assert set(second) >= {"timestamp", "level"}
     finally:
         logging.getLogger().handlers.clear()
         structlog.reset_defaults()
@@ -225,7 +226,8 @@ def test_console_format_is_human_readable() -> None:
     try:
         structlog.get_logger().info("listening", port=9876)
         line = out.getvalue()
-        assert "listening" in line and "port=9876" in line
+        assert "listening" in line
+        assert "port=9876" in line
         assert not line.startswith("{")
     finally:
         logging.getLogger().handlers.clear()

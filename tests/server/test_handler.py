@@ -10,11 +10,11 @@ import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
-from support import LineReader
 
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, Reject, ServerConfig
 from ackservice.server import handler as handler_module
+from support import LineReader
 
 EventList = list[dict[str, Any]]
 
@@ -225,7 +225,7 @@ async def test_shutdown_answers_what_was_read_then_closes(nursery: trio.Nursery)
 
     handler = AckHandler(on_message=on_message)
     busy, busy_replies = open_connection(nursery, handler)
-    idle, idle_replies = open_connection(nursery, handler)
+    _, idle_replies = open_connection(nursery, handler)
     await busy.send_all(b"slow\nnext\n")
     await entered.wait()
     handler.begin_shutdown()
@@ -237,7 +237,7 @@ async def test_shutdown_answers_what_was_read_then_closes(nursery: trio.Nursery)
         b"ERR 0 shutting-down server is shutting down, retry later",
     ]
     assert await busy_replies.at_eof()
-    late, late_replies = open_connection(nursery, handler)
+    _, late_replies = open_connection(nursery, handler)
     assert (await late_replies.line()).startswith(b"ERR 0 shutting-down ")
 
 
