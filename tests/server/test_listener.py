@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import random
 import socket
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, Server, ServerConfig, serve
@@ -159,3 +161,44 @@ async def test_reset_by_peer_ends_only_that_connection(
     await healthy.send_all(b"still fine\n")
     assert (await LineReader(healthy).line()).startswith(b"ACK 1 ")
     await wait_until(lambda: server.handler.stats.active == 1)
+
+
+class ExhaustedListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose accept fails with EMFILE a number of times, then yields a stream."""
+
+    def __init__(self, failures: int, stream: trio.abc.Stream) -> None:
+        self.failures = failures
+        self.stream: trio.abc.Stream | None = stream
+
+    async def accept(self) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        if self.stream is None:
+            await trio.sleep_forever()
+        stream, self.stream = self.stream, None
+        return stream
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_out_of_descriptors_is_logged_rarely_and_survived(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """When accept keeps failing for lack of file descriptors, the server retries every
+    100 ms, logs one error per 10 s (with the count) instead of one per retry, and serves
+    again as soon as accept succeeds."""
+    client, server_side = trio.testing.memory_stream_pair()
+    listener = ExhaustedListener(failures=250, stream=server_side)  # 25 s of failures
+    server = Server(AckHandler(), [])
+    with capture_logs() as logs:
+        nursery.start_soon(server._accept_loop, listener, nursery)
+        await client.send_all(b"hello\n")
+        assert await LineReader(client).line() == b"ACK 1 5 3610a686"
+    failures = [e for e in logs if e["event"] == "accept_failed"]
+    assert len(failures) == 3  # at 0 s, 10 s and 20 s of 25 s of failures
+    assert failures[0]["failures"] == 1
+    assert all(99 <= e["failures"] <= 101 for e in failures[1:])
+    assert failures[0]["error"] == "EMFILE"
