@@ -17,11 +17,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from .errors import ProtocolError
 
 __all__ = [
+    "ACK_FORMAT",
     "CONNECTION_SEQ",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_REPLY_LINE_BYTES",
@@ -38,6 +39,7 @@ __all__ = [
     "crc32_hex",
     "err_line",
     "parse_reply",
+    "too_large_line",
 ]
 
 # 64 KiB: large enough for a log record or a small document, small enough that the server's
@@ -51,6 +53,9 @@ CONNECTION_SEQ: Final = 0
 # a client refuses anything longer rather than buffering a misbehaving peer without bound.
 MAX_REPLY_LINE_BYTES: Final = 1024
 _MAX_DETAIL_CHARS: Final = 300
+
+# The ACK line; ``%`` with (seq, nbytes, crc32). Everything that writes ACKs uses this.
+ACK_FORMAT: Final = b"ACK %d %d %08x\n"
 
 
 class ErrorCode:
@@ -116,16 +121,16 @@ class MessageFramer:
         lines = data.split(b"\n")
         tail = lines.pop()
         limit = self._max
-        out: list[bytes | Oversized] = []
-        append = out.append
-        for line in lines:
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            append(line if len(line) <= limit else OVERSIZED)
+        out: list[bytes | Oversized]
+        if b"\r" in data or len(data) > limit:
+            out = [_strip_and_bound(line, limit) for line in lines]
+        else:
+            # The common case: no line can need stripping or be too long, so no per-line work.
+            out = cast("list[bytes | Oversized]", lines)
         # The tail has no newline yet. Its final "\r" may still be the one that gets dropped,
         # so it only counts once the next byte shows it is payload.
         if len(tail) - (tail[-1:] == b"\r") > limit:
-            append(OVERSIZED)
+            out.append(OVERSIZED)
             self._partial = b""
             self._discarding = True
         else:
@@ -142,6 +147,12 @@ class MessageFramer:
         if not tail:
             return []
         return [tail if len(tail) <= self._max else OVERSIZED]
+
+
+def _strip_and_bound(line: bytes, limit: int) -> bytes | Oversized:
+    if line[-1:] == b"\r":
+        line = line[:-1]
+    return line if len(line) <= limit else OVERSIZED
 
 
 # -- Reply lines ------------------------------------------------------------------------------
@@ -185,7 +196,7 @@ def crc32_hex(payload: bytes) -> str:
 
 def ack_line(seq: int, payload: bytes) -> bytes:
     """The ``ACK`` line for message ``seq`` carrying ``payload``."""
-    return b"ACK %d %d %08x\n" % (seq, len(payload), zlib.crc32(payload))
+    return ACK_FORMAT % (seq, len(payload), zlib.crc32(payload))
 
 
 def ack_lines(first_seq: int, payloads: Iterable[bytes]) -> bytes:
@@ -193,9 +204,16 @@ def ack_lines(first_seq: int, payloads: Iterable[bytes]) -> bytes:
     crc32 = zlib.crc32
     return b"".join(
         [
-            b"ACK %d %d %08x\n" % (seq, len(payload), crc32(payload))
+            ACK_FORMAT % (seq, len(payload), crc32(payload))
             for seq, payload in enumerate(payloads, first_seq)
         ]
+    )
+
+
+def too_large_line(seq: int, max_message_bytes: int) -> bytes:
+    """The ``ERR <seq> too-large`` line for a message over ``max_message_bytes``."""
+    return err_line(
+        seq, ErrorCode.TOO_LARGE, f"message exceeds {max_message_bytes} bytes; it was dropped"
     )
 
 

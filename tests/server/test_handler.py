@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, Reject, ServerConfig
-from ackservice.server import handler as handler_module
+from ackservice.server import connection as handler_module
 from support import LineReader
 
 EventList = list[dict[str, Any]]

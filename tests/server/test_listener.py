@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import random
@@ -202,3 +203,85 @@ async def test_out_of_descriptors_is_logged_rarely_and_survived(
     assert failures[0]["failures"] == 1
     assert all(99 <= e["failures"] <= 101 for e in failures[1:])
     assert failures[0]["error"] == "EMFILE"
+
+
+# The socket loop (raw reads and writes on TCP) keeps the same timing rules as the stream
+# loop that the memory-stream tests cover; these check them over real sockets, real clock.
+
+
+async def test_idle_timeout_over_tcp_ignores_trickled_bytes(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """Over TCP, a client trickling bytes without a newline is closed idle_timeout after its
+    last complete message, with ERR 0 idle-timeout."""
+    server = await start(nursery, idle_timeout=0.6)
+    stream = await connect(server.port)
+    reader = LineReader(stream)
+    await stream.send_all(b"complete\n")
+    assert (await reader.line()).startswith(b"ACK 1 ")
+    last_complete = trio.current_time()
+
+    async def trickle() -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            for _ in range(50):
+                await stream.send_all(b"x")
+                await trio.sleep(0.05)
+
+    nursery.start_soon(trickle)
+    with trio.fail_after(5):
+        assert (await reader.line()).startswith(b"ERR 0 idle-timeout ")
+    assert 0.55 <= trio.current_time() - last_complete < 3
+
+
+async def test_active_connection_outlives_many_idle_periods(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """A connection sending a complete message more often than idle_timeout is never closed,
+    however long it lasts (the lazily kept deadline is re-armed, not obeyed)."""
+    server = await start(nursery, idle_timeout=0.3)
+    stream = await connect(server.port)
+    reader = LineReader(stream)
+    for seq in range(1, 16):  # ~1.5 s: five idle periods
+        await stream.send_all(b"tick\n")
+        assert (await reader.line()).startswith(b"ACK %d " % seq)
+        await trio.sleep(0.1)
+
+
+async def test_client_not_reading_over_tcp_is_dropped_after_send_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    """Over TCP, a client that never reads its replies fills the socket buffers; the server
+    stops reading from it and drops it after send_timeout, while others are served."""
+    server = await start(nursery, send_timeout=0.5)
+    with capture_logs() as logs:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", server.port))
+        with sock, trio.move_on_after(10), contextlib.suppress(OSError):
+            for _ in range(100_000):  # ~20 MB of replies unread
+                await sock.send(b"m\n" * 5000)
+        async with await trio.open_tcp_stream("127.0.0.1", server.port) as other:
+            await other.send_all(b"fine\n")
+            assert (await LineReader(other).line()).startswith(b"ACK 1 ")
+        await wait_until(lambda: any(e["event"] == "connection_closed" for e in logs))
+    closed = [e for e in logs if e["event"] == "connection_closed"]
+    assert closed[0]["reason"] == "send-timeout"
+
+
+async def test_shutdown_waits_for_a_slow_hook_over_tcp(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """Over TCP, shutdown during a slow hook lets it finish and its ACK go out before
+    ERR 0 shutting-down; the idle deadline never interrupts the hook."""
+
+    async def slow(payload: bytes, context: MessageContext) -> None:
+        await trio.sleep(0.5)
+
+    server = await start(nursery, on_message=slow, idle_timeout=0.2)
+    stream = await connect(server.port)
+    await stream.send_all(b"slow\n")
+    await trio.sleep(0.1)
+    server.shutdown()
+    reader = LineReader(stream)
+    assert await reader.line() == ack_line(1, b"slow")[:-1]
+    assert (await reader.line()).startswith(b"ERR 0 shutting-down ")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..errors import Reject
 from .config import ServerConfig
-from .handler import AckHandler, MessageContext, MessageHook, ServerStats
+from .handler import AckHandler, ServerStats
+from .hook import MessageContext, MessageHook
 from .listener import Server, serve
 
 __all__ = [

@@ -1,0 +1,311 @@
+"""One served connection: read, answer, write, until the connection ends.
+
+Two read/write loops share every rule (limits, timeouts, shutdown, logging):
+
+- the socket loop, for TCP sockets: non-blocking ``os.read``/``os.write`` on the socket's
+  file descriptor, with ``trio.lowlevel.wait_readable`` as the only place it waits. Trio's
+  ``SocketStream`` adds a checkpoint sandwich and a conflict detector around every call,
+  which profiling showed costing as much as the system calls themselves for small messages;
+- the stream loop, for any other ``trio.abc.Stream`` (TLS, in-memory streams in tests).
+
+Timeouts are one long-lived cancel scope per connection whose deadline is kept lazily: it is
+not moved on every message (that costs a deadline-heap update each time) but re-checked when
+it fires. It is lifted around the awaits that must not be interrupted (the application hook,
+a send that blocks), which have their own bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from ..errors import Reject
+from ..protocol import (
+    OVERSIZED,
+    ErrorCode,
+    MessageFramer,
+    Oversized,
+    ack_line,
+    ack_lines,
+    err_line,
+    too_large_line,
+)
+from .acknowledger import Acknowledger
+from .closing import close_with_error
+from .hook import MessageContext, MessageHook
+
+if TYPE_CHECKING:
+    from .handler import AckHandler
+
+__all__ = ["RECEIVE_SIZE", "Connection"]
+
+log = structlog.get_logger("ackservice.server.handler")
+
+# One read takes up to this much; the replies to everything in it leave in one write.
+RECEIVE_SIZE = 65536
+
+
+class Connection:
+    """The state of one served connection; ``run`` serves it and logs its summary."""
+
+    __slots__ = (
+        "_acknowledger",
+        "_debug",
+        "_framer",
+        "_handler",
+        "_last_message",
+        "_scope",
+        "_stream",
+        "_waiting",
+        "bytes_received",
+        "conn_id",
+        "errors",
+        "messages",
+        "peer",
+    )
+
+    def __init__(self, handler: AckHandler, stream: trio.abc.Stream, conn_id: int, peer: str):
+        self._handler = handler
+        self._stream = stream
+        self.conn_id = conn_id
+        self.peer = peer
+        self.messages = 0
+        """Messages answered so far (ACK or ERR)."""
+        self.errors = 0
+        self.bytes_received = 0
+        limit = handler.config.max_message_bytes
+        self._debug = _debug_enabled()
+        # Without a hook (and without per-message debug events) nothing needs the payloads,
+        # so the acknowledger answers from lengths and running checksums alone.
+        self._framer: MessageFramer | None = None
+        self._acknowledger: Acknowledger | None = None
+        if handler.on_message is not None or self._debug:
+            self._framer = MessageFramer(limit)
+        else:
+            self._acknowledger = Acknowledger(limit)
+        self._scope = trio.CancelScope()
+        self._waiting = False
+        self._last_message = 0.0
+
+    @property
+    def acked(self) -> int:
+        return self.messages - self.errors
+
+    def wake_for_shutdown(self) -> None:
+        """Interrupt a wait for input; a read being answered is finished first."""
+        if self._waiting:
+            self._scope.cancel()
+
+    async def run(self) -> None:
+        started = trio.current_time()
+        log.info("connection_opened")
+        reason = "internal-error"
+        try:
+            reason = await self._serve()
+        except (trio.BrokenResourceError, ConnectionError):
+            reason = "reset"
+        except trio.ClosedResourceError:
+            reason = "closed"
+        except trio.TooSlowError:
+            reason = "send-timeout"
+        except trio.Cancelled:
+            reason = "cancelled"
+            raise
+        except Exception:
+            # A bug here must end this connection only, never the accept loop.
+            log.exception("connection_failed")
+        finally:
+            await trio.aclose_forcefully(self._stream)
+            log.info(
+                "connection_closed",
+                reason=reason,
+                messages=self.messages,
+                acked=self.acked,
+                errors=self.errors,
+                bytes=self.bytes_received,
+                duration=round(trio.current_time() - started, 6),
+            )
+
+    async def _serve(self) -> str:
+        """Answer messages until the connection ends; return why it ended."""
+        config = self._handler.config
+        stream = self._stream
+        self._last_message = trio.current_time()
+        while True:
+            with trio.CancelScope(deadline=self._last_message + config.idle_timeout) as scope:
+                self._scope = scope
+                if isinstance(stream, trio.SocketStream) and os.name == "posix":
+                    ended = await self._socket_loop(stream.socket.fileno())
+                else:
+                    ended = await self._stream_loop(stream)
+                if ended:
+                    return "eof"
+            drain = config.drain_timeout
+            if self._handler.shutting_down:
+                detail = "server is shutting down, retry later"
+                await close_with_error(stream, ErrorCode.SHUTTING_DOWN, detail, drain)
+                return "shutting-down"
+            if trio.current_time() >= self._last_message + config.idle_timeout:
+                detail = f"no complete message for {config.idle_timeout:g} s"
+                await close_with_error(stream, ErrorCode.IDLE_TIMEOUT, detail, drain)
+                return "idle-timeout"
+            # The deadline was stale: messages arrived since it was set. Re-arm and go on.
+
+    async def _socket_loop(self, fd: int) -> bool:
+        """Serve over the raw socket; True when the peer ended, False to shut down."""
+        handler = self._handler
+        wait_readable = trio.lowlevel.wait_readable
+        while True:
+            if handler.shutting_down:
+                return False
+            # After a short read the socket is almost surely drained: wait instead of a
+            # read that would fail with EAGAIN. The wait is also this loop's checkpoint.
+            self._waiting = True
+            try:
+                await wait_readable(fd)
+            finally:
+                self._waiting = False
+            while True:
+                try:
+                    data = os.read(fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    break
+                replies = await self._answer(data)
+                if replies:
+                    await self._send_on_socket(fd, replies)
+                if not data:
+                    return True
+                if len(data) < RECEIVE_SIZE or handler.shutting_down:
+                    break
+                # A full read: more is likely waiting. Let other connections run first.
+                await trio.lowlevel.checkpoint()
+
+    async def _send_on_socket(self, fd: int, replies: bytes) -> None:
+        try:
+            sent = os.write(fd, replies)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(replies):
+            return
+        # The client is not keeping up with its replies: wait, but only send_timeout long.
+        view = memoryview(replies)
+        with self._deadline_lifted(), trio.fail_after(self._handler.config.send_timeout):
+            while sent < len(replies):
+                await trio.lowlevel.wait_writable(fd)
+                with contextlib.suppress(BlockingIOError):  # woken, yet the buffer is full
+                    sent += os.write(fd, view[sent:])
+
+    async def _stream_loop(self, stream: trio.abc.Stream) -> bool:
+        """Serve over any Trio stream; True when the peer ended, False to shut down."""
+        handler = self._handler
+        while True:
+            if handler.shutting_down:
+                return False
+            self._waiting = True
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            finally:
+                self._waiting = False
+            replies = await self._answer(data)
+            if replies:
+                with self._deadline_lifted(), trio.fail_after(handler.config.send_timeout):
+                    await stream.send_all(replies)
+            if not data:
+                return True
+
+    def _deadline_lifted(self) -> _DeadlineLifted:
+        return _DeadlineLifted(self._scope)
+
+    async def _answer(self, data: bytes | bytearray) -> bytes:
+        """The replies to the messages ``data`` completes (``b""`` = end of stream)."""
+        self.bytes_received += len(data)
+        acknowledger = self._acknowledger
+        if acknowledger is None:
+            return await self._answer_each(data)
+        replies = acknowledger.feed(data) if data else acknowledger.end_of_stream()
+        if acknowledger.seq != self.messages:
+            self.messages = acknowledger.seq
+            self._last_message = trio.current_time()
+            if acknowledger.oversized:
+                for seq in acknowledger.oversized:
+                    self._log_too_large(seq)
+                acknowledger.oversized.clear()
+        return replies
+
+    async def _answer_each(self, data: bytes | bytearray) -> bytes:
+        """The replies, message by message: with an application hook, or debug events."""
+        assert self._framer is not None
+        frames = self._framer.feed(data) if data else self._framer.end_of_stream()
+        if not frames:
+            return b""
+        self._last_message = trio.current_time()
+        first_seq = self.messages + 1
+        self.messages += len(frames)
+        hook = self._handler.on_message
+        if hook is None and OVERSIZED not in frames:
+            payloads: list[bytes] = frames  # type: ignore[assignment]
+            for seq, payload in enumerate(payloads, first_seq):
+                log.debug("message_acked", seq=seq, nbytes=len(payload))
+            return ack_lines(first_seq, payloads)
+        replies = []
+        with self._deadline_lifted():  # a slow application is not an idle client
+            for seq, frame in enumerate(frames, first_seq):
+                if isinstance(frame, Oversized):
+                    self._log_too_large(seq)
+                    replies.append(too_large_line(seq, self._handler.config.max_message_bytes))
+                elif hook is None:
+                    replies.append(self._ack(seq, frame))
+                else:
+                    replies.append(await self._call_hook(hook, seq, frame))
+        return b"".join(replies)
+
+    def _log_too_large(self, seq: int) -> None:
+        self.errors += 1
+        log.warning("message_too_large", seq=seq, limit=self._handler.config.max_message_bytes)
+
+    async def _call_hook(self, hook: MessageHook, seq: int, payload: bytes) -> bytes:
+        try:
+            await hook(payload, MessageContext(self.conn_id, self.peer, seq))
+        except Reject as rejection:
+            self.errors += 1
+            log.warning("message_rejected", seq=seq, reason=rejection.reason)
+            return err_line(seq, ErrorCode.REJECTED, rejection.reason)
+        except Exception:
+            self.errors += 1
+            log.exception("on_message_failed", seq=seq)
+            return err_line(seq, ErrorCode.INTERNAL_ERROR, "the application failed on this message")
+        return self._ack(seq, payload)
+
+    def _ack(self, seq: int, payload: bytes) -> bytes:
+        if self._debug:
+            log.debug("message_acked", seq=seq, nbytes=len(payload))
+        return ack_line(seq, payload)
+
+
+class _DeadlineLifted:
+    """Context manager: the connection's idle deadline does not apply inside it."""
+
+    __slots__ = ("_saved", "_scope")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self._scope = scope
+        self._saved = math.inf
+
+    def __enter__(self) -> None:
+        self._saved = self._scope.deadline
+        self._scope.deadline = math.inf
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._scope.deadline = self._saved
+
+
+def _debug_enabled() -> bool:
+    """Whether debug events would be emitted, so per-message work can be skipped when not."""
+    is_enabled_for = getattr(log.bind(), "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(logging.DEBUG))
