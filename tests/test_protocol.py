@@ -21,6 +21,7 @@ from ackservice.protocol import (
     ack_lines,
     crc32_hex,
     err_line,
+    message_line,
     parse_reply,
 )
 
@@ -256,3 +257,16 @@ def test_error_code_must_be_a_word() -> None:
     """An error code with spaces would break the reply grammar, so it is refused."""
     with pytest.raises(ValueError, match="one ASCII word"):
         err_line(1, "two words", "x")
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=40).filter(lambda b: b"\n" not in b))
+def test_message_line_survives_framing(payload: bytes) -> None:
+    """Whatever a payload ends with (a \\r included), message_line carries it intact."""
+    assert frame_all([message_line(payload)], limit=100) == [payload]
+
+
+def test_message_line_refuses_newlines() -> None:
+    """A payload with a newline cannot be one message."""
+    with pytest.raises(ValueError, match="newline"):
+        message_line(b"two\nlines")

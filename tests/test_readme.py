@@ -8,6 +8,7 @@ import sys
 import zlib
 from pathlib import Path
 
+from ackservice.client.cli import build_parser as build_client_parser
 from ackservice.server.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,21 @@ def test_every_server_setting_is_in_the_configuration_table() -> None:
     for flag in flags:
         env = "ACKSERVICE_" + flag.removeprefix("--").replace("-", "_").upper()
         assert f"| `{flag}` | `{env}` |" in README, flag
+
+
+def test_every_client_setting_is_in_the_client_table() -> None:
+    """Each client setting flag, and its environment variable, appears in the README."""
+    client_section = README.split("## Sending messages: the client", 1)[1].split("\n## ", 1)[0]
+    parser = build_client_parser({})
+    settings = [a for a in parser._actions if a.dest.upper() == (a.metavar or "")]
+    assert settings, "no settings found"
+    for action in settings:
+        flag = action.option_strings[0]
+        if flag in ("--log-level", "--log-format"):
+            continue  # shared with the server, documented in its table
+        env = "ACKSERVICE_" + action.dest.upper()
+        assert f"`{flag}`" in client_section, flag
+        assert f"`{env}`" in client_section, env
 
 
 def test_ci_runs_the_readme_test_command() -> None:

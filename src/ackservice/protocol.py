@@ -38,6 +38,7 @@ __all__ = [
     "ack_lines",
     "crc32_hex",
     "err_line",
+    "message_line",
     "parse_reply",
     "too_large_line",
 ]
@@ -153,6 +154,20 @@ def _strip_and_bound(line: bytes, limit: int) -> bytes | Oversized:
     if line[-1:] == b"\r":
         line = line[:-1]
     return line if len(line) <= limit else OVERSIZED
+
+
+def message_line(payload: bytes) -> bytes:
+    """The bytes that carry ``payload`` as one message, terminator included.
+
+    The server drops one ``\\r`` before the ``\\n``, so a payload that itself ends in
+    ``\\r`` goes out as ``payload\\r\\r\\n``, which keeps its own ``\\r``.
+
+    Raises:
+        ValueError: the payload contains a newline, so it cannot be one message.
+    """
+    if b"\n" in payload:
+        raise ValueError("a message cannot contain a newline")
+    return payload + (b"\r\n" if payload[-1:] == b"\r" else b"\n")
 
 
 # -- Reply lines ------------------------------------------------------------------------------

@@ -1,0 +1,405 @@
+"""``python -m ackservice.client``: send messages and show their acknowledgments.
+
+Modes, chosen by what is given:
+
+* arguments: each one is a message (``python -m ackservice.client hello "second one"``);
+* stdin is a terminal: an interactive prompt, one message per line typed;
+* stdin is a pipe or file: every line is a message, pipelined, with a summary at the end.
+
+Exit codes: 0 every message acknowledged; 1 some message refused, skipped or never
+acknowledged; 2 usage error; 3 the server could not be reached at all; 130 interrupted
+(Ctrl-C) while sending arguments or piped input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import trio
+
+from .. import _cli
+from ..errors import AckServiceError, ConnectError, ConnectionLostError, ProtocolError
+from ..logconfig import configure_logging
+from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, OVERSIZED, Oversized
+from .config import ClientConfig
+from .connection import Client, open_client
+from .output import Reporter, Tally
+from .stdin import LineReader, read_lines
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_ACKNOWLEDGED",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "build_parser",
+    "main",
+]
+
+_Body = Callable[[Client], Awaitable[None]]
+
+EXIT_OK = 0
+EXIT_NOT_ACKNOWLEDGED = 1
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+# How often buffered reply lines are flushed and the progress line redrawn: live enough
+# for a person or a ``| while read`` loop downstream, and one write per tick instead of one
+# per reply when thousands arrive per second.
+TICK_INTERVAL = 0.1
+
+_DESCRIPTION = """\
+Send messages to an ackservice server and verify every acknowledgment.
+Each MESSAGE argument is one message. Without arguments, every line of stdin is
+one: an interactive prompt when stdin is a terminal, pipelined when it is a pipe.
+"""
+
+_EPILOG = """\
+exit codes: 0 every message acknowledged; 1 some message refused, skipped or never
+acknowledged; 2 usage error; 3 server never reached; 130 interrupted.
+Delivery is at-least-once: after a reconnect, unacknowledged messages are sent again.
+"""
+
+
+def server_port(text: str) -> int:
+    """A TCP port to connect to, 1 to 65535."""
+    value = _cli.port_number(text)
+    if value == 0:
+        raise ValueError("expected a port from 1 to 65535, got '0'")
+    return value
+
+
+def host_name(text: str) -> str:
+    """A non-empty host name or address."""
+    if not text.strip():
+        raise ValueError("expected a host name or address, got an empty string")
+    return text.strip()
+
+
+def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
+    """The client's command-line parser (flags backed by ACKSERVICE_* variables)."""
+    defaults = ClientConfig()
+    parser = _cli.SettingsParser(
+        prog="python -m ackservice.client",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        environ=environ,
+    )
+    parser.add_argument("messages", nargs="*", metavar="MESSAGE", help="a message to send")
+    add = parser.add_setting
+    add("--host", host_name, defaults.host, "server address")
+    add("--port", server_port, defaults.port, "server TCP port")
+    add(
+        "--connect-timeout",
+        _cli.seconds,
+        defaults.connect_timeout,
+        "seconds one connection attempt may take",
+    )
+    add(
+        "--ack-timeout",
+        _cli.seconds,
+        defaults.ack_timeout,
+        "seconds the oldest unacknowledged message may wait for its reply",
+    )
+    add(
+        "--retries",
+        _cli.non_negative_int,
+        defaults.retries,
+        "connection attempts after a failed one (a reply starts the count over)",
+    )
+    add("--window", _cli.positive_int, defaults.window, "messages in flight, at most")
+    add(
+        "--max-message-bytes",
+        _cli.non_negative_int,
+        DEFAULT_MAX_MESSAGE_BYTES,
+        "longest message sent; a longer line is reported and skipped (set it to the "
+        "server's limit)",
+    )
+    add(
+        "--backoff-base",
+        _cli.seconds,
+        defaults.backoff_base,
+        "first reconnect backoff bound in seconds (doubles per failure, full jitter)",
+    )
+    add("--backoff-cap", _cli.seconds, defaults.backoff_cap, "largest backoff bound in seconds")
+    add(
+        "--log-level",
+        _cli.log_level,
+        None,
+        "debug, info, warning, error or critical (connection events are logged)",
+        default_text="warning; error with --quiet",
+    )
+    add(
+        "--log-format",
+        _cli.log_format,
+        "auto",
+        "auto (console on a terminal, else JSON lines), console or json",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per reply on stdout"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="print only errors and the summary"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Run the client; return the process exit code."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    # Arguments come back as str decoded with surrogateescape; fsencode restores the
+    # exact bytes that were typed, whatever the locale.
+    messages = [os.fsencode(text) for text in args.messages]
+    for number, payload in enumerate(messages, 1):
+        if b"\n" in payload:
+            parser.error(
+                f"message {number} contains a newline, and a message is one line; "
+                "pipe multi-line input through stdin instead (one message per line)"
+            )
+    configure_logging(args.log_level or ("error" if args.quiet else "warning"), args.log_format)
+    config = ClientConfig(
+        host=args.host,
+        port=args.port,
+        connect_timeout=args.connect_timeout,
+        ack_timeout=args.ack_timeout,
+        retries=args.retries,
+        window=args.window,
+        backoff_base=args.backoff_base,
+        backoff_cap=args.backoff_cap,
+    )
+    reporter = Reporter(sys.stdout, sys.stderr, json_lines=args.json, quiet=args.quiet)
+    run = _Run(config, reporter, args.max_message_bytes)
+    if messages:
+        return trio.run(run.send_arguments, messages)
+    if sys.stdin is None:  # started with stdin closed (``<&-``)
+        parser.error("no MESSAGE arguments, and no standard input to read messages from")
+    stdin_fd = sys.stdin.fileno()
+    if os.isatty(stdin_fd):
+        return trio.run(run.interactive, stdin_fd)
+    return trio.run(run.send_lines, stdin_fd)
+
+
+class _Run:
+    """One invocation: connects, sends, reports, and turns the outcome into an exit code."""
+
+    def __init__(self, config: ClientConfig, reporter: Reporter, max_message_bytes: int) -> None:
+        self.config = config
+        self.reporter = reporter
+        self.max_message_bytes = max_message_bytes
+        self.tally = Tally()
+        self.client: Client | None = None
+        self.started = 0.0
+        self.interrupted = False
+        self.error: str | None = None
+        self.unreachable = False
+        self._nursery: trio.Nursery | None = None
+
+    # -- the three modes ---------------------------------------------------------------
+
+    async def send_arguments(self, messages: list[bytes]) -> int:
+        """One message per argument, pipelined; one line per reply."""
+        frames = _arguments(messages, self.max_message_bytes)
+        await self._session(lambda client: self._pipeline(client, frames))
+        return self._exit_code(interactive=False)
+
+    async def send_lines(self, stdin_fd: int) -> int:
+        """Every line of piped stdin, pipelined; progress on a terminal, then a summary."""
+        frames = read_lines(stdin_fd, self.max_message_bytes)
+        await self._session(lambda client: self._pipeline(client, frames, progress=True))
+        if not self.unreachable:
+            self.reporter.summary(self.tally, trio.current_time() - self.started)
+        return self._exit_code(interactive=False)
+
+    async def interactive(self, stdin_fd: int) -> int:
+        """A prompt: each line typed is sent and its reply shown with the round-trip time."""
+        reader = LineReader(stdin_fd, self.max_message_bytes)
+        await self._session(lambda client: self._prompt_loop(client, reader))
+        self.reporter.err.write("\n")  # leave the shell's prompt on a line of its own
+        self.reporter.err.flush()
+        return self._exit_code(interactive=True)
+
+    # -- shared machinery --------------------------------------------------------------
+
+    async def _session(self, body: _Body) -> None:
+        """Connect and run ``body``; Ctrl-C ends it early. Errors are recorded, not raised.
+
+        The nursery also runs the output ticker, so that the body needs no nursery of its
+        own (whose exception groups would hide the client's typed errors).
+        """
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts, trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._cancel_on_interrupt, interrupts, scope)
+                await self._connected(body)
+                nursery.cancel_scope.cancel()
+
+    async def _cancel_on_interrupt(
+        self, interrupts: AsyncIterator[int], scope: trio.CancelScope
+    ) -> None:
+        async for _ in interrupts:
+            self.interrupted = True
+            scope.cancel()
+            return
+
+    async def _connected(self, body: _Body) -> None:
+        self.started = trio.current_time()
+        try:
+            async with open_client(
+                self.config.host,
+                self.config.port,
+                connect_timeout=self.config.connect_timeout,
+                ack_timeout=self.config.ack_timeout,
+                retries=self.config.retries,
+                window=self.config.window,
+                backoff_base=self.config.backoff_base,
+                backoff_cap=self.config.backoff_cap,
+            ) as client:
+                self.client = client
+                self.started = trio.current_time()
+                try:
+                    await body(client)
+                finally:
+                    self._take_counts(client)
+        except ConnectError as exc:
+            self.unreachable = self.client is None
+            self._fail(str(exc))
+        except ConnectionLostError as exc:
+            self._fail(f"connection to {self.config.address} lost: {exc}")
+        except ProtocolError as exc:
+            self._fail(f"{self.config.address} does not speak the ackservice protocol: {exc}")
+        except AckServiceError as exc:
+            self._fail(str(exc))
+        except BrokenPipeError:
+            # Whoever read our stdout stopped (``| head``): nothing more can be shown there.
+            _silence_stdout()
+            self._fail("standard output was closed")
+        except OSError as exc:
+            self._fail(f"cannot read standard input: {exc.strerror or exc}")
+
+    def _fail(self, text: str) -> None:
+        if self.tally.unacked and self.client is not None:
+            text += f"; {_messages(self.tally.unacked)} not acknowledged"
+        self.error = text
+        self.reporter.error(text)
+
+    def _take_counts(self, client: Client) -> None:
+        """Copy the client's totals: what it verified, not only what was shown (if stdout
+        broke, the acknowledgments still happened)."""
+        stats = client.stats
+        self.tally.sent = stats.submitted
+        self.tally.acked = stats.acked
+        self.tally.rejected = stats.rejected
+        self.tally.resent = stats.resent
+
+    def _exit_code(self, *, interactive: bool) -> int:
+        if self.unreachable:
+            return EXIT_UNREACHABLE
+        if self.interrupted and not interactive:
+            return EXIT_INTERRUPTED
+        if self.error is not None or not self.tally.all_acked:
+            return EXIT_NOT_ACKNOWLEDGED
+        return EXIT_OK
+
+    async def _pipeline(
+        self,
+        client: Client,
+        frames: AsyncIterator[bytes | Oversized],
+        *,
+        progress: bool = False,
+    ) -> None:
+        """Send every frame through ``send_many`` and report each reply in input order."""
+        reporter = self.reporter
+        tally = self.tally
+        numbers: deque[int] = deque()  # input positions of the messages handed over
+        skipped: deque[int] = deque()  # input positions of lines too long to send
+
+        async def payloads() -> AsyncIterator[bytes]:
+            number = 0
+            async for frame in frames:
+                number += 1
+                if isinstance(frame, Oversized):
+                    skipped.append(number)
+                    tally.not_sent += 1
+                    continue
+                numbers.append(number)
+                yield frame
+
+        def report_skipped(before: float) -> None:
+            while skipped and skipped[0] < before:
+                reporter.not_sent(skipped.popleft(), self.max_message_bytes)
+
+        ticker = trio.CancelScope()
+        if self._nursery is not None:
+            show_progress = progress and _show_progress(reporter)
+            self._nursery.start_soon(self._tick, client, show_progress, ticker)
+        try:
+            async for receipt in client.send_many(payloads()):
+                number = numbers.popleft()
+                report_skipped(number)
+                reporter.reply(number, receipt.reply, receipt.rtt, receipt.attempts)
+        finally:
+            ticker.cancel()
+            report_skipped(float("inf"))
+
+    async def _tick(self, client: Client, show_progress: bool, scope: trio.CancelScope) -> None:
+        """Flush the reply lines written so far and redraw the progress line, periodically."""
+        with scope:
+            while True:
+                self.reporter.out.flush()
+                if show_progress:
+                    self._take_counts(client)
+                    elapsed = trio.current_time() - self.started
+                    self.reporter.progress(self.tally, client.in_flight, elapsed)
+                await trio.sleep(TICK_INTERVAL)
+        self.reporter.clear_progress()
+
+    async def _prompt_loop(self, client: Client, reader: LineReader) -> None:
+        reporter = self.reporter
+        reporter.notice(
+            f"connected to {self.config.address}: each line you type is one message; "
+            "Ctrl-D or Ctrl-C to quit"
+        )
+        number = 0
+        while True:
+            reporter.prompt()
+            batch = await reader.read_batch()
+            if not batch:
+                return
+            for frame in batch:
+                number += 1
+                if isinstance(frame, Oversized):
+                    self.tally.not_sent += 1
+                    reporter.not_sent(number, self.max_message_bytes)
+                    continue
+                receipt = await client.deliver(frame)
+                reporter.reply(number, receipt.reply, receipt.rtt, receipt.attempts)
+                reporter.out.flush()
+
+
+async def _arguments(messages: list[bytes], limit: int) -> AsyncIterator[bytes | Oversized]:
+    for payload in messages:
+        yield payload if len(payload) <= limit else OVERSIZED
+
+
+def _messages(count: int) -> str:
+    return "1 message" if count == 1 else f"{count} messages"
+
+
+def _show_progress(reporter: Reporter) -> bool:
+    """A live line only on a terminal, and not where it would tangle with reply lines."""
+    if not reporter.err.isatty():
+        return False
+    return reporter.quiet or not reporter.out.isatty()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -1,0 +1,57 @@
+"""Client settings: one frozen value object shared by the connection and the CLI."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["ClientConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Where to connect and how long to wait, with the CLI's defaults.
+
+    Attributes:
+        host: server address.
+        port: server TCP port.
+        connect_timeout: seconds one connection attempt may take.
+        ack_timeout: seconds the oldest unacknowledged message may wait for its reply.
+            It bounds a server that accepts messages but never answers; when it expires
+            the client gives up (``AckTimeoutError``) rather than reconnect, because a
+            server that is alive but silent is not helped by more load.
+        retries: connection attempts allowed after a failed one, counted over consecutive
+            failures; any reply on a connection starts the count over.
+        window: messages written but not yet answered, at most.
+        backoff_base: first backoff bound in seconds; it doubles after each failure.
+        backoff_cap: largest backoff bound in seconds.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9876
+    connect_timeout: float = 5.0
+    ack_timeout: float = 10.0
+    retries: int = 3
+    window: int = 256
+    backoff_base: float = 0.1
+    backoff_cap: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host must not be empty")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be from 1 to 65535, got {self.port}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        for name in ("connect_timeout", "ack_timeout", "backoff_base", "backoff_cap"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as people write it (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"

@@ -1,0 +1,191 @@
+"""What the command-line client prints: reply lines, JSON objects, progress and summary.
+
+Human output is printed, not logged: stdout carries one line (or JSON object) per reply,
+stderr carries errors, the prompt, the live progress line and the final summary. The
+formatting functions are pure, so tests check them without a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TextIO
+
+from ..protocol import Ack, Err
+
+__all__ = [
+    "ERROR_PREFIX",
+    "Reporter",
+    "Tally",
+    "format_progress",
+    "format_reply",
+    "format_summary",
+    "not_sent_detail",
+    "reply_json",
+]
+
+ERROR_PREFIX = "ackservice.client: error: "
+
+# "\r" back to the start of the line, ESC[K erase to its end: the progress line redraws
+# in place and leaves nothing behind when it shrinks or is cleared.
+_REDRAW = "\r\x1b[K"
+
+
+@dataclass(slots=True)
+class Tally:
+    """The outcome of a run, as the summary reports it.
+
+    ``sent`` counts each message once, however often it was resent, so that
+    ``sent == acked + rejected + unacked``; ``not_sent`` lines were too long to send.
+    """
+
+    sent: int = 0
+    acked: int = 0
+    rejected: int = 0
+    not_sent: int = 0
+    resent: int = 0
+
+    @property
+    def unacked(self) -> int:
+        """Messages sent that got neither an ACK nor an ERR."""
+        return self.sent - self.acked - self.rejected
+
+    @property
+    def all_acked(self) -> bool:
+        """Whether every message was acknowledged (the condition for exit code 0)."""
+        return self.acked == self.sent and not self.not_sent
+
+
+def format_reply(number: int, reply: Ack | Err, rtt: float, attempts: int) -> str:
+    """``message 1: ACK 1 5 3610a686 (0.42 ms)``, or the ``ERR`` line as received."""
+    if isinstance(reply, Ack):
+        resent = f", sent {attempts} times" if attempts > 1 else ""
+        return (
+            f"message {number}: ACK {reply.seq} {reply.nbytes} {reply.crc32:08x} "
+            f"({rtt * 1000:.2f} ms{resent})"
+        )
+    return f"message {number}: ERR {reply.seq} {reply.code} {reply.detail}".rstrip()
+
+
+def reply_json(number: int, reply: Ack | Err, rtt: float, attempts: int) -> str:
+    """One JSON object per reply, for scripts (``--json``)."""
+    fields: dict[str, object] = {"message": number, "seq": reply.seq}
+    if isinstance(reply, Ack):
+        fields.update(status="acked", nbytes=reply.nbytes, crc32=f"{reply.crc32:08x}")
+    else:
+        fields.update(status="rejected", code=reply.code, detail=reply.detail)
+    fields.update(rtt_ms=round(rtt * 1000, 3), attempts=attempts)
+    return json.dumps(fields)
+
+
+def not_sent_detail(limit: int) -> str:
+    """Why a line was skipped rather than sent."""
+    return f"longer than --max-message-bytes ({limit} bytes)"
+
+
+def format_summary(tally: Tally, elapsed: float) -> str:
+    """``sent 3, acked 3, rejected 0, unacked 0 in 0.01 s (300 msg/s)``."""
+    parts = [
+        f"sent {tally.sent}",
+        f"acked {tally.acked}",
+        f"rejected {tally.rejected}",
+        f"unacked {tally.unacked}",
+    ]
+    if tally.not_sent:
+        parts.append(f"not sent {tally.not_sent} (too long)")
+    if tally.resent:
+        parts.append(f"resent {tally.resent} (duplicates possible)")
+    return f"{', '.join(parts)} in {elapsed:.2f} s ({_rate(tally, elapsed)} msg/s)"
+
+
+def format_progress(tally: Tally, in_flight: int, elapsed: float) -> str:
+    """The live line: ``sent 1200  acked 1100  rejected 0  in flight 100  9000 msg/s``."""
+    return (
+        f"sent {tally.sent}  acked {tally.acked}  rejected {tally.rejected}  "
+        f"in flight {in_flight}  {_rate(tally, elapsed)} msg/s"
+    )
+
+
+def _rate(tally: Tally, elapsed: float) -> int:
+    answered = tally.acked + tally.rejected
+    return round(answered / elapsed) if elapsed > 0 else 0
+
+
+class Reporter:
+    """Prints a run's output according to ``--json`` and ``--quiet``.
+
+    Args:
+        out, err: standard output and standard error.
+        json_lines: print each reply as a JSON object instead of a human line.
+        quiet: print only errors (refused or skipped messages, on stderr) and the summary.
+    """
+
+    def __init__(self, out: TextIO, err: TextIO, *, json_lines: bool, quiet: bool) -> None:
+        self.out = out
+        self.err = err
+        self.json_lines = json_lines
+        self.quiet = quiet
+        self._progress_shown = False
+
+    def reply(self, number: int, reply: Ack | Err, rtt: float, attempts: int) -> None:
+        """Report one reply: an ACK is output, an ERR is an error."""
+        if self.quiet and isinstance(reply, Ack):
+            return
+        if self.json_lines:
+            line = reply_json(number, reply, rtt, attempts)
+        else:
+            line = format_reply(number, reply, rtt, attempts)
+        self._print(line, to_err=self.quiet and not self.json_lines)
+
+    def not_sent(self, number: int, limit: int) -> None:
+        """Report a line that was too long to send."""
+        detail = not_sent_detail(limit)
+        if self.json_lines:
+            fields = {"message": number, "status": "not-sent", "code": "too-large"}
+            line = json.dumps({**fields, "detail": detail})
+        else:
+            line = f"message {number}: not sent: {detail}"
+        self._print(line, to_err=self.quiet and not self.json_lines)
+
+    def error(self, text: str) -> None:
+        """The one line that says why the run failed."""
+        self.clear_progress()
+        print(f"{ERROR_PREFIX}{text}", file=self.err, flush=True)
+
+    def notice(self, text: str) -> None:
+        """A line for the person at the terminal (not shown with ``--quiet``)."""
+        if not self.quiet:
+            print(text, file=self.err, flush=True)
+
+    def prompt(self) -> None:
+        """The interactive prompt, on stderr so that stdout stays pure output."""
+        self.out.flush()
+        self.err.write("> ")
+        self.err.flush()
+
+    def progress(self, tally: Tally, in_flight: int, elapsed: float) -> None:
+        """Redraw the live progress line."""
+        self.err.write(_REDRAW + format_progress(tally, in_flight, elapsed))
+        self.err.flush()
+        self._progress_shown = True
+
+    def clear_progress(self) -> None:
+        """Erase the progress line, if one is shown."""
+        if self._progress_shown:
+            self.err.write(_REDRAW)
+            self.err.flush()
+            self._progress_shown = False
+
+    def summary(self, tally: Tally, elapsed: float) -> None:
+        """The final summary line (shown even with ``--quiet``)."""
+        self.clear_progress()
+        self.out.flush()
+        print(format_summary(tally, elapsed), file=self.err, flush=True)
+
+    def _print(self, line: str, *, to_err: bool) -> None:
+        if to_err:
+            self.clear_progress()
+            self.out.flush()
+            print(line, file=self.err, flush=True)
+        else:
+            self.out.write(line + "\n")

@@ -1,0 +1,106 @@
+"""What the command-line client prints, checked without a terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from ackservice.client.output import (
+    Reporter,
+    Tally,
+    format_progress,
+    format_reply,
+    format_summary,
+    reply_json,
+)
+from ackservice.protocol import Ack, Err
+
+
+def test_ack_line_shows_the_reply_and_round_trip_time() -> None:
+    """A human ACK line: message number, the reply as on the wire, milliseconds."""
+    line = format_reply(1, Ack(1, 5, 0x3610A686), 0.00042, 1)
+    assert line == "message 1: ACK 1 5 3610a686 (0.42 ms)"
+
+
+def test_resent_message_says_so() -> None:
+    """A message written more than once (after a reconnect) is marked as such."""
+    line = format_reply(7, Ack(2, 1, 0xFF), 0.001, 2)
+    assert line == "message 7: ACK 2 1 000000ff (1.00 ms, sent 2 times)"
+
+
+def test_err_line_shows_code_and_detail() -> None:
+    """A refused message shows the server's ERR line."""
+    assert format_reply(3, Err(3, "rejected", "no thanks"), 0.0, 1) == (
+        "message 3: ERR 3 rejected no thanks"
+    )
+
+
+def test_json_objects_carry_every_field() -> None:
+    """``--json``: one object per reply, with a ``status`` to branch on."""
+    acked = json.loads(reply_json(1, Ack(1, 5, 0x3610A686), 0.0005, 1))
+    refused = json.loads(reply_json(2, Err(2, "too-large", "message exceeds 10 bytes"), 0, 1))
+    assert acked == {
+        "message": 1,
+        "seq": 1,
+        "status": "acked",
+        "nbytes": 5,
+        "crc32": "3610a686",
+        "rtt_ms": 0.5,
+        "attempts": 1,
+    }
+    assert refused["status"] == "rejected"
+    assert refused["code"] == "too-large"
+    assert refused["detail"] == "message exceeds 10 bytes"
+
+
+def test_summary_counts_every_outcome() -> None:
+    """The summary names sent, acked, rejected, unacked, elapsed time and rate."""
+    tally = Tally(sent=10, acked=7, rejected=1)
+    assert format_summary(tally, 2.0) == (
+        "sent 10, acked 7, rejected 1, unacked 2 in 2.00 s (4 msg/s)"
+    )
+
+
+def test_summary_mentions_skipped_and_resent_messages_only_when_there_are_some() -> None:
+    """Lines too long to send, and resends after a reconnect, are called out."""
+    tally = Tally(sent=3, acked=3, not_sent=1, resent=2)
+    summary = format_summary(tally, 0.0)
+    assert "not sent 1 (too long)" in summary
+    assert "resent 2 (duplicates possible)" in summary
+    assert summary.endswith("(0 msg/s)")
+
+
+def test_exit_status_needs_every_message_acknowledged() -> None:
+    """Only a run where every line was sent and acknowledged counts as success."""
+    assert Tally(sent=2, acked=2).all_acked
+    assert not Tally(sent=2, acked=1, rejected=1).all_acked
+    assert not Tally(sent=2, acked=2, not_sent=1).all_acked
+
+
+def test_progress_line_shows_in_flight_messages() -> None:
+    """The live line shows what is in flight besides the running totals."""
+    line = format_progress(Tally(sent=120, acked=100), 20, 1.0)
+    assert line == "sent 120  acked 100  rejected 0  in flight 20  100 msg/s"
+
+
+def test_quiet_mode_moves_errors_to_stderr_and_drops_acks() -> None:
+    """``--quiet``: ACKs are not shown; a refusal goes to stderr; stdout stays empty."""
+    out, err = io.StringIO(), io.StringIO()
+    reporter = Reporter(out, err, json_lines=False, quiet=True)
+    reporter.reply(1, Ack(1, 1, 1), 0.0, 1)
+    reporter.reply(2, Err(2, "rejected", "no"), 0.0, 1)
+    reporter.not_sent(3, 10)
+    assert out.getvalue() == ""
+    assert err.getvalue().splitlines() == [
+        "message 2: ERR 2 rejected no",
+        "message 3: not sent: longer than --max-message-bytes (10 bytes)",
+    ]
+
+
+def test_progress_line_is_erased_before_other_stderr_output() -> None:
+    """An error never lands on the end of a half-drawn progress line."""
+    out, err = io.StringIO(), io.StringIO()
+    reporter = Reporter(out, err, json_lines=False, quiet=True)
+    reporter.progress(Tally(sent=1), 1, 1.0)
+    reporter.error("it broke")
+    assert err.getvalue().endswith("\r\x1b[Kackservice.client: error: it broke\n")
