@@ -285,3 +285,22 @@ async def test_shutdown_waits_for_a_slow_hook_over_tcp(
     reader = LineReader(stream)
     assert await reader.line() == ack_line(1, b"slow")[:-1]
     assert (await reader.line()).startswith(b"ERR 0 shutting-down ")
+
+
+async def test_serve_turns_on_keepalive_for_accepted_sockets(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """Sockets accepted by serve() probe silent peers after tcp_keepalive seconds (set once on
+    the listener where the system passes it on, else on each socket)."""
+    server = await start(nursery, tcp_keepalive=120)
+    stream = await connect(server.port)
+    await stream.send_all(b"hello\n")
+    await LineReader(stream).line()
+    # The server side of the connection, reached through the handler's bookkeeping.
+    [connection] = server.handler._connections
+    accepted = connection._stream
+    assert isinstance(accepted, trio.SocketStream)
+    assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 120
+    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 40
+    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3

@@ -20,6 +20,7 @@ from .closing import close_with_error
 from .config import ServerConfig
 from .connection import Connection
 from .hook import MessageContext, MessageHook
+from .sockets import enable_keepalive
 
 __all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats"]
 
@@ -56,6 +57,8 @@ class AckHandler:
         self._conn_ids = itertools.count(1)
         self._connections: set[Connection] = set()
         self._shutting_down = False
+        # Set by serve() when its listening sockets pass keepalive on to accepted ones.
+        self._listener_sets_keepalive = False
 
     @property
     def shutting_down(self) -> bool:
@@ -81,8 +84,8 @@ class AckHandler:
             if self._shutting_down or len(self._connections) >= self.config.max_connections:
                 await self._refuse(stream)
                 return
-            if isinstance(stream, trio.SocketStream):
-                _enable_keepalive(stream, self.config.tcp_keepalive)
+            if isinstance(stream, trio.SocketStream) and not self._listener_sets_keepalive:
+                enable_keepalive(stream.socket, self.config.tcp_keepalive)
             connection = Connection(self, stream, conn_id, peer)
             self._connections.add(connection)
             self.stats.connections += 1
@@ -123,19 +126,3 @@ def _peer_name(stream: trio.abc.Stream) -> str:
             return f"{address[0]}:{address[1]}"
         return str(address)
     return type(stream).__name__
-
-
-def _enable_keepalive(stream: trio.SocketStream, idle: int) -> None:
-    """Probe silent peers after ``idle`` s (then every idle/3 s, 3 probes), as Redis does."""
-    if idle <= 0:
-        return
-    try:
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    except OSError:
-        # Not every socket family takes these options (e.g. a Unix socket); keepalive is
-        # a safety net, and the idle timeout still bounds a dead peer.
-        pass

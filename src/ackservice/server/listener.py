@@ -15,6 +15,7 @@ import trio
 
 from .config import ServerConfig
 from .handler import AckHandler, MessageHook
+from .sockets import ACCEPTED_SOCKETS_INHERIT_KEEPALIVE, enable_keepalive
 
 __all__ = ["Server", "serve"]
 
@@ -146,7 +147,11 @@ async def serve(
     config = ServerConfig() if config is None else config
     if listeners is None:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-    server = Server(AckHandler(config, on_message=on_message), listeners)
+    handler = AckHandler(config, on_message=on_message)
+    for listener in listeners:
+        enable_keepalive(listener.socket, config.tcp_keepalive)
+    handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_KEEPALIVE
+    server = Server(handler, listeners)
     await server._run(task_status)
 
 
