@@ -80,7 +80,9 @@ class AckHandler:
         """Serve one connection until it ends; never raises except ``trio.Cancelled``."""
         conn_id = next(self._conn_ids)
         peer = _peer_name(stream)
-        with structlog.contextvars.bound_contextvars(conn_id=conn_id, peer=peer):
+        # Not bound_contextvars: its suspended generator would cost ~0.5 KiB per connection.
+        tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
+        try:
             if self._shutting_down or len(self._connections) >= self.config.max_connections:
                 await self._refuse(stream)
                 return
@@ -100,6 +102,8 @@ class AckHandler:
                 stats.acked += connection.acked
                 stats.errors += connection.errors
                 stats.bytes_received += connection.bytes_received
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
 
     async def _refuse(self, stream: trio.abc.Stream) -> None:
         if self._shutting_down:
