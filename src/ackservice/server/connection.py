@@ -36,9 +36,11 @@ from ..protocol import (
     err_line,
     too_large_line,
 )
+from . import readiness
 from .acknowledger import Acknowledger
 from .closing import close_with_error
 from .hook import MessageContext, MessageHook
+from .readiness import current_hub
 
 if TYPE_CHECKING:
     from .handler import AckHandler
@@ -160,31 +162,40 @@ class Connection:
     async def _socket_loop(self, fd: int) -> bool:
         """Serve over the raw socket; True when the peer ended, False to shut down."""
         handler = self._handler
-        wait_readable = trio.lowlevel.wait_readable
-        while True:
-            if handler.shutting_down:
-                return False
-            # After a short read the socket is almost surely drained: wait instead of a
-            # read that would fail with EAGAIN. The wait is also this loop's checkpoint.
-            self._waiting = True
-            try:
-                await wait_readable(fd)
-            finally:
-                self._waiting = False
+        hub = current_hub() if readiness.AVAILABLE else None
+        wait_readable = hub.wait_readable if hub is not None else _wait_readable_level
+        if hub is not None:
+            hub.register(fd)
+        try:
             while True:
+                if handler.shutting_down:
+                    return False
+                # After a short read the socket is drained: wait rather than make a read that
+                # fails with EAGAIN. The wait is also this loop's checkpoint.
+                self._waiting = True
                 try:
-                    data = os.read(fd, RECEIVE_SIZE)
-                except BlockingIOError:
-                    break
-                replies = await self._answer(data)
-                if replies:
-                    await self._send_on_socket(fd, replies)
-                if not data:
-                    return True
-                if len(data) < RECEIVE_SIZE or handler.shutting_down:
-                    break
-                # A full read: more is likely waiting. Let other connections run first.
-                await trio.lowlevel.checkpoint()
+                    events = await wait_readable(fd)
+                finally:
+                    self._waiting = False
+                # The end of the stream may have come with the data: then read to the end.
+                end_pending = events & readiness.END_EVENTS
+                while True:
+                    try:
+                        data = os.read(fd, RECEIVE_SIZE)
+                    except BlockingIOError:
+                        break
+                    replies = await self._answer(data)
+                    if replies:
+                        await self._send_on_socket(fd, replies)
+                    if not data:
+                        return True
+                    if (len(data) < RECEIVE_SIZE and not end_pending) or handler.shutting_down:
+                        break
+                    # More is likely waiting. Let other connections run first.
+                    await trio.lowlevel.checkpoint()
+        finally:
+            if hub is not None:
+                hub.unregister(fd)
 
     async def _send_on_socket(self, fd: int, replies: bytes) -> None:
         try:
@@ -303,6 +314,12 @@ class _DeadlineLifted:
 
     def __exit__(self, *exc_info: object) -> None:
         self._scope.deadline = self._saved
+
+
+async def _wait_readable_level(fd: int) -> int:
+    """Trio's own wait, level-triggered: no events need reporting."""
+    await trio.lowlevel.wait_readable(fd)
+    return 0
 
 
 def _debug_enabled() -> bool:

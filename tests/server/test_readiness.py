@@ -1,0 +1,119 @@
+"""The readiness hub: edge-triggered waiting must never miss input or an end of stream."""
+
+from __future__ import annotations
+
+import select
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from ackservice.protocol import ack_line
+from ackservice.server import ServerConfig, readiness, serve
+from ackservice.server.readiness import ReadinessHub
+
+pytestmark = pytest.mark.skipif(not readiness.AVAILABLE, reason="epoll is Linux-only")
+
+
+async def test_input_already_waiting_counts_as_the_first_edge(nursery: trio.Nursery) -> None:
+    """Data that arrived before registration wakes the first wait."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.send(b"early")
+        hub.register(ours.fileno())
+        with trio.fail_after(2):
+            events = await hub.wait_readable(ours.fileno())
+        assert events & select.EPOLLIN
+        hub.unregister(ours.fileno())
+
+
+async def test_end_of_stream_with_the_data_is_reported(nursery: trio.Nursery) -> None:
+    """Data and the peer's close in one edge: the events say the end is pending, so the
+    reader knows to read past a short read instead of waiting for an edge that never comes."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    ours, theirs = socket.socketpair()
+    with ours:
+        hub.register(ours.fileno())
+        theirs.send(b"last words")
+        theirs.close()
+        with trio.fail_after(2):
+            events = await hub.wait_readable(ours.fileno())
+        assert events & readiness.END_EVENTS
+        hub.unregister(ours.fileno())
+
+
+async def test_events_while_nobody_waits_are_kept(nursery: trio.Nursery) -> None:
+    """An edge that comes while the reader is busy is returned by its next wait."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        hub.register(ours.fileno())
+        theirs.send(b"x")
+        await trio.testing.wait_all_tasks_blocked()  # the dispatcher saw it; nobody waited
+        with trio.fail_after(2):
+            assert await hub.wait_readable(ours.fileno()) & select.EPOLLIN
+        hub.unregister(ours.fileno())
+
+
+async def test_cancelled_wait_loses_no_events(nursery: trio.Nursery) -> None:
+    """A wait cancelled while events are pending leaves them for the next wait; a wait
+    cancelled while blocked leaves no waiter behind."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        fd = ours.fileno()
+        hub.register(fd)
+        with trio.move_on_after(0.05):
+            await hub.wait_readable(fd)  # nothing to read: blocks, then is cancelled
+        assert not hub._waiters
+        theirs.send(b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await hub.wait_readable(fd)
+        assert scope.cancelled_caught
+        with trio.fail_after(2):
+            assert await hub.wait_readable(fd) & select.EPOLLIN
+        hub.unregister(fd)
+
+
+async def test_many_short_messages_with_close_never_hang(nursery: trio.Nursery) -> None:
+    """Over real TCP, 300 clients each send a message and close at once: every one gets its
+    ACK and the server's close (no end of stream is missed)."""
+    server = await nursery.start(serve, ServerConfig(port=0))
+
+    async def one_client() -> None:
+        with trio.socket.socket() as sock:
+            await sock.connect(("127.0.0.1", server.port))
+            await sock.send(b"bye\n")
+            sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := await sock.recv(100):
+                received += chunk
+            assert received == ack_line(1, b"bye")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as clients:
+            for _ in range(300):
+                clients.start_soon(one_client)
+
+
+async def test_unregistered_descriptor_is_forgotten(nursery: trio.Nursery) -> None:
+    """After unregister, the descriptor's number can be reused without stale events."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    ours, theirs = socket.socketpair()
+    fd = ours.fileno()
+    hub.register(fd)
+    theirs.send(b"x")
+    await trio.testing.wait_all_tasks_blocked()
+    hub.unregister(fd)
+    assert fd not in hub._pending
+    ours.close()
+    theirs.close()
