@@ -1,0 +1,368 @@
+"""``python -m ackservice.bench``: load a server, verify every reply, report the numbers.
+
+Exit codes: 0 when every reply was right, 1 when any error was counted (or a worker process
+failed), 2 for a bad setting, 3 when no connection could be opened (or ``--spawn`` could not
+start the server), 130 when a second Ctrl-C (or SIGTERM) abandoned the run. A first one ends
+the measurement early and still reports, and a spawned server is always stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Final
+
+import trio
+
+from .. import _cli
+from ..errors import ConnectError
+from .load import LoadGenerator, raise_open_file_limit
+from .report import ProgressLine, render_text, to_json
+from .result import LoadResult, Progress
+from .spawn import SpawnedServer, SpawnError, start_server
+from .spec import MAX_CONNECTIONS, MAX_RUN_SECONDS, MAX_SIZE, MAX_WINDOW, LoadSpec
+from .workers import STOP_SIGNALS, Interrupted, WorkerError, run_workers
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK: Final = 0
+EXIT_ERRORS: Final = 1
+EXIT_USAGE: Final = _cli.EXIT_USAGE
+EXIT_CANNOT_CONNECT: Final = 3
+EXIT_INTERRUPTED: Final = 130
+
+ENV_PREFIX: Final = "ACKSERVICE_BENCH_"
+PROG: Final = "python -m ackservice.bench"
+MAX_PROCS: Final = 64
+DEFAULT_DURATION: Final = 5.0
+
+_EPILOG = """\
+examples:
+  python -m ackservice.bench --spawn                      one-command benchmark
+  python -m ackservice.bench --connections 16 --window 64 pipelined throughput
+  python -m ackservice.bench --rate 20000 --duration 30   latency at a fixed load
+  python -m ackservice.bench --churn --connections 16     connections per second
+
+Every setting is also an ACKSERVICE_BENCH_* environment variable (flags win); switches
+take 1/0, true/false, yes/no or on/off. See docs/bench.md."""
+
+
+class BenchSettingsParser(_cli.SettingsParser):
+    """``SettingsParser`` with ``ACKSERVICE_BENCH_*`` variables, switches and lists.
+
+    The benchmark's ``--host``/``--port`` must not pick up the server's ``ACKSERVICE_HOST``
+    (which may well be ``0.0.0.0``), hence the prefix of its own.
+    """
+
+    def add_setting(
+        self,
+        flag: str,
+        parse: Callable[[str], Any],
+        default: Any,
+        help: str,
+        *,
+        metavar: str | None = None,
+        default_text: str | None = None,
+    ) -> None:
+        """Add ``flag`` (``--window``), backed by ``ACKSERVICE_BENCH_WINDOW``."""
+        dest, env = self._names(flag)
+        shown = default_text if default_text is not None else default
+        self.add_argument(
+            flag,
+            dest=dest,
+            type=_argparse_type(parse),
+            default=None,
+            metavar=metavar or dest.upper(),
+            help=f"{help} (default: {shown}; env: {env})",
+        )
+        self._settings.append((dest, env, parse, default))
+
+    def add_switch(self, flag: str, help: str) -> None:
+        """Add an on/off ``flag`` (``--json``), backed by ``ACKSERVICE_BENCH_JSON=1``."""
+        dest, env = self._names(flag)
+        self.add_argument(
+            flag,
+            dest=dest,
+            action="store_const",
+            const=True,
+            default=None,
+            help=f"{help} (env: {env})",
+        )
+        self._settings.append((dest, env, switch, False))
+
+    def add_list(self, flag: str, help: str, *, metavar: str) -> None:
+        """Add a repeatable ``flag``, backed by one shell-quoted variable (``..._ARGS``)."""
+        dest, _ = self._names(flag)
+        env = ENV_PREFIX + dest.upper() + "S"
+        self.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            default=None,
+            metavar=metavar,
+            help=f"{help} (repeatable; env: {env}, split like a shell line)",
+        )
+        self._settings.append((dest, env, shlex.split, []))
+
+    @staticmethod
+    def _names(flag: str) -> tuple[str, str]:
+        dest = flag.removeprefix("--").replace("-", "_")
+        return dest, ENV_PREFIX + dest.upper()
+
+
+# -- value parsers (ValueError messages become one-line usage errors) ---------------------------
+
+
+def switch(text: str) -> bool:
+    """1/0, true/false, yes/no, on/off (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
+def host_name(text: str) -> str:
+    """A non-empty host name or address."""
+    if not text.strip():
+        raise ValueError("expected a host name or address, got an empty string")
+    return text.strip()
+
+
+def server_port(text: str) -> int:
+    """A TCP port to connect to, 1 to 65535."""
+    value = _cli.port_number(text)
+    if value == 0:
+        raise ValueError("expected a port from 1 to 65535, got '0' (--spawn picks a free one)")
+    return value
+
+
+def _bounded(parse: Callable[[str], int], highest: int) -> Callable[[str], int]:
+    def parse_bounded(text: str) -> int:
+        value = parse(text)
+        if value > highest:
+            raise ValueError(f"expected at most {highest:,}, got {text!r}")
+        return value
+
+    parse_bounded.__name__ = parse.__name__
+    return parse_bounded
+
+
+def run_seconds(text: str) -> float:
+    """A positive duration, at most an hour."""
+    value = _cli.seconds(text)
+    if value > MAX_RUN_SECONDS:
+        raise ValueError(f"expected at most {MAX_RUN_SECONDS:g} seconds, got {text!r}")
+    return value
+
+
+def warmup_seconds(text: str) -> float:
+    """A duration >= 0, at most an hour."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # run_seconds explains what was expected
+    return run_seconds(text)
+
+
+def messages_per_second(text: str) -> float:
+    """A positive, finite rate."""
+    try:
+        return _cli.seconds(text)  # the same rules: a positive, finite number
+    except ValueError:
+        raise ValueError(f"expected a positive number of messages/s, got {text!r}") from None
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap ``parse`` so argparse reports its message instead of a generic one."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def build_parser(environ: dict[str, str] | None = None) -> BenchSettingsParser:
+    """The benchmark's command-line parser (flags backed by ACKSERVICE_BENCH_* variables)."""
+    parser = BenchSettingsParser(
+        prog=PROG,
+        description="Load an ackservice server with many connections, verify every reply "
+        "(seq, length, CRC-32), and report acks/s, MB/s, latency percentiles and errors.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        environ=environ,
+    )
+    add = parser.add_setting
+    add("--host", host_name, "127.0.0.1", "server address; the only one ever connected to")
+    add("--port", server_port, 9876, "server TCP port (ignored with --spawn)")
+    add(
+        "--connections",
+        _bounded(_cli.positive_int, MAX_CONNECTIONS),
+        16,
+        "connections at once (with --churn: connections open at any moment)",
+    )
+    add(
+        "--window",
+        _bounded(_cli.positive_int, MAX_WINDOW),
+        1,
+        "messages in flight per connection; 1 is request/response",
+    )
+    add("--size", _bounded(_cli.non_negative_int, MAX_SIZE), 64, "payload bytes per message")
+    add(
+        "--duration",
+        run_seconds,
+        None,
+        "seconds of measurement",
+        default_text=f"{DEFAULT_DURATION:g}, or until --messages",
+    )
+    add(
+        "--messages",
+        _cli.positive_int,
+        None,
+        "stop after this many messages sent after the warm-up",
+        default_text="no limit",
+    )
+    add("--warmup", warmup_seconds, 1.0, "seconds of load before measuring, not counted")
+    add(
+        "--rate",
+        messages_per_second,
+        None,
+        "open loop: send this many messages per second in all, on a fixed schedule, and "
+        "measure latency from each message's scheduled time",
+        default_text="closed loop, as fast as replies come",
+    )
+    add(
+        "--procs",
+        _bounded(_cli.positive_int, MAX_PROCS),
+        1,
+        "spread the connections over this many processes",
+    )
+    add("--timeout", _cli.seconds, 10.0, "seconds a message may wait for its reply")
+    add("--connect-timeout", _cli.seconds, 5.0, "seconds a connection attempt may take")
+    parser.add_switch("--churn", "connect, send one message, read its reply, close; repeat")
+    parser.add_switch(
+        "--spawn", "start python -m ackservice.server on a free port for the run, stop it after"
+    )
+    parser.add_list("--server-arg", "an extra flag for the --spawn server", metavar="ARG")
+    parser.add_switch("--json", "print the report as one JSON object on stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Run the benchmark; return the process exit code."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    spec = _load_spec(args, parser)
+    if args.procs > spec.connections:
+        parser.error(f"--procs {args.procs} needs at least {args.procs} --connections")
+    if args.server_arg and not args.spawn:
+        parser.error("--server-arg only applies with --spawn")
+
+    progress = ProgressLine(sys.stderr) if sys.stderr.isatty() else None
+    server: SpawnedServer | None = None
+    result: LoadResult | None = None
+    try:
+        if args.spawn:
+            server = start_server(spec.host, args.server_arg)
+            spec = replace(spec, port=server.port)
+        result = _run(spec, args.procs, progress.update if progress else None)
+    except (ConnectError, SpawnError) as exc:
+        return _fail(str(exc), EXIT_CANNOT_CONNECT)
+    except WorkerError as exc:
+        return _fail(str(exc), EXIT_ERRORS)
+    except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: before Trio took over SIGINT
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    finally:
+        if progress is not None:
+            progress.clear()
+        if server is not None:
+            server.stop()
+
+    assert result is not None  # every failure above has returned
+    if args.json:
+        print(json.dumps(to_json(result, spec, procs=args.procs, server=server), indent=2))
+    else:
+        sys.stdout.write(render_text(result, spec, procs=args.procs, server=server))
+    sys.stdout.flush()
+    return EXIT_OK if result.error_total == 0 else EXIT_ERRORS
+
+
+def _load_spec(args: argparse.Namespace, parser: BenchSettingsParser) -> LoadSpec:
+    if args.churn and args.window != 1:
+        parser.error("--window does not apply to --churn, which sends one message per connection")
+    duration = args.duration
+    if duration is None and args.messages is None:
+        duration = DEFAULT_DURATION
+    try:
+        return LoadSpec(
+            host=args.host,
+            port=args.port,
+            connections=args.connections,
+            window=args.window,
+            size=args.size,
+            duration=duration,
+            messages=args.messages,
+            warmup=args.warmup,
+            churn=args.churn,
+            rate=args.rate,
+            reply_timeout=args.timeout,
+            connect_timeout=args.connect_timeout,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _run(spec: LoadSpec, procs: int, progress: Progress | None) -> LoadResult:
+    if procs > 1:
+        return run_workers(spec, procs, progress)
+    raise_open_file_limit(spec.connections)
+    return trio.run(_run_here, spec, progress)
+
+
+async def _run_here(spec: LoadSpec, progress: Progress | None) -> LoadResult:
+    """One process: a first Ctrl-C (or SIGTERM) ends the measurement early and still
+    reports; a second abandons the run."""
+    generator = LoadGenerator(spec)
+    result: LoadResult | None = None
+    failure: ConnectError | None = None
+    abandoned = False
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_interrupts() -> None:
+                nonlocal abandoned
+                async for _ in signals:
+                    if generator.stopped:
+                        abandoned = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    generator.stop()
+
+            nursery.start_soon(watch_interrupts)
+            try:
+                await generator.connect()
+            except ConnectError as exc:
+                failure = exc
+            else:
+                result = await generator.run(on_progress=progress)
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if abandoned or result is None:
+        raise Interrupted
+    return result
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,178 @@
+"""``--spawn``: run ``python -m ackservice.server`` for the benchmark, then stop it.
+
+The server listens on a free port (``--port 0``) and reports it in its ``listening`` log
+event. That event is at level info, so a server told ``--log-level warning`` keeps quiet
+about it; the port is then read where ``ss -ltnp`` finds it, in the kernel's socket table
+(``/proc``, Linux). Its JSON logs go to a temporary file rather than a pipe, since a pipe nobody
+reads fills up and would stall the server in the middle of the measurement. It runs in its
+own process group, so a Ctrl-C meant for the benchmark does not also start its shutdown
+(which would make it answer ``ERR 0 shutting-down``); it is stopped by PID with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+__all__ = ["SpawnError", "SpawnedServer", "start_server"]
+
+_POLL_INTERVAL: Final = 0.02
+_TCP_LISTEN: Final = "0A"  # the LISTEN state in /proc/net/tcp
+
+
+class SpawnError(Exception):
+    """The server could not be started."""
+
+
+class SpawnedServer:
+    """A server process started by ``start_server``.
+
+    Attributes:
+        process: the ``python -m ackservice.server`` process.
+        port: the port it listens on.
+        log_path: its log (JSON lines), removed by ``stop`` unless the server failed.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.process = process
+        self.port = port
+        self.log_path = log_path
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (a graceful shutdown), wait up to ``timeout`` s, else SIGKILL.
+
+        Returns:
+            the server's exit code (negative: killed by that signal).
+        """
+        process = self.process
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout)
+        self.exit_code = process.returncode
+        if self.exit_code == 0:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+        return self.exit_code
+
+
+def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.0) -> SpawnedServer:
+    """Start the server on ``host`` and a free port; return once it listens.
+
+    Args:
+        host: the address to listen on (and the only one the benchmark connects to).
+        extra_args: more server flags (``--log-level warning``); ``--host``, ``--port`` and
+            ``--log-format`` are set here and come last, so they win.
+        timeout: seconds to wait for the server to listen.
+
+    Raises:
+        SpawnError: the server exited or did not listen in time (the message says why).
+    """
+    fd, name = tempfile.mkstemp(prefix="ackservice-bench-server-", suffix=".log")
+    log_path = Path(name)
+    command = [
+        sys.executable,
+        "-m",
+        "ackservice.server",
+        *extra_args,
+        "--host",
+        host,
+        "--port",
+        "0",
+        "--log-format",
+        "json",
+    ]
+    try:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=fd,
+            process_group=0,
+        )
+    except OSError as exc:
+        log_path.unlink()
+        raise SpawnError(f"cannot start the server: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    try:
+        port = _wait_for_port(process, log_path, timeout)
+    except BaseException:  # including a Ctrl-C: never leave the server behind
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        raise
+    return SpawnedServer(process, port, log_path)
+
+
+def _wait_for_port(process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        port = _listening_port(log_path) or _listening_port_of(process.pid)
+        if port is not None:
+            return port
+        if process.poll() is not None:
+            last_line = _last_line(log_path)
+            with contextlib.suppress(OSError):
+                log_path.unlink()
+            raise SpawnError(
+                f"the server exited with code {process.returncode} before listening: {last_line}"
+            )
+        if time.monotonic() > deadline:
+            raise SpawnError(f"the server did not listen within {timeout:g} s (log: {log_path})")
+        time.sleep(_POLL_INTERVAL)
+
+
+def _listening_port(log_path: Path) -> int | None:
+    """The port of the first ``listening`` event in the log so far, if any."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # not a JSON event (e.g. a usage error line)
+        if isinstance(event, dict) and event.get("event") == "listening":
+            return int(event["port"])
+    return None
+
+
+def _listening_port_of(pid: int) -> int | None:
+    """The port of a TCP socket that process ``pid`` listens on, from ``/proc`` (Linux)."""
+    try:
+        sockets = {
+            os.readlink(f"/proc/{pid}/fd/{fd}")[len("socket:[") : -1]
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+        }
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as rows:
+                next(rows)  # the header
+                for row in rows:
+                    # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                    fields = row.split()
+                    if fields[3] == _TCP_LISTEN and fields[9] in sockets:
+                        return int(fields[1].rsplit(":", 1)[1], 16)
+    except (OSError, IndexError, ValueError):
+        pass  # not Linux, or the process is gone (poll() will tell)
+    return None
+
+
+def _last_line(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(no output)"
