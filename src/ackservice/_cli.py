@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -17,12 +18,15 @@ from typing import Any, NoReturn
 __all__ = [
     "EXIT_USAGE",
     "SettingsParser",
+    "host_name",
     "log_format",
     "log_level",
     "non_negative_int",
     "port_number",
     "positive_int",
     "seconds",
+    "server_port",
+    "switch",
 ]
 
 EXIT_USAGE = 2
@@ -54,6 +58,31 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError(f"expected a port from 0 to 65535, got {text!r}")
     return value
+
+
+def server_port(text: str) -> int:
+    """A TCP port to connect to, 1 to 65535."""
+    value = port_number(text)
+    if value == 0:
+        raise ValueError("expected a port from 1 to 65535, got '0'")
+    return value
+
+
+def host_name(text: str) -> str:
+    """A non-empty host name or address."""
+    if not text.strip():
+        raise ValueError("expected a host name or address, got an empty string")
+    return text.strip()
+
+
+def switch(text: str) -> bool:
+    """1/0, true/false, yes/no, on/off (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
 
 
 def seconds(text: str) -> float:
@@ -96,10 +125,22 @@ class SettingsParser(argparse.ArgumentParser):
     Errors are one line (``prog: error: ... (see --help)``) and exit code 2.
     """
 
-    def __init__(self, *args: Any, environ: dict[str, str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        environ: dict[str, str] | None = None,
+        env_prefix: str = ENV_PREFIX,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._environ = os.environ if environ is None else environ
+        self._env_prefix = env_prefix
         self._settings: list[tuple[str, str, Callable[[str], Any], Any]] = []
+
+    def _names(self, flag: str) -> tuple[str, str]:
+        """The attribute name and environment variable of ``flag``."""
+        dest = flag.removeprefix("--").replace("-", "_")
+        return dest, self._env_prefix + dest.upper()
 
     def add_setting(
         self,
@@ -112,8 +153,7 @@ class SettingsParser(argparse.ArgumentParser):
         default_text: str | None = None,
     ) -> None:
         """Add ``flag`` (``--max-message-bytes``), backed by ``ACKSERVICE_MAX_MESSAGE_BYTES``."""
-        dest = flag.removeprefix("--").replace("-", "_")
-        env = ENV_PREFIX + dest.upper()
+        dest, env = self._names(flag)
         shown = default_text if default_text is not None else default
         self.add_argument(
             flag,
@@ -124,6 +164,33 @@ class SettingsParser(argparse.ArgumentParser):
             help=f"{help} (default: {shown}; env: {env})",
         )
         self._settings.append((dest, env, parse, default))
+
+    def add_switch(self, flag: str, help: str) -> None:
+        """Add an on/off ``flag`` (``--json``), backed by e.g. ``ACKSERVICE_JSON=1``."""
+        dest, env = self._names(flag)
+        self.add_argument(
+            flag,
+            dest=dest,
+            action="store_const",
+            const=True,
+            default=None,
+            help=f"{help} (env: {env})",
+        )
+        self._settings.append((dest, env, switch, False))
+
+    def add_list(self, flag: str, help: str, *, metavar: str) -> None:
+        """Add a repeatable ``flag``, backed by one shell-quoted variable named in the plural."""
+        dest, env = self._names(flag)
+        env += "S"
+        self.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            default=None,
+            metavar=metavar,
+            help=f"{help} (repeatable; env: {env}, split like a shell line)",
+        )
+        self._settings.append((dest, env, shlex.split, []))
 
     def parse_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: None = None

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -51,95 +50,15 @@ Every setting is also an ACKSERVICE_BENCH_* environment variable (flags win); sw
 take 1/0, true/false, yes/no or on/off. See docs/bench.md."""
 
 
-class BenchSettingsParser(_cli.SettingsParser):
-    """``SettingsParser`` with ``ACKSERVICE_BENCH_*`` variables, switches and lists.
-
-    The benchmark's ``--host``/``--port`` must not pick up the server's ``ACKSERVICE_HOST``
-    (which may well be ``0.0.0.0``), hence the prefix of its own.
-    """
-
-    def add_setting(
-        self,
-        flag: str,
-        parse: Callable[[str], Any],
-        default: Any,
-        help: str,
-        *,
-        metavar: str | None = None,
-        default_text: str | None = None,
-    ) -> None:
-        """Add ``flag`` (``--window``), backed by ``ACKSERVICE_BENCH_WINDOW``."""
-        dest, env = self._names(flag)
-        shown = default_text if default_text is not None else default
-        self.add_argument(
-            flag,
-            dest=dest,
-            type=_argparse_type(parse),
-            default=None,
-            metavar=metavar or dest.upper(),
-            help=f"{help} (default: {shown}; env: {env})",
-        )
-        self._settings.append((dest, env, parse, default))
-
-    def add_switch(self, flag: str, help: str) -> None:
-        """Add an on/off ``flag`` (``--json``), backed by ``ACKSERVICE_BENCH_JSON=1``."""
-        dest, env = self._names(flag)
-        self.add_argument(
-            flag,
-            dest=dest,
-            action="store_const",
-            const=True,
-            default=None,
-            help=f"{help} (env: {env})",
-        )
-        self._settings.append((dest, env, switch, False))
-
-    def add_list(self, flag: str, help: str, *, metavar: str) -> None:
-        """Add a repeatable ``flag``, backed by one shell-quoted variable (``..._ARGS``)."""
-        dest, _ = self._names(flag)
-        env = ENV_PREFIX + dest.upper() + "S"
-        self.add_argument(
-            flag,
-            dest=dest,
-            action="append",
-            default=None,
-            metavar=metavar,
-            help=f"{help} (repeatable; env: {env}, split like a shell line)",
-        )
-        self._settings.append((dest, env, shlex.split, []))
-
-    @staticmethod
-    def _names(flag: str) -> tuple[str, str]:
-        dest = flag.removeprefix("--").replace("-", "_")
-        return dest, ENV_PREFIX + dest.upper()
+def bench_port(text: str) -> int:
+    """A TCP port to load, 1 to 65535."""
+    try:
+        return _cli.server_port(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (--spawn picks a free one)") from None
 
 
 # -- value parsers (ValueError messages become one-line usage errors) ---------------------------
-
-
-def switch(text: str) -> bool:
-    """1/0, true/false, yes/no, on/off (any case)."""
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
-
-
-def host_name(text: str) -> str:
-    """A non-empty host name or address."""
-    if not text.strip():
-        raise ValueError("expected a host name or address, got an empty string")
-    return text.strip()
-
-
-def server_port(text: str) -> int:
-    """A TCP port to connect to, 1 to 65535."""
-    value = _cli.port_number(text)
-    if value == 0:
-        raise ValueError("expected a port from 1 to 65535, got '0' (--spawn picks a free one)")
-    return value
 
 
 def _bounded(parse: Callable[[str], int], highest: int) -> Callable[[str], int]:
@@ -179,22 +98,10 @@ def messages_per_second(text: str) -> float:
         raise ValueError(f"expected a positive number of messages/s, got {text!r}") from None
 
 
-def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """Wrap ``parse`` so argparse reports its message instead of a generic one."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
-def build_parser(environ: dict[str, str] | None = None) -> BenchSettingsParser:
+def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     """The benchmark's command-line parser (flags backed by ACKSERVICE_BENCH_* variables)."""
-    parser = BenchSettingsParser(
+    parser = _cli.SettingsParser(
+        env_prefix=ENV_PREFIX,
         prog=PROG,
         description="Load an ackservice server with many connections, verify every reply "
         "(seq, length, CRC-32), and report acks/s, MB/s, latency percentiles and errors.",
@@ -203,8 +110,8 @@ def build_parser(environ: dict[str, str] | None = None) -> BenchSettingsParser:
         environ=environ,
     )
     add = parser.add_setting
-    add("--host", host_name, "127.0.0.1", "server address; the only one ever connected to")
-    add("--port", server_port, 9876, "server TCP port (ignored with --spawn)")
+    add("--host", _cli.host_name, "127.0.0.1", "server address; the only one ever connected to")
+    add("--port", bench_port, 9876, "server TCP port (ignored with --spawn)")
     add(
         "--connections",
         _bounded(_cli.positive_int, MAX_CONNECTIONS),
@@ -297,7 +204,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     return EXIT_OK if result.error_total == 0 else EXIT_ERRORS
 
 
-def _load_spec(args: argparse.Namespace, parser: BenchSettingsParser) -> LoadSpec:
+def _load_spec(args: argparse.Namespace, parser: _cli.SettingsParser) -> LoadSpec:
     if args.churn and args.window != 1:
         parser.error("--window does not apply to --churn, which sends one message per connection")
     duration = args.duration

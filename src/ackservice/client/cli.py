@@ -65,21 +65,6 @@ Delivery is at-least-once: after a reconnect, unacknowledged messages are sent a
 """
 
 
-def server_port(text: str) -> int:
-    """A TCP port to connect to, 1 to 65535."""
-    value = _cli.port_number(text)
-    if value == 0:
-        raise ValueError("expected a port from 1 to 65535, got '0'")
-    return value
-
-
-def host_name(text: str) -> str:
-    """A non-empty host name or address."""
-    if not text.strip():
-        raise ValueError("expected a host name or address, got an empty string")
-    return text.strip()
-
-
 def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     """The client's command-line parser (flags backed by ACKSERVICE_* variables)."""
     defaults = ClientConfig()
@@ -92,8 +77,8 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     )
     parser.add_argument("messages", nargs="*", metavar="MESSAGE", help="a message to send")
     add = parser.add_setting
-    add("--host", host_name, defaults.host, "server address")
-    add("--port", server_port, defaults.port, "server TCP port")
+    add("--host", _cli.host_name, defaults.host, "server address")
+    add("--port", _cli.server_port, defaults.port, "server TCP port")
     add(
         "--connect-timeout",
         _cli.seconds,
