@@ -17,7 +17,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 from .errors import ProtocolError
 
@@ -92,19 +92,23 @@ class MessageFramer:
     partial message. The output does not depend on how the stream was split into chunks.
     """
 
-    __slots__ = ("_discarding", "_max", "_partial")
+    __slots__ = ("_discarding", "_held", "_max", "_parts")
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         if max_message_bytes < 0:
             raise ValueError(f"max_message_bytes must be >= 0, got {max_message_bytes}")
         self._max = max_message_bytes
-        self._partial = b""
+        # The pieces of the incomplete message, joined once when its newline arrives: no
+        # copy per read (quadratic for long messages) and no growing buffer to reallocate
+        # (which fragments the heap). The bound is checked before adding, never after.
+        self._parts: list[bytes] = []
+        self._held = 0
         self._discarding = False
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes of an incomplete message held until its newline arrives."""
-        return len(self._partial)
+        return self._held
 
     def feed(self, data: bytes | bytearray) -> list[bytes | Oversized]:
         """Take the next chunk of the stream; return the messages it completed."""
@@ -116,34 +120,55 @@ class MessageFramer:
                 return []
             data = data[newline + 1 :]
             self._discarding = False
-        if self._partial:
-            # Bounded concatenation: _partial is at most max + 1 bytes.
-            data = self._partial + data
+        limit = self._max
+        out: list[bytes | Oversized] = []
+        newline = data.find(b"\n")
+        if newline < 0:
+            self._hold(data, out)
+            return out
+        if self._parts:
+            # The first line completes the held message: build it once, unless it is
+            # already too long whatever its last byte (a "\r" may still be dropped).
+            head = data[:newline]
+            if self._held + len(head) > limit + 1:
+                out.append(OVERSIZED)
+            else:
+                self._parts.append(head)
+                out.append(_strip_and_bound(b"".join(self._parts), limit))
+            self._parts = []
+            self._held = 0
+            data = data[newline + 1 :]
         lines = data.split(b"\n")
         tail = lines.pop()
-        limit = self._max
-        out: list[bytes | Oversized]
         if b"\r" in data or len(data) > limit:
-            out = [_strip_and_bound(line, limit) for line in lines]
+            out += [_strip_and_bound(line, limit) for line in lines]
         else:
-            # The common case: no line can need stripping or be too long, so no per-line work.
-            out = cast("list[bytes | Oversized]", lines)
-        # The tail has no newline yet. Its final "\r" may still be the one that gets dropped,
-        # so it only counts once the next byte shows it is payload.
-        if len(tail) - (tail[-1:] == b"\r") > limit:
+            out += lines  # the common case: no line needs stripping or can be too long
+        self._hold(tail, out)
+        return out
+
+    def _hold(self, piece: bytes, out: list[bytes | Oversized]) -> None:
+        """Add ``piece`` (no newline in it) to the incomplete message, or cut it off."""
+        if not piece:
+            return
+        # A final "\r" may still be the one dropped before "\n", so it does not count yet.
+        if self._held + len(piece) - (piece[-1:] == b"\r") > self._max:
             out.append(OVERSIZED)
-            self._partial = b""
+            self._parts = []
+            self._held = 0
             self._discarding = True
         else:
-            self._partial = tail
-        return out
+            self._parts.append(piece)
+            self._held += len(piece)
 
     def end_of_stream(self) -> list[bytes | Oversized]:
         """The peer finished sending: bytes after the last newline are one final message.
 
         No ``\\r`` is dropped from that final message, since no ``\\n`` follows it.
         """
-        tail, self._partial = self._partial, b""
+        tail = b"".join(self._parts)
+        self._parts = []
+        self._held = 0
         self._discarding = False
         if not tail:
             return []
