@@ -21,28 +21,22 @@ from __future__ import annotations
 import functools
 import os
 import resource
-import signal
 import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import structlog
 import trio
 
 from ackservice.errors import Reject
 from ackservice.logconfig import configure_logging
-from ackservice.server import MessageContext, MessageHook, Server, ServerConfig, serve
-from ackservice.server.cli import build_parser
+from ackservice.server import MessageContext, MessageHook
+from ackservice.server.cli import build_parser, config_from_args, serve_until_signalled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rel_checker import Recorded, payload_id
 
-log = structlog.get_logger("ackservice.server.cli")
-
-EXIT_OK = 0
 EXIT_START_FAILED = 1
-EXIT_FORCED = 130
 
 
 def recording_hook(
@@ -71,27 +65,6 @@ def recording_hook(
     return record
 
 
-async def serve_until_signalled(config: ServerConfig, hook: MessageHook) -> int:
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def run_server(*, task_status: trio.TaskStatus[Server]) -> None:
-                await serve(config, on_message=hook, listeners=listeners, task_status=task_status)
-                nursery.cancel_scope.cancel()  # shut down gracefully: stop watching signals
-
-            server: Server = await nursery.start(run_server)
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if server.handler.shutting_down:
-                    log.warning("forced_exit", signal=name)
-                    nursery.cancel_scope.cancel()
-                    return EXIT_FORCED
-                log.info("signal_received", signal=name)
-                server.shutdown()
-    return EXIT_OK
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     parser.add_argument("--record", type=Path, required=True, help="file to append records to")
@@ -103,22 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nofile is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, args.nofile))
     configure_logging(args.log_level, args.log_format)
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        max_message_bytes=args.max_message_bytes,
-        max_connections=args.max_connections,
-        idle_timeout=args.idle_timeout,
-        send_timeout=args.send_timeout,
-        shutdown_grace=args.shutdown_grace,
-        drain_timeout=args.drain_timeout,
-        tcp_keepalive=args.tcp_keepalive,
-    )
+    # Not fitted to the open-file limit, unlike the real CLI: see the module docstring.
+    config = config_from_args(args, max_connections=args.max_connections)
     record_fd = os.open(args.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     reject = None if args.reject_prefix is None else args.reject_prefix.encode()
     hook = recording_hook(record_fd, args.boot, args.hook_delay, reject)
     try:
-        return trio.run(functools.partial(serve_until_signalled, config, hook))
+        return trio.run(functools.partial(serve_until_signalled, config, on_message=hook))
     except OSError as exc:
         print(f"recording_server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED

@@ -7,6 +7,7 @@ immediate exit.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import resource
 import signal
@@ -21,6 +22,7 @@ from .. import _cli
 from ..logconfig import configure_logging
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .config import ServerConfig
+from .hook import MessageHook
 from .listener import Server, serve
 
 __all__ = ["main"]
@@ -105,32 +107,44 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     """Run the server until a signal stops it; return the process exit code."""
     args = build_parser(environ).parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    config = ServerConfig(
+    config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
+    try:
+        return trio.run(serve_until_signalled, config)
+    except OSError as exc:
+        print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
+        return EXIT_START_FAILED
+
+
+def config_from_args(args: argparse.Namespace, *, max_connections: int) -> ServerConfig:
+    """The ``ServerConfig`` that parsed command-line settings describe."""
+    return ServerConfig(
         host=args.host,
         port=args.port,
         max_message_bytes=args.max_message_bytes,
-        max_connections=_fit_to_fd_limit(args.max_connections),
+        max_connections=max_connections,
         idle_timeout=args.idle_timeout,
         send_timeout=args.send_timeout,
         shutdown_grace=args.shutdown_grace,
         drain_timeout=args.drain_timeout,
         tcp_keepalive=args.tcp_keepalive,
     )
-    try:
-        return trio.run(_serve_until_signalled, config)
-    except OSError as exc:
-        print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
-        return EXIT_START_FAILED
 
 
-async def _serve_until_signalled(config: ServerConfig) -> int:
+async def serve_until_signalled(
+    config: ServerConfig, *, on_message: MessageHook | None = None
+) -> int:
+    """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
+
+    Raises:
+        OSError: the address could not be bound.
+    """
     # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     # Installed before serving starts, so no signal can arrive unhandled in between.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
-                _serve_then_stop_watching, config, listeners, nursery.cancel_scope
+                _serve_then_stop_watching, config, on_message, listeners, nursery.cancel_scope
             )
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -145,12 +159,13 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
 
 async def _serve_then_stop_watching(
     config: ServerConfig,
+    on_message: MessageHook | None,
     listeners: list[trio.SocketListener],
     signal_watch: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[Server],
 ) -> None:
-    await serve(config, listeners=listeners, task_status=task_status)
+    await serve(config, on_message=on_message, listeners=listeners, task_status=task_status)
     signal_watch.cancel()  # the graceful shutdown completed: stop waiting for signals
 
 
