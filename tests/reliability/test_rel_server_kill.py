@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -16,6 +17,41 @@ from conftest import Report, StartServer
 
 MESSAGES = 10_000
 KILL_AT = 2_000
+
+Restart = Callable[[Client, Callable[[], int]], Awaitable[None]]
+
+
+def numbered_payloads(prefix: str, seed: int) -> list[bytes]:
+    """MESSAGES payloads with ids ``<prefix><n>`` and varied sizes."""
+    filler = filler_block()
+    rng = random.Random(seed)
+    return [
+        make_payload(f"{prefix}{i}", rng.randint(16, 200), filler, rng.randrange(1 << 20))
+        for i in range(MESSAGES)
+    ]
+
+
+async def deliver_across_restart(
+    port: int,
+    connect: Callable[[], Awaitable[trio.abc.Stream]],
+    payloads: list[bytes],
+    restart: Restart,
+) -> tuple[int, int]:
+    """Send every payload with a retrying client while ``restart(client, receipts)`` replaces
+    the server beside it; every receipt must be an ACK. Returns (receipts, messages resent)."""
+    receipts = 0
+    with trio.fail_after(pick(60, 120)):
+        async with (
+            trio.open_nursery() as nursery,
+            open_client(
+                "127.0.0.1", port, connect=connect, retries=20, backoff_base=0.05, backoff_cap=0.5
+            ) as client,
+        ):
+            nursery.start_soon(restart, client, lambda: receipts)
+            async for receipt in client.send_many(payloads):
+                assert receipt.acked
+                receipts += 1
+            return receipts, client.stats.resent
 
 
 @pytest.mark.slow
@@ -30,12 +66,7 @@ async def test_server_killed_and_restarted_loses_nothing(
     and only messages written twice were recorded twice. Neither server logged a crash."""
     first = await start_server(recording=True)
     port = first.port
-    filler = filler_block()
-    rng = random.Random(4)
-    payloads = [
-        make_payload(f"k{i}", rng.randint(16, 200), filler, rng.randrange(1 << 20))
-        for i in range(MESSAGES)
-    ]
+    payloads = numbered_payloads("k", seed=4)
     history = History()
     connections: list[WireTap] = []
     servers = [first]
@@ -47,31 +78,19 @@ async def test_server_killed_and_restarted_loses_nothing(
         connections.append(tap)
         return tap
 
-    async def kill_mid_stream(client: Client) -> None:
+    async def kill_mid_stream(client: Client, receipts: Callable[[], int]) -> None:
         """At the 2,000th receipt, once messages are in flight (unanswered): SIGKILL, then
         start the second server on the same port."""
         nonlocal killed_at, back_at, in_flight_at_kill
-        await poll_until(lambda: receipts >= KILL_AT and client.in_flight > 0, 0.0002)
+        await poll_until(lambda: receipts() >= KILL_AT and client.in_flight > 0, 0.0002)
         in_flight_at_kill = client.in_flight
         first.kill()
         killed_at = time.monotonic()
         servers.append(await start_server(recording=True, port=port, boot=2))
         back_at = time.monotonic()
 
-    receipts = 0
-    with trio.fail_after(pick(60, 120)):
-        async with (
-            trio.open_nursery() as nursery,
-            open_client(
-                "127.0.0.1", port, connect=connect, retries=20, backoff_base=0.05, backoff_cap=0.5
-            ) as client,
-        ):
-            nursery.start_soon(kill_mid_stream, client)
-            async for receipt in client.send_many(payloads):
-                assert receipt.acked
-                receipts += 1
-            resent = client.stats.resent
-            assert killed_at, "never saw messages in flight after receipt 2,000 to kill on"
+    receipts, resent = await deliver_across_restart(port, connect, payloads, kill_mid_stream)
+    assert killed_at, "never saw messages in flight after receipt 2,000 to kill on"
 
     assert receipts == MESSAGES
     assert len(servers) == 2
@@ -105,39 +124,22 @@ async def test_server_restarted_gracefully_loses_nothing(
     first server exited 0."""
     first = await start_server(recording=True)
     port = first.port
-    filler = filler_block()
-    rng = random.Random(5)
-    payloads = [
-        make_payload(f"g{i}", rng.randint(16, 200), filler, rng.randrange(1 << 20))
-        for i in range(MESSAGES)
-    ]
+    payloads = numbered_payloads("g", seed=5)
     history = History()
     servers = [first]
-    receipts = 0
     exit_code = -1
 
     async def connect() -> trio.abc.Stream:
         return WireTap(await trio.open_tcp_stream("127.0.0.1", port), history)
 
-    async def restart_mid_stream(client: Client) -> None:
+    async def restart_mid_stream(client: Client, receipts: Callable[[], int]) -> None:
         nonlocal exit_code
-        await poll_until(lambda: receipts >= KILL_AT and client.in_flight > 0, 0.0002)
+        await poll_until(lambda: receipts() >= KILL_AT and client.in_flight > 0, 0.0002)
         exit_code = await first.stop()
         servers.append(await start_server(recording=True, port=port, boot=2))
 
-    with trio.fail_after(pick(60, 120)):
-        async with (
-            trio.open_nursery() as nursery,
-            open_client(
-                "127.0.0.1", port, connect=connect, retries=20, backoff_base=0.05, backoff_cap=0.5
-            ) as client,
-        ):
-            nursery.start_soon(restart_mid_stream, client)
-            async for receipt in client.send_many(payloads):
-                assert receipt.acked
-                receipts += 1
-            resent = client.stats.resent
-            assert exit_code != -1, "never saw messages in flight after receipt 2,000"
+    receipts, resent = await deliver_across_restart(port, connect, payloads, restart_mid_stream)
+    assert exit_code != -1, "never saw messages in flight after receipt 2,000"
 
     assert receipts == MESSAGES
     assert exit_code == 0
