@@ -12,8 +12,7 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
-from ackservice.server import AckHandler, MessageContext, Reject, ServerConfig
-from ackservice.server import connection as handler_module
+from ackservice.server import AckHandler, MessageContext, Reject, ServerConfig, connection
 from support import LineReader
 
 EventList = list[dict[str, Any]]
@@ -327,6 +326,6 @@ def test_per_message_work_is_skipped_when_debug_is_off(level: int, expected: boo
     production; the check follows the configured level."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
     try:
-        assert handler_module._debug_enabled() is expected
+        assert connection._debug_enabled() is expected
     finally:
         structlog.reset_defaults()
