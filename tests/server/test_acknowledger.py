@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -69,11 +70,18 @@ def test_large_message_across_reads_is_never_buffered() -> None:
     """A message spread over many reads is acknowledged from a running checksum: nothing of
     it is kept, and the ACK matches the whole payload."""
     acknowledger = Acknowledger(10_000_000)
-    payload = bytes(range(256)).replace(b"\n", b"") * 20_000
-    for i in range(0, len(payload), 65536):
-        assert acknowledger.feed(payload[i : i + 65536]) == b""
+    payload = bytes(range(256)).replace(b"\n", b"") * 20_000  # ~5 MB
+    reads = [payload[i : i + 65536] for i in range(0, len(payload), 65536)]
+    tracemalloc.start()
+    try:
+        held_before, _ = tracemalloc.get_traced_memory()
+        for read in reads:
+            assert acknowledger.feed(read) == b""
+        held_after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held_after - held_before < 4096  # a few integers, not megabytes of payload
     assert acknowledger.feed(b"\r\n") == ack_line(1, payload)
-    assert acknowledger.__slots__  # no __dict__: the state is the few fields listed
 
 
 def test_oversized_seqs_are_reported_for_logging() -> None:
