@@ -287,19 +287,24 @@ async def test_shutdown_waits_for_a_slow_hook_over_tcp(
     assert (await reader.line()).startswith(b"ERR 0 shutting-down ")
 
 
-async def test_serve_turns_on_keepalive_for_accepted_sockets(
+async def test_serve_turns_on_keepalive_and_nodelay_for_accepted_sockets(
     nursery: trio.Nursery, connect: Connect
 ) -> None:
-    """Sockets accepted by serve() probe silent peers after tcp_keepalive seconds (set once on
-    the listener where the system passes it on, else on each socket)."""
+    """Sockets accepted by serve() send replies without Nagle's delay and probe silent peers
+    after tcp_keepalive seconds (set once on the listener where the system passes them on,
+    else on each socket)."""
     server = await start(nursery, tcp_keepalive=120)
     stream = await connect(server.port)
     await stream.send_all(b"hello\n")
     await LineReader(stream).line()
-    # The server side of the connection, reached through the handler's bookkeeping.
+    # The server side of the connection, reached through the handler's bookkeeping: a plain
+    # socket on the fast path, else a SocketStream.
     [connection] = server.handler._connections
-    accepted = connection._stream
-    assert isinstance(accepted, trio.SocketStream)
+    accepted = connection._socket
+    if accepted is None:
+        assert isinstance(connection._stream, trio.SocketStream)
+        accepted = connection._stream.socket
+    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 120
     assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 40

@@ -117,3 +117,114 @@ async def test_unregistered_descriptor_is_forgotten(nursery: trio.Nursery) -> No
     assert fd not in hub._pending
     ours.close()
     theirs.close()
+
+
+# Deadlines: the hub's waits time out in place of a cancel scope per connection.
+
+
+async def test_wait_returns_woken_at_its_deadline(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With no input, a wait with a deadline returns WOKEN exactly when the deadline passes
+    (also when it is the first timer, set while the dispatcher already sleeps)."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        hub.register(ours.fileno())
+        await trio.testing.wait_all_tasks_blocked()
+        deadline = trio.current_time() + 10
+        with trio.fail_after(60):  # a timer the dispatcher never noticed would hang here
+            assert await hub.wait_readable(ours.fileno(), deadline) == readiness.WOKEN
+        assert trio.current_time() == deadline
+        hub.unregister(ours.fileno())
+
+
+async def test_later_deadline_is_honoured_after_an_earlier_timer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A socket whose deadline moved later (input came) is not woken by its earlier timer,
+    and a socket's deadline never delays another socket's earlier one."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    start = trio.current_time()
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    with first, first_peer, second, second_peer:
+        hub.register(first.fileno())
+        hub.register(second.fileno())
+
+        async def send_later() -> None:
+            await trio.sleep(3)
+            first_peer.send(b"x")
+
+        nursery.start_soon(send_later)
+        assert await hub.wait_readable(first.fileno(), start + 5) & select.EPOLLIN
+        assert trio.current_time() == start + 3
+        first.recv(10)
+        woken_at: dict[str, float] = {}
+
+        async def wait(name: str, sock: socket.socket, deadline: float) -> None:
+            assert await hub.wait_readable(sock.fileno(), deadline) == readiness.WOKEN
+            woken_at[name] = trio.current_time() - start
+
+        async with trio.open_nursery() as waits:
+            waits.start_soon(wait, "first", first, start + 13)
+            waits.start_soon(wait, "second", second, start + 8)
+        assert woken_at == {"first": 13, "second": 8}
+
+
+async def test_wake_ends_a_wait_and_a_cancelled_wait_leaves_no_timer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """wake() ends a wait at once with WOKEN; a wait cancelled before its deadline does not
+    wake the socket's next wait early."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        fd = ours.fileno()
+        hub.register(fd)
+        start = trio.current_time()
+
+        async def wake_soon() -> None:
+            await trio.sleep(1)
+            hub.wake(fd)
+
+        nursery.start_soon(wake_soon)
+        assert await hub.wait_readable(fd, start + 100) == readiness.WOKEN
+        assert trio.current_time() == start + 1
+        hub.wake(fd)  # nobody waits: nothing happens
+        with trio.move_on_after(1):
+            await hub.wait_readable(fd, start + 5)
+        assert not hub._waiters
+        assert not hub._deadlines
+        theirs.send(b"late")
+        assert await hub.wait_readable(fd, start + 50) & select.EPOLLIN
+        assert trio.current_time() == start + 2
+        hub.unregister(fd)
+
+
+async def test_forgotten_socket_timer_does_not_wake_its_successor(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A socket closed while its timer is armed: a new socket with the same descriptor
+    number keeps its own deadline."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    start = trio.current_time()
+    ours, theirs = socket.socketpair()
+    fd = ours.fileno()
+    hub.register(fd)
+    with trio.move_on_after(1):
+        await hub.wait_readable(fd, start + 2)  # arms a timer for start + 2
+    hub.forget(fd)
+    ours.close()
+    theirs.close()
+    reused, peer = socket.socketpair()
+    with reused, peer:
+        assert reused.fileno() == fd
+        hub.register(fd)
+        assert await hub.wait_readable(fd, start + 20) == readiness.WOKEN
+        assert trio.current_time() == start + 20
+        hub.forget(fd)

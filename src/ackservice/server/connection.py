@@ -2,24 +2,27 @@
 
 Two read/write loops share every rule (limits, timeouts, shutdown, logging):
 
-- the socket loop, for TCP sockets: non-blocking ``os.read``/``os.write`` on the socket's
-  file descriptor, with ``trio.lowlevel.wait_readable`` as the only place it waits. Trio's
-  ``SocketStream`` adds a checkpoint sandwich and a conflict detector around every call,
-  which profiling showed costing as much as the system calls themselves for small messages;
-- the stream loop, for any other ``trio.abc.Stream`` (TLS, in-memory streams in tests).
-
-Timeouts are one long-lived cancel scope per connection whose deadline is kept lazily: it is
-not moved on every message (that costs a deadline-heap update each time) but re-checked when
-it fires. It is lifted around the awaits that must not be interrupted (the application hook,
-a send that blocks), which have their own bounds.
+- the socket loop, for TCP sockets on Linux: non-blocking ``os.read``/``os.write`` on the
+  socket's file descriptor, waiting only in the readiness hub, whose waits carry the idle
+  deadline. Trio's ``SocketStream`` adds a checkpoint sandwich and a conflict detector around
+  every call, which profiling showed costing as much as the system calls themselves for small
+  messages. The server hands it plain accepted sockets (no ``SocketStream`` at all); an
+  embedder's ``SocketStream`` is served the same way;
+- the stream loop, for any other ``trio.abc.Stream`` (TLS, in-memory streams in tests). Its
+  idle timeout is one long-lived cancel scope whose deadline is kept lazily: not moved on
+  every message (a deadline-heap update each time) but re-checked when it fires, and lifted
+  around the awaits that must not be interrupted (the hook, a blocked send), which have their
+  own bounds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import os
+import socket
 from typing import TYPE_CHECKING
 
 import structlog
@@ -40,7 +43,7 @@ from . import readiness
 from .acknowledger import Acknowledger
 from .closing import close_with_error
 from .hook import MessageContext, MessageHook
-from .readiness import current_hub
+from .readiness import WOKEN, current_hub
 
 if TYPE_CHECKING:
     from .handler import AckHandler
@@ -53,16 +56,26 @@ log = structlog.get_logger(__name__)
 RECEIVE_SIZE = 65536
 
 
+class _Ending(enum.Enum):
+    """Why a read loop returned."""
+
+    EOF = enum.auto()
+    SHUTDOWN = enum.auto()
+    IDLE = enum.auto()
+
+
 class Connection:
     """The state of one served connection; ``run`` serves it and logs its summary."""
 
     __slots__ = (
         "_acknowledger",
         "_debug",
+        "_fd",
         "_framer",
         "_handler",
         "_last_message",
         "_scope",
+        "_socket",
         "_stream",
         "_waiting",
         "bytes_received",
@@ -72,9 +85,28 @@ class Connection:
         "peer",
     )
 
-    def __init__(self, handler: AckHandler, stream: trio.abc.Stream, conn_id: int, peer: str):
+    def __init__(
+        self,
+        handler: AckHandler,
+        conn_id: int,
+        peer: str,
+        *,
+        stream: trio.abc.Stream | None = None,
+        sock: socket.socket | None = None,
+    ):
+        """Serve ``stream``, or ``sock``: a non-blocking TCP socket that only the socket loop
+        uses (the connection owns it and closes it)."""
         self._handler = handler
         self._stream = stream
+        self._socket = sock
+        # The descriptor the socket loop serves, or -1 for the stream loop.
+        self._fd = -1
+        if sock is not None:
+            self._fd = sock.fileno()
+        elif isinstance(stream, trio.SocketStream) and readiness.AVAILABLE:
+            self._fd = stream.socket.fileno()
+        elif stream is None:
+            raise TypeError("Connection needs a stream or a socket")
         self.conn_id = conn_id
         self.peer = peer
         self.messages = 0
@@ -101,41 +133,39 @@ class Connection:
 
     def wake_for_shutdown(self) -> None:
         """Interrupt a wait for input; a read being answered is finished first."""
-        if self._waiting and self._scope is not None:
+        if not self._waiting:
+            return
+        if self._fd >= 0:
+            current_hub().wake(self._fd)
+        elif self._scope is not None:
             self._scope.cancel()
 
     async def run(self) -> None:
         """Serve the connection until it ends, then close it and log its summary.
 
-        One function rather than several, as every coroutine frame here stays alive for the
-        whole connection: at thousands of idle connections, frames are memory.
+        Keep the call chain under it short: every coroutine frame here stays alive for the
+        whole connection, and at thousands of idle connections frames are memory.
         """
         config = self._handler.config
-        stream = self._stream
         started = self._last_message = trio.current_time()
         log.info("connection_opened")
         reason = "internal-error"
         try:
-            while True:
-                with trio.CancelScope(deadline=self._last_message + config.idle_timeout) as scope:
-                    self._scope = scope
-                    if isinstance(stream, trio.SocketStream) and os.name == "posix":
-                        ended = await self._socket_loop(stream.socket.fileno())
-                    else:
-                        ended = await self._stream_loop(stream)
-                    if ended:
-                        reason = "eof"
-                        break
-                if self._handler.shutting_down:
+            if self._fd >= 0:
+                ending = await self._socket_loop(self._fd)
+            else:
+                assert self._stream is not None
+                ending = await self._stream_loop(self._stream)
+            if ending is _Ending.EOF:
+                reason = "eof"
+            else:
+                if ending is _Ending.SHUTDOWN:
                     code, detail = ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
-                elif trio.current_time() >= self._last_message + config.idle_timeout:
+                else:
                     code = ErrorCode.IDLE_TIMEOUT
                     detail = f"no complete message for {config.idle_timeout:g} s"
-                else:
-                    continue  # the deadline was stale: messages came since it was set; re-arm
-                await close_with_error(stream, code, detail, config.drain_timeout)
+                await close_with_error(self._as_stream(), code, detail, config.drain_timeout)
                 reason = code  # the close reason in the log is the code the client was sent
-                break
         except (trio.BrokenResourceError, ConnectionError):
             reason = "reset"
         except trio.ClosedResourceError:
@@ -149,7 +179,12 @@ class Connection:
             # A bug here must end this connection only, never the accept loop.
             log.exception("connection_failed")
         finally:
-            await trio.aclose_forcefully(stream)
+            if self._socket is not None:
+                self._socket.close()  # never seen by Trio: no waiters to notify
+            else:
+                assert self._stream is not None
+                await trio.aclose_forcefully(self._stream)
+            self._handler._connection_ended(self)
             log.info(
                 "connection_closed",
                 reason=reason,
@@ -160,24 +195,38 @@ class Connection:
                 duration=round(trio.current_time() - started, 6),
             )
 
-    async def _socket_loop(self, fd: int) -> bool:
-        """Serve over the raw socket; True when the peer ended, False to shut down."""
+    def _as_stream(self) -> trio.abc.Stream:
+        """The connection as a Trio stream, which then owns the socket (for the rare paths:
+        a closing ``ERR 0`` and its drain)."""
+        if self._socket is not None:
+            self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(self._socket))
+            self._socket = None
+        assert self._stream is not None
+        return self._stream
+
+    async def _socket_loop(self, fd: int) -> _Ending:
+        """Serve over the raw socket until the peer ends, shutdown, or the idle timeout."""
         handler = self._handler
-        hub = current_hub() if readiness.AVAILABLE else None
-        wait_readable = hub.wait_readable if hub is not None else _wait_readable_level
-        if hub is not None:
-            hub.register(fd)
+        idle_timeout = handler.config.idle_timeout
+        hub = current_hub()
+        hub.register(fd)
         try:
             while True:
                 if handler.shutting_down:
-                    return False
+                    return _Ending.SHUTDOWN
                 # After a short read the socket is drained: wait rather than make a read that
                 # fails with EAGAIN. The wait is also this loop's checkpoint.
                 self._waiting = True
                 try:
-                    events = await wait_readable(fd)
+                    events = await hub.wait_readable(fd, self._last_message + idle_timeout)
                 finally:
                     self._waiting = False
+                if events == WOKEN:
+                    if handler.shutting_down:
+                        return _Ending.SHUTDOWN
+                    if trio.current_time() >= self._last_message + idle_timeout:
+                        return _Ending.IDLE
+                    continue
                 # The end of the stream may have come with the data: then read to the end.
                 end_pending = events & readiness.END_EVENTS
                 while True:
@@ -192,13 +241,15 @@ class Connection:
                     if replies:
                         await self._send_on_socket(fd, replies)
                     if not data:
-                        return True
+                        return _Ending.EOF
                     if (len(data) < RECEIVE_SIZE and not end_pending) or handler.shutting_down:
                         break
                     # More is likely waiting. Let other connections run first.
                     await trio.lowlevel.checkpoint()
         finally:
-            if hub is not None:
+            if self._socket is not None:
+                hub.forget(fd)  # we close it next, and nobody else has it
+            else:
                 hub.unregister(fd)
 
     async def _send_on_socket(self, fd: int, replies: bytes) -> None:
@@ -210,35 +261,42 @@ class Connection:
             return
         # The client is not keeping up with its replies: wait, but only send_timeout long.
         view = memoryview(replies)
-        with self._deadline_lifted(), trio.fail_after(self._handler.config.send_timeout):
+        with trio.fail_after(self._handler.config.send_timeout):
             while sent < len(replies):
                 await trio.lowlevel.wait_writable(fd)
                 with contextlib.suppress(BlockingIOError):  # woken, yet the buffer is full
                     sent += os.write(fd, view[sent:])
 
-    async def _stream_loop(self, stream: trio.abc.Stream) -> bool:
-        """Serve over any Trio stream; True when the peer ended, False to shut down."""
+    async def _stream_loop(self, stream: trio.abc.Stream) -> _Ending:
+        """Serve over any Trio stream until the peer ends, shutdown, or the idle timeout."""
         handler = self._handler
+        idle_timeout = handler.config.idle_timeout
         while True:
+            with trio.CancelScope(deadline=self._last_message + idle_timeout) as self._scope:
+                while True:
+                    if handler.shutting_down:
+                        return _Ending.SHUTDOWN
+                    self._waiting = True
+                    try:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                    finally:
+                        self._waiting = False
+                    if self._acknowledger is not None:
+                        replies = self._acknowledge(data)
+                    else:
+                        replies = await self._answer_each(data)
+                    if replies:
+                        with self._deadline_lifted(), trio.fail_after(handler.config.send_timeout):
+                            await stream.send_all(replies)
+                    if not data:
+                        return _Ending.EOF
             if handler.shutting_down:
-                return False
-            self._waiting = True
-            try:
-                data = await stream.receive_some(RECEIVE_SIZE)
-            finally:
-                self._waiting = False
-            if self._acknowledger is not None:
-                replies = self._acknowledge(data)
-            else:
-                replies = await self._answer_each(data)
-            if replies:
-                with self._deadline_lifted(), trio.fail_after(handler.config.send_timeout):
-                    await stream.send_all(replies)
-            if not data:
-                return True
+                return _Ending.SHUTDOWN
+            if trio.current_time() >= self._last_message + idle_timeout:
+                return _Ending.IDLE
+            # The deadline was stale: messages came since it was set; re-arm.
 
     def _deadline_lifted(self) -> _DeadlineLifted:
-        assert self._scope is not None
         return _DeadlineLifted(self._scope)
 
     def _acknowledge(self, data: bytes | bytearray) -> bytes:
@@ -266,7 +324,6 @@ class Connection:
         frames = self._framer.feed(data) if data else self._framer.end_of_stream()
         if not frames:
             return b""
-        self._last_message = trio.current_time()
         first_seq = self.messages + 1
         self.messages += len(frames)
         hook = self._handler.on_message
@@ -274,6 +331,7 @@ class Connection:
             payloads: list[bytes] = frames  # type: ignore[assignment]
             for seq, payload in enumerate(payloads, first_seq):
                 log.debug("message_acked", seq=seq, nbytes=len(payload))
+            self._last_message = trio.current_time()
             return ack_lines(first_seq, payloads)
         replies = []
         with self._deadline_lifted():  # a slow application is not an idle client
@@ -285,6 +343,8 @@ class Connection:
                     replies.append(self._ack(seq, frame))
                 else:
                     replies.append(await self._call_hook(hook, seq, frame))
+        # After the hook: a slow application is not an idle client.
+        self._last_message = trio.current_time()
         return b"".join(replies)
 
     def _log_too_large(self, seq: int) -> None:
@@ -311,26 +371,23 @@ class Connection:
 
 
 class _DeadlineLifted:
-    """Context manager: the connection's idle deadline does not apply inside it."""
+    """Context manager: the stream loop's idle deadline does not apply inside it (the
+    socket loop has no scope: its deadline is only on its waits for input)."""
 
     __slots__ = ("_saved", "_scope")
 
-    def __init__(self, scope: trio.CancelScope) -> None:
+    def __init__(self, scope: trio.CancelScope | None) -> None:
         self._scope = scope
         self._saved = math.inf
 
     def __enter__(self) -> None:
-        self._saved = self._scope.deadline
-        self._scope.deadline = math.inf
+        if self._scope is not None:
+            self._saved = self._scope.deadline
+            self._scope.deadline = math.inf
 
     def __exit__(self, *exc_info: object) -> None:
-        self._scope.deadline = self._saved
-
-
-async def _wait_readable_level(fd: int) -> int:
-    """Trio's own wait, level-triggered: no events need reporting."""
-    await trio.lowlevel.wait_readable(fd)
-    return 0
+        if self._scope is not None:
+            self._scope.deadline = self._saved
 
 
 def _debug_enabled() -> bool:

@@ -83,27 +83,57 @@ class AckHandler:
         # Not bound_contextvars: its suspended generator would cost ~0.5 KiB per connection.
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
         try:
-            if self._shutting_down or len(self._connections) >= self.config.max_connections:
+            if self._must_refuse():
                 await self._refuse(stream)
                 return
             if isinstance(stream, trio.SocketStream) and not self._listener_sets_keepalive:
                 enable_keepalive(stream.socket, self.config.tcp_keepalive)
-            connection = Connection(self, stream, conn_id, peer)
-            self._connections.add(connection)
-            self.stats.connections += 1
-            self.stats.active += 1
-            try:
-                await connection.run()
-            finally:
-                self._connections.discard(connection)
-                stats = self.stats
-                stats.active -= 1
-                stats.messages += connection.messages
-                stats.acked += connection.acked
-                stats.errors += connection.errors
-                stats.bytes_received += connection.bytes_received
+            connection = Connection(self, conn_id, peer, stream=stream)
+            self._connection_started(connection)
+            await connection.run()
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
+
+    def _start_socket(
+        self, nursery: trio.Nursery, sock: socket.socket, address: tuple[str, int]
+    ) -> None:
+        """Serve a socket the server just accepted, in a task of its own in ``nursery``.
+
+        The server's fast path: ``sock`` is a plain non-blocking socket whose options came
+        from the listener. The connection is admitted here, before its task exists, and its
+        task starts in a copy of this context, with ``conn_id`` and ``peer`` bound.
+        """
+        conn_id = next(self._conn_ids)
+        peer = _format_address(sock.family, address)
+        tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
+        try:
+            if self._must_refuse():
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                nursery.start_soon(self._refuse, stream)
+                return
+            connection = Connection(self, conn_id, peer, sock=sock)
+            self._connection_started(connection)
+            nursery.start_soon(connection.run)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+
+    def _must_refuse(self) -> bool:
+        return self._shutting_down or len(self._connections) >= self.config.max_connections
+
+    def _connection_started(self, connection: Connection) -> None:
+        self._connections.add(connection)
+        self.stats.connections += 1
+        self.stats.active += 1
+
+    def _connection_ended(self, connection: Connection) -> None:
+        """Called by the connection once it is closed: its counts join the totals."""
+        self._connections.discard(connection)
+        stats = self.stats
+        stats.active -= 1
+        stats.messages += connection.messages
+        stats.acked += connection.acked
+        stats.errors += connection.errors
+        stats.bytes_received += connection.bytes_received
 
     async def _refuse(self, stream: trio.abc.Stream) -> None:
         if self._shutting_down:
@@ -124,9 +154,13 @@ def _peer_name(stream: trio.abc.Stream) -> str:
             address = stream.socket.getpeername()
         except OSError:
             return "unknown"
-        if stream.socket.family == socket.AF_INET6:
-            return f"[{address[0]}]:{address[1]}"
-        if isinstance(address, tuple):
-            return f"{address[0]}:{address[1]}"
-        return str(address)
+        return _format_address(stream.socket.family, address)
     return type(stream).__name__
+
+
+def _format_address(family: int, address: object) -> str:
+    if isinstance(address, tuple):
+        if family == socket.AF_INET6:
+            return f"[{address[0]}]:{address[1]}"
+        return f"{address[0]}:{address[1]}"
+    return str(address)
