@@ -53,6 +53,18 @@ def test_same_replies_as_framing_then_answering(chunks: list[bytes], limit: int)
     assert acknowledger_replies(chunks, limit) == reference_replies(chunks, limit)
 
 
+@settings(max_examples=1000)
+@given(
+    st.lists(st.sampled_from([b"", b"a", b"\r", b"x\r", b"y" * 600, b"z" * 2000]), max_size=30),
+    limits,
+)
+def test_one_message_per_read(messages: list[bytes], limit: int) -> None:
+    """Each read exactly one whole message, as request/response clients send them (the
+    acknowledger's shortcut), also after a too-large one: the same replies as framing."""
+    chunks = [message + b"\n" for message in messages]
+    assert acknowledger_replies(chunks, limit) == reference_replies(chunks, limit)
+
+
 @settings(max_examples=1500)
 @given(streams, limits)
 def test_byte_by_byte_equals_whole(data: bytes, limit: int) -> None:

@@ -239,7 +239,13 @@ class Connection:
                     else:
                         replies = await self._answer_each(data)
                     if replies:
-                        await self._send_on_socket(fd, replies)
+                        # Inline, as almost every write takes it all: no coroutine per read.
+                        try:
+                            sent = os.write(fd, replies)
+                        except BlockingIOError:
+                            sent = 0
+                        if sent < len(replies):
+                            await self._send_rest_on_socket(fd, replies, sent)
                     if not data:
                         return _Ending.EOF
                     if (len(data) < RECEIVE_SIZE and not end_pending) or handler.shutting_down:
@@ -252,13 +258,7 @@ class Connection:
             else:
                 hub.unregister(fd)
 
-    async def _send_on_socket(self, fd: int, replies: bytes) -> None:
-        try:
-            sent = os.write(fd, replies)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(replies):
-            return
+    async def _send_rest_on_socket(self, fd: int, replies: bytes, sent: int) -> None:
         # The client is not keeping up with its replies: wait, but only send_timeout long.
         view = memoryview(replies)
         with trio.fail_after(self._handler.config.send_timeout):

@@ -59,6 +59,7 @@ class ReadinessHub:
     """One epoll set for many sockets; ``dispatch`` must run as a task for waits to end."""
 
     __slots__ = (
+        "_aborts",
         "_armed",
         "_deadlines",
         "_epoll",
@@ -72,6 +73,8 @@ class ReadinessHub:
         self._epoll = select.epoll()
         self._waiters: dict[int, trio.lowlevel.Task] = {}
         self._pending: dict[int, int] = {}
+        # Each registered fd's abort function for wait_task_rescheduled, made once.
+        self._aborts: dict[int, Callable[[trio.lowlevel.RaiseCancelT], trio.lowlevel.Abort]] = {}
         # Deadlines of the waits in progress, and the timer heap: (when, fd) entries, at most
         # one live entry per fd, whose time is in _armed (any other entry for it is stale).
         self._deadlines: dict[int, float] = {}
@@ -82,6 +85,7 @@ class ReadinessHub:
     def register(self, fd: int) -> None:
         """Start watching ``fd``; data already waiting on it counts as the first edge."""
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self._aborts[fd] = self._aborter(fd)
 
     def unregister(self, fd: int) -> None:
         """Stop watching ``fd``; call before closing it (its number may be reused)."""
@@ -98,6 +102,7 @@ class ReadinessHub:
         """
         self._pending.pop(fd, None)
         self._armed.pop(fd, None)
+        self._aborts.pop(fd, None)
 
     def wait_readable(self, fd: int, deadline: float = math.inf) -> Awaitable[int]:
         """Wait until ``fd`` has new input; return the epoll events seen, or ``WOKEN``.
@@ -115,7 +120,7 @@ class ReadinessHub:
                 self._arm(fd, deadline)
         self._waiters[fd] = trio.lowlevel.current_task()
         # Handed to the caller to await: one coroutine frame fewer per waiting connection.
-        return trio.lowlevel.wait_task_rescheduled(self._aborter(fd))  # noqa: ASYNC105
+        return trio.lowlevel.wait_task_rescheduled(self._aborts[fd])  # noqa: ASYNC105
 
     def wake(self, fd: int) -> None:
         """End the wait on ``fd`` now, if there is one; it returns ``WOKEN``."""
