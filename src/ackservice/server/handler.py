@@ -26,6 +26,9 @@ __all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats"]
 
 log = structlog.get_logger(__name__)
 
+# Given to each connection's task: without a name, Trio builds one string per task.
+_TASK_NAME = "ackservice connection"
+
 
 @dataclass(slots=True)
 class ServerStats:
@@ -113,7 +116,7 @@ class AckHandler:
                 return
             connection = Connection(self, conn_id, peer, sock=sock)
             self._connection_started(connection)
-            nursery.start_soon(connection.run)
+            nursery.start_soon(connection.run, name=_TASK_NAME)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
 
