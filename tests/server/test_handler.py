@@ -124,6 +124,25 @@ async def test_idle_connection_is_closed_with_a_reason(
     assert events_named(logs, "connection_closed")[0]["reason"] == "idle-timeout"
 
 
+async def test_slow_hook_does_not_count_as_idleness(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A hook slower than idle_timeout: the reply comes, and the idle clock starts then, so
+    the connection is closed idle_timeout after the reply, not at once."""
+
+    async def slow(payload: bytes, context: MessageContext) -> None:
+        await trio.sleep(25)
+
+    client, replies = open_connection(
+        nursery, AckHandler(ServerConfig(idle_timeout=10), on_message=slow)
+    )
+    await client.send_all(b"slow\n")
+    assert (await replies.line()).startswith(b"ACK 1 ")
+    replied_at = trio.current_time()
+    assert (await replies.line()).startswith(b"ERR 0 idle-timeout ")
+    assert trio.current_time() - replied_at == pytest.approx(10)
+
+
 async def test_idle_timer_restarts_on_complete_messages_not_bytes(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

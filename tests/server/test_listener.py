@@ -11,6 +11,7 @@ import struct
 from typing import Any
 
 import pytest
+import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -309,3 +310,42 @@ async def test_serve_turns_on_keepalive_and_nodelay_for_accepted_sockets(
     assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 120
     assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 40
     assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+
+
+async def test_each_connection_logs_with_its_own_conn_id_and_peer(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """Over TCP, the events of each connection, the hook's own included, carry that
+    connection's conn_id and peer (bound before its task starts), and none leak into the
+    server's other events."""
+    hook_log = structlog.get_logger("app")
+
+    async def on_message(payload: bytes, context: MessageContext) -> None:
+        hook_log.info("app_saw_message", payload_len=len(payload))
+
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        server = await start(nursery, on_message=on_message)
+        peers = []
+        for _ in range(2):
+            stream = await connect(server.port)
+            local_host, local_port = stream.socket.getsockname()[:2]
+            peers.append(f"{local_host}:{local_port}")
+            await stream.send_all(b"hi\n")
+            await LineReader(stream).line()
+            await stream.aclose()
+        await wait_until(
+            lambda: server.handler.stats.connections == 2 and not server.handler.stats.active
+        )
+    by_conn: dict[int, set[str]] = {}
+    for event in logs:
+        if event["event"] in {"connection_opened", "app_saw_message", "connection_closed"}:
+            by_conn.setdefault(event["conn_id"], set()).add(f"{event['event']}@{event['peer']}")
+    assert by_conn == {
+        conn_id: {
+            f"{name}@{peer}"
+            for name in ("connection_opened", "app_saw_message", "connection_closed")
+        }
+        for conn_id, peer in zip((1, 2), peers, strict=True)
+    }
+    [listening] = [event for event in logs if event["event"] == "listening"]
+    assert "conn_id" not in listening
