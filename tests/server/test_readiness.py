@@ -228,3 +228,37 @@ async def test_forgotten_socket_timer_does_not_wake_its_successor(
         assert await hub.wait_readable(fd, start + 20) == readiness.WOKEN
         assert trio.current_time() == start + 20
         hub.forget(fd)
+
+
+async def test_deadlines_passing_together_are_woken_a_batch_per_round(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """100 waits with one deadline: 64 are woken in one round, the rest in the next, so
+    the goodbyes of a crowd timing out together do not stall everyone else at once."""
+    hub = ReadinessHub()  # no dispatcher: the test fires the timers itself
+    pairs = [socket.socketpair() for _ in range(100)]
+    deadline = trio.current_time() + 1
+    woken = 0
+
+    async def wait(sock: socket.socket) -> None:
+        nonlocal woken
+        assert await hub.wait_readable(sock.fileno(), deadline) == readiness.WOKEN
+        woken += 1
+
+    try:
+        async with trio.open_nursery() as waits:
+            for ours, _ in pairs:
+                hub.register(ours.fileno())
+                waits.start_soon(wait, ours)
+            await trio.testing.wait_all_tasks_blocked()
+            hub._fire_timers(deadline)
+            assert len(hub._waiters) == 36
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == 64
+            hub._fire_timers(deadline)
+            assert not hub._waiters
+    finally:
+        for ours, theirs in pairs:
+            hub.unregister(ours.fileno())
+            ours.close()
+            theirs.close()
