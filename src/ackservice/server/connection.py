@@ -123,7 +123,7 @@ class Connection:
             self._framer = MessageFramer(limit)
         else:
             self._acknowledger = Acknowledger(limit)
-        self._scope: trio.CancelScope | None = None  # set while serving
+        self._scope: trio.CancelScope | None = None  # the stream loop's idle scope
         self._waiting = False
         self._last_message = 0.0
 
