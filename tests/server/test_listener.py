@@ -8,6 +8,7 @@ import functools
 import random
 import socket
 import struct
+import sys
 from typing import Any
 
 import pytest
@@ -349,3 +350,25 @@ async def test_each_connection_logs_with_its_own_conn_id_and_peer(
     }
     [listening] = [event for event in logs if event["event"] == "listening"]
     assert "conn_id" not in listening
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the plain-socket accept path is Linux's")
+async def test_shutdown_tells_connections_still_in_the_listen_queue(nursery: trio.Nursery) -> None:
+    """Connections the server never accepted before shutting down are accepted and told
+    ERR 0 shutting-down, instead of being reset when the listening socket closes."""
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    clients = []
+    for _ in range(3):  # nobody accepts yet: they wait in the listen queue
+        client = trio.socket.socket()
+        await client.connect(("127.0.0.1", port))
+        clients.append(client)
+    handler = AckHandler(ServerConfig(port=0))
+    server = Server(handler, [listener])
+    handler.begin_shutdown()
+    server._refuse_listen_queue(listener, nursery)
+    await trio.aclose_forcefully(listener)
+    for client in clients:
+        with client, trio.fail_after(5):
+            reply = await LineReader(trio.SocketStream(client)).line()
+        assert reply.startswith(b"ERR 0 shutting-down ")

@@ -58,6 +58,9 @@ _IGNORABLE_ERRNOS = frozenset(
 # Accepting this many connections in a row is followed by a checkpoint, so a flood of
 # connections cannot starve the ones already being served.
 _ACCEPT_BATCH = 32
+# At most this many queued connections are told at shutdown (Linux caps a listen queue at
+# net.core.somaxconn, 4,096 by default).
+_LISTEN_QUEUE_LIMIT = 65536
 # Plain sockets go to the handler only where its socket loop serves them and the listener's
 # options reach them.
 _ACCEPT_PLAIN_SOCKETS = readiness.AVAILABLE and ACCEPTED_SOCKETS_INHERIT_OPTIONS
@@ -110,13 +113,16 @@ class Server:
                 task_status.started(self)
                 await self._shutdown_requested.wait()
                 accepting.cancel_scope.cancel()
-            # Closing the listening sockets refuses new connections at once.
-            for listener in self.listeners:
-                await trio.aclose_forcefully(listener)
             log.info(
                 "shutdown_started", active=self.handler.stats.active, grace=config.shutdown_grace
             )
             self.handler.begin_shutdown()
+            # Connections already in the listen queue are told, not reset by the close below.
+            for listener in self.listeners:
+                self._refuse_listen_queue(listener, connections)
+            # Closing the listening sockets refuses new connections at once.
+            for listener in self.listeners:
+                await trio.aclose_forcefully(listener)
             # Whatever is still running when the grace period ends is cancelled.
             connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
         stats = self.handler.stats
@@ -178,6 +184,21 @@ class Server:
         finally:
             trio.lowlevel.notify_closing(listening)
             listening.close()
+
+    def _refuse_listen_queue(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept what waits in ``listener``'s queue, for the shutting-down handler to refuse
+        with ``ERR 0 shutting-down`` (tasks in ``nursery``), instead of a reset."""
+        if not (_ACCEPT_PLAIN_SOCKETS and isinstance(listener, trio.SocketListener)):
+            return  # Trio's accept would wait; those few still get a reset
+        with socket.socket(fileno=os.dup(listener.socket.fileno())) as listening:
+            listening.setblocking(False)
+            for _ in range(_LISTEN_QUEUE_LIMIT):
+                try:
+                    sock, address = listening.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    return
+                sock.setblocking(False)
+                self.handler._start_socket(nursery, sock, address)
 
 
 class _AcceptFailures:
