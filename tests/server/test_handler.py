@@ -124,6 +124,43 @@ async def test_idle_connection_is_closed_with_a_reason(
     assert events_named(logs, "connection_closed")[0]["reason"] == "idle-timeout"
 
 
+async def test_connection_cancelled_from_outside_still_leaves_the_totals(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, logs: EventList
+) -> None:
+    """An embedder bounding a connection with its own timeout: the cancelled connection is
+    logged, leaves the totals and frees its slot (closing it raises Cancelled again)."""
+    handler = AckHandler(ServerConfig(max_connections=1))
+    client, server_side = trio.testing.memory_stream_pair()
+
+    async def bounded() -> None:
+        with trio.move_on_after(5):
+            await handler(server_side)
+
+    nursery.start_soon(bounded)
+    await client.send_all(b"a\n")
+    assert (await LineReader(client).line()).startswith(b"ACK 1 ")
+    await trio.sleep(10)
+    assert handler.stats.active == 0
+    assert not handler._connections
+    assert handler.stats.messages == 1
+    assert events_named(logs, "connection_closed")[0]["reason"] == "cancelled"
+    second, replies = open_connection(nursery, handler)  # the slot is free again
+    await second.send_all(b"b\n")
+    assert (await replies.line()).startswith(b"ACK 1 ")
+
+
+async def test_shutdown_just_after_input_arrives_still_answers_it(nursery: trio.Nursery) -> None:
+    """Input that has arrived when the shutdown starts is answered before the goodbye, also
+    when the connection task has not run yet (stream loop)."""
+    handler = AckHandler()
+    client, replies = open_connection(nursery, handler)
+    await trio.testing.wait_all_tasks_blocked()
+    await client.send_all(b"hello\n")
+    handler.begin_shutdown()
+    assert await replies.line() == b"ACK 1 5 3610a686"
+    assert (await replies.line()).startswith(b"ERR 0 shutting-down ")
+
+
 async def test_slow_hook_does_not_count_as_idleness(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import os
 import random
 import socket
 import struct
@@ -353,22 +354,50 @@ async def test_each_connection_logs_with_its_own_conn_id_and_peer(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the plain-socket accept path is Linux's")
-async def test_shutdown_tells_connections_still_in_the_listen_queue(nursery: trio.Nursery) -> None:
+async def test_shutdown_tells_connections_still_in_the_listen_queue(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Connections the server never accepted before shutting down are accepted and told
     ERR 0 shutting-down, instead of being reset when the listening socket closes."""
-    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listener.socket.getsockname()[1]
+
+    async def accept_nothing(self: Server, *args: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(Server, "_accept_loop", accept_nothing)
+    server = await start(nursery)
     clients = []
-    for _ in range(3):  # nobody accepts yet: they wait in the listen queue
+    for _ in range(3):  # nobody accepts: they wait in the listen queue
         client = trio.socket.socket()
-        await client.connect(("127.0.0.1", port))
+        await client.connect(("127.0.0.1", server.port))
         clients.append(client)
-    handler = AckHandler(ServerConfig(port=0))
-    server = Server(handler, [listener])
-    handler.begin_shutdown()
-    server._refuse_listen_queue(listener, nursery)
-    await trio.aclose_forcefully(listener)
+    server.shutdown()
     for client in clients:
         with client, trio.fail_after(5):
             reply = await LineReader(trio.SocketStream(client)).line()
         assert reply.startswith(b"ERR 0 shutting-down ")
+
+
+async def test_peer_gone_errors_close_as_reset_not_as_a_failure(
+    nursery: trio.Nursery, connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read failing because the peer is gone (here ETIMEDOUT, as when keepalive probes go
+    unanswered) closes the connection as a reset, without a connection_failed error."""
+    with capture_logs() as logs:
+        server = await start(nursery)
+        stream = await connect(server.port)
+        await stream.send_all(b"one\n")
+        await LineReader(stream).line()
+        [connection] = server.handler._connections
+        failing_fd, real_read = connection._fd, os.read
+
+        def read(fd: int, size: int) -> bytes:
+            if fd == failing_fd:
+                raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+            return real_read(fd, size)
+
+        monkeypatch.setattr(os, "read", read)
+        await stream.send_all(b"two\n")
+        await wait_until(lambda: not server.handler._connections)
+    [closed] = [event for event in logs if event["event"] == "connection_closed"]
+    assert closed["reason"] == "reset"
+    assert not [event for event in logs if event["event"] == "connection_failed"]

@@ -262,3 +262,23 @@ async def test_deadlines_passing_together_are_woken_a_batch_per_round(
             hub.unregister(ours.fileno())
             ours.close()
             theirs.close()
+        hub._epoll.close()
+
+
+async def test_timers_of_forgotten_sockets_do_not_pile_up(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every connection arms a timer and most close long before it fires: the heap keeps at
+    most ~1,000 stale entries beyond twice the live ones, not one per connection for a whole
+    idle timeout."""
+    hub = ReadinessHub()
+    nursery.start_soon(hub.dispatch)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        fd = ours.fileno()
+        for _ in range(3000):
+            hub.register(fd)
+            with trio.move_on_after(0.001):
+                await hub.wait_readable(fd, trio.current_time() + 300)
+            hub.unregister(fd)
+        assert len(hub._timers) <= 1001

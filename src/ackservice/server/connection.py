@@ -8,19 +8,21 @@ Two read/write loops share every rule (limits, timeouts, shutdown, logging):
   every call, which profiling showed costing as much as the system calls themselves for small
   messages. The server hands it plain accepted sockets (no ``SocketStream`` at all); an
   embedder's ``SocketStream`` is served the same way;
-- the stream loop, for any other ``trio.abc.Stream`` (TLS, in-memory streams in tests). Its
-  idle timeout is one long-lived cancel scope whose deadline is kept lazily: not moved on
-  every message (a deadline-heap update each time) but re-checked when it fires, and lifted
-  around the awaits that must not be interrupted (the hook, a blocked send), which have their
-  own bounds.
+- the stream loop, for any other ``trio.abc.Stream`` (TLS, in-memory streams in tests, and
+  sockets where there is no epoll). Its idle timeout is a cancel scope around each wait for
+  input: a scope per read costs a little, but these are not the server's hot path.
+
+In both, the idle deadline and the shutdown wake-up apply only while waiting for input, so
+neither interrupts the application hook or the replies to what was read; those have their own
+bounds (the grace period, ``send_timeout``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
-import math
 import os
 import socket
 from typing import TYPE_CHECKING
@@ -54,6 +56,12 @@ log = structlog.get_logger(__name__)
 
 # One read takes up to this much; the replies to everything in it leave in one write.
 RECEIVE_SIZE = 65536
+# A read or write failing with these means the peer is gone, like a reset.
+_PEER_GONE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "ENETDOWN")
+    if hasattr(errno, name)
+)
 
 
 class _Ending(enum.Enum):
@@ -168,6 +176,11 @@ class Connection:
                 reason = code  # the close reason in the log is the code the client was sent
         except (trio.BrokenResourceError, ConnectionError):
             reason = "reset"
+        except OSError as exc:
+            if exc.errno not in _PEER_GONE_ERRNOS:
+                log.exception("connection_failed")
+            else:  # e.g. keepalive probes unanswered: ETIMEDOUT from the read
+                reason = "reset"
         except trio.ClosedResourceError:
             reason = "closed"
         except trio.TooSlowError:
@@ -179,21 +192,24 @@ class Connection:
             # A bug here must end this connection only, never the accept loop.
             log.exception("connection_failed")
         finally:
-            if self._socket is not None:
-                self._socket.close()  # never seen by Trio: no waiters to notify
-            else:
-                assert self._stream is not None
-                await trio.aclose_forcefully(self._stream)
-            self._handler._connection_ended(self)
-            log.info(
-                "connection_closed",
-                reason=reason,
-                messages=self.messages,
-                acked=self.acked,
-                errors=self.errors,
-                bytes=self.bytes_received,
-                duration=round(trio.current_time() - started, 6),
-            )
+            try:
+                if self._socket is not None:
+                    self._socket.close()  # never seen by Trio: no waiters to notify
+                else:
+                    assert self._stream is not None
+                    # Raises Cancelled when cancelled from outside; the totals still count.
+                    await trio.aclose_forcefully(self._stream)
+            finally:
+                self._handler._connection_ended(self)
+                log.info(
+                    "connection_closed",
+                    reason=reason,
+                    messages=self.messages,
+                    acked=self.acked,
+                    errors=self.errors,
+                    bytes=self.bytes_received,
+                    duration=round(trio.current_time() - started, 6),
+                )
 
     def _as_stream(self) -> trio.abc.Stream:
         """The connection as a Trio stream, which then owns the socket (for the rare paths:
@@ -210,6 +226,7 @@ class Connection:
         idle_timeout = handler.config.idle_timeout
         hub = current_hub()
         hub.register(fd)
+        ending = None
         try:
             while True:
                 if handler.shutting_down:
@@ -255,16 +272,17 @@ class Connection:
                         if sent < len(replies):
                             await self._send_rest_on_socket(fd, replies, sent)
                     if not data:
-                        return _Ending.EOF
+                        ending = _Ending.EOF
+                        return ending
                     if (len(data) < RECEIVE_SIZE and not end_pending) or handler.shutting_down:
                         break
                     # More is likely waiting. Let other connections run first.
                     await trio.lowlevel.checkpoint()
         finally:
-            if self._socket is not None:
-                hub.forget(fd)  # we close it next, and nobody else has it
+            if ending is _Ending.EOF and self._socket is not None:
+                hub.forget(fd)  # closed next, and nobody else has it: no system call needed
             else:
-                hub.unregister(fd)
+                hub.unregister(fd)  # still open for a goodbye, or an embedder's stream
 
     async def _send_rest_on_socket(self, fd: int, replies: bytes, sent: int) -> None:
         # The client is not keeping up with its replies: wait, but only send_timeout long.
@@ -280,32 +298,29 @@ class Connection:
         handler = self._handler
         idle_timeout = handler.config.idle_timeout
         while True:
-            with trio.CancelScope(deadline=self._last_message + idle_timeout) as self._scope:
-                while True:
-                    if handler.shutting_down:
-                        return _Ending.SHUTDOWN
-                    self._waiting = True
-                    try:
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                    finally:
-                        self._waiting = False
-                    if self._acknowledger is not None:
-                        replies = self._acknowledge(data)
-                    else:
-                        replies = await self._answer_each(data)
-                    if replies:
-                        with self._deadline_lifted(), trio.fail_after(handler.config.send_timeout):
-                            await stream.send_all(replies)
-                    if not data:
-                        return _Ending.EOF
             if handler.shutting_down:
                 return _Ending.SHUTDOWN
-            if trio.current_time() >= self._last_message + idle_timeout:
+            # The idle deadline and the shutdown wake-up apply to the wait for input only, so
+            # neither can interrupt the hook or the replies to what was read.
+            with trio.move_on_at(self._last_message + idle_timeout) as self._scope:
+                self._waiting = True
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                finally:
+                    self._waiting = False
+            if self._scope.cancelled_caught:
+                if handler.shutting_down:
+                    return _Ending.SHUTDOWN
                 return _Ending.IDLE
-            # The deadline was stale: messages came since it was set; re-arm.
-
-    def _deadline_lifted(self) -> _DeadlineLifted:
-        return _DeadlineLifted(self._scope)
+            if self._acknowledger is not None:
+                replies = self._acknowledge(data)
+            else:
+                replies = await self._answer_each(data)
+            if replies:
+                with trio.fail_after(handler.config.send_timeout):
+                    await stream.send_all(replies)
+            if not data:
+                return _Ending.EOF
 
     def _acknowledge(self, data: bytes | bytearray) -> bytes:
         """The replies to what ``data`` completes (``b""``: end of stream), without a hook.
@@ -342,15 +357,14 @@ class Connection:
             self._last_message = trio.current_time()
             return ack_lines(first_seq, payloads)
         replies = []
-        with self._deadline_lifted():  # a slow application is not an idle client
-            for seq, frame in enumerate(frames, first_seq):
-                if isinstance(frame, Oversized):
-                    self._log_too_large(seq)
-                    replies.append(too_large_line(seq, self._handler.config.max_message_bytes))
-                elif hook is None:
-                    replies.append(self._ack(seq, frame))
-                else:
-                    replies.append(await self._call_hook(hook, seq, frame))
+        for seq, frame in enumerate(frames, first_seq):
+            if isinstance(frame, Oversized):
+                self._log_too_large(seq)
+                replies.append(too_large_line(seq, self._handler.config.max_message_bytes))
+            elif hook is None:
+                replies.append(self._ack(seq, frame))
+            else:
+                replies.append(await self._call_hook(hook, seq, frame))
         # After the hook: a slow application is not an idle client.
         self._last_message = trio.current_time()
         return b"".join(replies)
@@ -376,26 +390,6 @@ class Connection:
         if self._debug:
             log.debug("message_acked", seq=seq, nbytes=len(payload))
         return ack_line(seq, payload)
-
-
-class _DeadlineLifted:
-    """Context manager: the stream loop's idle deadline does not apply inside it (the
-    socket loop has no scope: its deadline is only on its waits for input)."""
-
-    __slots__ = ("_saved", "_scope")
-
-    def __init__(self, scope: trio.CancelScope | None) -> None:
-        self._scope = scope
-        self._saved = math.inf
-
-    def __enter__(self) -> None:
-        if self._scope is not None:
-            self._saved = self._scope.deadline
-            self._scope.deadline = math.inf
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._scope is not None:
-            self._scope.deadline = self._saved
 
 
 def _debug_enabled() -> bool:

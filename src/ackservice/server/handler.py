@@ -116,7 +116,14 @@ class AckHandler:
                 return
             connection = Connection(self, conn_id, peer, sock=sock)
             self._connection_started(connection)
-            nursery.start_soon(connection.run, name=_TASK_NAME)
+            try:
+                nursery.start_soon(connection.run, name=_TASK_NAME)
+            except BaseException:
+                self._connection_ended(connection)
+                raise
+        except BaseException:
+            sock.close()  # no task owns it
+            raise
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
 

@@ -45,6 +45,9 @@ called. Epoll reports at least one event bit otherwise."""
 # time out together, and each then says goodbye (a final line, a half-close, a log event):
 # 1,000 at once stalled every other client for tens of milliseconds.
 _WAKE_BATCH: Final = 64
+# Stale timer entries (of sockets since forgotten) tolerated beyond twice the live ones
+# before the heap is rebuilt, as Trio does with its own deadlines: amortized O(1) per socket.
+_STALE_TIMERS_KEPT: Final = 1000
 
 _HUB: trio.lowlevel.RunVar[ReadinessHub] = trio.lowlevel.RunVar("ackservice_readiness_hub")
 
@@ -106,8 +109,11 @@ class ReadinessHub:
         last descriptor: use ``unregister`` for one that may have been duplicated.
         """
         self._pending.pop(fd, None)
-        self._armed.pop(fd, None)
         self._aborts.pop(fd, None)
+        if self._armed.pop(fd, None) is None:
+            return  # no timer of its own in the heap
+        if len(self._timers) > _STALE_TIMERS_KEPT + 2 * len(self._armed):
+            self._drop_stale_timers()
 
     def wait_readable(self, fd: int, deadline: float = math.inf) -> Awaitable[int]:
         """Wait until ``fd`` has new input; return the epoll events seen, or ``WOKEN``.
@@ -150,6 +156,13 @@ class ReadinessHub:
 
         return abort
 
+    def _drop_stale_timers(self) -> None:
+        """Rebuild the heap from the live timers: each closed connection leaves a stale
+        entry, which would otherwise stay (and wake the dispatcher) for a whole idle timeout."""
+        armed = self._armed
+        self._timers[:] = [(when, fd) for when, fd in self._timers if armed.get(fd) == when]
+        heapq.heapify(self._timers)
+
     def _arm(self, fd: int, when: float) -> None:
         self._armed[fd] = when
         heapq.heappush(self._timers, (when, fd))
@@ -186,10 +199,13 @@ class ReadinessHub:
         reschedule = trio.lowlevel.reschedule
         try:
             while True:
-                # The scope's deadline is the earliest timer; _arm moves it earlier.
+                # The scope's deadline is the earliest live timer; _arm moves it earlier.
+                timers = self._timers
+                while timers and self._armed.get(timers[0][1]) != timers[0][0]:
+                    heapq.heappop(timers)  # stale
                 with trio.CancelScope() as self._timer_scope:
-                    if self._timers:
-                        self._timer_scope.deadline = self._timers[0][0]
+                    if timers:
+                        self._timer_scope.deadline = timers[0][0]
                     while True:
                         await trio.lowlevel.wait_readable(epfd)
                         for fd, events in self._epoll.poll(0):
