@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import structlog
 import trio
+from structlog.testing import capture_logs
 
 from ackservice.logconfig import configure_logging
 from ackservice.protocol import parse_reply
-from ackservice.server.cli import build_parser
-from support import LineReader, server_process
+from ackservice.server import Server, ServerConfig
+from ackservice.server.cli import build_parser, serve_until_signalled
+from support import LineReader, server_process, wait_until
 
 
 def run_server_cli(
@@ -236,3 +238,26 @@ def test_console_format_is_human_readable() -> None:
 
 def _base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ACKSERVICE_")}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the plain-socket accept path is Linux's")
+async def test_signalled_server_tells_its_listen_queue(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's server binds its own listening socket, so at SIGTERM the connections still
+    waiting in its queue are told ERR 0 shutting-down rather than reset."""
+
+    async def accept_nothing(self: Server, *args: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(Server, "_accept_loop", accept_nothing)
+    with capture_logs() as logs:
+        nursery.start_soon(serve_until_signalled, ServerConfig(port=0))
+        await wait_until(lambda: any(event["event"] == "listening" for event in logs))
+        [listening] = [event for event in logs if event["event"] == "listening"]
+        with trio.socket.socket() as client:
+            await client.connect(("127.0.0.1", listening["port"]))  # never accepted
+            os.kill(os.getpid(), signal.SIGTERM)  # the receiver is installed before listening
+            with trio.fail_after(5):
+                reply = await LineReader(trio.SocketStream(client)).line()
+    assert reply.startswith(b"ERR 0 shutting-down ")

@@ -401,3 +401,33 @@ async def test_peer_gone_errors_close_as_reset_not_as_a_failure(
     [closed] = [event for event in logs if event["event"] == "connection_closed"]
     assert closed["reason"] == "reset"
     assert not [event for event in logs if event["event"] == "connection_failed"]
+
+
+async def test_shutdown_leaves_the_queue_of_a_listener_handed_in(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listening socket handed to serve() may be shared (socket activation, a sibling
+    worker): connections still queued at shutdown are left for whoever else holds it."""
+
+    async def accept_nothing(self: Server, *args: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(Server, "_accept_loop", accept_nothing)
+    raw = socket.socket()
+    raw.bind(("127.0.0.1", 0))
+    raw.listen(16)
+    other_holder = raw.dup()
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+    server: Server = await nursery.start(
+        functools.partial(serve, ServerConfig(), listeners=[listener])
+    )
+    with other_holder, trio.socket.socket() as client:
+        await client.connect(("127.0.0.1", server.port))  # waits in the shared queue
+        server.shutdown()
+        await wait_until(lambda: listener.socket.fileno() == -1)
+        other_holder.setblocking(False)
+        accepted, _ = other_holder.accept()  # BlockingIOError if the queue was emptied
+        with accepted:
+            accepted.sendall(b"served by the next instance\n")
+            reply = await LineReader(trio.SocketStream(client)).line()
+            assert reply == b"served by the next instance"

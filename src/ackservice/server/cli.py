@@ -165,7 +165,13 @@ async def _serve_then_stop_watching(
     *,
     task_status: trio.TaskStatus[Server],
 ) -> None:
-    await serve(config, on_message=on_message, listeners=listeners, task_status=task_status)
+    await serve(
+        config,
+        on_message=on_message,
+        listeners=listeners,
+        refuse_queued_at_shutdown=True,  # bound just now, by us alone
+        task_status=task_status,
+    )
     signal_watch.cancel()  # the graceful shutdown completed: stop waiting for signals
 
 

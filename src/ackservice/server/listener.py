@@ -75,11 +75,21 @@ class Server:
         addresses: the (host, port) pairs they are bound to (still known after closing).
     """
 
-    def __init__(self, handler: AckHandler, listeners: list[trio.SocketListener]) -> None:
+    def __init__(
+        self,
+        handler: AckHandler,
+        listeners: list[trio.SocketListener],
+        *,
+        owns_listen_queues: bool = False,
+    ) -> None:
         self.handler = handler
         self.listeners = listeners
         self.addresses = [_address(listener) for listener in listeners]
         self._shutdown_requested = trio.Event()
+        # Whether the connections waiting in the listeners' queues at shutdown are ours to
+        # refuse. Not for listeners handed in (socket activation, workers sharing a socket):
+        # whoever else holds the socket may still serve them.
+        self._owns_listen_queues = owns_listen_queues
 
     @property
     def port(self) -> int:
@@ -118,8 +128,9 @@ class Server:
             )
             self.handler.begin_shutdown()
             # Connections already in the listen queue are told, not reset by the close below.
-            for listener in self.listeners:
-                self._refuse_listen_queue(listener, connections)
+            if self._owns_listen_queues:
+                for listener in self.listeners:
+                    self._refuse_listen_queue(listener, connections)
             # Closing the listening sockets refuses new connections at once.
             for listener in self.listeners:
                 await trio.aclose_forcefully(listener)
@@ -195,8 +206,10 @@ class Server:
             for _ in range(_LISTEN_QUEUE_LIMIT):
                 try:
                     sock, address = listening.accept()
-                except OSError:  # BlockingIOError: the queue is empty
-                    return
+                except OSError as exc:
+                    if exc.errno in _IGNORABLE_ERRNOS:
+                        continue
+                    return  # the queue is empty (EAGAIN), or out of descriptors
                 sock.setblocking(False)
                 self.handler._start_socket(nursery, sock, address)
 
@@ -233,6 +246,7 @@ async def serve(
     *,
     on_message: MessageHook | None = None,
     listeners: list[trio.SocketListener] | None = None,
+    refuse_queued_at_shutdown: bool | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``config.host``:``config.port`` and serve the ack protocol until shut down.
@@ -245,18 +259,25 @@ async def serve(
         on_message: optional application hook, awaited for each message before its ACK.
         listeners: already-bound listeners to serve instead of binding ``config.host`` and
             ``config.port`` (for socket activation, or to bind before dropping privileges).
+        refuse_queued_at_shutdown: whether connections still waiting in the listen queues
+            at shutdown are accepted and told ``ERR 0 shutting-down`` (Linux) rather than
+            left to the listening sockets' close, which resets them. By default only when
+            ``serve`` bound the listeners itself: a socket handed in may be shared (socket
+            activation, sibling workers), and its queue then belongs to whoever remains.
 
     Raises:
         OSError: the address could not be bound (in use, not resolvable, not permitted).
     """
     config = ServerConfig() if config is None else config
+    if refuse_queued_at_shutdown is None:
+        refuse_queued_at_shutdown = listeners is None
     if listeners is None:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     handler = AckHandler(config, on_message=on_message)
     for listener in listeners:
         configure_listening_socket(listener.socket, config.tcp_keepalive)
     handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
-    server = Server(handler, listeners)
+    server = Server(handler, listeners, owns_listen_queues=refuse_queued_at_shutdown)
     await server._run(task_status)
 
 
