@@ -8,6 +8,7 @@ import pytest
 import structlog
 import trio
 
+from ackservice.server import Server
 from support import Connect
 
 
@@ -37,3 +38,13 @@ def quiet_structlog() -> Iterator[None]:
     structlog.configure(processors=[_drop])
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def accept_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers started in this test accept no connection: they stay in the listen queue."""
+
+    async def never_accept(self: Server, *args: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(Server, "_accept_loop", never_accept)

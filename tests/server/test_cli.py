@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from ackservice.logconfig import configure_logging
 from ackservice.protocol import parse_reply
-from ackservice.server import Server, ServerConfig
+from ackservice.server import ServerConfig
 from ackservice.server.cli import build_parser, serve_until_signalled
 from support import LineReader, server_process, wait_until
 
@@ -242,15 +242,11 @@ def _base_env() -> dict[str, str]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the plain-socket accept path is Linux's")
 async def test_signalled_server_tells_its_listen_queue(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, accept_nothing: None
 ) -> None:
     """The CLI's server binds its own listening socket, so at SIGTERM the connections still
     waiting in its queue are told ERR 0 shutting-down rather than reset."""
 
-    async def accept_nothing(self: Server, *args: object) -> None:
-        await trio.sleep_forever()
-
-    monkeypatch.setattr(Server, "_accept_loop", accept_nothing)
     with capture_logs() as logs:
         nursery.start_soon(serve_until_signalled, ServerConfig(port=0))
         await wait_until(lambda: any(event["event"] == "listening" for event in logs))

@@ -355,15 +355,11 @@ async def test_each_connection_logs_with_its_own_conn_id_and_peer(
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the plain-socket accept path is Linux's")
 async def test_shutdown_tells_connections_still_in_the_listen_queue(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, accept_nothing: None
 ) -> None:
     """Connections the server never accepted before shutting down are accepted and told
     ERR 0 shutting-down, instead of being reset when the listening socket closes."""
 
-    async def accept_nothing(self: Server, *args: object) -> None:
-        await trio.sleep_forever()
-
-    monkeypatch.setattr(Server, "_accept_loop", accept_nothing)
     server = await start(nursery)
     clients = []
     for _ in range(3):  # nobody accepts: they wait in the listen queue
@@ -404,15 +400,11 @@ async def test_peer_gone_errors_close_as_reset_not_as_a_failure(
 
 
 async def test_shutdown_leaves_the_queue_of_a_listener_handed_in(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, accept_nothing: None
 ) -> None:
     """A listening socket handed to serve() may be shared (socket activation, a sibling
     worker): connections still queued at shutdown are left for whoever else holds it."""
 
-    async def accept_nothing(self: Server, *args: object) -> None:
-        await trio.sleep_forever()
-
-    monkeypatch.setattr(Server, "_accept_loop", accept_nothing)
     raw = socket.socket()
     raw.bind(("127.0.0.1", 0))
     raw.listen(16)
