@@ -194,7 +194,7 @@ class Connection:
         finally:
             try:
                 if self._socket is not None:
-                    self._socket.close()  # never seen by Trio: no waiters to notify
+                    self._socket.close()  # no task waits on it now: no one to notify
                 else:
                     assert self._stream is not None
                     # Raises Cancelled when cancelled from outside; the totals still count.

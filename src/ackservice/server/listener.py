@@ -80,16 +80,14 @@ class Server:
         handler: AckHandler,
         listeners: list[trio.SocketListener],
         *,
-        owns_listen_queues: bool = False,
+        refuse_queued_at_shutdown: bool = False,
     ) -> None:
         self.handler = handler
         self.listeners = listeners
         self.addresses = [_address(listener) for listener in listeners]
         self._shutdown_requested = trio.Event()
-        # Whether the connections waiting in the listeners' queues at shutdown are ours to
-        # refuse. Not for listeners handed in (socket activation, workers sharing a socket):
-        # whoever else holds the socket may still serve them.
-        self._owns_listen_queues = owns_listen_queues
+        # See serve(): whether connections still queued at shutdown are told, not reset.
+        self._refuse_queued_at_shutdown = refuse_queued_at_shutdown
 
     @property
     def port(self) -> int:
@@ -128,7 +126,7 @@ class Server:
             )
             self.handler.begin_shutdown()
             # Connections already in the listen queue are told, not reset by the close below.
-            if self._owns_listen_queues:
+            if self._refuse_queued_at_shutdown:
                 for listener in self.listeners:
                     self._refuse_listen_queue(listener, connections)
             # Closing the listening sockets refuses new connections at once.
@@ -163,11 +161,7 @@ class Server:
     async def _accept_plain_sockets(
         self, listener: trio.SocketListener, nursery: trio.Nursery
     ) -> None:
-        # Our own descriptor of the listening socket, as Trio's socket object does not hand
-        # out the plain socket it wraps; closed before this returns, so that closing the
-        # listener really stops the listening.
-        listening = socket.socket(fileno=os.dup(listener.socket.fileno()))
-        listening.setblocking(False)
+        listening = _plain_listening_socket(listener)
         failures = _AcceptFailures()
         handler = self.handler
         accepted = 0
@@ -180,17 +174,15 @@ class Server:
                     accepted = 0
                     await trio.lowlevel.checkpoint()
                 try:
-                    sock, address = listening.accept()
-                except BlockingIOError:
+                    waiting = _accept_waiting(listening)
+                except OSError as exc:
+                    await failures.survive(exc)
+                    continue
+                if waiting is None:
                     accepted = 0
                     await trio.lowlevel.wait_readable(listening)
                     continue
-                except OSError as exc:
-                    if exc.errno not in _IGNORABLE_ERRNOS:
-                        await failures.survive(exc)
-                    continue
-                sock.setblocking(False)
-                handler._start_socket(nursery, sock, address)
+                handler._start_socket(nursery, *waiting)
                 accepted += 1
         finally:
             trio.lowlevel.notify_closing(listening)
@@ -201,17 +193,43 @@ class Server:
         with ``ERR 0 shutting-down`` (tasks in ``nursery``), instead of a reset."""
         if not (_ACCEPT_PLAIN_SOCKETS and isinstance(listener, trio.SocketListener)):
             return  # Trio's accept would wait; those few still get a reset
-        with socket.socket(fileno=os.dup(listener.socket.fileno())) as listening:
-            listening.setblocking(False)
+        with _plain_listening_socket(listener) as listening:
             for _ in range(_LISTEN_QUEUE_LIMIT):
                 try:
-                    sock, address = listening.accept()
-                except OSError as exc:
-                    if exc.errno in _IGNORABLE_ERRNOS:
-                        continue
-                    return  # the queue is empty (EAGAIN), or out of descriptors
-                sock.setblocking(False)
-                self.handler._start_socket(nursery, sock, address)
+                    waiting = _accept_waiting(listening)
+                except OSError:  # out of descriptors: the rest get the reset
+                    return
+                if waiting is None:
+                    return
+                self.handler._start_socket(nursery, *waiting)
+
+
+def _plain_listening_socket(listener: trio.SocketListener) -> socket.socket:
+    """A non-blocking descriptor of our own for ``listener``'s socket, as Trio's socket object
+    does not hand out the plain socket it wraps. Close it when done, or closing the listener
+    will not stop the listening."""
+    listening = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    listening.setblocking(False)
+    return listening
+
+
+def _accept_waiting(listening: socket.socket) -> tuple[socket.socket, tuple[str, int]] | None:
+    """The next connection waiting on ``listening`` (non-blocking), or None when none waits.
+
+    Skips connections that died in the queue; raises ``OSError`` for anything else (out of
+    descriptors, a listener closed).
+    """
+    while True:
+        try:
+            sock, address = listening.accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _IGNORABLE_ERRNOS:
+                continue
+            raise
+        sock.setblocking(False)
+        return sock, address
 
 
 class _AcceptFailures:
@@ -277,7 +295,7 @@ async def serve(
     for listener in listeners:
         configure_listening_socket(listener.socket, config.tcp_keepalive)
     handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
-    server = Server(handler, listeners, owns_listen_queues=refuse_queued_at_shutdown)
+    server = Server(handler, listeners, refuse_queued_at_shutdown=refuse_queued_at_shutdown)
     await server._run(task_status)
 
 
