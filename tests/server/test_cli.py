@@ -241,9 +241,8 @@ def _base_env() -> dict[str, str]:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the plain-socket accept path is Linux's")
-async def test_signalled_server_tells_its_listen_queue(
-    nursery: trio.Nursery, accept_nothing: None
-) -> None:
+@pytest.mark.usefixtures("accept_nothing")
+async def test_signalled_server_tells_its_listen_queue(nursery: trio.Nursery) -> None:
     """The CLI's server binds its own listening socket, so at SIGTERM the connections still
     waiting in its queue are told ERR 0 shutting-down rather than reset."""
 

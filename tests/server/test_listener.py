@@ -30,6 +30,16 @@ async def start(nursery: trio.Nursery, **settings: Any) -> Server:
     return server
 
 
+def assert_keepalive(
+    sock: socket.socket | trio.socket.SocketType, idle: int, interval: int
+) -> None:
+    """Keepalive is on, probing after ``idle`` s of silence, then every ``interval`` s, 3 times."""
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == interval
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+
+
 async def test_serve_reports_the_bound_port(nursery: trio.Nursery) -> None:
     """Started with port 0, serve reports the port the system picked, and serves on it."""
     server = await start(nursery)
@@ -143,11 +153,7 @@ async def test_handler_embeds_in_trio_serve_tcp(nursery: trio.Nursery, connect: 
     stream = await connect(port)
     await stream.send_all(b"hello\n")
     assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
-    sock = accepted[0]
-    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 300
-    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 100
-    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    assert_keepalive(accepted[0].socket, idle=300, interval=100)
 
 
 async def test_reset_by_peer_ends_only_that_connection(
@@ -308,10 +314,7 @@ async def test_serve_turns_on_keepalive_and_nodelay_for_accepted_sockets(
         assert isinstance(connection._stream, trio.SocketStream)
         accepted = connection._stream.socket
     assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-    assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 120
-    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 40
-    assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    assert_keepalive(accepted, idle=120, interval=40)
 
 
 async def test_each_connection_logs_with_its_own_conn_id_and_peer(
@@ -354,9 +357,8 @@ async def test_each_connection_logs_with_its_own_conn_id_and_peer(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the plain-socket accept path is Linux's")
-async def test_shutdown_tells_connections_still_in_the_listen_queue(
-    nursery: trio.Nursery, accept_nothing: None
-) -> None:
+@pytest.mark.usefixtures("accept_nothing")
+async def test_shutdown_tells_connections_still_in_the_listen_queue(nursery: trio.Nursery) -> None:
     """Connections the server never accepted before shutting down are accepted and told
     ERR 0 shutting-down, instead of being reset when the listening socket closes."""
 
@@ -399,9 +401,8 @@ async def test_peer_gone_errors_close_as_reset_not_as_a_failure(
     assert not [event for event in logs if event["event"] == "connection_failed"]
 
 
-async def test_shutdown_leaves_the_queue_of_a_listener_handed_in(
-    nursery: trio.Nursery, accept_nothing: None
-) -> None:
+@pytest.mark.usefixtures("accept_nothing")
+async def test_shutdown_leaves_the_queue_of_a_listener_handed_in(nursery: trio.Nursery) -> None:
     """A listening socket handed to serve() may be shared (socket activation, a sibling
     worker): connections still queued at shutdown are left for whoever else holds it."""
 

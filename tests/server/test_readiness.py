@@ -16,10 +16,16 @@ from ackservice.server.readiness import ReadinessHub
 pytestmark = pytest.mark.skipif(not readiness.AVAILABLE, reason="epoll is Linux-only")
 
 
-async def test_input_already_waiting_counts_as_the_first_edge(nursery: trio.Nursery) -> None:
-    """Data that arrived before registration wakes the first wait."""
+@pytest.fixture
+async def hub(nursery: trio.Nursery) -> ReadinessHub:
+    """A hub of its own (not the run's shared one) with its dispatcher running."""
     hub = ReadinessHub()
     nursery.start_soon(hub.dispatch)
+    return hub
+
+
+async def test_input_already_waiting_counts_as_the_first_edge(hub: ReadinessHub) -> None:
+    """Data that arrived before registration wakes the first wait."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
         theirs.send(b"early")
@@ -30,11 +36,9 @@ async def test_input_already_waiting_counts_as_the_first_edge(nursery: trio.Nurs
         hub.unregister(ours.fileno())
 
 
-async def test_end_of_stream_with_the_data_is_reported(nursery: trio.Nursery) -> None:
+async def test_end_of_stream_with_the_data_is_reported(hub: ReadinessHub) -> None:
     """Data and the peer's close in one edge: the events say the end is pending, so the
     reader knows to read past a short read instead of waiting for an edge that never comes."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     ours, theirs = socket.socketpair()
     with ours:
         hub.register(ours.fileno())
@@ -46,10 +50,8 @@ async def test_end_of_stream_with_the_data_is_reported(nursery: trio.Nursery) ->
         hub.unregister(ours.fileno())
 
 
-async def test_events_while_nobody_waits_are_kept(nursery: trio.Nursery) -> None:
+async def test_events_while_nobody_waits_are_kept(hub: ReadinessHub) -> None:
     """An edge that comes while the reader is busy is returned by its next wait."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     ours, theirs = socket.socketpair()
     with ours, theirs:
         hub.register(ours.fileno())
@@ -60,11 +62,9 @@ async def test_events_while_nobody_waits_are_kept(nursery: trio.Nursery) -> None
         hub.unregister(ours.fileno())
 
 
-async def test_cancelled_wait_loses_no_events(nursery: trio.Nursery) -> None:
+async def test_cancelled_wait_loses_no_events(hub: ReadinessHub) -> None:
     """A wait cancelled while events are pending leaves them for the next wait; a wait
     cancelled while blocked leaves no waiter behind."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     ours, theirs = socket.socketpair()
     with ours, theirs:
         fd = ours.fileno()
@@ -104,10 +104,8 @@ async def test_many_short_messages_with_close_never_hang(nursery: trio.Nursery) 
                 clients.start_soon(one_client)
 
 
-async def test_unregistered_descriptor_is_forgotten(nursery: trio.Nursery) -> None:
+async def test_unregistered_descriptor_is_forgotten(hub: ReadinessHub) -> None:
     """After unregister, the descriptor's number can be reused without stale events."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     ours, theirs = socket.socketpair()
     fd = ours.fileno()
     hub.register(fd)
@@ -123,12 +121,10 @@ async def test_unregistered_descriptor_is_forgotten(nursery: trio.Nursery) -> No
 
 
 async def test_wait_returns_woken_at_its_deadline(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    hub: ReadinessHub, autojump_clock: trio.testing.MockClock
 ) -> None:
     """With no input, a wait with a deadline returns WOKEN exactly when the deadline passes
     (also when it is the first timer, set while the dispatcher already sleeps)."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     ours, theirs = socket.socketpair()
     with ours, theirs:
         hub.register(ours.fileno())
@@ -141,12 +137,10 @@ async def test_wait_returns_woken_at_its_deadline(
 
 
 async def test_later_deadline_is_honoured_after_an_earlier_timer(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, hub: ReadinessHub, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A socket whose deadline moved later (input came) is not woken by its earlier timer,
     and a socket's deadline never delays another socket's earlier one."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     start = trio.current_time()
     first, first_peer = socket.socketpair()
     second, second_peer = socket.socketpair()
@@ -175,12 +169,10 @@ async def test_later_deadline_is_honoured_after_an_earlier_timer(
 
 
 async def test_wake_ends_a_wait_and_a_cancelled_wait_leaves_no_timer(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery, hub: ReadinessHub, autojump_clock: trio.testing.MockClock
 ) -> None:
     """wake() ends a wait at once with WOKEN; a wait cancelled before its deadline does not
     wake the socket's next wait early."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     ours, theirs = socket.socketpair()
     with ours, theirs:
         fd = ours.fileno()
@@ -206,12 +198,10 @@ async def test_wake_ends_a_wait_and_a_cancelled_wait_leaves_no_timer(
 
 
 async def test_forgotten_socket_timer_does_not_wake_its_successor(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    hub: ReadinessHub, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A socket closed while its timer is armed: a new socket with the same descriptor
     number keeps its own deadline."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     start = trio.current_time()
     ours, theirs = socket.socketpair()
     fd = ours.fileno()
@@ -266,13 +256,11 @@ async def test_deadlines_passing_together_are_woken_a_batch_per_round(
 
 
 async def test_timers_of_forgotten_sockets_do_not_pile_up(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    hub: ReadinessHub, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Every connection arms a timer and most close long before it fires: the heap keeps at
     most ~1,000 stale entries beyond twice the live ones, not one per connection for a whole
     idle timeout."""
-    hub = ReadinessHub()
-    nursery.start_soon(hub.dispatch)
     ours, theirs = socket.socketpair()
     with ours, theirs:
         fd = ours.fileno()
