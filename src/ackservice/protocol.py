@@ -68,6 +68,8 @@ class ErrorCode:
     BUSY: Final = "busy"
     IDLE_TIMEOUT: Final = "idle-timeout"
     SHUTTING_DOWN: Final = "shutting-down"
+    UNAVAILABLE: Final = "unavailable"
+    """Not accepted now (the store is down, full or too slow): safe to send again later."""
 
 
 class Oversized:

@@ -1,0 +1,66 @@
+"""Opening the store or reader a URL names; each store's module is imported only when used."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from .base import Store, StoreReader
+from .url import JetStreamURL, SQLiteURL, parse_store_url
+
+__all__ = ["open_reader", "open_store"]
+
+
+@asynccontextmanager
+async def open_store(url: str) -> AsyncIterator[Store | None]:
+    """Open the store ``url`` names for writing (``None`` for ``none``); close it on exit.
+
+    Raises:
+        StoreError: the URL is malformed, or the store cannot be used as configured (a path
+            that cannot be created, a stream with conflicting settings).
+    """
+    parsed = parse_store_url(url)
+    if parsed is None:
+        yield None
+        return
+    store: Store
+    if isinstance(parsed, SQLiteURL):
+        from .sqlite import SQLiteStore
+
+        store = await SQLiteStore.open(parsed.path)
+    else:
+        assert isinstance(parsed, JetStreamURL)
+        from .jetstream import JetStreamStore
+
+        store = await JetStreamStore.open(parsed)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@asynccontextmanager
+async def open_reader(url: str) -> AsyncIterator[StoreReader]:
+    """Open the store ``url`` names for reading back; close it on exit.
+
+    Raises:
+        StoreError: the URL is malformed or ``none``, or the store does not exist.
+    """
+    from .base import StoreError
+
+    parsed = parse_store_url(url)
+    reader: StoreReader
+    if parsed is None:
+        raise StoreError("the store 'none' keeps nothing to read; name a sqlite: or nats:// store")
+    if isinstance(parsed, SQLiteURL):
+        from .sqlite import SQLiteReader
+
+        reader = await SQLiteReader.open(parsed.path)
+    else:
+        from .jetstream import JetStreamReader
+
+        reader = await JetStreamReader.open(parsed)
+    try:
+        yield reader
+    finally:
+        await reader.aclose()
