@@ -247,7 +247,7 @@ async def test_hook_rejection_and_failure_are_per_message(
     assert lines[2].startswith(b"ERR 3 internal-error ")
     assert lines[3].startswith(b"ACK 4 ")
     [failure] = events_named(logs, "on_message_failed")
-    assert failure["exc_info"] is True
+    assert isinstance(failure["exc_info"], RuntimeError)  # logged with its traceback
     assert failure["seq"] == 3
     assert events_named(logs, "message_rejected")[0]["reason"] == "payload is bad\nreally"
 

@@ -309,10 +309,11 @@ async def test_serve_turns_on_keepalive_and_nodelay_for_accepted_sockets(
     # The server side of the connection, reached through the handler's bookkeeping: a plain
     # socket on the fast path, else a SocketStream.
     [connection] = server.handler._connections
-    accepted = connection._socket
+    transport = connection._transport
+    accepted = getattr(transport, "_sock", None)
     if accepted is None:
-        assert isinstance(connection._stream, trio.SocketStream)
-        accepted = connection._stream.socket
+        assert isinstance(transport._stream, trio.SocketStream)
+        accepted = transport._stream.socket
     assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     assert_keepalive(accepted, idle=120, interval=40)
 
@@ -386,7 +387,7 @@ async def test_peer_gone_errors_close_as_reset_not_as_a_failure(
         await stream.send_all(b"one\n")
         await LineReader(stream).line()
         [connection] = server.handler._connections
-        failing_fd, real_read = connection._fd, os.read
+        failing_fd, real_read = connection._transport._fd, os.read
 
         def read(fd: int, size: int) -> bytes:
             if fd == failing_fd:

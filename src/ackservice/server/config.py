@@ -29,6 +29,14 @@ class ServerConfig:
             connection and destroy that line in flight.
         tcp_keepalive: seconds of silence before TCP keepalive probes start (then every third
             of that, three probes, as Redis does); 0 leaves the system default (two hours).
+        store_timeout: seconds one store commit may take; past it its messages are answered
+            ``ERR <seq> unavailable`` (safe to resend). Shorter than the client's default
+            ack timeout (10 s), so clients hear "unavailable" rather than time out.
+        max_pending_store_bytes: payload bytes waiting for or in a store commit beyond which
+            connections stop reading, so a slow store slows clients instead of filling memory.
+        hook_timeout: seconds the ``on_message`` hook may take for one message before that
+            message is answered ``unavailable``: a stuck application cannot hold connection
+            slots forever.
     """
 
     host: str = "127.0.0.1"
@@ -40,6 +48,9 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     drain_timeout: float = 2.0
     tcp_keepalive: int = 300
+    store_timeout: float = 5.0
+    max_pending_store_bytes: int = 64 * 1024 * 1024
+    hook_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -48,6 +59,10 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes must be >= 0, got {self.max_message_bytes}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        if self.max_pending_store_bytes < 1:
+            raise ValueError(
+                f"max_pending_store_bytes must be >= 1, got {self.max_pending_store_bytes}"
+            )
         if self.tcp_keepalive < 0:
             raise ValueError(f"tcp_keepalive must be >= 0, got {self.tcp_keepalive}")
         for field in fields(self):

@@ -1,61 +1,54 @@
 """One served connection: read, answer, write, until the connection ends.
 
-Two read/write loops share every rule (limits, timeouts, shutdown, logging):
+One loop serves every kind of connection; how bytes move is the transport's business
+(``transport.py``: raw sockets through the readiness hub, or any Trio stream). How messages
+are answered depends on what the server keeps:
 
-- the socket loop, for TCP sockets on Linux: non-blocking ``os.read``/``os.write`` on the
-  socket's file descriptor, waiting only in the readiness hub, whose waits carry the idle
-  deadline. Trio's ``SocketStream`` adds a checkpoint sandwich and a conflict detector around
-  every call, which profiling showed costing as much as the system calls themselves for small
-  messages. The server hands it plain accepted sockets (no ``SocketStream`` at all); an
-  embedder's ``SocketStream`` is served the same way;
-- the stream loop, for any other ``trio.abc.Stream`` (TLS, in-memory streams in tests, and
-  sockets where there is no epoll). Its idle timeout is a cancel scope around each wait for
-  input: a scope per read costs a little, but these are not the server's hot path.
+- nothing (no store, no hook): the ``Acknowledger`` answers from lengths and running
+  checksums alone, without keeping payloads (the fastest path);
+- a store or an ``on_message`` hook: the framer hands out payloads, which go to the
+  committer, and each message is answered with the store's verdict once it is in.
 
-In both, the idle deadline and the shutdown wake-up apply only while waiting for input, so
-neither interrupts the application hook or the replies to what was read; those have their own
-bounds (the grace period, ``send_timeout``).
+The idle deadline and the shutdown wake-up apply only while waiting for input, so neither
+interrupts a commit or the replies to what was read; those have their own bounds (the store
+timeout, ``send_timeout``, the grace period).
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import logging
-import os
-import socket
-from typing import TYPE_CHECKING
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 import trio
 
-from ..errors import Reject
 from ..protocol import (
+    ACK_FORMAT,
     OVERSIZED,
     ErrorCode,
     MessageFramer,
     Oversized,
-    ack_line,
     ack_lines,
     err_line,
     too_large_line,
 )
-from . import readiness
+from ..store.base import Failed, Message, Rejected, Unavailable, Verdict
+from .ack_block import ack_block
 from .acknowledger import Acknowledger
 from .closing import close_with_error
-from .hook import MessageContext, MessageHook
-from .readiness import WOKEN, current_hub
+from .committing import Committer
+from .config import ServerConfig
+from .transport import Transport
 
-if TYPE_CHECKING:
-    from .handler import AckHandler
-
-__all__ = ["RECEIVE_SIZE", "Connection"]
+__all__ = ["Connection", "ConnectionOwner"]
 
 log = structlog.get_logger(__name__)
 
-# One read takes up to this much; the replies to everything in it leave in one write.
-RECEIVE_SIZE = 65536
 # A read or write failing with these means the peer is gone, like a reset.
 _PEER_GONE_ERRNOS = frozenset(
     getattr(errno, name)
@@ -64,8 +57,25 @@ _PEER_GONE_ERRNOS = frozenset(
 )
 
 
+class ConnectionOwner(Protocol):
+    """What a connection needs from whoever admitted it (``AckHandler``)."""
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    @property
+    def committer(self) -> Committer | None: ...
+
+    def connection_closed(self, connection: Connection) -> None:
+        """Called once, when the connection is closed: its counts join the totals."""
+        ...
+
+
 class _Ending(enum.Enum):
-    """Why a read loop returned."""
+    """Why the loop returned."""
 
     EOF = enum.auto()
     SHUTDOWN = enum.auto()
@@ -77,14 +87,12 @@ class Connection:
 
     __slots__ = (
         "_acknowledger",
+        "_committer",
         "_debug",
-        "_fd",
         "_framer",
-        "_handler",
         "_last_message",
-        "_scope",
-        "_socket",
-        "_stream",
+        "_owner",
+        "_transport",
         "_waiting",
         "bytes_received",
         "conn_id",
@@ -93,45 +101,26 @@ class Connection:
         "peer",
     )
 
-    def __init__(
-        self,
-        handler: AckHandler,
-        conn_id: int,
-        peer: str,
-        *,
-        stream: trio.abc.Stream | None = None,
-        sock: socket.socket | None = None,
-    ):
-        """Serve ``stream``, or ``sock``: a non-blocking TCP socket that only the socket loop
-        uses (the connection owns it and closes it)."""
-        self._handler = handler
-        self._stream = stream
-        self._socket = sock
-        # The descriptor the socket loop serves, or -1 for the stream loop.
-        self._fd = -1
-        if sock is not None:
-            self._fd = sock.fileno()
-        elif isinstance(stream, trio.SocketStream) and readiness.AVAILABLE:
-            self._fd = stream.socket.fileno()
-        elif stream is None:
-            raise TypeError("Connection needs a stream or a socket")
+    def __init__(self, owner: ConnectionOwner, conn_id: int, peer: str, transport: Transport):
+        self._owner = owner
+        self._transport = transport
         self.conn_id = conn_id
         self.peer = peer
         self.messages = 0
         """Messages answered so far (ACK or ERR)."""
         self.errors = 0
         self.bytes_received = 0
-        limit = handler.config.max_message_bytes
+        limit = owner.config.max_message_bytes
         self._debug = _debug_enabled()
-        # Without a hook (and without per-message debug events) nothing needs the payloads,
+        self._committer = owner.committer
+        # Without a store (and without per-message debug events) nothing needs the payloads,
         # so the acknowledger answers from lengths and running checksums alone.
         self._framer: MessageFramer | None = None
         self._acknowledger: Acknowledger | None = None
-        if handler.on_message is not None or self._debug:
+        if self._committer is not None or self._debug:
             self._framer = MessageFramer(limit)
         else:
             self._acknowledger = Acknowledger(limit)
-        self._scope: trio.CancelScope | None = None  # the stream loop's idle scope
         self._waiting = False
         self._last_message = 0.0
 
@@ -141,12 +130,8 @@ class Connection:
 
     def wake_for_shutdown(self) -> None:
         """Interrupt a wait for input; a read being answered is finished first."""
-        if not self._waiting:
-            return
-        if self._fd >= 0:
-            current_hub().wake(self._fd)
-        elif self._scope is not None:
-            self._scope.cancel()
+        if self._waiting:
+            self._transport.wake()
 
     async def run(self) -> None:
         """Serve the connection until it ends, then close it and log its summary.
@@ -154,25 +139,24 @@ class Connection:
         Keep the call chain under it short: every coroutine frame here stays alive for the
         whole connection, and at thousands of idle connections frames are memory.
         """
-        config = self._handler.config
+        config = self._owner.config
         started = self._last_message = trio.current_time()
         log.info("connection_opened")
         reason = "internal-error"
+        at_eof = False
         try:
-            if self._fd >= 0:
-                ending = await self._socket_loop(self._fd)
-            else:
-                assert self._stream is not None
-                ending = await self._stream_loop(self._stream)
+            ending = await self._serve()
             if ending is _Ending.EOF:
                 reason = "eof"
+                at_eof = True
             else:
                 if ending is _Ending.SHUTDOWN:
                     code, detail = ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
                 else:
                     code = ErrorCode.IDLE_TIMEOUT
                     detail = f"no complete message for {config.idle_timeout:g} s"
-                await close_with_error(self._as_stream(), code, detail, config.drain_timeout)
+                stream = self._transport.as_stream()
+                await close_with_error(stream, code, detail, config.drain_timeout)
                 reason = code  # the close reason in the log is the code the client was sent
         except (trio.BrokenResourceError, ConnectionError):
             reason = "reset"
@@ -193,14 +177,10 @@ class Connection:
             log.exception("connection_failed")
         finally:
             try:
-                if self._socket is not None:
-                    self._socket.close()  # no task waits on it now: no one to notify
-                else:
-                    assert self._stream is not None
-                    # Raises Cancelled when cancelled from outside; the totals still count.
-                    await trio.aclose_forcefully(self._stream)
+                # Raises Cancelled when cancelled from outside; the totals still count.
+                await self._transport.aclose(at_eof=at_eof)
             finally:
-                self._handler._connection_ended(self)
+                self._owner.connection_closed(self)
                 log.info(
                     "connection_closed",
                     reason=reason,
@@ -211,119 +191,57 @@ class Connection:
                     duration=round(trio.current_time() - started, 6),
                 )
 
-    def _as_stream(self) -> trio.abc.Stream:
-        """The connection as a Trio stream, which then owns the socket (for the rare paths:
-        a closing ``ERR 0`` and its drain)."""
-        if self._socket is not None:
-            self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(self._socket))
-            self._socket = None
-        assert self._stream is not None
-        return self._stream
-
-    async def _socket_loop(self, fd: int) -> _Ending:
-        """Serve over the raw socket until the peer ends, shutdown, or the idle timeout."""
-        handler = self._handler
-        idle_timeout = handler.config.idle_timeout
-        hub = current_hub()
-        hub.register(fd)
-        ending = None
-        try:
-            while True:
-                if handler.shutting_down:
+    async def _serve(self) -> _Ending:
+        """Read, answer and write until the peer ends, shutdown, or the idle timeout."""
+        owner = self._owner
+        transport = self._transport
+        idle_timeout = owner.config.idle_timeout
+        send_timeout = owner.config.send_timeout
+        committer = self._committer
+        acknowledge = self._acknowledger is not None
+        while True:
+            if committer is not None and not committer.has_room():
+                await committer.wait_for_room()  # the store is behind: read nothing more yet
+            data = transport.read_nowait()
+            if data is None:
+                if owner.shutting_down:
                     return _Ending.SHUTDOWN
-                # After a short read the socket is drained: wait rather than make a read that
-                # fails with EAGAIN. The wait is also this loop's checkpoint.
                 self._waiting = True
                 try:
-                    events = await hub.wait_readable(fd, self._last_message + idle_timeout)
+                    ready = await transport.wait_readable(self._last_message + idle_timeout)
                 finally:
                     self._waiting = False
-                if events == WOKEN:
-                    if handler.shutting_down:
+                if not ready:
+                    if owner.shutting_down:
                         return _Ending.SHUTDOWN
                     if trio.current_time() >= self._last_message + idle_timeout:
                         return _Ending.IDLE
-                    continue
-                # The end of the stream may have come with the data: then read to the end.
-                end_pending = events & readiness.END_EVENTS
-                while True:
-                    try:
-                        data = os.read(fd, RECEIVE_SIZE)
-                    except BlockingIOError:
-                        break
-                    answered = self.messages
-                    if self._acknowledger is not None:
-                        replies = self._acknowledge(data)
-                    else:
-                        replies = await self._answer_each(data)
-                    if replies:
-                        if self.messages - answered > 1:
-                            # A pipelining client. Write after every other ready connection
-                            # has read: a write wakes the peer, and waking it once per batch
-                            # of connections, not once each, costs the kernel far less
-                            # (pipe: 0.25 -> 0.11 us of system time per ACK). Shielded: what
-                            # was read is answered even if cancellation comes now.
-                            await trio.lowlevel.cancel_shielded_checkpoint()
-                        # Inline, as almost every write takes it all: no coroutine per read.
-                        try:
-                            sent = os.write(fd, replies)
-                        except BlockingIOError:
-                            sent = 0
-                        if sent < len(replies):
-                            await self._send_rest_on_socket(fd, replies, sent)
-                    if not data:
-                        ending = _Ending.EOF
-                        return ending
-                    if (len(data) < RECEIVE_SIZE and not end_pending) or handler.shutting_down:
-                        break
-                    # More is likely waiting. Let other connections run first.
-                    await trio.lowlevel.checkpoint()
-        finally:
-            if ending is _Ending.EOF and self._socket is not None:
-                hub.forget(fd)  # closed next, and nobody else has it: no system call needed
-            else:
-                hub.unregister(fd)  # still open for a goodbye, or an embedder's stream
-
-    async def _send_rest_on_socket(self, fd: int, replies: bytes, sent: int) -> None:
-        # The client is not keeping up with its replies: wait, but only send_timeout long.
-        view = memoryview(replies)
-        with trio.fail_after(self._handler.config.send_timeout):
-            while sent < len(replies):
-                await trio.lowlevel.wait_writable(fd)
-                with contextlib.suppress(BlockingIOError):  # woken, yet the buffer is full
-                    sent += os.write(fd, view[sent:])
-
-    async def _stream_loop(self, stream: trio.abc.Stream) -> _Ending:
-        """Serve over any Trio stream until the peer ends, shutdown, or the idle timeout."""
-        handler = self._handler
-        idle_timeout = handler.config.idle_timeout
-        while True:
-            if handler.shutting_down:
-                return _Ending.SHUTDOWN
-            # The idle deadline and the shutdown wake-up apply to the wait for input only, so
-            # neither can interrupt the hook or the replies to what was read.
-            with trio.move_on_at(self._last_message + idle_timeout) as self._scope:
-                self._waiting = True
-                try:
-                    data = await stream.receive_some(RECEIVE_SIZE)
-                finally:
-                    self._waiting = False
-            if self._scope.cancelled_caught:
-                if handler.shutting_down:
-                    return _Ending.SHUTDOWN
-                return _Ending.IDLE
-            if self._acknowledger is not None:
-                replies = self._acknowledge(data)
-            else:
-                replies = await self._answer_each(data)
+                continue
+            answered = self.messages
+            replies = self._acknowledge(data) if acknowledge else await self._answer_each(data)
             if replies:
-                with trio.fail_after(handler.config.send_timeout):
-                    await stream.send_all(replies)
+                if self.messages - answered > 1:
+                    # A pipelining client. Write after every other ready connection has
+                    # read: a write wakes the peer, and waking it once per batch of
+                    # connections, not once each, costs the kernel far less (pipe: 0.25 ->
+                    # 0.11 us of system time per ACK). Shielded: what was read is answered
+                    # even if cancellation comes now.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                # Inline, as almost every write takes it all: no coroutine per read.
+                sent = transport.try_send(replies)
+                if sent < len(replies):
+                    # The client is not keeping up with its replies: wait, but not forever.
+                    with trio.fail_after(send_timeout):
+                        await transport.send_rest(replies, sent)
             if not data:
                 return _Ending.EOF
+            if owner.shutting_down:
+                return _Ending.SHUTDOWN
+            if transport.may_have_more:
+                await trio.lowlevel.checkpoint()  # let other connections run first
 
-    def _acknowledge(self, data: bytes | bytearray) -> bytes:
-        """The replies to what ``data`` completes (``b""``: end of stream), without a hook.
+    def _acknowledge(self, data: bytes) -> bytes:
+        """The replies to what ``data`` completes (``b""``: end of stream), keeping nothing.
 
         Not async, so the hot path makes no coroutine per read.
         """
@@ -340,8 +258,8 @@ class Connection:
                 acknowledger.oversized.clear()
         return replies
 
-    async def _answer_each(self, data: bytes | bytearray) -> bytes:
-        """The replies, message by message: with an application hook, or debug events."""
+    async def _answer_each(self, data: bytes) -> bytes:
+        """The replies, message by message: through the committer, or with debug events."""
         self.bytes_received += len(data)
         assert self._framer is not None
         frames = self._framer.feed(data) if data else self._framer.end_of_stream()
@@ -349,47 +267,81 @@ class Connection:
             return b""
         first_seq = self.messages + 1
         self.messages += len(frames)
-        hook = self._handler.on_message
-        if hook is None and OVERSIZED not in frames:
+        committer = self._committer
+        if committer is None:  # debug events, nothing kept
+            return self._answer_unkept(first_seq, frames)
+        received_at = time.time()
+        crc32 = zlib.crc32
+        messages = []
+        nbytes = 0
+        peer, conn_id = self.peer, self.conn_id
+        for seq, frame in enumerate(frames, first_seq):
+            if frame is not OVERSIZED:
+                payload: bytes = frame  # type: ignore[assignment]
+                messages.append(Message(payload, crc32(payload), received_at, peer, conn_id, seq))
+                nbytes += len(payload)
+        verdicts = await committer.commit(messages, nbytes) if messages else None
+        # After the commit: a slow store is not an idle client.
+        self._last_message = trio.current_time()
+        if self._debug:
+            self._log_acked(messages, verdicts)
+        if verdicts is None and len(messages) == len(frames):
+            if len(messages) == 1:
+                return ACK_FORMAT % (first_seq, nbytes, messages[0].crc32)
+            lengths = [len(message.payload) for message in messages]
+            return ack_block(first_seq, lengths, [message.crc32 for message in messages])
+        replies = []
+        stored = iter(messages)
+        verdict_of = iter(verdicts) if verdicts is not None else None
+        for seq, frame in enumerate(frames, first_seq):
+            if frame is OVERSIZED:
+                self._log_too_large(seq)
+                replies.append(too_large_line(seq, self._owner.config.max_message_bytes))
+                continue
+            message = next(stored)
+            verdict = None if verdict_of is None else next(verdict_of)
+            if verdict is None:
+                replies.append(ACK_FORMAT % (seq, len(message.payload), message.crc32))
+                continue
+            self.errors += 1
+            if isinstance(verdict, Rejected):
+                log.warning("message_rejected", seq=seq, reason=verdict.reason)
+                replies.append(err_line(seq, ErrorCode.REJECTED, verdict.reason))
+            elif isinstance(verdict, Unavailable):
+                replies.append(err_line(seq, ErrorCode.UNAVAILABLE, verdict.detail))
+            else:
+                assert isinstance(verdict, Failed)
+                replies.append(err_line(seq, ErrorCode.INTERNAL_ERROR, verdict.detail))
+        return b"".join(replies)
+
+    def _answer_unkept(self, first_seq: int, frames: list[bytes | Oversized]) -> bytes:
+        """ACK every message (too-large ERR where due), with a debug event each."""
+        self._last_message = trio.current_time()
+        if OVERSIZED not in frames:
             payloads: list[bytes] = frames  # type: ignore[assignment]
             for seq, payload in enumerate(payloads, first_seq):
                 log.debug("message_acked", seq=seq, nbytes=len(payload))
-            self._last_message = trio.current_time()
             return ack_lines(first_seq, payloads)
         replies = []
         for seq, frame in enumerate(frames, first_seq):
-            if isinstance(frame, Oversized):
+            if frame is OVERSIZED:
                 self._log_too_large(seq)
-                replies.append(too_large_line(seq, self._handler.config.max_message_bytes))
-            elif hook is None:
-                replies.append(self._ack(seq, frame))
+                replies.append(too_large_line(seq, self._owner.config.max_message_bytes))
             else:
-                replies.append(await self._call_hook(hook, seq, frame))
-        # After the hook: a slow application is not an idle client.
-        self._last_message = trio.current_time()
+                assert isinstance(frame, bytes)
+                log.debug("message_acked", seq=seq, nbytes=len(frame))
+                replies.append(ACK_FORMAT % (seq, len(frame), zlib.crc32(frame)))
         return b"".join(replies)
+
+    @staticmethod
+    def _log_acked(messages: list[Message], verdicts: Sequence[Verdict] | None) -> None:
+        for index, message in enumerate(messages):
+            if verdicts is None or verdicts[index] is None:
+                log.debug("message_acked", seq=message.seq, nbytes=len(message.payload))
 
     def _log_too_large(self, seq: int) -> None:
         self.errors += 1
-        log.warning("message_too_large", seq=seq, limit=self._handler.config.max_message_bytes)
-
-    async def _call_hook(self, hook: MessageHook, seq: int, payload: bytes) -> bytes:
-        try:
-            await hook(payload, MessageContext(self.conn_id, self.peer, seq))
-        except Reject as rejection:
-            self.errors += 1
-            log.warning("message_rejected", seq=seq, reason=rejection.reason)
-            return err_line(seq, ErrorCode.REJECTED, rejection.reason)
-        except Exception:
-            self.errors += 1
-            log.exception("on_message_failed", seq=seq)
-            return err_line(seq, ErrorCode.INTERNAL_ERROR, "the application failed on this message")
-        return self._ack(seq, payload)
-
-    def _ack(self, seq: int, payload: bytes) -> bytes:
-        if self._debug:
-            log.debug("message_acked", seq=seq, nbytes=len(payload))
-        return ack_line(seq, payload)
+        log.warning("message_too_large", seq=seq, limit=self._owner.config.max_message_bytes)
 
 
 def _debug_enabled() -> bool:

@@ -3,26 +3,35 @@
 ``AckHandler`` is an async callable taking any ``trio.abc.Stream`` (TCP, TLS, in-memory), so
 it drops straight into ``trio.serve_tcp(handler, port)`` or ``trio.serve_listeners`` in
 another Trio application; ``ackservice.server.serve`` is the same handler behind a listener.
-It admits or refuses each connection and keeps the totals; ``connection.py`` serves one.
+It admits or refuses each connection, picks its transport and keeps the totals;
+``connection.py`` serves one. With a store, open it with ``open_handler``, which also runs
+the group committer that the connections share.
 """
 
 from __future__ import annotations
 
 import itertools
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
 import trio
 
 from ..protocol import ErrorCode
+from ..store.base import Store
+from . import readiness
 from .closing import close_with_error
+from .committing import Committer, GroupCommitter
 from .config import ServerConfig
 from .connection import Connection
-from .hook import MessageContext, MessageHook
+from .hook import HookCommitter, MessageContext, MessageHook
+from .readiness import ReadinessHub, current_hub
 from .sockets import enable_keepalive
+from .transport import SocketTransport, StreamTransport, Transport
 
-__all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats"]
+__all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats", "open_handler"]
 
 log = structlog.get_logger(__name__)
 
@@ -48,15 +57,27 @@ class AckHandler:
 
     Args:
         config: limits and timeouts (``host``/``port`` are not used here).
-        on_message: optional application hook, awaited for each message before its ACK.
+        on_message: optional application hook, awaited for each message before its ACK
+            (the simple alternative to a store; see ``open_handler`` for a store).
     """
 
     def __init__(
-        self, config: ServerConfig | None = None, *, on_message: MessageHook | None = None
+        self,
+        config: ServerConfig | None = None,
+        *,
+        on_message: MessageHook | None = None,
+        _committer: Committer | None = None,
+        _hub: ReadinessHub | None = None,
     ) -> None:
         self.config = ServerConfig() if config is None else config
         self.on_message = on_message
+        if on_message is not None and _committer is not None:
+            raise ValueError("give a store or an on_message hook, not both")
+        if on_message is not None:
+            _committer = HookCommitter(on_message, timeout=self.config.hook_timeout)
+        self.committer: Committer | None = _committer
         self.stats = ServerStats()
+        self._hub = _hub
         self._conn_ids = itertools.count(1)
         self._connections: set[Connection] = set()
         self._shutting_down = False
@@ -86,18 +107,26 @@ class AckHandler:
         # Not bound_contextvars: its suspended generator would cost ~0.5 KiB per connection.
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
         try:
-            if self._must_refuse():
+            if self.must_refuse():
                 await self._refuse(stream)
                 return
-            if isinstance(stream, trio.SocketStream) and not self._listener_sets_keepalive:
-                enable_keepalive(stream.socket, self.config.tcp_keepalive)
-            connection = Connection(self, conn_id, peer, stream=stream)
+            transport: Transport
+            if isinstance(stream, trio.SocketStream):
+                if not self._listener_sets_keepalive:
+                    enable_keepalive(stream.socket, self.config.tcp_keepalive)
+                if readiness.AVAILABLE:
+                    transport = SocketTransport(self._readiness_hub(), stream=stream)
+                else:
+                    transport = StreamTransport(stream)
+            else:
+                transport = StreamTransport(stream)
+            connection = Connection(self, conn_id, peer, transport)
             self._connection_started(connection)
             await connection.run()
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
 
-    def _start_socket(
+    def start_socket(
         self, nursery: trio.Nursery, sock: socket.socket, address: tuple[str, int]
     ) -> None:
         """Serve a socket the server just accepted, in a task of its own in ``nursery``.
@@ -110,16 +139,17 @@ class AckHandler:
         peer = _format_address(sock.family, address)
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
         try:
-            if self._must_refuse():
+            if self.must_refuse():
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
                 nursery.start_soon(self._refuse, stream)
                 return
-            connection = Connection(self, conn_id, peer, sock=sock)
+            transport = SocketTransport(self._readiness_hub(), sock=sock)
+            connection = Connection(self, conn_id, peer, transport)
             self._connection_started(connection)
             try:
                 nursery.start_soon(connection.run, name=_TASK_NAME)
             except BaseException:
-                self._connection_ended(connection)
+                self.connection_closed(connection)
                 raise
         except BaseException:
             sock.close()  # no task owns it
@@ -127,16 +157,12 @@ class AckHandler:
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
 
-    def _must_refuse(self) -> bool:
+    def must_refuse(self) -> bool:
+        """Whether a new connection would be refused now (shutting down, or at the limit)."""
         return self._shutting_down or len(self._connections) >= self.config.max_connections
 
-    def _connection_started(self, connection: Connection) -> None:
-        self._connections.add(connection)
-        self.stats.connections += 1
-        self.stats.active += 1
-
-    def _connection_ended(self, connection: Connection) -> None:
-        """Called by the connection once it is closed: its counts join the totals."""
+    def connection_closed(self, connection: Connection) -> None:
+        """Called by a connection once it is closed: its counts join the totals."""
         self._connections.discard(connection)
         stats = self.stats
         stats.active -= 1
@@ -144,6 +170,17 @@ class AckHandler:
         stats.acked += connection.acked
         stats.errors += connection.errors
         stats.bytes_received += connection.bytes_received
+
+    def _readiness_hub(self) -> ReadinessHub:
+        if self._hub is None:
+            # Used on its own (trio.serve_tcp): a hub for this Trio run, in a system task.
+            self._hub = current_hub()
+        return self._hub
+
+    def _connection_started(self, connection: Connection) -> None:
+        self._connections.add(connection)
+        self.stats.connections += 1
+        self.stats.active += 1
 
     async def _refuse(self, stream: trio.abc.Stream) -> None:
         if self._shutting_down:
@@ -156,6 +193,37 @@ class AckHandler:
             await close_with_error(stream, code, detail, self.config.drain_timeout)
         finally:
             await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def open_handler(
+    config: ServerConfig | None = None,
+    *,
+    store: Store | None = None,
+    on_message: MessageHook | None = None,
+) -> AsyncIterator[AckHandler]:
+    """An ``AckHandler`` that keeps every message in ``store`` before acknowledging it.
+
+    The handler's connections share one group committer, which runs inside this context;
+    leave it only after every connection has ended (``serve`` does this for you). The store
+    itself stays open: closing it is the caller's job.
+
+    Args:
+        config: limits and timeouts (``store_timeout``, ``max_pending_store_bytes``).
+        store: where messages go; ``None`` keeps nothing (ACK on receipt).
+        on_message: the per-message hook instead of a store.
+    """
+    config = ServerConfig() if config is None else config
+    if store is None:
+        yield AckHandler(config, on_message=on_message)
+        return
+    committer = GroupCommitter(
+        store, timeout=config.store_timeout, max_pending_bytes=config.max_pending_store_bytes
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        yield AckHandler(config, on_message=on_message, _committer=committer)
+        nursery.cancel_scope.cancel()
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

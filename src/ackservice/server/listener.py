@@ -21,9 +21,12 @@ import socket
 import structlog
 import trio
 
+from ..store.base import Store
 from . import readiness
+from .committing import GroupCommitter
 from .config import ServerConfig
-from .handler import AckHandler, MessageHook
+from .handler import AckHandler, MessageHook, open_handler
+from .readiness import ReadinessHub
 from .sockets import ACCEPTED_SOCKETS_INHERIT_OPTIONS, configure_listening_socket
 
 __all__ = ["Server", "serve"]
@@ -112,11 +115,15 @@ class Server:
             async with trio.open_nursery() as accepting:
                 for listener in self.listeners:
                     accepting.start_soon(self._accept_loop, listener, connections)
+                committer = self.handler.committer
                 log.info(
                     "listening",
                     host=self.addresses[0][0],
                     port=self.port,
                     addresses=[f"{host}:{port}" for host, port in self.addresses],
+                    store=committer.store.description
+                    if isinstance(committer, GroupCommitter)
+                    else "none",
                 )
                 task_status.started(self)
                 await self._shutdown_requested.wait()
@@ -167,7 +174,7 @@ class Server:
         accepted = 0
         try:
             while True:
-                if accepted >= _ACCEPT_BATCH or handler._must_refuse():
+                if accepted >= _ACCEPT_BATCH or handler.must_refuse():
                     # At the connection limit, one accept per scheduling round, as with
                     # Trio's own accept: the connections already admitted get to run (and
                     # perhaps free their slot) before the next one is judged.
@@ -182,7 +189,7 @@ class Server:
                     accepted = 0
                     await trio.lowlevel.wait_readable(listening)
                     continue
-                handler._start_socket(nursery, *waiting)
+                handler.start_socket(nursery, *waiting)
                 accepted += 1
         finally:
             trio.lowlevel.notify_closing(listening)
@@ -201,7 +208,7 @@ class Server:
                     return
                 if waiting is None:
                     return
-                self.handler._start_socket(nursery, *waiting)
+                self.handler.start_socket(nursery, *waiting)
 
 
 def _plain_listening_socket(listener: trio.SocketListener) -> socket.socket:
@@ -262,6 +269,7 @@ class _AcceptFailures:
 async def serve(
     config: ServerConfig | None = None,
     *,
+    store: Store | None = None,
     on_message: MessageHook | None = None,
     listeners: list[trio.SocketListener] | None = None,
     refuse_queued_at_shutdown: bool | None = None,
@@ -274,7 +282,9 @@ async def serve(
 
     Args:
         config: address, limits and timeouts.
-        on_message: optional application hook, awaited for each message before its ACK.
+        store: where every message is kept before its ACK (group commit); ``None`` keeps
+            nothing. The caller opens and closes it (``ackservice.store.open_store``).
+        on_message: the per-message hook instead of a store, awaited before each ACK.
         listeners: already-bound listeners to serve instead of binding ``config.host`` and
             ``config.port`` (for socket activation, or to bind before dropping privileges).
         refuse_queued_at_shutdown: whether connections still waiting in the listen queues
@@ -285,18 +295,28 @@ async def serve(
 
     Raises:
         OSError: the address could not be bound (in use, not resolvable, not permitted).
+        ValueError: both a store and an ``on_message`` hook were given.
     """
     config = ServerConfig() if config is None else config
     if refuse_queued_at_shutdown is None:
         refuse_queued_at_shutdown = listeners is None
     if listeners is None:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-    handler = AckHandler(config, on_message=on_message)
     for listener in listeners:
         configure_listening_socket(listener.socket, config.tcp_keepalive)
-    handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
-    server = Server(handler, listeners, refuse_queued_at_shutdown=refuse_queued_at_shutdown)
-    await server._run(task_status)
+    # The readiness hub and the committer outlive every connection: they are started first
+    # and stopped last, in this nursery.
+    async with trio.open_nursery() as services:
+        hub = None
+        if readiness.AVAILABLE:
+            hub = ReadinessHub()
+            services.start_soon(hub.dispatch, name="ackservice readiness hub")
+        async with open_handler(config, store=store, on_message=on_message) as handler:
+            handler._hub = hub
+            handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
+            server = Server(handler, listeners, refuse_queued_at_shutdown=refuse_queued_at_shutdown)
+            await server._run(task_status)
+        services.cancel_scope.cancel()
 
 
 def _address(listener: trio.SocketListener) -> tuple[str, int]:

@@ -70,6 +70,7 @@ class ReadinessHub:
         "_aborts",
         "_armed",
         "_deadlines",
+        "_ended",
         "_epoll",
         "_pending",
         "_timer_scope",
@@ -81,6 +82,8 @@ class ReadinessHub:
         self._epoll = select.epoll()
         self._waiters: dict[int, trio.lowlevel.Task] = {}
         self._pending: dict[int, int] = {}
+        # Sockets whose end of stream (or error) has been seen: read them to the end.
+        self._ended: set[int] = set()
         # Each registered fd's abort function for wait_task_rescheduled, made once.
         self._aborts: dict[int, Callable[[trio.lowlevel.RaiseCancelT], trio.lowlevel.Abort]] = {}
         # Deadlines of the waits in progress, and the timer heap: (when, fd) entries, at most
@@ -109,11 +112,17 @@ class ReadinessHub:
         last descriptor: use ``unregister`` for one that may have been duplicated.
         """
         self._pending.pop(fd, None)
+        self._ended.discard(fd)
         self._aborts.pop(fd, None)
         if self._armed.pop(fd, None) is None:
             return  # no timer of its own in the heap
         if len(self._timers) > _STALE_TIMERS_KEPT + 2 * len(self._armed):
             self._drop_stale_timers()
+
+    def ended(self, fd: int) -> bool:
+        """Whether epoll has reported the end of ``fd``'s stream (or an error): input that
+        came in the same edge must be read until end of stream, not waited for."""
+        return fd in self._ended
 
     def wait_readable(self, fd: int, deadline: float = math.inf) -> Awaitable[int]:
         """Wait until ``fd`` has new input; return the epoll events seen, or ``WOKEN``.
@@ -196,6 +205,7 @@ class ReadinessHub:
         waiters = self._waiters
         pending = self._pending
         deadlines = self._deadlines
+        ended = self._ended
         reschedule = trio.lowlevel.reschedule
         try:
             while True:
@@ -209,6 +219,8 @@ class ReadinessHub:
                     while True:
                         await trio.lowlevel.wait_readable(epfd)
                         for fd, events in self._epoll.poll(0):
+                            if events & END_EVENTS:
+                                ended.add(fd)
                             task = waiters.pop(fd, None)
                             if task is None:
                                 pending[fd] = pending.get(fd, 0) | events

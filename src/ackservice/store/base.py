@@ -140,8 +140,8 @@ class StoredMessage(NamedTuple):
 class StoreStats(NamedTuple):
     """What a store holds."""
 
-    count: int
-    bytes: int
+    messages: int
+    payload_bytes: int
     first_id: int | None
     last_id: int | None
     first_received_at: float | None
@@ -160,9 +160,7 @@ class StoreReader(Protocol):
         """Count, bytes and the first and last message."""
         ...
 
-    async def prune(
-        self, *, before_id: int | None = None, older_than: float | None = None
-    ) -> int:
+    async def prune(self, *, before_id: int | None = None, older_than: float | None = None) -> int:
         """Delete messages with ``id < before_id`` and/or received more than ``older_than``
         seconds ago; return how many were deleted."""
         ...

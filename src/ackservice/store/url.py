@@ -72,9 +72,7 @@ def parse_store_url(url: str) -> StoreURL:
         return SQLiteURL(Path(path))
     if text.startswith(("nats://", "tls://")):
         return _parse_jetstream(url, text)
-    raise StoreError(
-        f"unknown store {url!r}; use sqlite:PATH, nats://HOST:PORT/STREAM or none"
-    )
+    raise StoreError(f"unknown store {url!r}; use sqlite:PATH, nats://HOST:PORT/STREAM or none")
 
 
 def _parse_jetstream(url: str, text: str) -> JetStreamURL:

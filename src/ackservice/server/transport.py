@@ -1,0 +1,210 @@
+"""How a connection moves bytes: the plain-socket transport and the Trio-stream transport.
+
+The connection loop (``connection.py``) is written once, against this small interface; each
+transport owns its own I/O rules:
+
+- ``SocketTransport``: a TCP socket on Linux, served with non-blocking ``os.read`` and
+  ``os.write`` on its descriptor, waiting only in the readiness hub (one edge-triggered epoll
+  set for all connections, whose waits carry the idle deadline). Trio's ``SocketStream`` adds
+  a checkpoint sandwich and a conflict detector around every call, which profiling showed
+  costing as much as the system calls themselves for small messages.
+- ``StreamTransport``: any ``trio.abc.Stream`` (TLS, in-memory streams in tests, sockets where
+  there is no epoll). Its wait is a ``receive_some`` under a cancel scope: a scope per read
+  costs a little, but this is not the server's hot path.
+
+The interface keeps the hot path free of coroutine frames: ``read_nowait`` and ``try_send``
+are plain calls, and only waiting (``wait_readable``, ``send_rest``) suspends. A new transport
+(a TLS one over the raw socket, say) is one more class with these methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Awaitable
+from typing import Final, Protocol
+
+import trio
+
+from .readiness import ReadinessHub
+
+__all__ = ["RECEIVE_SIZE", "SocketTransport", "StreamTransport", "Transport"]
+
+# One read takes up to this much; the replies to everything in it leave in one write.
+RECEIVE_SIZE: Final = 65536
+
+
+class Transport(Protocol):
+    """What the connection loop needs from a connection's byte pipe."""
+
+    @property
+    def may_have_more(self) -> bool:
+        """Whether the last read filled its buffer, so more input is likely waiting: the loop
+        then lets other connections run before reading again."""
+        ...
+
+    def read_nowait(self) -> bytes | None:
+        """Input available now (``b""``: end of stream), or ``None`` if the loop must wait."""
+        ...
+
+    def wait_readable(self, deadline: float) -> Awaitable[int]:
+        """Wait for input; a true value when there may be some, a false one when ``deadline``
+        (Trio clock) passed or ``wake`` was called first."""
+        ...
+
+    def wake(self) -> None:
+        """End a wait in progress (for shutdown)."""
+        ...
+
+    def try_send(self, data: bytes) -> int:
+        """Send what can go without waiting; return how many bytes went."""
+        ...
+
+    async def send_rest(self, data: bytes, sent: int) -> None:
+        """Send ``data[sent:]``, waiting for the peer as long as it takes (the caller bounds
+        the wait)."""
+        ...
+
+    def as_stream(self) -> trio.abc.Stream:
+        """The connection as a Trio stream, for the rare paths (a closing ``ERR 0`` line and
+        its drain); the transport is not used for reading after this."""
+        ...
+
+    async def aclose(self, *, at_eof: bool) -> None:
+        """Close the connection (``at_eof``: the peer ended it, nothing more to say)."""
+        ...
+
+
+class SocketTransport:
+    """A non-blocking TCP socket served through ``hub`` (Linux).
+
+    Args:
+        hub: the readiness hub whose dispatcher runs for this Trio run.
+        sock: a socket the transport owns and closes; or None with ``fd`` of a socket owned
+            by an embedder's ``SocketStream`` (closed through that stream).
+        stream: that ``SocketStream``, if any.
+    """
+
+    __slots__ = ("_drained", "_fd", "_hub", "_sock", "_stream")
+
+    def __init__(
+        self,
+        hub: ReadinessHub,
+        *,
+        sock: socket.socket | None = None,
+        stream: trio.SocketStream | None = None,
+    ) -> None:
+        self._hub = hub
+        self._sock = sock
+        self._stream = stream
+        if sock is not None:
+            self._fd = sock.fileno()
+        elif stream is not None:
+            self._fd = stream.socket.fileno()
+        else:
+            raise TypeError("SocketTransport needs a socket or a SocketStream")
+        # Edge-triggered: after a short read the socket is drained, and reading again would
+        # only fail with EAGAIN; the hub's next edge says when to read.
+        self._drained = False
+        hub.register(self._fd)
+
+    @property
+    def may_have_more(self) -> bool:
+        return not self._drained
+
+    def read_nowait(self) -> bytes | None:
+        if self._drained:
+            return None
+        try:
+            data = os.read(self._fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            self._drained = True
+            return None
+        # A short read drained the socket, unless the end of the stream came with the data
+        # (one edge for both): then keep reading until the end is seen.
+        if len(data) < RECEIVE_SIZE and data and not self._hub.ended(self._fd):
+            self._drained = True
+        return data
+
+    def wait_readable(self, deadline: float) -> Awaitable[int]:
+        self._drained = False
+        return self._hub.wait_readable(self._fd, deadline)
+
+    def wake(self) -> None:
+        self._hub.wake(self._fd)
+
+    def try_send(self, data: bytes) -> int:
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def send_rest(self, data: bytes, sent: int) -> None:
+        view = memoryview(data)
+        while sent < len(data):
+            await trio.lowlevel.wait_writable(self._fd)
+            with contextlib.suppress(BlockingIOError):  # woken, yet the buffer is full
+                sent += os.write(self._fd, view[sent:])
+
+    def as_stream(self) -> trio.abc.Stream:
+        self._hub.unregister(self._fd)  # still open for a goodbye: a system call is needed
+        if self._stream is None:
+            assert self._sock is not None
+            self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(self._sock))
+            self._sock = None
+        return self._stream
+
+    async def aclose(self, *, at_eof: bool) -> None:
+        if self._sock is not None:
+            if at_eof:
+                self._hub.forget(self._fd)  # closed next and nobody else has it: no syscall
+            else:
+                self._hub.unregister(self._fd)
+            self._sock.close()  # no task waits on it now: no one to notify
+            return
+        if self._stream is not None:
+            self._hub.unregister(self._fd)  # an embedder's stream: it may outlive us
+            await trio.aclose_forcefully(self._stream)
+
+
+class StreamTransport:
+    """Any ``trio.abc.Stream``: waiting for input is receiving it."""
+
+    __slots__ = ("_received", "_scope", "_stream")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._received: bytes | None = None
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def may_have_more(self) -> bool:
+        return False  # every read is a receive_some, itself a checkpoint
+
+    def read_nowait(self) -> bytes | None:
+        data, self._received = self._received, None
+        return data
+
+    async def wait_readable(self, deadline: float) -> int:
+        # The scope covers only the receive: a shutdown just as input arrives cannot lose it.
+        with trio.move_on_at(deadline) as self._scope:
+            self._received = bytes(await self._stream.receive_some(RECEIVE_SIZE))
+        self._scope = None
+        return 1 if self._received is not None else 0
+
+    def wake(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def try_send(self, data: bytes) -> int:
+        return 0
+
+    async def send_rest(self, data: bytes, sent: int) -> None:
+        await self._stream.send_all(memoryview(data)[sent:] if sent else data)
+
+    def as_stream(self) -> trio.abc.Stream:
+        return self._stream
+
+    async def aclose(self, *, at_eof: bool) -> None:
+        await trio.aclose_forcefully(self._stream)
