@@ -74,6 +74,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=self._log_file,
             env={**os.environ, **(env or {})},
+            cwd=log_path.parent,  # the default store (sqlite:ackservice.db) goes there
         )
         self.port = int(self.wait_for_event("listening", timeout=15)["port"])
 

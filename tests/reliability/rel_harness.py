@@ -163,6 +163,7 @@ class ServerUnderTest:
             stdout=subprocess.DEVNULL,
             stderr=self._log_file,
             env=env,
+            cwd=workdir,  # the default store (sqlite:ackservice.db) goes there
         )
         self.port = 0
         self.baseline_fds = 0

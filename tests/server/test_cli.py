@@ -188,6 +188,7 @@ def test_connection_limit_is_fitted_to_the_open_file_limit(tmp_path: Path) -> No
             [sys.executable, "-m", "ackservice.server", "--port", "0", "--log-format", "json"],
             stderr=log_file,
             preexec_fn=_low_fd_limit,
+            cwd=tmp_path,
         )
     try:
         deadline = time.monotonic() + 15

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,10 +43,14 @@ class SpawnedServer:
         log_path: its log (JSON lines), removed by ``stop`` unless the server failed.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, log_path: Path, workdir: Path
+    ) -> None:
         self.process = process
         self.port = port
         self.log_path = log_path
+        self.workdir = workdir
+        """The server's working directory (its default store), removed by ``stop``."""
         self.exit_code: int | None = None
 
     @property
@@ -67,6 +72,7 @@ class SpawnedServer:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait(timeout)
         self.exit_code = process.returncode
+        shutil.rmtree(self.workdir, ignore_errors=True)
         if self.exit_code == 0:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
@@ -87,6 +93,9 @@ def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.
     """
     fd, name = tempfile.mkstemp(prefix="ackservice-bench-server-", suffix=".log")
     log_path = Path(name)
+    # The server's default store (a SQLite file in its working directory) is measured as
+    # users run it, and goes away with the run.
+    workdir = Path(tempfile.mkdtemp(prefix="ackservice-bench-server-"))
     command = [
         sys.executable,
         "-m",
@@ -106,9 +115,11 @@ def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.
             stdout=subprocess.DEVNULL,
             stderr=fd,
             process_group=0,
+            cwd=workdir,
         )
     except OSError as exc:
         log_path.unlink()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise SpawnError(f"cannot start the server: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
@@ -118,8 +129,9 @@ def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return SpawnedServer(process, port, log_path)
+    return SpawnedServer(process, port, log_path, workdir)
 
 
 def _wait_for_port(process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int:

@@ -1,7 +1,7 @@
 """``python -m ackservice.server``: run the server as a daemon.
 
 Exit codes: 0 after a graceful shutdown, 1 when the server cannot start (the address is in
-use, cannot be resolved, ...), 2 for a bad setting, 130 when a second signal forced an
+use, cannot be resolved, the store cannot be opened, ...), 2 for a bad setting, 130 when a second signal forced an
 immediate exit.
 """
 
@@ -21,6 +21,7 @@ import trio
 from .. import _cli
 from ..logconfig import configure_logging
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
+from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
 from .config import ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
@@ -93,6 +94,24 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         defaults.tcp_keepalive,
         "seconds of silence before TCP keepalive probes (0: system default)",
     )
+    add(
+        "--store",
+        _store_url,
+        DEFAULT_STORE_URL,
+        "where every message is kept before its ACK: sqlite:PATH, nats://HOST:PORT/STREAM or none",
+    )
+    add(
+        "--store-timeout",
+        _cli.seconds,
+        defaults.store_timeout,
+        "seconds a store commit may take before its messages get ERR unavailable",
+    )
+    add(
+        "--store-max-pending",
+        _cli.positive_int,
+        defaults.max_pending_store_bytes,
+        "payload bytes waiting for the store beyond which the server stops reading",
+    )
     add("--log-level", _cli.log_level, "info", "debug, info, warning, error or critical")
     add(
         "--log-format",
@@ -109,10 +128,27 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
-        return trio.run(serve_until_signalled, config)
+        return trio.run(_open_store_and_serve, config, args.store)
+    except StoreError as exc:
+        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
     except OSError as exc:
         print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
         return EXIT_START_FAILED
+
+
+def _store_url(text: str) -> str:
+    """A ``--store`` value (checked here, opened at start-up)."""
+    try:
+        parse_store_url(text)
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
+    return text.strip()
+
+
+async def _open_store_and_serve(config: ServerConfig, store_url: str) -> int:
+    async with open_store(store_url) as store:
+        return await serve_until_signalled(config, store=store)
 
 
 def config_from_args(args: argparse.Namespace, *, max_connections: int) -> ServerConfig:
@@ -127,11 +163,13 @@ def config_from_args(args: argparse.Namespace, *, max_connections: int) -> Serve
         shutdown_grace=args.shutdown_grace,
         drain_timeout=args.drain_timeout,
         tcp_keepalive=args.tcp_keepalive,
+        store_timeout=args.store_timeout,
+        max_pending_store_bytes=args.store_max_pending,
     )
 
 
 async def serve_until_signalled(
-    config: ServerConfig, *, on_message: MessageHook | None = None
+    config: ServerConfig, *, store: Store | None = None, on_message: MessageHook | None = None
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
@@ -144,7 +182,12 @@ async def serve_until_signalled(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
-                _serve_then_stop_watching, config, on_message, listeners, nursery.cancel_scope
+                _serve_then_stop_watching,
+                config,
+                store,
+                on_message,
+                listeners,
+                nursery.cancel_scope,
             )
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -159,6 +202,7 @@ async def serve_until_signalled(
 
 async def _serve_then_stop_watching(
     config: ServerConfig,
+    store: Store | None,
     on_message: MessageHook | None,
     listeners: list[trio.SocketListener],
     signal_watch: trio.CancelScope,
@@ -167,6 +211,7 @@ async def _serve_then_stop_watching(
 ) -> None:
     await serve(
         config,
+        store=store,
         on_message=on_message,
         listeners=listeners,
         refuse_queued_at_shutdown=True,  # bound just now, by us alone

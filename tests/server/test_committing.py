@@ -1,0 +1,316 @@
+"""Storing before acknowledging: group commit, verdicts, outages, back-pressure, shutdown.
+
+These run the handler over in-memory streams with small in-process stores written against
+the ``Store`` protocol, as an embedder would write one; the SQLite and JetStream stores
+have their own tests, and end-to-end tests drive them through real processes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import structlog
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+from ackservice.protocol import ack_line
+from ackservice.server import AckHandler, MessageContext, ServerConfig, open_handler, serve
+from ackservice.store import Message, Rejected, StoreUnavailable, Unavailable, Verdict
+from support import LineReader
+
+EventList = list[dict[str, Any]]
+
+
+@pytest.fixture
+def logs() -> Iterator[EventList]:
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
+        yield entries
+
+
+class ListStore:
+    """Keeps batches in a list; ``gate`` (when set) holds each commit until it is opened;
+    ``failing`` makes commits raise ``StoreUnavailable``."""
+
+    description = "list"
+
+    def __init__(self) -> None:
+        self.batches: list[list[Message]] = []
+        self.gate: trio.Event | None = None
+        self.failing = False
+        self.verdicts: dict[bytes, Verdict] = {}
+        self.commit_started = trio.Event()
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [message.payload for batch in self.batches for message in batch]
+
+    async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
+        self.commit_started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failing:
+            raise StoreUnavailable("disk full")
+        verdicts = [self.verdicts.get(message.payload) for message in batch]
+        self.batches.append([m for m, v in zip(batch, verdicts, strict=True) if v is None])
+        return verdicts if any(v is not None for v in verdicts) else None
+
+    async def aclose(self) -> None:
+        pass
+
+
+@asynccontextmanager
+async def handler_with(store: ListStore, **settings: Any) -> AsyncIterator[AckHandler]:
+    async with open_handler(ServerConfig(**settings), store=store) as handler:
+        yield handler
+
+
+def connect(
+    nursery: trio.Nursery, handler: AckHandler
+) -> tuple[trio.testing.StapledStream[Any, Any], LineReader]:
+    client, server_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(handler, server_side)
+    return client, LineReader(client)
+
+
+async def test_ack_follows_the_commit_and_carries_the_message(nursery: trio.Nursery) -> None:
+    """A message is acknowledged only after the store has it, with its payload, CRC, seq,
+    connection and arrival time."""
+    store = ListStore()
+    store.gate = trio.Event()
+    async with handler_with(store) as handler:
+        client, replies = connect(nursery, handler)
+        await client.send_all(b"hello\n")
+        await store.commit_started.wait()
+        with trio.move_on_after(0.5):
+            await replies.line()
+            pytest.fail("an ACK left before the commit returned")
+        store.gate.set()
+        assert await replies.line() == b"ACK 1 5 3610a686"
+        [[message]] = store.batches
+        assert (message.payload, message.crc32, message.seq) == (b"hello", 0x3610A686, 1)
+        assert message.conn_id == 1
+        assert message.peer == "StapledStream"
+        assert message.received_at > 1.7e9
+        await client.aclose()
+
+
+async def test_one_commit_covers_every_connection_that_waited(nursery: trio.Nursery) -> None:
+    """While a commit runs, whatever arrives from any connection waits and then goes into
+    one next commit together: group commit, not a commit per connection or per message."""
+    store = ListStore()
+    store.gate = trio.Event()
+    async with handler_with(store) as handler:
+        first, first_replies = connect(nursery, handler)
+        await first.send_all(b"first\n")
+        await store.commit_started.wait()  # the first commit holds the store
+        others = [connect(nursery, handler) for _ in range(5)]
+        for index, (client, _) in enumerate(others):
+            await client.send_all(b"a%d\nb%d\n" % (index, index))
+        await trio.testing.wait_all_tasks_blocked()
+        store.gate.set()
+        assert (await first_replies.line()).startswith(b"ACK 1 ")
+        for _, replies in others:
+            assert [line.split()[1] for line in await replies.lines(2)] == [b"1", b"2"]
+        assert [len(batch) for batch in store.batches] == [1, 10]
+
+
+async def test_a_pipelined_read_is_one_commit_and_one_block_of_replies(
+    nursery: trio.Nursery,
+) -> None:
+    """Every message of one read goes into one commit, and their ACKs come in one write."""
+    store = ListStore()
+    async with handler_with(store) as handler:
+        client, replies = connect(nursery, handler)
+        payloads = [b"message %d" % i for i in range(100)]
+        await client.send_all(b"".join(p + b"\n" for p in payloads))
+        lines = await replies.lines(100)
+        assert lines == [ack_line(i, p)[:-1] for i, p in enumerate(payloads, 1)]
+        assert store.payloads == payloads
+        assert len(store.batches) == 1
+
+
+async def test_verdicts_become_per_message_errors(nursery: trio.Nursery, logs: EventList) -> None:
+    """A store's verdicts answer each message: rejected and unavailable are ERR lines with
+    the store's words, the others are ACKed, and too-large messages keep their place."""
+    store = ListStore()
+    store.verdicts = {b"bad": Rejected("not allowed"), b"later": Unavailable("busy shard")}
+    async with handler_with(store, max_message_bytes=10) as handler:
+        client, replies = connect(nursery, handler)
+        await client.send_all(b"ok\nbad\n" + b"x" * 20 + b"\nlater\nfine\n")
+        assert await replies.lines(5) == [
+            ack_line(1, b"ok")[:-1],
+            b"ERR 2 rejected not allowed",
+            b"ERR 3 too-large message exceeds 10 bytes; it was dropped",
+            b"ERR 4 unavailable busy shard",
+            ack_line(5, b"fine")[:-1],
+        ]
+        assert store.payloads == [b"ok", b"fine"]
+
+
+async def test_outage_answers_unavailable_logs_once_and_recovers(
+    nursery: trio.Nursery, logs: EventList
+) -> None:
+    """While the store cannot commit, every message gets ERR unavailable (safe to resend),
+    the connection stays open, one event says so, and one says when it recovered."""
+    store = ListStore()
+    store.failing = True
+    async with handler_with(store) as handler:
+        client, replies = connect(nursery, handler)
+        for index in range(5):
+            await client.send_all(b"m%d\n" % index)
+            assert await replies.line() == b"ERR %d unavailable disk full" % (index + 1)
+        store.failing = False
+        await client.send_all(b"again\n")
+        assert await replies.line() == ack_line(6, b"again")[:-1]
+    assert [e["event"] for e in logs if e["event"].startswith("store_")] == [
+        "store_unavailable",
+        "store_recovered",
+    ]
+    recovered = next(e for e in logs if e["event"] == "store_recovered")
+    assert recovered["messages_refused"] == 5
+
+
+async def test_a_commit_past_the_store_timeout_is_unavailable(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A commit that takes longer than store_timeout is abandoned: its messages are told
+    unavailable instead of the client waiting out its own ack timeout."""
+    store = ListStore()
+    store.gate = trio.Event()  # never opened
+    async with handler_with(store, store_timeout=2.0) as handler:
+        client, replies = connect(nursery, handler)
+        await client.send_all(b"stuck\n")
+        assert await replies.line() == b"ERR 1 unavailable store did not commit within 2 s"
+
+
+async def test_a_failing_store_is_an_internal_error_not_a_crash(
+    nursery: trio.Nursery, logs: EventList
+) -> None:
+    """A store that raises anything else answers internal-error, logs the traceback once,
+    and the server goes on."""
+
+    class BrokenStore(ListStore):
+        async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
+            raise RuntimeError("bug in the store")
+
+    async with handler_with(BrokenStore()) as handler:
+        client, replies = connect(nursery, handler)
+        await client.send_all(b"a\n")
+        assert (await replies.line()).startswith(b"ERR 1 internal-error ")
+        await client.send_all(b"b\n")
+        assert (await replies.line()).startswith(b"ERR 2 internal-error ")
+    [failed] = [e for e in logs if e["event"] == "store_failed"]
+    assert isinstance(failed["exc_info"], RuntimeError)
+
+
+async def test_connections_stop_reading_while_the_store_is_behind(nursery: trio.Nursery) -> None:
+    """Past max_pending_store_bytes waiting for a commit, connections read nothing more:
+    a slow store slows clients down instead of growing the server's memory."""
+    store = ListStore()
+    store.gate = trio.Event()
+    async with handler_with(store, max_pending_store_bytes=100) as handler:
+        first, _ = connect(nursery, handler)
+        await first.send_all(b"x" * 200 + b"\n")  # over the bound, now in the commit
+        await store.commit_started.wait()
+        second, second_replies = connect(nursery, handler)
+        await second.send_all(b"waiting\n")
+        await trio.testing.wait_all_tasks_blocked()
+        # The second connection has not even read its message.
+        assert sorted(c.bytes_received for c in handler._connections) == [0, 201]
+        assert not store.batches
+        store.gate.set()
+        assert (await second_replies.line()).startswith(b"ACK 1 ")
+
+
+async def test_shutdown_commits_and_answers_what_was_read(nursery: trio.Nursery) -> None:
+    """A graceful shutdown during a commit still answers those messages with their ACKs,
+    then says shutting-down: nothing read is lost."""
+    store = ListStore()
+    store.gate = trio.Event()
+    async with handler_with(store) as handler:
+        client, replies = connect(nursery, handler)
+        await client.send_all(b"one\ntwo\n")
+        await store.commit_started.wait()
+        handler.begin_shutdown()
+        store.gate.set()
+        assert await replies.lines(3) == [
+            ack_line(1, b"one")[:-1],
+            ack_line(2, b"two")[:-1],
+            b"ERR 0 shutting-down server is shutting down, retry later",
+        ]
+        assert store.payloads == [b"one", b"two"]
+
+
+async def test_serve_with_a_store_over_tcp(nursery: trio.Nursery) -> None:
+    """serve() runs the committer for its connections: a real socket's messages are stored
+    before their ACKs, and the listening event names the store."""
+    store = ListStore()
+    with capture_logs() as events:
+        server = await nursery.start(functools.partial(serve, ServerConfig(port=0), store=store))
+    [listening] = [e for e in events if e["event"] == "listening"]
+    assert listening["store"] == "list"
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"over tcp\n" * 3)
+        assert len(await LineReader(stream).lines(3)) == 3
+    assert store.payloads == [b"over tcp"] * 3
+    server.shutdown()
+
+
+def test_a_store_and_a_hook_together_are_refused() -> None:
+    """A store and an on_message hook are two answers to one question: giving both is a
+    usage error, not a silent choice."""
+
+    async def hook(payload: bytes, context: MessageContext) -> None:
+        pass
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="not both"):
+            async with open_handler(store=ListStore(), on_message=hook):
+                pass
+
+    trio.run(main)
+
+
+async def test_a_hook_past_its_timeout_is_unavailable(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, logs: EventList
+) -> None:
+    """A hook that never returns holds its message only hook_timeout long: the message is
+    told unavailable (safe to resend) and the connection goes on."""
+
+    async def stuck(payload: bytes, context: MessageContext) -> None:
+        if payload == b"stuck":
+            await trio.sleep_forever()
+
+    handler = AckHandler(ServerConfig(hook_timeout=3.0), on_message=stuck)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"stuck\nnext\n")
+    assert await replies.lines(2) == [
+        b"ERR 1 unavailable the application did not answer within 3 s",
+        ack_line(2, b"next")[:-1],
+    ]
+    assert [e["seq"] for e in logs if e["event"] == "on_message_timed_out"] == [1]
+
+
+async def test_a_hook_raising_system_exit_fails_its_message_only(
+    nursery: trio.Nursery, logs: EventList
+) -> None:
+    """SystemExit from a hook is an application failure like any other: internal-error for
+    that message, and the server goes on (Trio's Cancelled and KeyboardInterrupt still
+    propagate)."""
+
+    async def exits(payload: bytes, context: MessageContext) -> None:
+        if payload == b"exit":
+            raise SystemExit(3)
+
+    handler = AckHandler(on_message=exits)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"exit\nafter\n")
+    lines = await replies.lines(2)
+    assert lines[0].startswith(b"ERR 1 internal-error ")
+    assert lines[1] == ack_line(2, b"after")[:-1]
