@@ -214,6 +214,8 @@ async def open_handler(
         on_message: the per-message hook instead of a store.
     """
     config = ServerConfig() if config is None else config
+    if store is not None and on_message is not None:
+        raise ValueError("give a store or an on_message hook, not both")
     if store is None:
         yield AckHandler(config, on_message=on_message)
         return
