@@ -1,8 +1,8 @@
 """``python -m ackservice.server``: run the server as a daemon.
 
 Exit codes: 0 after a graceful shutdown, 1 when the server cannot start (the address is in
-use, cannot be resolved, the store cannot be opened, ...), 2 for a bad setting, 130 when a second signal forced an
-immediate exit.
+use, cannot be resolved, the store cannot be opened, ...), 2 for a bad setting, 130 when a
+second signal forced an immediate exit.
 """
 
 from __future__ import annotations

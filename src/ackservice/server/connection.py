@@ -199,10 +199,13 @@ class Connection:
         send_timeout = owner.config.send_timeout
         committer = self._committer
         acknowledge = self._acknowledger is not None
+        # Bound once: these run once or twice per message in request/response.
+        read_nowait = transport.read_nowait
+        try_send = transport.try_send
         while True:
             if committer is not None and not committer.has_room():
                 await committer.wait_for_room()  # the store is behind: read nothing more yet
-            data = transport.read_nowait()
+            data = read_nowait()
             if data is None:
                 if owner.shutting_down:
                     return _Ending.SHUTDOWN
@@ -228,7 +231,7 @@ class Connection:
                     # even if cancellation comes now.
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 # Inline, as almost every write takes it all: no coroutine per read.
-                sent = transport.try_send(replies)
+                sent = try_send(replies)
                 if sent < len(replies):
                     # The client is not keeping up with its replies: wait, but not forever.
                     with trio.fail_after(send_timeout):

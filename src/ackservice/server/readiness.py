@@ -70,20 +70,21 @@ class ReadinessHub:
         "_aborts",
         "_armed",
         "_deadlines",
-        "_ended",
         "_epoll",
         "_pending",
         "_timer_scope",
         "_timers",
         "_waiters",
+        "ended_fds",
     )
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._waiters: dict[int, trio.lowlevel.Task] = {}
         self._pending: dict[int, int] = {}
-        # Sockets whose end of stream (or error) has been seen: read them to the end.
-        self._ended: set[int] = set()
+        self.ended_fds: set[int] = set()
+        """Sockets whose end of stream (or an error) epoll has reported: input that came in
+        the same edge must be read to the end, not waited for."""
         # Each registered fd's abort function for wait_task_rescheduled, made once.
         self._aborts: dict[int, Callable[[trio.lowlevel.RaiseCancelT], trio.lowlevel.Abort]] = {}
         # Deadlines of the waits in progress, and the timer heap: (when, fd) entries, at most
@@ -112,17 +113,12 @@ class ReadinessHub:
         last descriptor: use ``unregister`` for one that may have been duplicated.
         """
         self._pending.pop(fd, None)
-        self._ended.discard(fd)
+        self.ended_fds.discard(fd)
         self._aborts.pop(fd, None)
         if self._armed.pop(fd, None) is None:
             return  # no timer of its own in the heap
         if len(self._timers) > _STALE_TIMERS_KEPT + 2 * len(self._armed):
             self._drop_stale_timers()
-
-    def ended(self, fd: int) -> bool:
-        """Whether epoll has reported the end of ``fd``'s stream (or an error): input that
-        came in the same edge must be read until end of stream, not waited for."""
-        return fd in self._ended
 
     def wait_readable(self, fd: int, deadline: float = math.inf) -> Awaitable[int]:
         """Wait until ``fd`` has new input; return the epoll events seen, or ``WOKEN``.
@@ -205,7 +201,7 @@ class ReadinessHub:
         waiters = self._waiters
         pending = self._pending
         deadlines = self._deadlines
-        ended = self._ended
+        ended = self.ended_fds
         reschedule = trio.lowlevel.reschedule
         try:
             while True:

@@ -40,8 +40,8 @@ class Transport(Protocol):
 
     @property
     def may_have_more(self) -> bool:
-        """Whether the last read filled its buffer, so more input is likely waiting: the loop
-        then lets other connections run before reading again."""
+        """Whether more input may be waiting without a wait (the last read filled its
+        buffer): the loop then lets other connections run before reading again."""
         ...
 
     def read_nowait(self) -> bytes | None:
@@ -86,7 +86,7 @@ class SocketTransport:
         stream: that ``SocketStream``, if any.
     """
 
-    __slots__ = ("_drained", "_fd", "_hub", "_sock", "_stream")
+    __slots__ = ("_ended", "_fd", "_hub", "_sock", "_stream", "may_have_more")
 
     def __init__(
         self,
@@ -105,30 +105,28 @@ class SocketTransport:
         else:
             raise TypeError("SocketTransport needs a socket or a SocketStream")
         # Edge-triggered: after a short read the socket is drained, and reading again would
-        # only fail with EAGAIN; the hub's next edge says when to read.
-        self._drained = False
+        # only fail with EAGAIN; the hub's next edge says when to read. A plain attribute,
+        # not a property: it is read once per message in request/response.
+        self.may_have_more = True
+        self._ended = hub.ended_fds
         hub.register(self._fd)
 
-    @property
-    def may_have_more(self) -> bool:
-        return not self._drained
-
     def read_nowait(self) -> bytes | None:
-        if self._drained:
+        if not self.may_have_more:
             return None
         try:
             data = os.read(self._fd, RECEIVE_SIZE)
         except BlockingIOError:
-            self._drained = True
+            self.may_have_more = False
             return None
         # A short read drained the socket, unless the end of the stream came with the data
         # (one edge for both): then keep reading until the end is seen.
-        if len(data) < RECEIVE_SIZE and data and not self._hub.ended(self._fd):
-            self._drained = True
+        if len(data) < RECEIVE_SIZE and data and self._fd not in self._ended:
+            self.may_have_more = False
         return data
 
     def wait_readable(self, deadline: float) -> Awaitable[int]:
-        self._drained = False
+        self.may_have_more = True
         return self._hub.wait_readable(self._fd, deadline)
 
     def wake(self) -> None:
@@ -173,14 +171,13 @@ class StreamTransport:
 
     __slots__ = ("_received", "_scope", "_stream")
 
+    # Every read is a receive_some, itself a checkpoint: no extra yield is needed.
+    may_have_more: Final = False
+
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._received: bytes | None = None
         self._scope: trio.CancelScope | None = None
-
-    @property
-    def may_have_more(self) -> bool:
-        return False  # every read is a receive_some, itself a checkpoint
 
     def read_nowait(self) -> bytes | None:
         data, self._received = self._received, None
