@@ -224,10 +224,9 @@ class SQLiteReader:
                 return deleted
 
     async def aclose(self) -> None:
-        """Close the file."""
-        await trio.to_thread.run_sync(
-            self._connection.close, abandon_on_cancel=True, limiter=self._limiter
-        )
+        """Close the file (also when cancelled: it waits for at most one short read)."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._connection.close, limiter=self._limiter)
 
     async def _run(self, read: Callable[..., T], *args: object) -> T:
         """Run ``read(connection, *args)`` in a worker thread, one at a time.
