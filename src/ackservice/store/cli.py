@@ -269,8 +269,17 @@ class _Run:
         async with open_reader(self.url) as reader:
             if follow and self._nursery is not None:
                 self._nursery.start_soon(self._flush_periodically)
-            async for message in reader.messages(after=after, follow=follow):
-                write(encode(message))
+            messages = reader.messages(after=after, follow=follow)
+            try:
+                async for message in messages:
+                    write(encode(message))
+            finally:
+                # An async generator left open when the loop raises would be finalized
+                # later, outside this task; close it here (the protocol promises only an
+                # AsyncIterator, so only when it has aclose).
+                aclose = getattr(messages, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
     async def _flush_periodically(self) -> None:
         while True:
