@@ -260,6 +260,20 @@ async def test_locked_database_is_unavailable_then_recovers(
     assert [m.payload for m in await read_all(path)] == [b"accepted"]
 
 
+async def test_a_batch_sqlite_cannot_hold_leaves_no_open_transaction(tmp_path: Path) -> None:
+    """A batch failing outside SQLite (a seq too large for its 64-bit integers) is rolled
+    back, so the next batch is stored as usual."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    try:
+        with pytest.raises(OverflowError):
+            await store.store([message(b"kept out", 1), message(b"too big", 2**64)])
+        assert await store.store(batch_of([b"next"])) is None
+    finally:
+        await store.aclose()
+    assert [m.payload for m in await read_all(path)] == [b"next"]
+
+
 async def test_abandoned_commit_finishes_before_the_next_one(tmp_path: Path) -> None:
     """A commit cancelled by a timeout (its thread abandoned while it waits for a lock) still
     runs to completion, and the next batch waits for it: both are stored, in order, and

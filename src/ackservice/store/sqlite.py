@@ -355,9 +355,19 @@ def _insert(connection: sqlite3.Connection, batch: Sequence[Message]) -> None:
     except sqlite3.DatabaseError as exc:
         # Also undoes a COMMIT that failed (disk full while writing the log): the next
         # batch starts from a clean slate, which is all "recovery" takes.
-        with contextlib.suppress(sqlite3.Error):
-            connection.rollback()
+        _roll_back(connection)
         raise StoreUnavailable(_detail(exc)) from exc
+    except BaseException:
+        # Anything else (a value SQLite cannot hold, such as a seq above 2**63 - 1) must
+        # not leave the transaction open either, or every later BEGIN would fail.
+        _roll_back(connection)
+        raise
+
+
+def _roll_back(connection: sqlite3.Connection) -> None:
+    """Roll back whatever is open; a failure here changes nothing for the caller."""
+    with contextlib.suppress(sqlite3.Error):
+        connection.rollback()
 
 
 def _read_or_unavailable(
@@ -366,8 +376,7 @@ def _read_or_unavailable(
     try:
         return read(connection, *args)
     except sqlite3.DatabaseError as exc:
-        with contextlib.suppress(sqlite3.Error):
-            connection.rollback()
+        _roll_back(connection)
         raise StoreUnavailable(_detail(exc)) from exc
 
 
