@@ -119,8 +119,11 @@ class SQLiteStore:
         """
         if not batch:
             return None
+        # A snapshot (one C-level copy): an abandoned thread may still be reading the batch
+        # after the caller has moved on and reused its list for the next group.
+        snapshot = tuple(batch)
         await trio.to_thread.run_sync(
-            _insert, self._connection, batch, abandon_on_cancel=True, limiter=self._limiter
+            _insert, self._connection, snapshot, abandon_on_cancel=True, limiter=self._limiter
         )
         return None
 
