@@ -1,0 +1,390 @@
+"""``python -m ackservice.store``: read back, count and prune what a store keeps.
+
+Subcommands:
+
+* ``export``: every stored message, oldest first, as protocol lines (pipe them into
+  ``python -m ackservice.client`` to send the same payloads again) or as JSON lines;
+  ``--follow`` keeps going as new messages are stored.
+* ``stats``: how many messages and bytes, and the first and last.
+* ``prune``: delete messages below an id or older than a duration.
+
+Any store ``--store`` names works (``sqlite:PATH``, ``nats://HOST:PORT/STREAM``).
+
+Exit codes: 0 done; 1 the store failed (no such store, unreachable, a read error);
+2 usage error; 130 interrupted (Ctrl-C); 141 whoever read standard output stopped
+(``export | head``). 141 is what a shell reports for ``cat`` or ``seq`` killed by SIGPIPE
+in the same place, so ``set -o pipefail`` scripts see the same thing as with those tools;
+nothing is printed, since stopping early is the reader's choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, BinaryIO, Final
+
+import trio
+
+from .. import __version__, _cli
+from ..errors import AckServiceError
+from ..protocol import message_line
+from .base import StoredMessage, StoreStats
+from .opening import open_reader
+from .url import DEFAULT_STORE_URL, JetStreamURL, SQLiteURL, StoreURL, parse_store_url
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_OUTPUT_CLOSED",
+    "EXIT_STORE_FAILED",
+    "build_parser",
+    "duration",
+    "main",
+]
+
+PROG: Final = "python -m ackservice.store"
+STORE_ENV: Final = "ACKSERVICE_STORE"
+
+EXIT_OK: Final = 0
+EXIT_STORE_FAILED: Final = 1
+EXIT_INTERRUPTED: Final = 130
+EXIT_OUTPUT_CLOSED: Final = 141  # 128 + SIGPIPE, as the shell reports for cat or seq
+
+# How often ``export --follow`` flushes standard output: new messages reach a pipe within
+# the same time the reader takes to notice them, and a backlog still goes out in large writes.
+FOLLOW_FLUSH_INTERVAL: Final = 0.2
+
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+_DESCRIPTION = """\
+Read back, count and prune the messages a store keeps.
+"""
+
+_EPILOG = """\
+exit codes: 0 done; 1 the store failed; 2 usage error; 130 interrupted;
+141 standard output was closed by its reader (export | head).
+"""
+
+
+def duration(text: str) -> float:
+    """A positive duration: ``30d``, ``12h``, ``90m``, ``45s`` or plain seconds."""
+    number = text.strip().lower()
+    scale = _DURATION_UNITS.get(number[-1:], 1)
+    if number[-1:] in _DURATION_UNITS:
+        number = number[:-1]
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(
+            f"expected a duration like 30d, 12h, 90m, 45s or a number of seconds, got {text!r}"
+        ) from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"expected a positive duration, got {text!r}")
+    return value
+
+
+def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
+    """The command-line parser: one subparser per command, each taking ``--store``."""
+    parser = _cli.SettingsParser(
+        prog=PROG,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        environ=environ,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = commands.add_parser(
+        "export",
+        environ=environ,
+        help="write the stored messages to standard output",
+        description="Write the stored messages with id > --after to standard output, "
+        "oldest first. 'lines' writes each payload as one protocol message, so the output "
+        "piped into 'python -m ackservice.client' sends the same payloads again; 'json' "
+        "writes one object per message with its metadata.",
+    )
+    _add_store(export)
+    export.set_defaults(command_parser=export)
+    export.add_argument(
+        "--after",
+        type=_cli._argparse_type(_cli.non_negative_int),
+        default=0,
+        metavar="ID",
+        help="start after this id, e.g. the last one processed (default: 0, from the start)",
+    )
+    export.add_argument(
+        "--follow", action="store_true", help="keep writing new messages as they are stored"
+    )
+    export.add_argument(
+        "--format",
+        choices=("lines", "json"),
+        default="lines",
+        help="lines (the payloads, as protocol messages) or json (default: lines)",
+    )
+
+    stats = commands.add_parser(
+        "stats", environ=environ, help="count the stored messages and bytes"
+    )
+    _add_store(stats)
+    stats.set_defaults(command_parser=stats)
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+
+    prune = commands.add_parser(
+        "prune",
+        environ=environ,
+        help="delete old messages",
+        description="Delete messages below an id or older than a duration; print how many.",
+    )
+    _add_store(prune)
+    prune.set_defaults(command_parser=prune)
+    which = prune.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--before",
+        type=_cli._argparse_type(_cli.positive_int),
+        metavar="ID",
+        help="delete the messages with an id below ID",
+    )
+    which.add_argument(
+        "--older-than",
+        type=_cli._argparse_type(duration),
+        metavar="DURATION",
+        help="delete the messages received longer ago than DURATION (30d, 12h, 90m, 45s "
+        "or seconds)",
+    )
+    return parser
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        default=None,
+        help=f"the store: sqlite:PATH or nats://HOST:PORT/STREAM "
+        f"(default: {DEFAULT_STORE_URL}; env: {STORE_ENV})",
+    )
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """Run one command; return the process exit code."""
+    env = os.environ if environ is None else environ
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    command: argparse.ArgumentParser = args.command_parser  # its errors name the command
+    url = args.store if args.store is not None else (env.get(STORE_ENV) or DEFAULT_STORE_URL)
+    source = "--store" if args.store is not None else STORE_ENV
+    try:
+        parsed = parse_store_url(url)
+    except AckServiceError as exc:
+        command.error(f"{source}: {exc}")
+    if parsed is None:
+        command.error(f"{source}: the store 'none' keeps nothing; name a sqlite: or nats:// store")
+    if sys.stdout is None:  # started with stdout closed (``>&-``)
+        command.error("no standard output to write to")
+    run = _Run(url, _describe(parsed), sys.stdout.buffer)
+    body: Callable[[], Awaitable[None]]
+    if args.command == "export":
+        body = partial(run.export, args.after, args.follow, args.format)
+    elif args.command == "stats":
+        body = partial(run.stats, args.json)
+    else:
+        body = partial(run.prune, args.before, args.older_than)
+    try:
+        return trio.run(run.session, body)
+    except KeyboardInterrupt:  # before the signal receiver was in place
+        return EXIT_INTERRUPTED
+
+
+def _describe(parsed: StoreURL) -> str:
+    """The store as shown by ``stats``: an absolute path, or a NATS URL without secrets."""
+    if isinstance(parsed, SQLiteURL):
+        return f"sqlite:{os.path.abspath(parsed.path)}"
+    assert isinstance(parsed, JetStreamURL)
+    return str(parsed)
+
+
+class _Run:
+    """One invocation: opens the reader, runs the command, turns the outcome into a code."""
+
+    def __init__(self, url: str, description: str, out: BinaryIO) -> None:
+        self.url = url
+        self.description = description
+        self.out = out
+        self.code = EXIT_OK
+        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+
+    async def session(self, body: Callable[[], Awaitable[None]]) -> int:
+        """Run ``body``; Ctrl-C and a closed stdout end it early. Errors become exit codes,
+        caught inside the nursery so that none arrives wrapped in an exception group."""
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts, self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._cancel_on_interrupt, interrupts)
+                await self._guarded(body)
+                nursery.cancel_scope.cancel()
+        if self.code == EXIT_OUTPUT_CLOSED:
+            _silence_stdout()
+        return self.code
+
+    async def _guarded(self, body: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await body()
+            self.out.flush()
+        except BrokenPipeError:
+            self._output_closed()
+        except ImportError as exc:  # a store whose client library is not installed
+            self._fail(f"cannot open {self.description}: {exc}")
+        except AckServiceError as exc:
+            self._fail(str(exc))
+
+    async def _cancel_on_interrupt(self, interrupts: AsyncIterator[int]) -> None:
+        async for _ in interrupts:
+            self.code = EXIT_INTERRUPTED
+            self._scope.cancel()
+            return
+
+    def _fail(self, text: str) -> None:
+        self.code = EXIT_STORE_FAILED
+        print(f"{PROG}: error: {' '.join(text.split())}", file=sys.stderr)
+
+    def _output_closed(self) -> None:
+        self.code = EXIT_OUTPUT_CLOSED
+        self._scope.cancel()
+
+    # -- the commands ------------------------------------------------------------------
+
+    async def export(self, after: int, follow: bool, fmt: str) -> None:
+        """Write every message with ``id > after``; with ``follow``, keep waiting for more."""
+        encode = _json_line if fmt == "json" else _protocol_line
+        write = self.out.write
+        async with open_reader(self.url) as reader:
+            if follow and self._nursery is not None:
+                self._nursery.start_soon(self._flush_periodically)
+            messages = reader.messages(after=after, follow=follow)
+            try:
+                async for message in messages:
+                    write(encode(message))
+            finally:
+                # An async generator left open when the loop raises would be finalized
+                # later, outside this task; close it here (the protocol promises only an
+                # AsyncIterator, so only when it has aclose).
+                aclose = getattr(messages, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await trio.sleep(FOLLOW_FLUSH_INTERVAL)
+            try:
+                self.out.flush()
+            except BrokenPipeError:
+                self._output_closed()
+                return
+
+    async def stats(self, as_json: bool) -> None:
+        """Print the count, bytes and the first and last message."""
+        async with open_reader(self.url) as reader:
+            stats = await reader.stats()
+        if as_json:
+            self.out.write(_dumps(self._stats_record(stats)))
+        else:
+            self.out.write(self._stats_text(stats).encode())
+
+    def _stats_record(self, stats: StoreStats) -> dict[str, Any]:
+        return {
+            "store": self.description,
+            "count": stats.count,
+            "bytes": stats.bytes,
+            "first_id": stats.first_id,
+            "last_id": stats.last_id,
+            "first_received_at": _rfc3339_or_none(stats.first_received_at),
+            "last_received_at": _rfc3339_or_none(stats.last_received_at),
+        }
+
+    def _stats_text(self, stats: StoreStats) -> str:
+        lines = [
+            f"store:    {self.description}",
+            f"messages: {stats.count}",
+            f"bytes:    {stats.bytes}",
+        ]
+        if stats.first_id is not None:
+            lines.append(
+                f"first:    id {stats.first_id}, {_rfc3339_or_none(stats.first_received_at)}"
+            )
+            lines.append(
+                f"last:     id {stats.last_id}, {_rfc3339_or_none(stats.last_received_at)}"
+            )
+        return "\n".join(lines) + "\n"
+
+    async def prune(self, before: int | None, older_than: float | None) -> None:
+        """Delete the messages below ``before`` or older than ``older_than`` seconds."""
+        async with open_reader(self.url) as reader:
+            deleted = await reader.prune(before_id=before, older_than=older_than)
+        noun = "message" if deleted == 1 else "messages"
+        self.out.write(f"deleted {deleted} {noun}\n".encode())
+
+
+class _NewlineInPayload(AckServiceError):
+    """A stored payload holds a newline, so it cannot be written as one protocol line."""
+
+
+def _protocol_line(message: StoredMessage) -> bytes:
+    try:
+        return message_line(message.payload)
+    except ValueError:
+        raise _NewlineInPayload(
+            f"message {message.id} contains a newline, so it is not one protocol line; "
+            "export it with --format json"
+        ) from None
+
+
+def _json_line(message: StoredMessage) -> bytes:
+    record: dict[str, Any] = {
+        "id": message.id,
+        "received_at": _rfc3339(message.received_at),
+        "peer": message.peer,
+        "conn_id": message.conn_id,
+        "seq": message.seq,
+        "nbytes": len(message.payload),
+        "crc32": f"{message.crc32:08x}",
+    }
+    if message.identity is not None:
+        record["identity"] = message.identity
+    try:
+        record["payload"] = message.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        record["payload_b64"] = base64.b64encode(message.payload).decode("ascii")
+    return _dumps(record)
+
+
+def _dumps(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def _rfc3339(timestamp: float) -> str:
+    """``2026-05-01T12:00:00.123456Z``: UTC, microseconds."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _rfc3339_or_none(timestamp: float | None) -> str | None:
+    return None if timestamp is None else _rfc3339(timestamp)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's capture): nothing will flush it at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

@@ -1,0 +1,433 @@
+"""The embedded store: one SQLite file, written in WAL mode with a full sync per commit.
+
+Each batch the server hands over is one transaction, so one ``fsync`` of the write-ahead
+log covers every message that arrived while the previous commit ran (group commit). The
+stdlib ``sqlite3`` module blocks, so every call runs in a worker thread; a
+``CapacityLimiter(1)`` per connection serializes them. Trio releases a limiter only when
+the thread has really finished, even when the waiting task was cancelled and the thread
+abandoned (see ``trio.to_thread.run_sync``), so a commit cut off by the server's store
+timeout still finishes before the next one starts, on the same connection.
+
+Schema version 1 (``PRAGMA user_version``)::
+
+    messages(id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL, peer TEXT,
+             conn_id INTEGER, seq INTEGER, nbytes INTEGER, crc32 INTEGER, payload BLOB,
+             identity TEXT)
+
+``AUTOINCREMENT`` so that an id is never handed out twice, even after the newest rows were
+pruned: a reader that resumes "after id N" must not skip a message that reused N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Final, TypeVar
+
+import trio
+
+from .base import Message, StoredMessage, StoreError, StoreStats, StoreUnavailable, Verdict
+
+__all__ = ["SCHEMA_VERSION", "SQLiteReader", "SQLiteStore"]
+
+T = TypeVar("T")
+
+SCHEMA_VERSION: Final = 1
+
+# How long a statement waits for another connection's write lock before failing with
+# "database is locked" (then the batch is answered ``unavailable``). Long enough to ride out
+# a prune chunk or a checkpoint, short enough that a wedged writer is reported, not hidden.
+BUSY_TIMEOUT: Final = 5.0
+
+# Rows per read: bounds a reader's memory (at most this many payloads of up to 64 KiB each)
+# while keeping the per-query overhead small.
+PAGE_ROWS: Final = 256
+
+# How often a following reader asks whether another connection committed. The check is
+# ``PRAGMA data_version``, which reads one counter in shared memory: cheap enough to run
+# five times a second, and a new message shows up within a fifth of a second.
+FOLLOW_INTERVAL: Final = 0.2
+
+# Rows deleted per prune transaction: each chunk holds the write lock only briefly, so the
+# server's commits (waiting at most BUSY_TIMEOUT) keep going while a large prune runs.
+PRUNE_CHUNK_ROWS: Final = 10_000
+
+_SCHEMA: Final = """
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at REAL NOT NULL,
+    peer TEXT NOT NULL,
+    conn_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    crc32 INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    identity TEXT
+)
+"""
+
+_INSERT: Final = (
+    "INSERT INTO messages (received_at, peer, conn_id, seq, nbytes, crc32, payload, identity)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_SELECT_PAGE: Final = (
+    "SELECT id, received_at, peer, conn_id, seq, crc32, payload, identity FROM messages"
+    " WHERE id > ? ORDER BY id LIMIT ?"
+)
+
+
+class SQLiteStore:
+    """A ``Store`` that keeps every message in one SQLite file; open with ``SQLiteStore.open``."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._connection = connection
+        self._path = path
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteStore:
+        """Open (creating if missing) the store file at ``path`` and its directory.
+
+        Raises:
+            StoreError: the directory or file cannot be created or opened, the file is not
+                a SQLite database or not an ackservice store, or its schema is newer than
+                this version of ackservice understands.
+        """
+        path, connection = await trio.to_thread.run_sync(_open_for_writing, path)
+        return cls(connection, path)
+
+    @property
+    def description(self) -> str:
+        """``sqlite:`` and the file's absolute path."""
+        return f"sqlite:{self._path}"
+
+    async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
+        """Insert ``batch`` in one transaction; return once its commit is on disk.
+
+        Cancelling the call abandons the worker thread, which still finishes (commits or
+        rolls back) before the next call's thread starts.
+
+        Raises:
+            StoreUnavailable: SQLite failed (disk full, database locked, I/O error); nothing
+                of the batch was stored, and the next batch tries again.
+        """
+        if not batch:
+            return None
+        # A snapshot (one C-level copy): an abandoned thread may still be reading the batch
+        # after the caller has moved on and reused its list for the next group.
+        snapshot = tuple(batch)
+        await trio.to_thread.run_sync(
+            _insert, self._connection, snapshot, abandon_on_cancel=True, limiter=self._limiter
+        )
+        return None
+
+    async def aclose(self) -> None:
+        """Close the file, after any abandoned commit has finished."""
+        # Through the limiter, so the connection is never closed under a running commit.
+        await trio.to_thread.run_sync(
+            self._connection.close, abandon_on_cancel=True, limiter=self._limiter
+        )
+
+
+class SQLiteReader:
+    """A ``StoreReader`` for a SQLite store file; open with ``SQLiteReader.open``."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._connection = connection
+        self._path = path
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteReader:
+        """Open the existing store file at ``path`` (read-write, so that it can be pruned).
+
+        Raises:
+            StoreError: there is no file at ``path``, it cannot be opened, or it is not an
+                ackservice store this version understands.
+        """
+        path, connection = await trio.to_thread.run_sync(_open_for_reading, path)
+        return cls(connection, path)
+
+    @property
+    def description(self) -> str:
+        """``sqlite:`` and the file's absolute path."""
+        return f"sqlite:{self._path}"
+
+    async def messages(
+        self, *, after: int = 0, follow: bool = False
+    ) -> AsyncIterator[StoredMessage]:
+        """The stored messages with ``id > after``, in id order, read a page at a time.
+
+        With ``follow``, after the last one it checks every ``FOLLOW_INTERVAL`` seconds
+        whether another connection committed, and yields new messages until cancelled.
+
+        Raises:
+            StoreUnavailable: SQLite failed while reading.
+        """
+        last_id = after
+        while True:
+            # Read the change counter before the page: a commit that lands after this read
+            # changes it, so the wait below cannot miss rows the page did not see.
+            version = await self._run(_data_version) if follow else 0
+            page = await self._run(_read_page, last_id)
+            for message in page:
+                yield message
+            if page:
+                last_id = page[-1].id
+            if len(page) == PAGE_ROWS:
+                continue  # more may be waiting right now
+            if not follow:
+                return
+            while await self._run(_data_version) == version:  # noqa: ASYNC110
+                # Polling, not an event: the writer is another process.
+                await trio.sleep(FOLLOW_INTERVAL)
+
+    async def stats(self) -> StoreStats:
+        """Count, payload bytes and the first and last message.
+
+        Raises:
+            StoreUnavailable: SQLite failed while reading.
+        """
+        return await self._run(_stats)
+
+    async def prune(self, *, before_id: int | None = None, older_than: float | None = None) -> int:
+        """Delete messages with ``id < before_id`` and received more than ``older_than``
+        seconds ago (a message must match every condition given); return how many.
+
+        Deletes in chunks of ``PRUNE_CHUNK_ROWS`` rows, one transaction each, so a running
+        server's commits are held up only briefly. The file does not shrink: SQLite reuses
+        the freed pages for new messages.
+
+        Raises:
+            ValueError: neither condition was given.
+            StoreUnavailable: SQLite failed (rows deleted by earlier chunks stay deleted).
+        """
+        if before_id is None and older_than is None:
+            raise ValueError("prune needs before_id or older_than")
+        conditions: list[str] = []
+        parameters: list[float] = []
+        if before_id is not None:
+            conditions.append("id < ?")
+            parameters.append(before_id)
+        if older_than is not None:
+            conditions.append("received_at < ?")
+            parameters.append(time.time() - older_than)
+        where = " AND ".join(conditions)
+        deleted = 0
+        while True:
+            chunk = await self._run(_delete_chunk, where, parameters)
+            deleted += chunk
+            if chunk < PRUNE_CHUNK_ROWS:
+                return deleted
+
+    async def aclose(self) -> None:
+        """Close the file (also when cancelled: it waits for at most one short read)."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._connection.close, limiter=self._limiter)
+
+    async def _run(self, read: Callable[..., T], *args: object) -> T:
+        """Run ``read(connection, *args)`` in a worker thread, one at a time.
+
+        Not abandoned on cancel: reads are short, and the connection must stay usable
+        (and closable) once a cancelled read returns.
+        """
+        return await trio.to_thread.run_sync(
+            _read_or_unavailable, read, self._connection, *args, limiter=self._limiter
+        )
+
+
+# -- The worker-thread side: plain blocking sqlite3 calls -------------------------------------
+
+
+def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), durable commits."""
+    mode = "rwc" if create else "rw"
+    uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+    try:
+        connection = sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=BUSY_TIMEOUT,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.Error as exc:
+        raise StoreError(
+            f"cannot open store {path}: {exc}; check that the path is a file you may write"
+        ) from exc
+    try:
+        # FULL, not NORMAL: in WAL mode NORMAL does not fsync the log at each commit, so
+        # an ACK could be lost to a power cut. A per-connection setting, so set every time.
+        connection.execute("PRAGMA synchronous = FULL")
+        _check_schema(connection, path, create=create)
+    except sqlite3.DatabaseError as exc:
+        connection.close()
+        if exc.sqlite_errorname == "SQLITE_NOTADB":
+            raise StoreError(
+                f"{path} is not a SQLite database; move it away or choose another path"
+            ) from exc
+        raise StoreError(f"cannot use store {path}: {_detail(exc)}") from exc
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _open_for_writing(path: Path) -> tuple[Path, sqlite3.Connection]:
+    path = Path(os.path.abspath(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the directory of store {path}: {exc.strerror or exc}; "
+            "choose a path you may write"
+        ) from exc
+    connection = _connect(path, create=True)
+    try:
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    except sqlite3.Error as exc:
+        connection.close()
+        raise StoreError(f"cannot switch store {path} to WAL mode: {_detail(exc)}") from exc
+    if str(mode).lower() != "wal":
+        connection.close()
+        raise StoreError(
+            f"store {path} cannot use WAL mode (SQLite kept {mode!r}); "
+            "put it on a local file system"
+        )
+    return path, connection
+
+
+def _open_for_reading(path: Path) -> tuple[Path, sqlite3.Connection]:
+    path = Path(os.path.abspath(path))
+    if not path.exists():
+        raise StoreError(f"no store at {path}; check --store (the server creates it on start)")
+    return path, _connect(path, create=False)
+
+
+def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -> None:
+    """Create the schema in a new file; refuse a file that is not a store we understand."""
+    # IMMEDIATE when creating: two servers starting on one new file must not both create.
+    connection.execute("BEGIN IMMEDIATE" if create else "BEGIN")
+    try:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            tables = connection.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+            if tables or not create:
+                raise StoreError(
+                    f"{path} is a SQLite database but not an ackservice store; choose another path"
+                )
+            connection.execute(_SCHEMA)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            raise StoreError(
+                f"store {path} has schema version {version}, and this ackservice "
+                f"understands only {SCHEMA_VERSION}; use the ackservice that wrote it"
+            )
+        connection.execute("COMMIT")
+    finally:
+        if connection.in_transaction:
+            connection.rollback()
+
+
+def _insert(connection: sqlite3.Connection, batch: Sequence[Message]) -> None:
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.executemany(
+            _INSERT,
+            [
+                (
+                    m.received_at,
+                    m.peer,
+                    m.conn_id,
+                    m.seq,
+                    len(m.payload),
+                    m.crc32,
+                    m.payload,
+                    m.identity,
+                )
+                for m in batch
+            ],
+        )
+        connection.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:
+        # Also undoes a COMMIT that failed (disk full while writing the log): the next
+        # batch starts from a clean slate, which is all "recovery" takes.
+        _roll_back(connection)
+        raise StoreUnavailable(_detail(exc)) from exc
+    except BaseException:
+        # Anything else (a value SQLite cannot hold, such as a seq above 2**63 - 1) must
+        # not leave the transaction open either, or every later BEGIN would fail.
+        _roll_back(connection)
+        raise
+
+
+def _roll_back(connection: sqlite3.Connection) -> None:
+    """Roll back whatever is open; a failure here changes nothing for the caller."""
+    with contextlib.suppress(sqlite3.Error):
+        connection.rollback()
+
+
+def _read_or_unavailable(
+    read: Callable[..., T], connection: sqlite3.Connection, *args: object
+) -> T:
+    try:
+        return read(connection, *args)
+    except sqlite3.DatabaseError as exc:
+        _roll_back(connection)
+        raise StoreUnavailable(_detail(exc)) from exc
+
+
+def _detail(exc: sqlite3.Error) -> str:
+    """SQLite's own short message ("database or disk is full"), on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_page(connection: sqlite3.Connection, after: int) -> list[StoredMessage]:
+    rows = connection.execute(_SELECT_PAGE, (after, PAGE_ROWS)).fetchall()
+    return [StoredMessage._make(row) for row in rows]
+
+
+def _data_version(connection: sqlite3.Connection) -> int:
+    version: int = connection.execute("PRAGMA data_version").fetchone()[0]
+    return version
+
+
+def _stats(connection: sqlite3.Connection) -> StoreStats:
+    # One read transaction, so the count and the ends describe the same moment.
+    connection.execute("BEGIN")
+    try:
+        count, nbytes, first_id, last_id = connection.execute(
+            "SELECT count(*), coalesce(sum(nbytes), 0), min(id), max(id) FROM messages"
+        ).fetchone()
+        first_at = _received_at(connection, first_id)
+        last_at = _received_at(connection, last_id)
+    finally:
+        connection.rollback()
+    return StoreStats(count, nbytes, first_id, last_id, first_at, last_at)
+
+
+def _received_at(connection: sqlite3.Connection, message_id: int | None) -> float | None:
+    if message_id is None:
+        return None
+    row = connection.execute(
+        "SELECT received_at FROM messages WHERE id = ?", (message_id,)
+    ).fetchone()
+    return None if row is None else float(row[0])
+
+
+def _delete_chunk(connection: sqlite3.Connection, where: str, parameters: list[float]) -> int:
+    connection.execute("BEGIN IMMEDIATE")
+    cursor = connection.execute(
+        # Only our own fixed conditions are formatted in; the values are bound.
+        f"DELETE FROM messages WHERE id IN "
+        f"(SELECT id FROM messages WHERE {where} ORDER BY id LIMIT {PRUNE_CHUNK_ROWS})",
+        parameters,
+    )
+    connection.execute("COMMIT")
+    return cursor.rowcount

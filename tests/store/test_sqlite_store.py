@@ -1,0 +1,407 @@
+"""The SQLite store against real files: durability settings, ids, refusals, failures."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import subprocess
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from ackservice.store import sqlite as sqlite_module
+from ackservice.store.base import Message, StoredMessage, StoreError, StoreUnavailable
+from ackservice.store.sqlite import SQLiteReader, SQLiteStore
+
+
+def message(payload: bytes, seq: int = 1, *, identity: str | None = None) -> Message:
+    """A message as the server would hand it over."""
+    return Message(
+        payload=payload,
+        crc32=zlib.crc32(payload),
+        received_at=time.time(),
+        peer="127.0.0.1:40000",
+        conn_id=7,
+        seq=seq,
+        identity=identity,
+    )
+
+
+def batch_of(payloads: list[bytes], first_seq: int = 1) -> list[Message]:
+    """One message per payload, numbered from ``first_seq``."""
+    return [message(p, first_seq + i) for i, p in enumerate(payloads)]
+
+
+async def read_all(path: Path) -> list[StoredMessage]:
+    """Everything the store at ``path`` holds, through a reader."""
+    reader = await SQLiteReader.open(path)
+    try:
+        return [m async for m in reader.messages()]
+    finally:
+        await reader.aclose()
+
+
+def integrity(path: Path) -> str:
+    """SQLite's own verdict on the file ("ok" when sound)."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        result: str = connection.execute("PRAGMA integrity_check").fetchone()[0]
+        return result
+
+
+async def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    """What is stored comes back byte for byte, with its metadata, in id order, even
+    payloads that are empty, end in a carriage return or are not UTF-8."""
+    path = tmp_path / "store.db"
+    sent = [
+        message(b"hello", 1),
+        message(b"", 2),
+        message(b"ends in cr\r", 3),
+        message(b"\xff\x00\xfe binary", 4, identity="CN=client-1"),
+    ]
+    store = await SQLiteStore.open(path)
+    try:
+        assert await store.store(sent[:2]) is None
+        assert await store.store(sent[2:]) is None
+    finally:
+        await store.aclose()
+
+    stored = await read_all(path)
+    assert [m.id for m in stored] == [1, 2, 3, 4]
+    for original, back in zip(sent, stored, strict=True):
+        assert back.payload == original.payload
+        assert type(back.payload) is bytes
+        assert back.crc32 == original.crc32
+        assert back.received_at == original.received_at
+        assert (back.peer, back.conn_id, back.seq) == (original.peer, 7, original.seq)
+        assert back.identity == original.identity
+
+
+async def test_open_creates_missing_directories_and_describes_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative path in a directory that does not exist yet is created, and the
+    description names the absolute path."""
+    monkeypatch.chdir(tmp_path)
+    store = await SQLiteStore.open(Path("deep/er/store.db"))
+    try:
+        assert store.description == f"sqlite:{tmp_path / 'deep/er/store.db'}"
+    finally:
+        await store.aclose()
+    assert (tmp_path / "deep/er/store.db").is_file()
+
+
+async def test_commits_are_durable_wal_with_full_sync(tmp_path: Path) -> None:
+    """The file is in WAL mode and the store's connection fsyncs the log at every commit
+    (synchronous=FULL, 2; NORMAL would not)."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    try:
+        synchronous = store._connection.execute("PRAGMA synchronous").fetchone()[0]
+        assert synchronous == 2
+    finally:
+        await store.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+async def test_ids_increase_and_are_not_reused_after_prune(tmp_path: Path) -> None:
+    """Pruning every message, the newest included, does not make its id available again:
+    a reader resuming after that id misses nothing."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    try:
+        await store.store(batch_of([b"a", b"b", b"c"]))
+        reader = await SQLiteReader.open(path)
+        try:
+            assert await reader.prune(before_id=4) == 3
+            assert (await reader.stats()).count == 0
+        finally:
+            await reader.aclose()
+        await store.store(batch_of([b"d"]))
+    finally:
+        await store.aclose()
+    assert [(m.id, m.payload) for m in await read_all(path)] == [(4, b"d")]
+
+
+async def test_prune_by_id_and_age(tmp_path: Path) -> None:
+    """``before_id`` deletes the messages below it; ``older_than`` those received longer
+    ago than that; each returns how many went."""
+    path = tmp_path / "store.db"
+    old = message(b"old")._replace(received_at=time.time() - 3600)
+    store = await SQLiteStore.open(path)
+    try:
+        await store.store([old, *batch_of([b"x", b"y", b"z"], 2)])
+    finally:
+        await store.aclose()
+    reader = await SQLiteReader.open(path)
+    try:
+        assert await reader.prune(older_than=60) == 1
+        assert await reader.prune(before_id=3) == 1
+        assert await reader.prune(before_id=3) == 0
+        stats = await reader.stats()
+        with pytest.raises(ValueError, match="before_id or older_than"):
+            await reader.prune()
+    finally:
+        await reader.aclose()
+    assert (stats.count, stats.bytes, stats.first_id, stats.last_id) == (2, 2, 3, 4)
+
+
+async def test_stats_of_an_empty_and_a_filled_store(tmp_path: Path) -> None:
+    """Stats count messages and payload bytes and name the first and last."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    reader = await SQLiteReader.open(path)
+    try:
+        empty = await reader.stats()
+        assert (empty.count, empty.bytes, empty.first_id, empty.last_received_at) == (
+            0,
+            0,
+            None,
+            None,
+        )
+        sent = batch_of([b"12345", b"", b"678"])
+        await store.store(sent)
+        stats = await reader.stats()
+    finally:
+        await reader.aclose()
+        await store.aclose()
+    assert (stats.count, stats.bytes, stats.first_id, stats.last_id) == (3, 8, 1, 3)
+    assert stats.first_received_at == sent[0].received_at
+    assert stats.last_received_at == sent[2].received_at
+
+
+async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    """A file that is not SQLite is left alone, with an error that says so."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"these are not the pages you are looking for\n" * 200)
+    with pytest.raises(StoreError, match=r"notes\.txt is not a SQLite database") as info:
+        await SQLiteStore.open(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        await SQLiteReader.open(path)
+    assert path.read_bytes().startswith(b"these are not")
+
+
+async def test_another_applications_database_is_refused(tmp_path: Path) -> None:
+    """A SQLite file with someone else's tables is not taken over."""
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE accounts (id INTEGER)")
+        connection.commit()
+    with pytest.raises(StoreError, match="not an ackservice store"):
+        await SQLiteStore.open(path)
+
+
+async def test_a_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    """A store written by a newer ackservice (higher user_version) is neither written nor
+    read, and the message says which versions are involved."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    await store.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA user_version = 2")
+        connection.commit()
+    with pytest.raises(StoreError, match=r"schema version 2.*only 1"):
+        await SQLiteStore.open(path)
+    with pytest.raises(StoreError, match="schema version 2"):
+        await SQLiteReader.open(path)
+
+
+async def test_a_path_that_cannot_be_created_names_the_path(tmp_path: Path) -> None:
+    """When the directory cannot be made (a file is in the way), the error names the path."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StoreError, match=r"afile/store\.db") as info:
+        await SQLiteStore.open(tmp_path / "afile" / "store.db")
+    assert "\n" not in str(info.value)
+
+
+async def test_a_directory_in_place_of_the_file_names_the_path(tmp_path: Path) -> None:
+    """A path that exists but cannot be opened as a file is reported with the path."""
+    (tmp_path / "store.db").mkdir()
+    with pytest.raises(StoreError, match=r"cannot open store .*store\.db"):
+        await SQLiteStore.open(tmp_path / "store.db")
+
+
+async def test_reader_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:
+    """Reading a store that does not exist fails with "no store at PATH" and leaves no
+    empty file behind."""
+    path = tmp_path / "missing.db"
+    with pytest.raises(StoreError, match=r"no store at .*missing\.db"):
+        await SQLiteReader.open(path)
+    assert not path.exists()
+
+
+async def test_locked_database_is_unavailable_then_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another connection holds the write lock past the busy timeout, a batch is
+    refused as unavailable (nothing stored); once the lock is gone the next batch goes in."""
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 0.05)
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="database is locked") as info:
+            await store.store(batch_of([b"refused"]))
+        assert info.value.detail == "database is locked"
+        blocker.execute("ROLLBACK")
+        assert await store.store(batch_of([b"accepted"])) is None
+    finally:
+        blocker.close()
+        await store.aclose()
+    assert [m.payload for m in await read_all(path)] == [b"accepted"]
+
+
+async def test_a_batch_sqlite_cannot_hold_leaves_no_open_transaction(tmp_path: Path) -> None:
+    """A batch failing outside SQLite (a seq too large for its 64-bit integers) is rolled
+    back, so the next batch is stored as usual."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    try:
+        with pytest.raises(OverflowError):
+            await store.store([message(b"kept out", 1), message(b"too big", 2**64)])
+        assert await store.store(batch_of([b"next"])) is None
+    finally:
+        await store.aclose()
+    assert [m.payload for m in await read_all(path)] == [b"next"]
+
+
+async def test_abandoned_commit_finishes_before_the_next_one(tmp_path: Path) -> None:
+    """A commit cancelled by a timeout (its thread abandoned while it waits for a lock) still
+    runs to completion, and the next batch waits for it: both are stored, in order, and
+    the file is sound. Delivery is at-least-once, so storing the abandoned batch is right."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with trio.move_on_after(0.2) as timeout:
+            await store.store(batch_of([b"first-1", b"first-2"]))
+        assert timeout.cancelled_caught
+        blocker.execute("COMMIT")  # the abandoned thread now gets the lock
+        await store.store(batch_of([b"second"], 3))
+    finally:
+        blocker.close()
+        await store.aclose()
+    assert [(m.id, m.payload) for m in await read_all(path)] == [
+        (1, b"first-1"),
+        (2, b"first-2"),
+        (3, b"second"),
+    ]
+    assert integrity(path) == "ok"
+
+
+async def test_follow_sees_messages_committed_later(tmp_path: Path) -> None:
+    """A following reader yields what was there, then what other connections commit while
+    it waits, without ending."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    reader = await SQLiteReader.open(path)
+    seen: list[bytes] = []
+    try:
+        await store.store(batch_of([b"before"]))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def follow() -> None:
+                    async for stored in reader.messages(follow=True):
+                        seen.append(stored.payload)
+                        if len(seen) == 3:
+                            nursery.cancel_scope.cancel()
+
+                nursery.start_soon(follow)
+                await trio.sleep(0.3)  # the reader is now polling
+                await store.store(batch_of([b"later-1"], 2))
+                await trio.sleep(0.3)
+                await store.store(batch_of([b"later-2"], 3))
+    finally:
+        await reader.aclose()
+        await store.aclose()
+    assert seen == [b"before", b"later-1", b"later-2"]
+
+
+async def test_messages_after_an_id_across_pages(tmp_path: Path) -> None:
+    """``after`` skips up to and including that id; results longer than a page arrive whole
+    and in order."""
+    path = tmp_path / "store.db"
+    count = sqlite_module.PAGE_ROWS * 2 + 5
+    store = await SQLiteStore.open(path)
+    try:
+        await store.store(batch_of([b"%d" % n for n in range(1, count + 1)]))
+    finally:
+        await store.aclose()
+    reader = await SQLiteReader.open(path)
+    try:
+        ids = [m.id async for m in reader.messages(after=3)]
+    finally:
+        await reader.aclose()
+    assert ids == list(range(4, count + 1))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs, unmounted afterwards (needs root; skipped with the reason
+    when mounting is not permitted)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill: {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file in ``directory`` until the file system is full; return it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            try:
+                os.write(fd, b"\0" * 4096)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    return filler
+                raise
+    finally:
+        os.close(fd)
+
+
+async def test_disk_full_is_unavailable_and_recovers_without_loss(small_tmpfs: Path) -> None:
+    """On a full disk a batch is refused as unavailable; once space is freed the next batch
+    is stored, every batch acknowledged before is still there, and the file is sound."""
+    path = small_tmpfs / "store.db"
+    acknowledged = [b"ack-%d" % n for n in range(20)]
+    store = await SQLiteStore.open(path)
+    try:
+        for n in range(0, 20, 5):
+            assert await store.store(batch_of(acknowledged[n : n + 5], n + 1)) is None
+        filler = fill(small_tmpfs)
+        # Larger than any slack in the log's last pages, so it must allocate.
+        refused = batch_of([b"r" * 4000 for _ in range(16)], 100)
+        with pytest.raises(StoreUnavailable) as info:
+            await store.store(refused)
+        assert info.value.detail == "database or disk is full"
+        with pytest.raises(StoreUnavailable):
+            await store.store(refused)  # still full: still refused, no crash
+        filler.unlink()
+        assert await store.store(batch_of([b"after"], 200)) is None
+    finally:
+        await store.aclose()
+    assert [m.payload for m in await read_all(path)] == [*acknowledged, b"after"]
+    assert integrity(path) == "ok"

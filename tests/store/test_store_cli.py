@@ -1,0 +1,322 @@
+"""``python -m ackservice.store``: export, stats and prune, called as ``main`` and as a process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ackservice.protocol import MessageFramer, message_line
+from ackservice.store.base import Message
+from ackservice.store.cli import duration, main
+from ackservice.store.sqlite import SQLiteStore
+
+PAYLOADS = [b"plain", b"", b"ends in cr\r", b"\r", b"\xff\xfe not utf-8", "caf\u00e9".encode()]
+
+
+def make_store(path: Path, payloads: list[bytes], *, received_at: float | None = None) -> str:
+    """A SQLite store at ``path`` holding ``payloads`` (the first with an identity); its URL."""
+
+    async def fill() -> None:
+        store = await SQLiteStore.open(path)
+        try:
+            await store.store(
+                [
+                    Message(
+                        payload=payload,
+                        crc32=zlib.crc32(payload),
+                        received_at=time.time() if received_at is None else received_at,
+                        peer="[::1]:5000",
+                        conn_id=3,
+                        seq=n,
+                        identity="CN=alice" if n == 1 else None,
+                    )
+                    for n, payload in enumerate(payloads, 1)
+                ]
+            )
+        finally:
+            await store.aclose()
+
+    trio.run(fill)
+    return f"sqlite:{path}"
+
+
+def frames(data: bytes) -> list[bytes]:
+    """The messages a server's framer finds in ``data``."""
+    framer = MessageFramer()
+    found = framer.feed(data) + framer.end_of_stream()
+    assert all(isinstance(frame, bytes) for frame in found)
+    return [frame for frame in found if isinstance(frame, bytes)]
+
+
+def run_main(argv: list[str], capsysbinary: pytest.CaptureFixture[bytes]) -> tuple[int, bytes, str]:
+    """Run ``main`` (argparse errors included); return the exit code, stdout and stderr."""
+    try:
+        code = main(argv, environ={})
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsysbinary.readouterr()
+    return code, captured.out, captured.err.decode()
+
+
+@given(st.lists(st.binary().filter(lambda payload: b"\n" not in payload)))
+def test_protocol_lines_frame_back_to_the_same_payloads(payloads: list[bytes]) -> None:
+    """Any payloads written with ``message_line`` (what export writes) come out of the
+    server's framer unchanged, trailing carriage returns and empty payloads included."""
+    assert frames(b"".join(message_line(payload) for payload in payloads)) == payloads
+
+
+def test_export_lines_round_trips_payloads(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``export`` writes each payload as one protocol message: framing its output gives back
+    exactly the stored payloads, in id order."""
+    url = make_store(tmp_path / "store.db", PAYLOADS)
+    code, out, err = run_main(["export", "--store", url], capsysbinary)
+    assert (code, err) == (0, "")
+    assert frames(out) == PAYLOADS
+
+
+def test_export_json_fields(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """JSON lines carry the metadata, the CRC as 8 hex digits, an RFC 3339 UTC time with
+    microseconds, the identity only when there is one, and the payload as text when it is
+    UTF-8, else base64."""
+    url = make_store(tmp_path / "store.db", PAYLOADS, received_at=1_700_000_000.25)
+    code, out, _ = run_main(["export", "--store", url, "--format", "json"], capsysbinary)
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert records[0] == {
+        "id": 1,
+        "received_at": "2023-11-14T22:13:20.250000Z",
+        "peer": "[::1]:5000",
+        "conn_id": 3,
+        "seq": 1,
+        "nbytes": 5,
+        "crc32": f"{zlib.crc32(b'plain'):08x}",
+        "identity": "CN=alice",
+        "payload": "plain",
+    }
+    assert "identity" not in records[1]
+    assert records[1]["payload"] == ""
+    binary = records[4]
+    assert "payload" not in binary
+    assert base64.b64decode(binary["payload_b64"]) == PAYLOADS[4]
+    assert records[5]["payload"] == "caf\u00e9"
+    assert all(re.fullmatch(r"[0-9a-f]{8}", record["crc32"]) for record in records)
+
+
+def test_export_after_an_id(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """``--after ID`` starts with the message after ID."""
+    url = make_store(tmp_path / "store.db", PAYLOADS)
+    code, out, _ = run_main(["export", "--store", url, "--after", "4"], capsysbinary)
+    assert code == 0
+    assert frames(out) == PAYLOADS[4:]
+
+
+def test_store_from_the_environment(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """Without ``--store``, ``ACKSERVICE_STORE`` names the store."""
+    url = make_store(tmp_path / "store.db", [b"from env"])
+    assert main(["export"], environ={"ACKSERVICE_STORE": url}) == 0
+    assert capsysbinary.readouterr().out == b"from env\n"
+
+
+def test_stats_text_and_json(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """``stats`` shows the count, bytes and first and last message; ``--json`` the same as
+    one object."""
+    path = tmp_path / "store.db"
+    url = make_store(path, PAYLOADS, received_at=1_700_000_000.0)
+    code, out, _ = run_main(["stats", "--store", url], capsysbinary)
+    assert code == 0
+    text = out.decode()
+    assert f"store:    sqlite:{path}\n" in text
+    assert "messages: 6\n" in text
+    assert f"bytes:    {sum(map(len, PAYLOADS))}\n" in text
+    assert "first:    id 1, 2023-11-14T22:13:20.000000Z\n" in text
+    assert "last:     id 6, 2023-11-14T22:13:20.000000Z\n" in text
+
+    code, out, _ = run_main(["stats", "--store", url, "--json"], capsysbinary)
+    assert json.loads(out) == {
+        "store": f"sqlite:{path}",
+        "count": 6,
+        "bytes": sum(map(len, PAYLOADS)),
+        "first_id": 1,
+        "last_id": 6,
+        "first_received_at": "2023-11-14T22:13:20.000000Z",
+        "last_received_at": "2023-11-14T22:13:20.000000Z",
+    }
+
+
+def test_stats_of_an_empty_store(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """An empty store has no first or last message (null in JSON)."""
+    url = make_store(tmp_path / "store.db", [])
+    code, out, _ = run_main(["stats", "--store", url, "--json"], capsysbinary)
+    record = json.loads(out)
+    assert (code, record["count"], record["first_id"], record["last_received_at"]) == (
+        0,
+        0,
+        None,
+        None,
+    )
+
+
+def test_prune_before_and_older_than(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``prune --before`` deletes below an id, ``--older-than`` by age; each prints how many
+    it deleted."""
+    url = make_store(tmp_path / "store.db", PAYLOADS, received_at=time.time() - 7200)
+    assert run_main(["prune", "--store", url, "--before", "3"], capsysbinary) == (
+        0,
+        b"deleted 2 messages\n",
+        "",
+    )
+    assert run_main(["prune", "--store", url, "--older-than", "3h"], capsysbinary) == (
+        0,
+        b"deleted 0 messages\n",
+        "",
+    )
+    assert run_main(["prune", "--store", url, "--older-than", "1h"], capsysbinary) == (
+        0,
+        b"deleted 4 messages\n",
+        "",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("45s", 45), ("2.5", 2.5), ("1H", 3600)],
+)
+def test_duration_units(text: str, seconds: float) -> None:
+    """Durations take a d, h, m or s suffix, or none for seconds."""
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "d", "3x", "0", "-5m", "inf", "nan", "1 day"])
+def test_bad_durations(text: str) -> None:
+    """Anything but a positive, finite number with an optional unit is refused."""
+    with pytest.raises(ValueError, match="duration"):
+        duration(text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["export", "--store", "postgres://x"], "unknown store 'postgres://x'"),
+        (["export", "--store", "none"], "keeps nothing"),
+        (["prune", "--store", "sqlite:x.db", "--older-than", "soon"], "--older-than"),
+        (["prune", "--store", "sqlite:x.db"], "one of the arguments --before --older-than"),
+        (["prune", "--before", "1", "--older-than", "1d"], "not allowed with"),
+        (["export", "--after", "-1"], "--after"),
+        (["export", "--format", "xml"], "invalid choice"),
+        ([], "COMMAND"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(
+    argv: list[str], fragment: str, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """Bad input ends with one line on stderr, naming the problem, and exit code 2."""
+    code, out, err = run_main(argv, capsysbinary)
+    assert code == 2
+    assert out == b""
+    assert err.count("\n") == 1
+    assert err.startswith("python -m ackservice.store")
+    assert ": error: " in err
+    assert fragment in err
+
+
+def test_missing_store_is_one_line_and_exit_1(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A store that does not exist is a store failure (exit 1), reported in one line naming
+    the path, and no empty file is left behind."""
+    path = tmp_path / "missing.db"
+    for command in (["export"], ["stats"], ["prune", "--before", "5"]):
+        code, out, err = run_main([*command, "--store", f"sqlite:{path}"], capsysbinary)
+        assert (code, out) == (1, b"")
+        assert err == f"python -m ackservice.store: error: no store at {path}; " + (
+            "check --store (the server creates it on start)\n"
+        )
+    assert not path.exists()
+
+
+def test_a_payload_with_a_newline_is_refused_in_lines_format(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A payload that cannot be one protocol line (only an embedder could store one) stops
+    a lines export with exit 1 and a pointer to the JSON format."""
+    url = make_store(tmp_path / "store.db", [b"fine", b"two\nlines"])
+    code, out, err = run_main(["export", "--store", url], capsysbinary)
+    assert (code, out) == (1, b"fine\n")
+    assert "message 2 contains a newline" in err
+    assert "--format json" in err
+
+
+def _module(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ackservice.store", *args]
+
+
+def test_export_through_a_real_process(tmp_path: Path) -> None:
+    """``python -m ackservice.store export`` writes the same bytes a client would send, and
+    the version flag answers."""
+    url = make_store(tmp_path / "store.db", PAYLOADS)
+    result = subprocess.run(_module("export", "--store", url), capture_output=True, check=False)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout == b"".join(message_line(payload) for payload in PAYLOADS)
+    version = subprocess.run(_module("--version"), capture_output=True, text=True, check=False)
+    assert version.stdout.startswith("python -m ackservice.store 0.")
+
+
+def test_closed_stdout_ends_quietly_with_141(tmp_path: Path) -> None:
+    """When the reader of stdout stops early (``export | head``), export ends with exit
+    code 141 (as for a tool killed by SIGPIPE) and prints nothing on stderr."""
+    url = make_store(tmp_path / "store.db", [b"x" * 1000] * 2000)
+    with subprocess.Popen(
+        _module("export", "--store", url), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.read(10)
+        process.stdout.close()
+        stderr = process.stderr.read()
+        assert process.wait(timeout=30) == 141
+    assert stderr == b""
+
+
+def test_follow_then_ctrl_c_exits_130(tmp_path: Path) -> None:
+    """``export --follow`` writes messages stored after it started, and Ctrl-C ends it with
+    exit code 130 and no traceback."""
+    path = tmp_path / "store.db"
+    url = make_store(path, [b"first"])
+    with subprocess.Popen(
+        _module("export", "--store", url, "--follow"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None
+        try:
+            assert process.stdout.readline() == b"first\n"
+            make_store(path, [b"second"])
+            assert process.stdout.readline() == b"second\n"
+            os.kill(process.pid, signal.SIGINT)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert process.returncode == 130
+    assert stderr == b""
