@@ -83,13 +83,22 @@ class _AsyncioThread:
     """An asyncio event loop in a daemon thread, and the way Trio code runs coroutines on it."""
 
     def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        created: concurrent.futures.Future[asyncio.AbstractEventLoop] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(created,), name=name, daemon=True)
         self._thread.start()
+        self.loop = created.result()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+    @staticmethod
+    def _run(created: concurrent.futures.Future[asyncio.AbstractEventLoop]) -> None:
+        # A plain selector loop, made and closed in this thread, whatever the process's
+        # event loop policy: trio-asyncio's, for one, refuses new loops in a Trio thread
+        # and would hand out its own kind here.
+        loop = asyncio.SelectorEventLoop()
+        created.set_result(loop)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start ``coroutine`` on the loop without waiting for it."""
@@ -127,12 +136,10 @@ class _AsyncioThread:
 
     def close(self) -> None:
         """Stop the loop and wait for its thread (briefly: it is a daemon)."""
-        if self.loop.is_closed():
+        if self.loop.is_closed() or not self._thread.is_alive():
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self.loop.close()
 
 
 class _Connection:
