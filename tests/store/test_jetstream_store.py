@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -246,3 +248,21 @@ async def test_stored_messages_are_not_duplicated_when_a_batch_is_stored_again(
     await store.store(batch[:2])
     await store.store(batch)
     assert [message.seq for message in await read_all(reader)] == [1, 2, 3, 4]
+
+
+async def test_cancelled_store_call_returns_at_once(
+    nats_server: NatsServer, store: JetStreamStore
+) -> None:
+    """A ``store`` call cancelled while NATS does not answer (the server's store timeout)
+    returns at once, and the store keeps working once NATS answers again."""
+    assert nats_server.process is not None
+    os.kill(nats_server.process.pid, signal.SIGSTOP)
+    try:
+        started = trio.current_time()
+        with trio.move_on_after(0.3):
+            await store.store(make_batch(10))
+        assert trio.current_time() - started < 1.0
+    finally:
+        os.kill(nats_server.process.pid, signal.SIGCONT)
+    with trio.fail_after(10):
+        await store.store(make_batch(2, first_seq=11))
