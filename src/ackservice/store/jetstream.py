@@ -1,0 +1,749 @@
+"""The NATS JetStream store: each batch is published as JetStream atomic batches.
+
+An ``ACK`` from a server with this store means the JetStream server answered the batch's
+PubAck: the messages are in the stream (fsynced first if the server runs with
+``sync_interval: always``; on every replica's disk only with ``replicas`` > 1).
+
+How a batch is published. nats-py has no API for atomic batch publish (ADR-50, nats-server
+2.12+), so it is built on core publishes with headers: messages 1..n-1 of an atomic batch
+are plain publishes carrying ``Nats-Batch-Id`` and ``Nats-Batch-Sequence``; message n also
+carries ``Nats-Batch-Commit: 1`` and is a request, answered by one PubAck for the whole
+batch (or an error: a gap, a lost message or a disabled feature abandons the batch, and
+the commit reports it). A store call splits its batch into atomic batches of at most 1,000
+messages (the server's limit) and keeps several in flight at once (the server allows 50 per
+stream, shared by all publishers).
+
+Duplicates. Every message carries ``Nats-Msg-Id: <random per-store prefix>.<conn_id>.<seq>``.
+Inside an atomic batch the server does not drop a duplicate silently: it rejects the whole
+batch (error 10201, since 2.12.1). The store then publishes that atomic batch's messages one
+by one with the same ids, which the stream's duplicate window drops silently, so messages
+already stored are not stored twice and the others are.
+
+Start-up with NATS unreachable. ``JetStreamStore.open`` waits briefly (``connect_wait``,
+2 s) for a connection; if none, it does not fail: it logs ``store_disconnected`` and keeps
+connecting in the background (forever, like every later reconnect), and ``store`` raises
+``StoreUnavailable("NATS not connected ...")`` meanwhile, so clients get ``ERR unavailable``
+and resend. The stream is created or checked as soon as a connection exists; a stream that
+is found unusable then makes every batch unavailable and is logged once. When NATS is
+reachable at start-up, an unusable stream fails ``open`` with ``StoreError``.
+
+Threads. nats-py runs on asyncio and the server on Trio, so each store (and reader) owns
+one daemon thread running an asyncio event loop; a store call crosses to it once per batch
+and back without blocking a Trio worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import secrets
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import structlog
+import trio
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from .base import Message, StoredMessage, StoreError, StoreStats, StoreUnavailable
+from .url import JetStreamURL
+
+__all__ = ["JetStreamReader", "JetStreamStore"]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+MAX_ATOMIC_BATCH = 1000
+"""nats-server's default ``max_batch_size`` for an atomic batch (ADR-50)."""
+
+MAX_IN_FLIGHT = 8
+"""Atomic batches one store keeps open at once. The server allows 50 per stream in all
+(ADR-50), shared with every other publisher to it; 8 already overlaps the round trips."""
+
+DUPLICATE_WINDOW = 120.0
+"""Seconds the stream remembers a ``Nats-Msg-Id``: much longer than any store call."""
+
+_NANOS = 1_000_000_000
+_DUPLICATE_IN_BATCH = 10201
+_HEADER_PREFIX = "Ackservice-"
+
+
+class _AsyncioThread:
+    """An asyncio event loop in a daemon thread, and the way Trio code runs coroutines on it."""
+
+    def __init__(self, name: str) -> None:
+        created: concurrent.futures.Future[asyncio.AbstractEventLoop] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(created,), name=name, daemon=True)
+        self._thread.start()
+        self.loop = created.result()
+
+    @staticmethod
+    def _run(created: concurrent.futures.Future[asyncio.AbstractEventLoop]) -> None:
+        # A plain selector loop, made and closed in this thread, whatever the process's
+        # event loop policy: trio-asyncio's, for one, refuses new loops in a Trio thread
+        # and would hand out its own kind here.
+        loop = asyncio.SelectorEventLoop()
+        created.set_result(loop)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coroutine`` on the loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    async def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the loop and return its result to the calling Trio task.
+
+        The Trio task sleeps on an event that the future's done-callback sets through the
+        Trio token, so no Trio worker thread is held. If the task is cancelled, the asyncio
+        side is cancelled too and the call returns at once.
+        """
+        future = self.submit(coroutine)
+        return await self.wait(future)
+
+    async def wait(self, future: concurrent.futures.Future[T], *, cancel: bool = True) -> T:
+        """Wait in Trio for a future of the loop; if the wait is cancelled, so is the future
+        (unless ``cancel`` is false: then it carries on)."""
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_: object) -> None:
+            # Runs in the asyncio thread (or here, if already done).
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except BaseException:
+            if cancel:
+                future.cancel()
+            raise
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the loop and wait for its thread (briefly: it is a daemon)."""
+        if self.loop.is_closed() or not self._thread.is_alive():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class _Connection:
+    """One nats-py connection on the store's asyncio loop, and the JetStream API calls on it.
+
+    Every method except ``__init__`` runs on the asyncio loop.
+    """
+
+    def __init__(self, url: JetStreamURL, *, api_timeout: float) -> None:
+        self.url = url
+        self.api_timeout = api_timeout
+        self.nc = Client()
+        self.closing = False
+        self.lost: asyncio.Event | None = None
+        """Set when the current connection drops; replaced on reconnect."""
+
+    async def connect(self, *, connect_timeout: float) -> None:
+        """Connect, retrying forever (the caller decides how long to wait)."""
+        self.lost = asyncio.Event()
+        await self.nc.connect(
+            servers=[self.url.servers],
+            name="ackservice",
+            # Reconnect forever by itself, also for the first connection: an outage of NATS
+            # is answered with ERR unavailable, never by stopping the server.
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=max(1, round(connect_timeout)),
+            disconnected_cb=self._disconnected,
+            reconnected_cb=self._reconnected,
+            error_cb=self._error,
+        )
+
+    async def _disconnected(self) -> None:
+        if self.lost is not None:
+            self.lost.set()
+        if not self.closing:
+            log.warning("store_disconnected", store=str(self.url))
+
+    async def _reconnected(self) -> None:
+        self.lost = asyncio.Event()
+        log.info("store_reconnected", store=str(self.url))
+
+    async def _error(self, error: Exception) -> None:
+        # nats-py reports every failed reconnect attempt here; the state change is logged
+        # once by _disconnected, so these stay quiet.
+        pass
+
+    async def api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JetStream API request (``$JS.API.<subject>``); its JSON answer."""
+        payload = json.dumps(body).encode() if body is not None else b""
+        reply = await self.nc.request(f"$JS.API.{subject}", payload, timeout=self.api_timeout)
+        answer: dict[str, Any] = json.loads(reply.data)
+        return answer
+
+    async def close(self) -> None:
+        self.closing = True
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+
+def _api_error(answer: dict[str, Any]) -> str | None:
+    error = answer.get("error")
+    if error is None:
+        return None
+    return f"{error.get('description', 'error')} (err_code {error.get('err_code')})"
+
+
+async def _ensure_stream(connection: _Connection) -> None:
+    """Create the stream if missing (and allowed), else check it can take atomic batches.
+
+    Raises:
+        StoreError: the stream is missing and ``create=false``, or its settings conflict.
+    """
+    url = connection.url
+    answer = await connection.api(f"STREAM.INFO.{url.stream}")
+    error = answer.get("error")
+    if error is not None and error.get("code") == 404:
+        if not url.create:
+            raise StoreError(
+                f"stream {url.stream} does not exist on {url}; create it or drop create=false"
+            )
+        config = {
+            "name": url.stream,
+            "subjects": [url.subject],
+            # File storage: an ACK promises the message survives a restart of NATS.
+            "storage": "file",
+            "num_replicas": url.replicas,
+            "retention": "limits",
+            "allow_atomic": True,
+            "duplicate_window": int(DUPLICATE_WINDOW * _NANOS),
+        }
+        created = await connection.api(f"STREAM.CREATE.{url.stream}", config)
+        if (detail := _api_error(created)) is not None:
+            raise StoreError(f"cannot create stream {url.stream} on {url}: {detail}")
+        return
+    if (detail := _api_error(answer)) is not None:
+        raise StoreError(f"cannot read stream {url.stream} on {url}: {detail}")
+    problem = _stream_problem(answer["config"], url)
+    if problem is not None:
+        raise StoreError(f"stream {url.stream} on {url} is not usable: {problem}")
+
+
+def _stream_problem(config: dict[str, Any], url: JetStreamURL) -> str | None:
+    """What makes an existing stream unusable for this store, or ``None``."""
+    if url.subject not in config.get("subjects", []):
+        return (
+            f"it does not take subject {url.subject} (subjects: "
+            f"{', '.join(config.get('subjects', [])) or 'none'}); add it or set ?subject="
+        )
+    if not config.get("allow_atomic", False):
+        return "atomic batch publish is off; set allow_atomic: true (nats-server 2.12+)"
+    if config.get("storage") != "file":
+        return "it keeps messages in memory; an ACK promises durability, use file storage"
+    if config.get("persist_mode") == "async":
+        return "persist_mode is async, which refuses atomic batches; use the default"
+    return None
+
+
+def _message_headers(message: Message, msg_id: str) -> dict[str, str]:
+    headers = {
+        "Nats-Msg-Id": msg_id,
+        "Ackservice-Received-At": repr(message.received_at),
+        "Ackservice-Peer": message.peer,
+        "Ackservice-Conn-Id": str(message.conn_id),
+        "Ackservice-Seq": str(message.seq),
+        "Ackservice-Crc32": str(message.crc32),
+    }
+    if message.identity is not None:
+        headers["Ackservice-Identity"] = message.identity
+    return headers
+
+
+class JetStreamStore:
+    """Keeps messages in a JetStream stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: JetStreamURL,
+        runner: _AsyncioThread,
+        connection: _Connection,
+        *,
+        ack_timeout: float,
+    ) -> None:
+        self._url = url
+        self._runner = runner
+        self._connection = connection
+        self._ack_timeout = ack_timeout
+        # Message ids must differ between runs: conn_id and seq restart with the server.
+        self._run_id = secrets.token_hex(8)
+        self._batch_numbers = itertools.count(1)
+        self._ready = False
+        self._unusable: str | None = None
+        self._background: concurrent.futures.Future[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        url: JetStreamURL,
+        *,
+        connect_wait: float = 2.0,
+        ack_timeout: float = 5.0,
+    ) -> JetStreamStore:
+        """Connect to NATS and make sure the stream exists and takes atomic batches.
+
+        Args:
+            connect_wait: how long to wait for NATS before carrying on without it (it is
+                then connected in the background; see the module docstring).
+            ack_timeout: how long a batch waits for its PubAck before it is unavailable.
+
+        Raises:
+            StoreError: NATS answered and the stream is missing (with ``create=false``) or
+                has conflicting settings.
+        """
+        runner = _AsyncioThread(f"ackservice-jetstream-{url.stream}")
+        connection = _Connection(url, api_timeout=max(ack_timeout, 2.0))
+        store = cls(url, runner, connection, ack_timeout=ack_timeout)
+        # Resolved once the store is ready, or fails to be, or connect_wait passed without a
+        # connection (the background task then carries on connecting).
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        store._background = runner.submit(store._connect_and_prepare(connect_wait, started))
+        try:
+            # The background task bounds its own wait for the connection; this only guards
+            # against a stream check that hangs.
+            with trio.move_on_after(connect_wait + 2 * connection.api_timeout):
+                await runner.wait(started, cancel=False)
+        except BaseException:
+            await store.aclose()
+            raise
+        return store
+
+    async def _connect_and_prepare(
+        self, connect_wait: float, started: concurrent.futures.Future[None]
+    ) -> None:
+        """Asyncio side of ``open``: connect (forever), then create or check the stream."""
+        try:
+            await self._connect_and_prepare_now(connect_wait, started)
+        except BaseException as error:
+            if not started.done():
+                started.set_exception(error)
+            raise
+        if not started.done():
+            started.set_result(None)
+
+    async def _connect_and_prepare_now(
+        self, connect_wait: float, started: concurrent.futures.Future[None]
+    ) -> None:
+        connection = self._connection
+        connecting = asyncio.ensure_future(connection.connect(connect_timeout=connect_wait))
+        done, _ = await asyncio.wait({connecting}, timeout=connect_wait)
+        if not done:
+            started.set_result(None)
+            log.warning(
+                "store_disconnected",
+                store=str(self._url),
+                reason="NATS not reachable at start-up; connecting in the background",
+            )
+            await connecting
+            log.info("store_reconnected", store=str(self._url))
+            try:
+                await _ensure_stream(connection)
+            except (StoreError, nats.errors.Error, OSError) as error:
+                self._unusable = str(error)
+                log.error("store_unusable", store=str(self._url), detail=str(error))
+                return
+            self._ready = True
+            return
+        connecting.result()
+        try:
+            await _ensure_stream(connection)
+        except (nats.errors.Error, OSError) as error:
+            raise StoreError(
+                f"cannot set up stream {self._url.stream} on {self._url}: {error!r} "
+                "(is JetStream enabled on that server?)"
+            ) from error
+        self._ready = True
+
+    @property
+    def description(self) -> str:
+        return str(self._url)
+
+    async def store(self, batch: Sequence[Message]) -> None:
+        """Publish ``batch`` as atomic batches; return once every PubAck arrived.
+
+        Raises:
+            StoreUnavailable: NATS is not connected, did not answer in time, or refused a
+                batch; the one-line detail says which.
+        """
+        if not batch:
+            return
+        if not self._ready:
+            raise StoreUnavailable(self._unusable or f"NATS not connected ({self._url})")
+        await self._runner.run(self._store_batch(batch))
+
+    async def _store_batch(self, batch: Sequence[Message]) -> None:
+        """Asyncio side of ``store``."""
+        connection = self._connection
+        lost = connection.lost
+        if not connection.nc.is_connected or lost is None or lost.is_set():
+            raise StoreUnavailable(f"NATS not connected ({self._url})")
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def publish(chunk: Sequence[Message]) -> None:
+            async with slots:
+                await self._publish_atomic(chunk)
+
+        tasks = [
+            asyncio.ensure_future(publish(batch[start : start + MAX_ATOMIC_BATCH]))
+            for start in range(0, len(batch), MAX_ATOMIC_BATCH)
+        ]
+        connection_lost: asyncio.Future[Any] = asyncio.ensure_future(lost.wait())
+        all_published: asyncio.Future[Any] = asyncio.gather(*tasks)
+        try:
+            done, _ = await asyncio.wait(
+                {all_published, connection_lost},
+                timeout=self._ack_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if all_published in done:
+                all_published.result()
+                return
+            if connection_lost in done:
+                raise StoreUnavailable(f"NATS connection lost ({self._url})")
+            raise StoreUnavailable(f"no PubAck from NATS within {self._ack_timeout:g}s")
+        finally:
+            connection_lost.cancel()
+            for task in tasks:
+                task.cancel()
+            # Collect the cancelled tasks' exceptions so asyncio does not log them.
+            await asyncio.gather(all_published, connection_lost, return_exceptions=True)
+
+    async def _publish_atomic(self, chunk: Sequence[Message]) -> None:
+        """Publish ``chunk`` (at most ``MAX_ATOMIC_BATCH``) as one atomic batch."""
+        nc = self._connection.nc
+        subject = self._url.subject
+        batch_id = f"{self._run_id}-{next(self._batch_numbers)}"
+        last = len(chunk)
+        try:
+            for number, message in enumerate(chunk, 1):
+                headers = _message_headers(message, self._msg_id(message))
+                headers["Nats-Batch-Id"] = batch_id
+                headers["Nats-Batch-Sequence"] = str(number)
+                if number < last:
+                    # No reply subject: the server then sends nothing back for it; the commit's
+                    # PubAck reports any gap or refusal for the whole batch.
+                    await nc.publish(subject, message.payload, headers=headers)
+                else:
+                    headers["Nats-Batch-Commit"] = "1"
+                    reply = await nc.request(
+                        subject, message.payload, timeout=self._ack_timeout, headers=headers
+                    )
+        except nats.errors.NoRespondersError:
+            raise StoreUnavailable(
+                f"no JetStream stream takes subject {subject} on {self._url}"
+            ) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise StoreUnavailable(f"no PubAck from NATS within {self._ack_timeout:g}s") from None
+        except (nats.errors.Error, OSError) as error:
+            raise StoreUnavailable(f"NATS publish failed: {error!r}") from error
+        answer = json.loads(reply.data)
+        refusal = answer.get("error")
+        if refusal is None:
+            return
+        if refusal.get("err_code") == _DUPLICATE_IN_BATCH:
+            await self._publish_one_by_one(chunk)
+            return
+        raise StoreUnavailable(f"NATS refused the batch: {_api_error(answer)}")
+
+    async def _publish_one_by_one(self, chunk: Sequence[Message]) -> None:
+        """Publish each message alone: the duplicate window drops those already stored."""
+        nc = self._connection.nc
+
+        async def publish(message: Message) -> None:
+            headers = _message_headers(message, self._msg_id(message))
+            reply = await nc.request(
+                self._url.subject, message.payload, timeout=self._ack_timeout, headers=headers
+            )
+            if (detail := _api_error(json.loads(reply.data))) is not None:
+                raise StoreUnavailable(f"NATS refused a message: {detail}")
+
+        try:
+            await asyncio.gather(*(publish(message) for message in chunk))
+        except (TimeoutError, nats.errors.Error, OSError) as error:
+            raise StoreUnavailable(f"NATS publish failed: {error!r}") from error
+
+    def _msg_id(self, message: Message) -> str:
+        return f"{self._run_id}.{message.conn_id}.{message.seq}"
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the store's asyncio thread."""
+        with trio.CancelScope(shield=True):
+            if self._background is not None:
+                self._background.cancel()
+            with trio.move_on_after(5):
+                await self._runner.run(self._connection.close())
+            self._runner.close()
+
+
+class JetStreamReader:
+    """Reads a JetStream stream written by ``JetStreamStore`` back."""
+
+    def __init__(self, url: JetStreamURL, runner: _AsyncioThread, connection: _Connection) -> None:
+        self._url = url
+        self._runner = runner
+        self._connection = connection
+
+    @classmethod
+    async def open(cls, url: JetStreamURL, *, connect_timeout: float = 5.0) -> JetStreamReader:
+        """Connect and check the stream exists.
+
+        Raises:
+            StoreError: NATS is not reachable within ``connect_timeout`` or has no such stream.
+        """
+        runner = _AsyncioThread(f"ackservice-jetstream-reader-{url.stream}")
+        connection = _Connection(url, api_timeout=5.0)
+        reader = cls(url, runner, connection)
+        try:
+            await runner.run(reader._open(connect_timeout))
+        except BaseException:
+            await reader.aclose()
+            raise
+        return reader
+
+    async def _open(self, connect_timeout: float) -> None:
+        try:
+            await asyncio.wait_for(
+                self._connection.connect(connect_timeout=connect_timeout), connect_timeout
+            )
+        except TimeoutError:
+            raise StoreError(f"cannot reach NATS at {self._url}") from None
+        answer = await self._connection.api(f"STREAM.INFO.{self._url.stream}")
+        if (detail := _api_error(answer)) is not None:
+            raise StoreError(f"cannot read stream {self._url.stream} on {self._url}: {detail}")
+
+    async def messages(
+        self, *, after: int = 0, follow: bool = False
+    ) -> AsyncIterator[StoredMessage]:
+        """The stored messages with stream sequence > ``after``, in order; with ``follow``,
+        keep waiting for new ones until cancelled."""
+        consumer = await self._runner.run(self._create_consumer(after))
+        try:
+            while True:
+                chunk, pending = await self._runner.run(self._fetch(consumer, follow))
+                for message in chunk:
+                    yield message
+                if not follow and pending == 0:
+                    return
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self._runner.run(self._delete_consumer(consumer))
+
+    async def _create_consumer(self, after: int) -> _Consumer:
+        """An ephemeral pull consumer from sequence ``after + 1``, unacknowledged."""
+        config: dict[str, Any] = {
+            "ack_policy": "none",
+            "filter_subject": self._url.subject,
+            "mem_storage": True,
+            # Removed by the server if the reader vanishes without deleting it.
+            "inactive_threshold": 60 * _NANOS,
+        }
+        if after > 0:
+            config["deliver_policy"] = "by_start_sequence"
+            config["opt_start_seq"] = after + 1
+        else:
+            config["deliver_policy"] = "all"
+        stream = self._url.stream
+        answer = await self._connection.api(
+            f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config}
+        )
+        if (detail := _api_error(answer)) is not None:
+            raise StoreError(f"cannot read stream {stream}: {detail}")
+        consumer = _Consumer(answer["name"], answer.get("num_pending", 0))
+        consumer.inbox = self._connection.nc.new_inbox()
+        consumer.subscription = await self._connection.nc.subscribe(consumer.inbox)
+        return consumer
+
+    async def _fetch(self, consumer: _Consumer, follow: bool) -> tuple[list[StoredMessage], int]:
+        """Up to 500 messages, and how many the consumer still has after them."""
+        if not follow and consumer.pending == 0:
+            return [], 0
+        stream = self._url.stream
+        # expires: a pull request waits at most this long for messages, then ends with a 408.
+        request = {"batch": 500, "expires": 1 * _NANOS, "no_wait": not follow}
+        nc = self._connection.nc
+        await nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer.name}",
+            json.dumps(request).encode(),
+            reply=consumer.inbox,
+        )
+        assert consumer.subscription is not None
+        chunk: list[StoredMessage] = []
+        while len(chunk) < 500:
+            try:
+                msg = await consumer.subscription.next_msg(timeout=5)
+            except nats.errors.TimeoutError:
+                break
+            if msg.headers and msg.headers.get("Status"):
+                # 404 no messages, 408 request expired, 100 heartbeat: this pull is over.
+                if msg.headers["Status"] == "100":
+                    continue
+                break
+            chunk.append(_stored_from_delivery(msg))
+            consumer.pending = msg.metadata.num_pending
+            if consumer.pending == 0 and not follow:
+                break
+        return chunk, consumer.pending
+
+    async def _delete_consumer(self, consumer: _Consumer) -> None:
+        with contextlib.suppress(Exception):
+            if consumer.subscription is not None:
+                await consumer.subscription.unsubscribe()
+            await self._connection.api(f"CONSUMER.DELETE.{self._url.stream}.{consumer.name}")
+
+    async def stats(self) -> StoreStats:
+        """Count, bytes and the first and last message, from the stream's state."""
+        return await self._runner.run(self._stats())
+
+    async def _stats(self) -> StoreStats:
+        answer = await self._connection.api(f"STREAM.INFO.{self._url.stream}")
+        if (detail := _api_error(answer)) is not None:
+            raise StoreError(f"cannot read stream {self._url.stream}: {detail}")
+        state = answer["state"]
+        if state.get("messages", 0) == 0:
+            return StoreStats(0, state.get("bytes", 0), None, None, None, None)
+        first = await self._get({"seq": state["first_seq"]})
+        last = await self._get({"seq": state["last_seq"]})
+        return StoreStats(
+            count=state["messages"],
+            bytes=state["bytes"],
+            first_id=state["first_seq"],
+            last_id=state["last_seq"],
+            first_received_at=first.received_at if first else None,
+            last_received_at=last.received_at if last else None,
+        )
+
+    async def _get(self, request: dict[str, Any]) -> StoredMessage | None:
+        """The stream message a ``STREAM.MSG.GET`` request names, or ``None``."""
+        answer = await self._connection.api(f"STREAM.MSG.GET.{self._url.stream}", request)
+        raw = answer.get("message")
+        if raw is None:
+            return None
+        headers = _parse_headers(base64.b64decode(raw.get("hdrs", "")))
+        payload = base64.b64decode(raw.get("data", ""))
+        return _stored(raw["seq"], headers, payload, _parse_time(raw["time"]))
+
+    async def prune(self, *, before_id: int | None = None, older_than: float | None = None) -> int:
+        """Purge messages with ``id < before_id`` and/or stored more than ``older_than``
+        seconds ago (both given: only those matching both); return how many went.
+
+        ``older_than`` uses the stream's time for each message (when JetStream stored it,
+        a batch commit after ``received_at``).
+        """
+        return await self._runner.run(self._prune(before_id, older_than))
+
+    async def _prune(self, before_id: int | None, older_than: float | None) -> int:
+        stream = self._url.stream
+        limits: list[int] = []
+        if before_id is not None:
+            limits.append(before_id)
+        if older_than is not None:
+            cutoff = datetime.fromtimestamp(time.time() - older_than, UTC)
+            first_kept = await self._get({"start_time": cutoff.isoformat().replace("+00:00", "Z")})
+            if first_kept is not None:
+                limits.append(first_kept.id)
+            else:
+                info = await self._connection.api(f"STREAM.INFO.{stream}")
+                limits.append(info["state"]["last_seq"] + 1)
+        if not limits:
+            return 0
+        answer = await self._connection.api(f"STREAM.PURGE.{stream}", {"seq": min(limits)})
+        if (detail := _api_error(answer)) is not None:
+            raise StoreError(f"cannot purge stream {stream}: {detail}")
+        purged: int = answer.get("purged", 0)
+        return purged
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the reader's asyncio thread."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(5):
+                await self._runner.run(self._connection.close())
+            self._runner.close()
+
+
+class _Consumer:
+    """An ephemeral pull consumer and the inbox its messages arrive on."""
+
+    def __init__(self, name: str, pending: int) -> None:
+        self.name = name
+        self.pending = pending
+        self.inbox = ""
+        self.subscription: Any = None
+
+
+def _stored_from_delivery(msg: Msg) -> StoredMessage:
+    metadata = msg.metadata
+    return _stored(
+        metadata.sequence.stream,
+        msg.headers or {},
+        msg.data,
+        metadata.timestamp.timestamp(),
+    )
+
+
+def _stored(
+    stream_seq: int, headers: dict[str, str], payload: bytes, stream_time: float
+) -> StoredMessage:
+    """A ``StoredMessage`` from a stream message's headers, falling back for missing ones."""
+
+    def number(name: str, default: int) -> int:
+        try:
+            return int(headers[_HEADER_PREFIX + name])
+        except (KeyError, ValueError):
+            return default
+
+    try:
+        received_at = float(headers[_HEADER_PREFIX + "Received-At"])
+    except (KeyError, ValueError):
+        received_at = stream_time
+    return StoredMessage(
+        id=stream_seq,
+        received_at=received_at,
+        peer=headers.get(_HEADER_PREFIX + "Peer", ""),
+        conn_id=number("Conn-Id", 0),
+        seq=number("Seq", 0),
+        crc32=number("Crc32", zlib.crc32(payload)),
+        payload=payload,
+        identity=headers.get(_HEADER_PREFIX + "Identity"),
+    )
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    """``NATS/1.0\\r\\nName: value\\r\\n...`` as a dict (the first line is the version)."""
+    headers: dict[str, str] = {}
+    for line in raw.split(b"\r\n")[1:]:
+        name, separator, value = line.partition(b":")
+        if separator:
+            headers[name.strip().decode("ascii", "replace")] = value.strip().decode(
+                "utf-8", "replace"
+            )
+    return headers
+
+
+def _parse_time(text: str) -> float:
+    """An RFC 3339 time from JetStream (nanosecond fraction, ``Z``) as a Unix time."""
+    main, _, fraction = text.rstrip("Z").partition(".")
+    seconds = datetime.fromisoformat(main).replace(tzinfo=UTC).timestamp()
+    digits = fraction.rstrip("Z")[:9]
+    return seconds + (int(digits) / 10 ** len(digits) if digits else 0.0)

@@ -1,0 +1,268 @@
+"""The JetStream store against a real nats-server (from the venv) on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import trio
+
+from ackservice.store import Message, StoredMessage, StoreError, StoreUnavailable
+from ackservice.store.jetstream import JetStreamReader, JetStreamStore
+from ackservice.store.url import JetStreamURL, parse_store_url
+from nats_support import NatsServer, create_stream, free_port, stream_info
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with JetStream on a free loopback port, stopped by PID at the end."""
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+def jetstream_url(server_url: str, stream: str = "ACKS", query: str = "") -> JetStreamURL:
+    parsed = parse_store_url(f"{server_url}/{stream}{query}")
+    assert isinstance(parsed, JetStreamURL)
+    return parsed
+
+
+@pytest.fixture
+async def store(nats_server: NatsServer) -> AsyncIterator[JetStreamStore]:
+    opened = await JetStreamStore.open(jetstream_url(nats_server.url), ack_timeout=2.0)
+    yield opened
+    await opened.aclose()
+
+
+@pytest.fixture
+async def reader(nats_server: NatsServer, store: JetStreamStore) -> AsyncIterator[JetStreamReader]:
+    opened = await JetStreamReader.open(jetstream_url(nats_server.url))
+    yield opened
+    await opened.aclose()
+
+
+def make_batch(count: int, *, conn_id: int = 1, first_seq: int = 1) -> list[Message]:
+    batch = []
+    for seq in range(first_seq, first_seq + count):
+        payload = f"message {conn_id}/{seq}".encode()
+        batch.append(
+            Message(
+                payload=payload,
+                crc32=zlib.crc32(payload),
+                received_at=time.time(),
+                peer="127.0.0.1:40000",
+                conn_id=conn_id,
+                seq=seq,
+            )
+        )
+    return batch
+
+
+async def read_all(reader: JetStreamReader, after: int = 0) -> list[StoredMessage]:
+    with trio.fail_after(20):
+        return [message async for message in reader.messages(after=after)]
+
+
+async def test_round_trip_keeps_every_field(store: JetStreamStore, reader: JetStreamReader) -> None:
+    """A stored message reads back with its payload and every field, identity included,
+    with the stream sequence as its id."""
+    payload = b"\x00binary\r\npayload\xff"
+    sent = [
+        Message(payload, zlib.crc32(payload), 1733050000.123456, "[::1]:5000", 7, 41, "CN=alice"),
+        Message(b"", 0, 1733050001.5, "127.0.0.1:6000", 8, 1),
+    ]
+    assert await store.store(sent) is None
+    got = await read_all(reader)
+    assert got == [
+        StoredMessage(1, 1733050000.123456, "[::1]:5000", 7, 41, zlib.crc32(payload), payload,
+                      "CN=alice"),
+        StoredMessage(2, 1733050001.5, "127.0.0.1:6000", 8, 1, 0, b"", None),
+    ]  # fmt: skip
+
+
+async def test_stream_is_created_for_atomic_batches_on_file_storage(
+    nats_server: NatsServer, store: JetStreamStore
+) -> None:
+    """Opening creates the missing stream with atomic batch publish allowed, file storage,
+    the URL's subject and replicas, and a duplicate window."""
+    info = await trio.to_thread.run_sync(stream_info, nats_server.url, "ACKS")
+    config = info["config"]
+    assert config["allow_atomic"] is True
+    assert config["storage"] == "file"
+    assert config["subjects"] == ["ackservice.ACKS"]
+    assert config["num_replicas"] == 1
+    assert config["duplicate_window"] == 120 * 10**9
+    assert store.description == f"{nats_server.url}/ACKS"
+
+
+async def test_large_batch_is_stored_whole_and_in_order(
+    store: JetStreamStore, reader: JetStreamReader
+) -> None:
+    """2,500 messages (three atomic batches, in flight together) are all stored, in the
+    order given."""
+    batch = make_batch(2500)
+    with trio.fail_after(20):
+        await store.store(batch)
+    got = await read_all(reader)
+    assert [message.id for message in got] == list(range(1, 2501))
+    assert [message.seq for message in got] == list(range(1, 2501))
+    assert [message.payload for message in got] == [message.payload for message in batch]
+
+
+async def test_outage_is_unavailable_then_recovers_without_reopening(
+    nats_server: NatsServer, store: JetStreamStore
+) -> None:
+    """With nats-server SIGKILLed, ``store`` raises StoreUnavailable within its timeout; once
+    the server is back on the same port and directory, the same store stores again and the
+    messages stored before the outage are still there."""
+    await store.store(make_batch(10))
+    nats_server.kill()
+    with trio.fail_after(3), pytest.raises(StoreUnavailable):
+        await store.store(make_batch(5, first_seq=11))
+    nats_server.restart()
+    with trio.fail_after(15):
+        while True:
+            try:
+                await store.store(make_batch(5, first_seq=11))
+                break
+            except StoreUnavailable:
+                await trio.sleep(0.2)
+    reader = await JetStreamReader.open(jetstream_url(nats_server.url))
+    try:
+        got = await read_all(reader)
+    finally:
+        await reader.aclose()
+    assert [message.seq for message in got] == list(range(1, 16))
+
+
+async def test_nats_down_at_start_up_is_unavailable_until_it_comes(tmp_path: Path) -> None:
+    """With nothing listening at start-up, ``open`` still returns (after its short wait),
+    batches are unavailable, and once nats-server starts the store creates the stream and
+    stores."""
+    port = free_port()
+    url = jetstream_url(f"nats://127.0.0.1:{port}")
+    with trio.fail_after(5):
+        store = await JetStreamStore.open(url, connect_wait=0.5)
+    server = NatsServer(tmp_path / "nats", port=port)
+    try:
+        with pytest.raises(StoreUnavailable, match="NATS not connected"):
+            await store.store(make_batch(1))
+        server.start()
+        with trio.fail_after(15):
+            while True:
+                try:
+                    await store.store(make_batch(3))
+                    break
+                except StoreUnavailable:
+                    await trio.sleep(0.2)
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("config", "complaint"),
+    [
+        ({"subjects": ["ackservice.ACKS"], "storage": "file"}, "allow_atomic"),
+        ({"subjects": ["other.subject"], "storage": "file", "allow_atomic": True}, "subject"),
+        ({"subjects": ["ackservice.ACKS"], "storage": "memory", "allow_atomic": True}, "file"),
+    ],
+)
+async def test_stream_with_conflicting_settings_is_refused(
+    nats_server: NatsServer, config: dict[str, object], complaint: str
+) -> None:
+    """An existing stream without atomic batches, without the subject, or in memory makes
+    ``open`` fail with a StoreError that names the setting to change."""
+    await trio.to_thread.run_sync(create_stream, nats_server.url, {"name": "ACKS", **config})
+    with pytest.raises(StoreError, match=complaint):
+        await JetStreamStore.open(jetstream_url(nats_server.url))
+
+
+async def test_missing_stream_without_create_is_refused(nats_server: NatsServer) -> None:
+    """With ``create=false`` a missing stream is a StoreError, not created."""
+    with pytest.raises(StoreError, match="does not exist"):
+        await JetStreamStore.open(jetstream_url(nats_server.url, query="?create=false"))
+
+
+async def test_follow_sees_later_messages(store: JetStreamStore, reader: JetStreamReader) -> None:
+    """``messages(follow=True)`` yields what is stored and then what is stored later."""
+    await store.store(make_batch(2))
+    seen: list[int] = []
+    with trio.fail_after(10):
+        async with aclosing(reader.messages(after=1, follow=True)) as messages:
+            async for message in messages:
+                seen.append(message.seq)
+                if message.seq == 2:
+                    await store.store(make_batch(2, first_seq=3))
+                if message.seq == 4:
+                    break
+    assert seen == [2, 3, 4]
+
+
+async def test_reading_after_the_end_yields_nothing(
+    store: JetStreamStore, reader: JetStreamReader
+) -> None:
+    """Without ``follow``, reading past the last message ends at once."""
+    await store.store(make_batch(3))
+    assert await read_all(reader, after=3) == []
+    assert [message.seq for message in await read_all(reader, after=2)] == [3]
+
+
+async def test_stats_and_prune(store: JetStreamStore, reader: JetStreamReader) -> None:
+    """``stats`` reports count and first/last; ``prune(before_id=)`` purges below that id,
+    ``prune(older_than=)`` what the stream stored before the cutoff; each returns how many
+    it removed."""
+    old = make_batch(5)
+    await store.store(old)
+    stats = await reader.stats()
+    assert (stats.count, stats.first_id, stats.last_id) == (5, 1, 5)
+    assert stats.first_received_at == old[0].received_at
+    assert stats.last_received_at == old[-1].received_at
+
+    assert await reader.prune(before_id=3) == 2
+    assert [message.id for message in await read_all(reader)] == [3, 4, 5]
+
+    await trio.sleep(1.0)
+    await store.store(make_batch(2, first_seq=6))
+    assert await reader.prune(older_than=0.5) == 3
+    assert [message.seq for message in await read_all(reader)] == [6, 7]
+    assert await reader.prune(older_than=3600) == 0
+    stats = await reader.stats()
+    assert (stats.count, stats.first_id, stats.last_id) == (2, 6, 7)
+
+
+async def test_stored_messages_are_not_duplicated_when_a_batch_is_stored_again(
+    store: JetStreamStore, reader: JetStreamReader
+) -> None:
+    """Storing the same messages again (as a retry after a lost PubAck would) stores only
+    the new ones: the server refuses the atomic batch for its duplicate ids, and the store
+    falls back to one-by-one publishes that the duplicate window drops."""
+    batch = make_batch(4)
+    await store.store(batch[:2])
+    await store.store(batch)
+    assert [message.seq for message in await read_all(reader)] == [1, 2, 3, 4]
+
+
+async def test_cancelled_store_call_returns_at_once(
+    nats_server: NatsServer, store: JetStreamStore
+) -> None:
+    """A ``store`` call cancelled while NATS does not answer (the server's store timeout)
+    returns at once, and the store keeps working once NATS answers again."""
+    assert nats_server.process is not None
+    os.kill(nats_server.process.pid, signal.SIGSTOP)
+    try:
+        started = trio.current_time()
+        with trio.move_on_after(0.3):
+            await store.store(make_batch(10))
+        assert trio.current_time() - started < 1.0
+    finally:
+        os.kill(nats_server.process.pid, signal.SIGCONT)
+    with trio.fail_after(10):
+        await store.store(make_batch(2, first_seq=11))
