@@ -108,7 +108,7 @@ async def test_out_of_descriptors_is_survived_and_logged_rarely(
             newcomer.release.set()
 
     assert answered_again_after < ACCEPTED_AGAIN_WITHIN
-    assert newcomer.acked
+    assert newcomer.acked, newcomer.reply
     assert newcomer_after < ACCEPTED_AGAIN_WITHIN
     accept_failed = server.events_named("accept_failed")
     assert 1 <= len(accept_failed) <= MAX_ACCEPT_FAILED_EVENTS

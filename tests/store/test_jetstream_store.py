@@ -222,7 +222,7 @@ async def test_stats_and_prune(store: JetStreamStore, reader: JetStreamReader) -
     old = make_batch(5)
     await store.store(old)
     stats = await reader.stats()
-    assert (stats.count, stats.first_id, stats.last_id) == (5, 1, 5)
+    assert (stats.messages, stats.first_id, stats.last_id) == (5, 1, 5)
     assert stats.first_received_at == old[0].received_at
     assert stats.last_received_at == old[-1].received_at
 
@@ -235,7 +235,7 @@ async def test_stats_and_prune(store: JetStreamStore, reader: JetStreamReader) -
     assert [message.seq for message in await read_all(reader)] == [6, 7]
     assert await reader.prune(older_than=3600) == 0
     stats = await reader.stats()
-    assert (stats.count, stats.first_id, stats.last_id) == (2, 6, 7)
+    assert (stats.messages, stats.first_id, stats.last_id) == (2, 6, 7)
 
 
 async def test_stored_messages_are_not_duplicated_when_a_batch_is_stored_again(

@@ -121,7 +121,7 @@ async def test_ids_increase_and_are_not_reused_after_prune(tmp_path: Path) -> No
         reader = await SQLiteReader.open(path)
         try:
             assert await reader.prune(before_id=4) == 3
-            assert (await reader.stats()).count == 0
+            assert (await reader.stats()).messages == 0
         finally:
             await reader.aclose()
         await store.store(batch_of([b"d"]))
@@ -150,7 +150,7 @@ async def test_prune_by_id_and_age(tmp_path: Path) -> None:
             await reader.prune()
     finally:
         await reader.aclose()
-    assert (stats.count, stats.bytes, stats.first_id, stats.last_id) == (2, 2, 3, 4)
+    assert (stats.messages, stats.stored_bytes, stats.first_id, stats.last_id) == (2, 2, 3, 4)
 
 
 async def test_stats_of_an_empty_and_a_filled_store(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ async def test_stats_of_an_empty_and_a_filled_store(tmp_path: Path) -> None:
     reader = await SQLiteReader.open(path)
     try:
         empty = await reader.stats()
-        assert (empty.count, empty.bytes, empty.first_id, empty.last_received_at) == (
+        assert (empty.messages, empty.stored_bytes, empty.first_id, empty.last_received_at) == (
             0,
             0,
             None,
@@ -172,7 +172,7 @@ async def test_stats_of_an_empty_and_a_filled_store(tmp_path: Path) -> None:
     finally:
         await reader.aclose()
         await store.aclose()
-    assert (stats.count, stats.bytes, stats.first_id, stats.last_id) == (3, 8, 1, 3)
+    assert (stats.messages, stats.stored_bytes, stats.first_id, stats.last_id) == (3, 8, 1, 3)
     assert stats.first_received_at == sent[0].received_at
     assert stats.last_received_at == sent[2].received_at
 

@@ -141,7 +141,9 @@ class StoreStats(NamedTuple):
     """What a store holds."""
 
     messages: int
-    payload_bytes: int
+    stored_bytes: int
+    """What the store holds for them: SQLite, the payloads; JetStream, the stream's bytes
+    (headers included)."""
     first_id: int | None
     last_id: int | None
     first_received_at: float | None

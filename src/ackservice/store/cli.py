@@ -302,8 +302,8 @@ class _Run:
     def _stats_record(self, stats: StoreStats) -> dict[str, Any]:
         return {
             "store": self.description,
-            "count": stats.count,
-            "bytes": stats.bytes,
+            "count": stats.messages,
+            "bytes": stats.stored_bytes,
             "first_id": stats.first_id,
             "last_id": stats.last_id,
             "first_received_at": _rfc3339_or_none(stats.first_received_at),
@@ -313,8 +313,8 @@ class _Run:
     def _stats_text(self, stats: StoreStats) -> str:
         lines = [
             f"store:    {self.description}",
-            f"messages: {stats.count}",
-            f"bytes:    {stats.bytes}",
+            f"messages: {stats.messages}",
+            f"bytes:    {stats.stored_bytes}",
         ]
         if stats.first_id is not None:
             lines.append(

@@ -626,8 +626,8 @@ class JetStreamReader:
         first = await self._get({"seq": state["first_seq"]})
         last = await self._get({"seq": state["last_seq"]})
         return StoreStats(
-            count=state["messages"],
-            bytes=state["bytes"],
+            messages=state["messages"],
+            stored_bytes=state["bytes"],
             first_id=state["first_seq"],
             last_id=state["last_seq"],
             first_received_at=first.received_at if first else None,
