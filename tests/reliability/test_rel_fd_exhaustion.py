@@ -98,7 +98,12 @@ async def test_out_of_descriptors_is_survived_and_logged_rarely(
             for client in clients:
                 client.release.set()
 
-        # Everyone has left: a newcomer is served at once.
+        # Everyone has left (and the server has seen them go: with a store, the last answers
+        # wait for a commit, so their ends can still be in flight): a newcomer is served.
+        await poll_until(
+            lambda: server.count_events("connection_closed")
+            >= server.count_events("connection_opened")
+        )
         newcomer = HeldClient(CLIENTS, history)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(newcomer.run, server.port)
