@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import trio
 import trio.testing
 
-from ackservice.protocol import MessageFramer, Oversized, ack_line
+from ackservice.protocol import MessageFramer, Oversized, ack_line, err_line
 from ackservice.server import Server
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
@@ -94,3 +94,41 @@ class MemoryServer:
             pass
         finally:
             await trio.aclose_forcefully(stream)
+
+
+class FlakyStore:
+    """A fake server whose store cannot take some messages for a while.
+
+    Each payload for which ``flaky(payload)`` holds is answered ``ERR <seq> unavailable``
+    on its first ``times`` writes (``math.inf``: always), then acknowledged; every other
+    payload is acknowledged at once; a payload starting with ``refused`` gets
+    ``ERR <seq> rejected``. ``writes`` counts each payload's writes over all connections,
+    ``acked`` lists the payloads acknowledged, in the order the server acknowledged them.
+    """
+
+    def __init__(self, flaky: Callable[[bytes], bool], times: float) -> None:
+        self.flaky = flaky
+        self.times = times
+        self.writes: dict[bytes, int] = {}
+        self.acked: list[bytes] = []
+        self.connections = 0
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until EOF."""
+        self.connections += 1
+        replies = Replies()
+        while data := await stream.receive_some(65536):
+            lines = []
+            for payload in replies.frames(data):
+                writes = self.writes[payload] = self.writes.get(payload, 0) + 1
+                if payload.startswith(b"refused"):
+                    replies.seq += 1
+                    lines.append(err_line(replies.seq, "rejected", "not wanted"))
+                elif self.flaky(payload) and writes <= self.times:
+                    replies.seq += 1
+                    lines.append(err_line(replies.seq, "unavailable", "store is down"))
+                else:
+                    self.acked.append(payload)
+                    lines.append(replies.ack(payload))
+            if lines:
+                await stream.send_all(b"".join(lines))

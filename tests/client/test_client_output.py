@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from ackservice.client.output import (
     Reporter,
     Tally,
@@ -104,3 +106,29 @@ def test_progress_line_is_erased_before_other_stderr_output() -> None:
     reporter.progress(Tally(sent=1), 1, 1.0)
     reporter.error("it broke")
     assert err.getvalue().endswith("\r\x1b[Kackservice.client: error: it broke\n")
+
+
+@pytest.mark.parametrize(
+    ("resent", "retried", "part"),
+    [
+        (2, 0, ", resent 2 (duplicates possible) in "),
+        (0, 3, ", resent 3 in "),
+        (2, 3, ", resent 5 (2 after a lost connection: duplicates possible) in "),
+    ],
+)
+def test_summary_says_which_resends_may_be_duplicates(resent: int, retried: int, part: str) -> None:
+    """Every resend is counted; only those after a lost connection may have reached the
+    server twice (after ``unavailable`` it kept no copy), and the summary says so."""
+    tally = Tally(sent=3, acked=3, resent=resent, retried=retried)
+    assert part in format_summary(tally, 1.0)
+
+
+def test_a_message_given_up_after_unavailable_is_unacked_not_rejected() -> None:
+    """The last ``unavailable`` answer is shown with how often the message was sent, and
+    in JSON its status is ``unacked``: it was not stored, but not refused either."""
+    reply = Err(7, "unavailable", "store is down")
+    assert format_reply(5, reply, 0.001, 4) == (
+        "message 5: ERR 7 unavailable store is down (gave up, sent 4 times)"
+    )
+    fields = json.loads(reply_json(5, reply, 0.001, 4))
+    assert (fields["status"], fields["code"], fields["attempts"]) == ("unacked", "unavailable", 4)

@@ -43,19 +43,20 @@ def test_budget_allows_retries_after_the_first_attempt() -> None:
     """``retries=3``: the first attempt and three more; the fourth failure ends the run."""
     budget = RetryBudget(3)
     budget.attempt_starting(10.0)
-    assert [budget.failed() for _ in range(4)] == [True, True, True, False]
+    assert [budget.failed(10.0 + i) for i in range(4)] == [True, True, True, False]
     assert budget.summary(13.14) == "tried 4 times over 3.1 s"
 
 
 def test_progress_resets_the_budget() -> None:
     """A connection that made progress starts the count (and its clock) over."""
-    budget = RetryBudget(1)
+    budget = RetryBudget(1, retry_for=10.0)
     budget.attempt_starting(0.0)
-    assert budget.failed()
+    assert budget.failed(0.0)
     budget.succeeded()
     budget.attempt_starting(50.0)
-    assert budget.failed()
-    assert not budget.failed()
+    assert budget.remaining(50.0) == 10.0
+    assert budget.failed(50.0)
+    assert not budget.failed(50.5)
     assert budget.summary(51.0) == "tried 2 times over 1.0 s"
 
 
@@ -63,8 +64,31 @@ def test_no_retries_means_one_attempt() -> None:
     """``retries=0`` gives up after the first failure, and says so in words."""
     budget = RetryBudget(0)
     budget.attempt_starting(0.0)
-    assert not budget.failed()
+    assert not budget.failed(0.0)
     assert budget.summary(0.5) == "tried once over 0.5 s"
+
+
+def test_without_a_count_the_time_budget_decides() -> None:
+    """``retries=None``: any number of failures is retried until ``retry_for`` seconds
+    have passed since the first one of the run, and no retry after that."""
+    budget = RetryBudget(None, retry_for=30.0)
+    budget.attempt_starting(100.0)
+    assert all(budget.failed(100.0 + t / 10) for t in range(299))
+    assert budget.remaining(129.5) == pytest.approx(0.5)
+    assert not budget.failed(130.0)
+
+
+def test_the_count_and_the_time_budget_both_apply() -> None:
+    """With both set, whichever runs out first ends the run."""
+    by_count = RetryBudget(2, retry_for=30.0)
+    assert [by_count.failed(t) for t in (0.0, 0.1, 0.2)] == [True, True, False]
+    by_time = RetryBudget(100, retry_for=1.0)
+    assert [by_time.failed(t) for t in (0.0, 0.5, 1.0)] == [True, True, False]
+
+
+def test_zero_retry_time_never_retries() -> None:
+    """``retry_for=0``: the first failure ends the run, whatever ``retries`` says."""
+    assert not RetryBudget(None, retry_for=0.0).failed(5.0)
 
 
 @pytest.mark.parametrize(

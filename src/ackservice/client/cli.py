@@ -9,6 +9,10 @@ Modes, chosen by what is given:
 Exit codes: 0 every message acknowledged; 1 some message refused, skipped or never
 acknowledged; 2 usage error; 3 the server could not be reached at all; 130 interrupted
 (Ctrl-C) while sending arguments or piped input.
+
+Failures that may pass (a refused connection, ``ERR 0 busy``/``shutting-down``, a message
+answered ``unavailable``) are retried for ``--retry-for`` seconds (30 by default), so a
+server restart or a short store outage does not fail a long piped run.
 """
 
 from __future__ import annotations
@@ -95,7 +99,16 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--retries",
         _cli.non_negative_int,
         defaults.retries,
-        "connection attempts after a failed one (a reply starts the count over)",
+        "connection attempts after a failed one (a reply starts the count over), and "
+        "resends of a message answered 'unavailable'",
+        default_text="unlimited within --retry-for",
+    )
+    add(
+        "--retry-for",
+        _non_negative_seconds,
+        defaults.retry_for,
+        "seconds to keep retrying a refused connection or a message answered "
+        "'unavailable', from the first failure; 0: never retry",
     )
     add("--window", _cli.positive_int, defaults.window, "messages in flight, at most")
     add(
@@ -154,6 +167,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         connect_timeout=args.connect_timeout,
         ack_timeout=args.ack_timeout,
         retries=args.retries,
+        retry_for=args.retry_for,
         window=args.window,
         backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap,
@@ -241,6 +255,7 @@ class _Run:
                 connect_timeout=self.config.connect_timeout,
                 ack_timeout=self.config.ack_timeout,
                 retries=self.config.retries,
+                retry_for=self.config.retry_for,
                 window=self.config.window,
                 backoff_base=self.config.backoff_base,
                 backoff_cap=self.config.backoff_cap,
@@ -281,6 +296,7 @@ class _Run:
         self.tally.acked = stats.acked
         self.tally.rejected = stats.rejected
         self.tally.resent = stats.resent
+        self.tally.retried = stats.retried
 
     def _exit_code(self, *, interactive: bool) -> int:
         if self.unreachable:
@@ -370,6 +386,15 @@ class _Run:
 async def _arguments(messages: list[bytes], limit: int) -> AsyncIterator[bytes | Oversized]:
     for payload in messages:
         yield payload if len(payload) <= limit else OVERSIZED
+
+
+def _non_negative_seconds(text: str) -> float:
+    """A finite duration in seconds, 0 allowed (``--retry-for 0``: never retry)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    return 0.0 if value == 0 else _cli.seconds(text)
 
 
 def _messages(count: int) -> str:

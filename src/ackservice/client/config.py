@@ -21,7 +21,13 @@ class ClientConfig:
             the client gives up (``AckTimeoutError``) rather than reconnect, because a
             server that is alive but silent is not helped by more load.
         retries: connection attempts allowed after a failed one, counted over consecutive
-            failures; any reply on a connection starts the count over.
+            failures (any reply on a connection starts the count over), and resends allowed
+            for one message answered ``unavailable``; ``None``: as many as ``retry_for``
+            allows.
+        retry_for: seconds a run of failures may last: from the first failed connection
+            attempt (or the first ``unavailable`` answer to a message) no retry starts
+            after this long. ``0`` never retries. The default rides out a server restart
+            or a store outage of up to 30 s.
         window: messages written but not yet answered, at most.
         backoff_base: first backoff bound in seconds; it doubles after each failure.
         backoff_cap: largest backoff bound in seconds.
@@ -31,7 +37,8 @@ class ClientConfig:
     port: int = 9876
     connect_timeout: float = 5.0
     ack_timeout: float = 10.0
-    retries: int = 3
+    retries: int | None = None
+    retry_for: float = 30.0
     window: int = 256
     backoff_base: float = 0.1
     backoff_cap: float = 5.0
@@ -41,8 +48,10 @@ class ClientConfig:
             raise ValueError("host must not be empty")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be from 1 to 65535, got {self.port}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.retries is not None and self.retries < 0:
+            raise ValueError(f"retries must be >= 0 or None, got {self.retries}")
+        if not (self.retry_for >= 0 and math.isfinite(self.retry_for)):
+            raise ValueError(f"retry_for must be a number >= 0, got {self.retry_for}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         for name in ("connect_timeout", "ack_timeout", "backoff_base", "backoff_cap"):

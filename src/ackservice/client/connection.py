@@ -4,7 +4,9 @@ Two tasks share each connection: one writes messages (up to ``window`` unanswere
 other reads replies, verifies them against what was written and completes the waiting
 callers. Keeping them apart means a large pipelined run cannot deadlock with both peers
 blocked writing. A supervising task reconnects after a loss and puts every unanswered
-message back at the front of the queue, so delivery is at-least-once.
+message back at the front of the queue, so delivery is at-least-once. A message the server
+answers ``ERR <seq> unavailable`` (not stored, try later) is held back and written again
+after a backoff, on whatever connection is up then.
 
 Replies are framed and parsed by the sans-IO ``ackservice.protocol``; this module only
 moves bytes and keeps time.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import socket
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -33,7 +36,15 @@ from ..errors import (
     MessageRejectedError,
     ProtocolError,
 )
-from ..protocol import MAX_REPLY_LINE_BYTES, Ack, Err, MessageFramer, Oversized, parse_reply
+from ..protocol import (
+    MAX_REPLY_LINE_BYTES,
+    Ack,
+    Err,
+    ErrorCode,
+    MessageFramer,
+    Oversized,
+    parse_reply,
+)
 from .config import ClientConfig
 from .message import ClientStats, Outgoing, Receipt
 from .pipeline import Deliveries
@@ -61,7 +72,8 @@ async def open_client(
     *,
     connect_timeout: float = 5.0,
     ack_timeout: float = 10.0,
-    retries: int = 3,
+    retries: int | None = None,
+    retry_for: float = 30.0,
     window: int = 256,
     backoff_base: float = 0.1,
     backoff_cap: float = 5.0,
@@ -78,7 +90,12 @@ async def open_client(
         connect_timeout: seconds one connection attempt may take.
         ack_timeout: seconds the oldest unanswered message may wait for its reply.
         retries: further connection attempts after a failed one (consecutive failures;
-            a reply on a connection starts the count over).
+            a reply on a connection starts the count over), and resends of one message
+            answered ``unavailable``; ``None`` (the default): as many as ``retry_for``
+            allows.
+        retry_for: seconds a run of failures may last before the client gives up: from
+            the first failed connection attempt, or from a message's first ``unavailable``
+            answer. ``0`` never retries.
         window: messages written but not yet answered, at most.
         backoff_base, backoff_cap: the exponential backoff with full jitter between
             attempts starts at ``backoff_base`` seconds and never exceeds ``backoff_cap``.
@@ -87,7 +104,8 @@ async def open_client(
             name the server in messages.
 
     Raises:
-        ConnectError: no connection could be opened within the retry budget.
+        ConnectError: no connection could be opened within the retry budget (or the host
+            name does not resolve: that is not retried).
         ValueError: a setting is out of range.
     """
     config = ClientConfig(
@@ -96,6 +114,7 @@ async def open_client(
         connect_timeout=connect_timeout,
         ack_timeout=ack_timeout,
         retries=retries,
+        retry_for=retry_for,
         window=window,
         backoff_base=backoff_base,
         backoff_cap=backoff_cap,
@@ -106,6 +125,7 @@ async def open_client(
         async with trio.open_nursery() as nursery:
             client._nursery = nursery
             nursery.start_soon(client._maintain, stream)
+            nursery.start_soon(client._release_held)
             try:
                 yield client
             finally:
@@ -144,7 +164,9 @@ class Client:
     payload sent); anything else ends the client with ``AckMismatchError``. After a lost
     connection, or ``ERR 0 shutting-down``, the client reconnects and sends every
     unanswered message again: delivery is at-least-once, so the server may see a message
-    twice. A message the server refused (``ERR <seq>``) is never sent again.
+    twice. A message answered ``ERR <seq> unavailable`` (the server did not keep it) is
+    written again after a backoff, until the retry budget runs out; any other refusal
+    (``ERR <seq>``) is final and the message is never sent again.
 
     Attributes:
         config: the settings in use.
@@ -158,10 +180,17 @@ class Client:
             trio.open_tcp_stream, config.host, config.port
         )
         self._rng = random.Random()
-        self._budget = RetryBudget(config.retries)
+        self._budget = RetryBudget(config.retries, config.retry_for)
         self._unsent: deque[Outgoing] = deque()
         self._in_flight: deque[Outgoing] = deque()
         self._work = Wakeup()  # messages to send, or room in the window
+        # Messages answered ``unavailable``, waiting for the backoff to end at _resume_at.
+        # While any wait, the writer sends nothing at all: the server's store is in
+        # trouble, and new messages would only come back ``unavailable`` too.
+        self._held: list[Outgoing] = []
+        self._held_arrived = Wakeup()
+        self._resume_at = -math.inf
+        self._unavailable_streak = 0  # backoffs since the last ACK: the backoff exponent
         self._reply_wait: trio.CancelScope | None = None
         self._failure: AckServiceError | None = None
         self._closed = False
@@ -174,8 +203,9 @@ class Client:
 
     @property
     def queued(self) -> int:
-        """Messages waiting to be written (new ones, or ones to resend after a reconnect)."""
-        return len(self._unsent)
+        """Messages waiting to be written (new ones, or ones to resend after a reconnect
+        or an ``unavailable`` answer)."""
+        return len(self._unsent) + len(self._held)
 
     async def send(self, payload: bytes) -> Ack:
         """Send one message and wait for its verified acknowledgment.
@@ -184,7 +214,8 @@ class Client:
         written it may still reach the server.
 
         Raises:
-            MessageRejectedError: the server answered ``ERR <seq> <code> <detail>``.
+            MessageRejectedError: the server answered ``ERR <seq> <code> <detail>``; for
+                ``unavailable``, only once the retry budget ran out.
             AckTimeoutError, AckMismatchError, ConnectError, ConnectionLostError,
             ProtocolError: the client failed (see ``Client``); it cannot be used further.
             ValueError: the payload contains a newline.
@@ -259,6 +290,9 @@ class Client:
         # Already written if it is not there: its reply will be read and dropped.
         with contextlib.suppress(ValueError):
             self._unsent.remove(message)
+        # One the server did not keep (``unavailable``) is not written again either.
+        with contextlib.suppress(ValueError):
+            self._held.remove(message)
 
     def _close(self) -> None:
         self._closed = True
@@ -272,8 +306,11 @@ class Client:
             message.fail(self._failure)
         for message in self._unsent:
             message.fail(self._failure)
+        for message in self._held:
+            message.fail(self._failure)
         self._in_flight.clear()
         self._unsent.clear()
+        self._held.clear()
 
     async def _connect(self, lost: ConnectionLostError | None = None) -> trio.abc.Stream:
         """Open a connection, retrying within the budget with backoff between attempts.
@@ -290,11 +327,11 @@ class Client:
         immediately = lost is None
         while True:
             if not immediately:
-                # The first retry's bound is backoff_base, then it doubles.
+                # The first retry's bound is backoff_base, then it doubles; the last one
+                # is cut short so that it starts when retry_for ends, not after.
                 retry = max(0, budget.failures - 1)
-                await trio.sleep(
-                    backoff_delay(retry, config.backoff_base, config.backoff_cap, self._rng)
-                )
+                delay = backoff_delay(retry, config.backoff_base, config.backoff_cap, self._rng)
+                await trio.sleep(max(0.0, min(delay, budget.remaining(trio.current_time()))))
             immediately = False
             budget.attempt_starting(trio.current_time())
             try:
@@ -306,11 +343,16 @@ class Client:
             except OSError as exc:
                 cause = exc
                 reason = describe_connect_error(exc)
+                if lost is None and isinstance(exc, socket.gaierror):
+                    # A name that never resolved is most likely wrong: waiting retry_for
+                    # would only delay saying so. After a reconnect the name did resolve
+                    # before, so a failure then is a DNS hiccup, retried like a refusal.
+                    raise ConnectError(f"cannot connect to {config.address}: {reason}") from exc
             else:
                 self.stats.connections += 1
                 log.info("connected", server=config.address, connection=self.stats.connections)
                 return stream
-            if not budget.failed():
+            if not budget.failed(trio.current_time()):
                 summary = budget.summary(trio.current_time())
                 if lost is None:
                     failure = f"cannot connect to {config.address}: {reason} ({summary})"
@@ -331,7 +373,7 @@ class Client:
             if self._failure is not None or link.lost is None:
                 return
             lost = link.lost
-            if link.replies == 0 and not self._budget.failed():
+            if link.replies == 0 and not self._budget.failed(trio.current_time()):
                 summary = self._budget.summary(trio.current_time())
                 detail = f"{lost.detail} ({summary})" if lost.detail else summary
                 self._fail(ConnectionLostError(lost.reason, detail))
@@ -346,7 +388,8 @@ class Client:
                 resending=resending,
             )
             # Reconnect only when there is something to send: an idle client that the
-            # server closed (idle-timeout) does not keep opening connections.
+            # server closed (idle-timeout) does not keep opening connections. (Messages
+            # held after ``unavailable`` count once their backoff ends.)
             while not self._unsent:
                 await self._work.wait()
             try:
@@ -381,8 +424,9 @@ class Client:
         in_flight = self._in_flight
         window = self.config.window
         stats = self.stats
+        held = self._held
         while True:
-            while not unsent or len(in_flight) >= window:
+            while not unsent or len(in_flight) >= window or held:
                 await self._work.wait()
             now = trio.current_time()
             was_idle = not in_flight
@@ -394,8 +438,11 @@ class Client:
                 message.sent_at = now
                 if message.attempts == 1:
                     stats.sent += 1
+                elif message.retry_pending:
+                    stats.retried += 1
                 else:
                     stats.resent += 1
+                message.retry_pending = False
                 in_flight.append(message)
                 chunk = message.wire()
                 chunks.append(chunk)
@@ -468,13 +515,64 @@ class Client:
                     f"{message.crc32:08x} were sent"
                 )
             self.stats.acked += 1
-        else:
+            self._unavailable_streak = 0
+        elif reply.code != ErrorCode.UNAVAILABLE:
             self.stats.rejected += 1
         in_flight.popleft()
         link.replies = expected
         if expected == 1:
-            self._budget.succeeded()  # progress: the retry count starts over
-        message.complete(reply, now)
+            # Progress, even for ``unavailable``: the connection works, the store does not.
+            self._budget.succeeded()
+        if isinstance(reply, Err) and reply.code == ErrorCode.UNAVAILABLE:
+            self._hold(message, reply, now)
+        else:
+            message.complete(reply, now)
+
+    def _hold(self, message: Outgoing, reply: Err, now: float) -> None:
+        """``unavailable``: keep ``message`` to write again after a backoff, or give up on
+        it (complete it with this answer) once its retry budget is spent."""
+        config = self.config
+        message.unavailable_answers += 1
+        if message.first_unavailable_at is None:
+            message.first_unavailable_at = now
+        deadline = message.first_unavailable_at + config.retry_for
+        if now >= deadline or (
+            config.retries is not None and message.unavailable_answers > config.retries
+        ):
+            self.stats.unavailable += 1
+            message.complete(reply, now)
+            return
+        message.retry_pending = True
+        self._held.append(message)
+        if len(self._held) == 1:
+            # The first answer of an outage starts the backoff; the rest of the window,
+            # answered ``unavailable`` in the same breath, joins it instead of stacking up
+            # backoffs (which would reach the cap after one window).
+            delay = backoff_delay(
+                self._unavailable_streak, config.backoff_base, config.backoff_cap, self._rng
+            )
+            self._unavailable_streak += 1
+            self._resume_at = now + min(delay, deadline - now)
+            self._held_arrived.set()
+
+    async def _release_held(self) -> None:
+        """When the backoff ends, put the held messages back at the front of the queue."""
+        while True:
+            while not self._held:
+                await self._held_arrived.wait()
+            await trio.sleep_until(self._resume_at)
+            if not self._held or trio.current_time() < self._resume_at:
+                continue  # all withdrawn (or the client failed), or a newer backoff began
+            # In input order, together with any resends from a lost connection (which
+            # are at the front of the queue too), ahead of every message not yet sent.
+            unsent = self._unsent
+            again = list(self._held)
+            self._held.clear()  # in place: the writer watches this very list
+            while unsent and unsent[0].attempts:
+                again.append(unsent.popleft())
+            again.sort(key=lambda message: message.index)
+            unsent.extendleft(reversed(again))
+            self._work.set()
 
 
 class _Link:

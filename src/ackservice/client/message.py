@@ -22,10 +22,11 @@ class Receipt:
         index: the message's position among everything this client was given to send
             (1-based; unlike the wire ``seq`` it does not start over on a new connection).
         payload: the bytes that were sent.
-        reply: the verified ``Ack``, or the ``Err`` with which the server refused it.
+        reply: the verified ``Ack``, or the ``Err`` with which the server refused it (for
+            ``unavailable``: the last such answer, once the retry budget ran out).
         rtt: seconds from the (last) write of the message to its reply.
-        attempts: how many times it was written; more than 1 after a reconnect, in which
-            case the server may have received it more than once.
+        attempts: how many times it was written: more than 1 after a reconnect (the server
+            may then have received it more than once) or an ``unavailable`` answer.
     """
 
     index: int
@@ -48,16 +49,22 @@ class ClientStats:
         submitted: messages given to the client to send.
         sent: messages written at least once (each counted once).
         resent: extra writes of messages after a reconnect (possible duplicates).
+        retried: extra writes of messages the server had answered ``unavailable`` (it did
+            not keep them, so these are no duplicates).
         acked: messages acknowledged and verified.
-        rejected: messages the server refused with ``ERR <seq>``.
+        rejected: messages the server refused with ``ERR <seq>`` (final refusals only).
+        unavailable: messages given up on because the server still answered
+            ``unavailable`` when the retry budget ran out (neither acked nor rejected).
         connections: connections opened.
     """
 
     submitted: int = 0
     sent: int = 0
     resent: int = 0
+    retried: int = 0
     acked: int = 0
     rejected: int = 0
+    unavailable: int = 0
     connections: int = 0
 
 
@@ -69,11 +76,14 @@ class Outgoing:
         "attempts",
         "crc32",
         "failure",
+        "first_unavailable_at",
         "index",
         "payload",
         "replied_at",
         "reply",
+        "retry_pending",
         "sent_at",
+        "unavailable_answers",
     )
 
     def __init__(self, index: int, payload: bytes) -> None:
@@ -85,6 +95,11 @@ class Outgoing:
         self.replied_at = 0.0
         self.reply: Ack | Err | None = None
         self.failure: AckServiceError | None = None
+        # ``unavailable`` answers so far, when the first came, and whether the next write
+        # is a retry after one (not a possible duplicate, unlike a resend after a loss).
+        self.unavailable_answers = 0
+        self.first_unavailable_at: float | None = None
+        self.retry_pending = False
         self._done_event: trio.Event | None = None
 
     @property

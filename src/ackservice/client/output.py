@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import TextIO
 
-from ..protocol import Ack, Err
+from ..protocol import Ack, Err, ErrorCode
 
 __all__ = [
     "ERROR_PREFIX",
@@ -37,6 +37,9 @@ class Tally:
 
     ``sent`` counts each message once, however often it was resent, so that
     ``sent == acked + rejected + unacked``; ``not_sent`` lines were too long to send.
+    A message the server kept answering ``unavailable`` until the retry budget ran out is
+    not acknowledged (``unacked``), not refused. ``resent`` counts extra writes after a lost
+    connection (possible duplicates), ``retried`` after an ``unavailable`` answer (none).
     """
 
     sent: int = 0
@@ -44,6 +47,7 @@ class Tally:
     rejected: int = 0
     not_sent: int = 0
     resent: int = 0
+    retried: int = 0
 
     @property
     def unacked(self) -> int:
@@ -64,7 +68,10 @@ def format_reply(number: int, reply: Ack | Err, rtt: float, attempts: int) -> st
             f"message {number}: ACK {reply.seq} {reply.nbytes} {reply.crc32:08x} "
             f"({rtt * 1000:.2f} ms{resent})"
         )
-    return f"message {number}: ERR {reply.seq} {reply.code} {reply.detail}".rstrip()
+    line = f"message {number}: ERR {reply.seq} {reply.code} {reply.detail}".rstrip()
+    if reply.code == ErrorCode.UNAVAILABLE:
+        line += f" (gave up, sent {attempts} times)" if attempts > 1 else " (gave up)"
+    return line
 
 
 def reply_json(number: int, reply: Ack | Err, rtt: float, attempts: int) -> str:
@@ -73,7 +80,9 @@ def reply_json(number: int, reply: Ack | Err, rtt: float, attempts: int) -> str:
     if isinstance(reply, Ack):
         fields.update(status="acked", nbytes=reply.nbytes, crc32=f"{reply.crc32:08x}")
     else:
-        fields.update(status="rejected", code=reply.code, detail=reply.detail)
+        # Given up on after ``unavailable`` answers: not acknowledged, but not refused either.
+        status = "unacked" if reply.code == ErrorCode.UNAVAILABLE else "rejected"
+        fields.update(status=status, code=reply.code, detail=reply.detail)
     fields.update(rtt_ms=round(rtt * 1000, 3), attempts=attempts)
     return json.dumps(fields)
 
@@ -84,7 +93,13 @@ def not_sent_detail(limit: int) -> str:
 
 
 def format_summary(tally: Tally, elapsed: float) -> str:
-    """``sent 3, acked 3, rejected 0, unacked 0 in 0.01 s (300 msg/s)``."""
+    """``sent 3, acked 3, rejected 0, unacked 0 in 0.01 s (300 msg/s)``.
+
+    Resends are counted after ``unacked`` when there were any: ``resent 7 (duplicates
+    possible)`` when all followed a lost connection, ``resent 7`` when all followed an
+    ``unavailable`` answer (the server kept no copy), and for a mix ``resent 10 (7 after a
+    lost connection: duplicates possible)``.
+    """
     parts = [
         f"sent {tally.sent}",
         f"acked {tally.acked}",
@@ -93,8 +108,15 @@ def format_summary(tally: Tally, elapsed: float) -> str:
     ]
     if tally.not_sent:
         parts.append(f"not sent {tally.not_sent} (too long)")
-    if tally.resent:
-        parts.append(f"resent {tally.resent} (duplicates possible)")
+    resent = tally.resent + tally.retried
+    if tally.resent and not tally.retried:
+        parts.append(f"resent {resent} (duplicates possible)")
+    elif tally.resent:
+        parts.append(
+            f"resent {resent} ({tally.resent} after a lost connection: duplicates possible)"
+        )
+    elif resent:
+        parts.append(f"resent {resent}")  # only after ``unavailable``: the server kept none
     return f"{', '.join(parts)} in {elapsed:.2f} s ({_rate(tally, elapsed)} msg/s)"
 
 

@@ -6,6 +6,7 @@ allowed and how long to sleep first.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -27,33 +28,49 @@ def backoff_delay(failures: int, base: float, cap: float, rng: random.Random) ->
 
 
 class RetryBudget:
-    """Counts consecutive failed attempts; a connection that makes progress resets it.
+    """Counts a run of consecutive failed attempts; a connection that makes progress ends it.
 
-    With ``retries=3`` a run of failures ends after the fourth attempt: the first one plus
-    three retries.
+    A run may go on while both limits allow: at most ``retries`` attempts after the first
+    one (``None``: no count), and no attempt after ``retry_for`` seconds from the run's first
+    failure. With ``retries=3`` a run ends after the fourth attempt; with the defaults
+    (``None``, 30 s) a server that is back within 30 s is reached, however many attempts
+    that takes.
     """
 
-    __slots__ = ("_first_attempt_at", "failures", "retries")
+    __slots__ = ("_first_attempt_at", "_first_failure_at", "failures", "retries", "retry_for")
 
-    def __init__(self, retries: int) -> None:
+    def __init__(self, retries: int | None, retry_for: float = math.inf) -> None:
         self.retries = retries
+        self.retry_for = retry_for
         self.failures = 0
         self._first_attempt_at: float | None = None
+        self._first_failure_at: float | None = None
 
     def attempt_starting(self, now: float) -> None:
-        """Note the start of an attempt (the first of a run starts the clock)."""
+        """Note the start of an attempt (the first of a run starts the clock of the summary)."""
         if self._first_attempt_at is None:
             self._first_attempt_at = now
 
-    def failed(self) -> bool:
+    def failed(self, now: float) -> bool:
         """Record a failed attempt; return whether another one is allowed."""
         self.failures += 1
-        return self.failures <= self.retries
+        if self._first_failure_at is None:
+            self._first_failure_at = now
+        if self.retries is not None and self.failures > self.retries:
+            return False
+        return self.remaining(now) > 0
+
+    def remaining(self, now: float) -> float:
+        """Seconds left for retries in this run (the next backoff is cut to fit)."""
+        if self._first_failure_at is None:
+            return self.retry_for
+        return self._first_failure_at + self.retry_for - now
 
     def succeeded(self) -> None:
         """A connection made progress: the next failure starts a new run."""
         self.failures = 0
         self._first_attempt_at = None
+        self._first_failure_at = None
 
     def summary(self, now: float) -> str:
         """``tried 4 times over 3.1 s``, for the error that ends a run of failures."""
