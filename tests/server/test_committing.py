@@ -19,7 +19,7 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
-from ackservice.server import AckHandler, MessageContext, ServerConfig, open_handler, serve
+from ackservice.server import AckHandler, MessageContext, ServerConfig, serve
 from ackservice.store import Message, Rejected, StoreUnavailable, Unavailable, Verdict
 from support import LineReader
 
@@ -65,8 +65,7 @@ class ListStore:
 
 @asynccontextmanager
 async def handler_with(store: ListStore, **settings: Any) -> AsyncIterator[AckHandler]:
-    async with open_handler(ServerConfig(**settings), store=store) as handler:
-        yield handler
+    yield AckHandler(ServerConfig(**settings), store=store)
 
 
 def connect(
@@ -269,12 +268,8 @@ def test_a_store_and_a_hook_together_are_refused() -> None:
     async def hook(payload: bytes, context: MessageContext) -> None:
         pass
 
-    async def main() -> None:
-        with pytest.raises(ValueError, match="not both"):
-            async with open_handler(store=ListStore(), on_message=hook):
-                pass
-
-    trio.run(main)
+    with pytest.raises(ValueError, match="not both"):
+        AckHandler(store=ListStore(), on_message=hook)
 
 
 async def test_a_hook_past_its_timeout_is_unavailable(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..errors import Reject
 from .config import ServerConfig
-from .handler import AckHandler, ServerStats, open_handler
+from .handler import AckHandler, ServerStats
 from .hook import MessageContext, MessageHook
 from .listener import Server, serve
 
@@ -21,6 +21,5 @@ __all__ = [
     "Server",
     "ServerConfig",
     "ServerStats",
-    "open_handler",
     "serve",
 ]

@@ -4,16 +4,13 @@
 it drops straight into ``trio.serve_tcp(handler, port)`` or ``trio.serve_listeners`` in
 another Trio application; ``ackservice.server.serve`` is the same handler behind a listener.
 It admits or refuses each connection, picks its transport and keeps the totals;
-``connection.py`` serves one. With a store, open it with ``open_handler``, which also runs
-the group committer that the connections share.
+``connection.py`` serves one.
 """
 
 from __future__ import annotations
 
 import itertools
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -31,7 +28,7 @@ from .readiness import ReadinessHub, current_hub
 from .sockets import enable_keepalive
 from .transport import SocketTransport, StreamTransport, Transport
 
-__all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats", "open_handler"]
+__all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats"]
 
 log = structlog.get_logger(__name__)
 
@@ -57,27 +54,38 @@ class AckHandler:
 
     Args:
         config: limits and timeouts (``host``/``port`` are not used here).
-        on_message: optional application hook, awaited for each message before its ACK
-            (the simple alternative to a store; see ``open_handler`` for a store).
+        store: where every message is kept before its ACK; the handler's connections share
+            one group commit. ``None`` keeps nothing (ACK on receipt).
+        on_message: the simple alternative to a store: an application hook awaited for each
+            message before its ACK.
+
+    Raises:
+        ValueError: both a store and a hook were given.
     """
 
     def __init__(
         self,
         config: ServerConfig | None = None,
         *,
+        store: Store | None = None,
         on_message: MessageHook | None = None,
-        _committer: Committer | None = None,
-        _hub: ReadinessHub | None = None,
     ) -> None:
         self.config = ServerConfig() if config is None else config
+        self.store = store
         self.on_message = on_message
-        if on_message is not None and _committer is not None:
+        if store is not None and on_message is not None:
             raise ValueError("give a store or an on_message hook, not both")
-        if on_message is not None:
-            _committer = HookCommitter(on_message, timeout=self.config.hook_timeout)
-        self.committer: Committer | None = _committer
+        self.committer: Committer | None = None
+        if store is not None:
+            self.committer = GroupCommitter(
+                store,
+                timeout=self.config.store_timeout,
+                max_pending_bytes=self.config.max_pending_store_bytes,
+            )
+        elif on_message is not None:
+            self.committer = HookCommitter(on_message, timeout=self.config.hook_timeout)
         self.stats = ServerStats()
-        self._hub = _hub
+        self._hub: ReadinessHub | None = None
         self._conn_ids = itertools.count(1)
         self._connections: set[Connection] = set()
         self._shutting_down = False
@@ -193,39 +201,6 @@ class AckHandler:
             await close_with_error(stream, code, detail, self.config.drain_timeout)
         finally:
             await trio.aclose_forcefully(stream)
-
-
-@asynccontextmanager
-async def open_handler(
-    config: ServerConfig | None = None,
-    *,
-    store: Store | None = None,
-    on_message: MessageHook | None = None,
-) -> AsyncIterator[AckHandler]:
-    """An ``AckHandler`` that keeps every message in ``store`` before acknowledging it.
-
-    The handler's connections share one group committer, which runs inside this context;
-    leave it only after every connection has ended (``serve`` does this for you). The store
-    itself stays open: closing it is the caller's job.
-
-    Args:
-        config: limits and timeouts (``store_timeout``, ``max_pending_store_bytes``).
-        store: where messages go; ``None`` keeps nothing (ACK on receipt).
-        on_message: the per-message hook instead of a store.
-    """
-    config = ServerConfig() if config is None else config
-    if store is not None and on_message is not None:
-        raise ValueError("give a store or an on_message hook, not both")
-    if store is None:
-        yield AckHandler(config, on_message=on_message)
-        return
-    committer = GroupCommitter(
-        store, timeout=config.store_timeout, max_pending_bytes=config.max_pending_store_bytes
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(committer.run)
-        yield AckHandler(config, on_message=on_message, _committer=committer)
-        nursery.cancel_scope.cancel()
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

@@ -25,7 +25,7 @@ from ..store.base import Store
 from . import readiness
 from .committing import GroupCommitter
 from .config import ServerConfig
-from .handler import AckHandler, MessageHook, open_handler
+from .handler import AckHandler, MessageHook
 from .readiness import ReadinessHub
 from .sockets import ACCEPTED_SOCKETS_INHERIT_OPTIONS, configure_listening_socket
 
@@ -142,6 +142,7 @@ class Server:
             # Whatever is still running when the grace period ends is cancelled.
             connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
         stats = self.handler.stats
+        committer = self.handler.committer
         log.info(
             "shutdown_complete",
             connections=stats.connections,
@@ -150,6 +151,11 @@ class Server:
             errors=stats.errors,
             refused_busy=stats.refused_busy,
             forced=connections.cancel_scope.cancelled_caught,
+            **(
+                {"store_commits": committer.commits}
+                if isinstance(committer, GroupCommitter)
+                else {}
+            ),
         )
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
@@ -304,18 +310,17 @@ async def serve(
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     for listener in listeners:
         configure_listening_socket(listener.socket, config.tcp_keepalive)
-    # The readiness hub and the committer outlive every connection: they are started first
-    # and stopped last, in this nursery.
+    handler = AckHandler(config, store=store, on_message=on_message)
+    handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
+    server = Server(handler, listeners, refuse_queued_at_shutdown=refuse_queued_at_shutdown)
+    if not readiness.AVAILABLE:
+        await server._run(task_status)
+        return
+    # The readiness hub outlives every connection: started first, stopped last.
     async with trio.open_nursery() as services:
-        hub = None
-        if readiness.AVAILABLE:
-            hub = ReadinessHub()
-            services.start_soon(hub.dispatch, name="ackservice readiness hub")
-        async with open_handler(config, store=store, on_message=on_message) as handler:
-            handler._hub = hub
-            handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
-            server = Server(handler, listeners, refuse_queued_at_shutdown=refuse_queued_at_shutdown)
-            await server._run(task_status)
+        handler._hub = ReadinessHub()
+        services.start_soon(handler._hub.dispatch, name="ackservice readiness hub")
+        await server._run(task_status)
         services.cancel_scope.cancel()
 
 
