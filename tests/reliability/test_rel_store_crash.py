@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -168,7 +169,16 @@ async def test_nats_killed_mid_run_acknowledges_only_what_the_stream_keeps(
         assert {record.pid for record in records} == all_ids()
         assert refused > 0, "no client was answered unavailable while NATS was down"
         recovered = server.events_named("store_recovered")[0]
+        # Not asserted (see docs/reliability.md, findings): messages answered unavailable
+        # that the stream kept anyway, because the connection broke with a PubAck pending.
+        times_stored = Counter(record.pid for record in records)
+        stored_though_unavailable = sum(
+            max(0, count - (history.sent[pid].writes - history.refused[pid]))
+            for pid, count in times_stored.items()
+            if pid is not None
+        )
         report(
+            stored_though_unavailable=stored_though_unavailable,
             nats_down_seconds=round(down_for, 2),
             unavailable_answers=refused,
             server_refused=recovered["messages_refused"],
