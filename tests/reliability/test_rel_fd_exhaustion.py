@@ -101,8 +101,9 @@ async def test_out_of_descriptors_is_survived_and_logged_rarely(
         # Everyone has left (and the server has seen them go: with a store, the last answers
         # wait for a commit, so their ends can still be in flight): a newcomer is served.
         await poll_until(
-            lambda: server.count_events("connection_closed")
-            >= server.count_events("connection_opened")
+            lambda: (
+                server.count_events("connection_closed") >= server.count_events("connection_opened")
+            )
         )
         newcomer = HeldClient(CLIENTS, history)
         async with trio.open_nursery() as nursery:
