@@ -135,6 +135,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             env=client_env(),
+            cwd=log_path.parent,  # the default store (sqlite:ackservice.db) goes there
         )
 
     async def port(self) -> int:

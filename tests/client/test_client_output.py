@@ -112,13 +112,13 @@ def test_progress_line_is_erased_before_other_stderr_output() -> None:
     ("resent", "retried", "part"),
     [
         (2, 0, ", resent 2 (duplicates possible) in "),
-        (0, 3, ", resent 3 in "),
-        (2, 3, ", resent 5 (2 after a lost connection: duplicates possible) in "),
+        (0, 3, ", resent 3 (duplicates possible) in "),
+        (2, 3, ", resent 5 (duplicates possible) in "),
     ],
 )
 def test_summary_says_which_resends_may_be_duplicates(resent: int, retried: int, part: str) -> None:
-    """Every resend is counted; only those after a lost connection may have reached the
-    server twice (after ``unavailable`` it kept no copy), and the summary says so."""
+    """Every resend is counted, after a lost connection or an ``unavailable`` answer alike,
+    and either may have reached the store twice, which the summary says."""
     tally = Tally(sent=3, acked=3, resent=resent, retried=retried)
     assert part in format_summary(tally, 1.0)
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def run_server_cli(
         timeout=20,
         env=env,
         check=False,
+        cwd=tempfile.gettempdir(),  # never the checkout: a started server creates its store
     )
 
 

@@ -95,10 +95,10 @@ def not_sent_detail(limit: int) -> str:
 def format_summary(tally: Tally, elapsed: float) -> str:
     """``sent 3, acked 3, rejected 0, unacked 0 in 0.01 s (300 msg/s)``.
 
-    Resends are counted after ``unacked`` when there were any: ``resent 7 (duplicates
-    possible)`` when all followed a lost connection, ``resent 7`` when all followed an
-    ``unavailable`` answer (the server kept no copy), and for a mix ``resent 10 (7 after a
-    lost connection: duplicates possible)``.
+    Resends, after a lost connection or an ``unavailable`` answer, are counted after
+    ``unacked`` when there were any: ``resent 7 (duplicates possible)``. Either may have
+    reached the store already (a connection lost after the commit, a commit that completed
+    after its store timeout), so neither rules a duplicate out.
     """
     parts = [
         f"sent {tally.sent}",
@@ -109,14 +109,8 @@ def format_summary(tally: Tally, elapsed: float) -> str:
     if tally.not_sent:
         parts.append(f"not sent {tally.not_sent} (too long)")
     resent = tally.resent + tally.retried
-    if tally.resent and not tally.retried:
+    if resent:
         parts.append(f"resent {resent} (duplicates possible)")
-    elif tally.resent:
-        parts.append(
-            f"resent {resent} ({tally.resent} after a lost connection: duplicates possible)"
-        )
-    elif resent:
-        parts.append(f"resent {resent}")  # only after ``unavailable``: the server kept none
     return f"{', '.join(parts)} in {elapsed:.2f} s ({_rate(tally, elapsed)} msg/s)"
 
 

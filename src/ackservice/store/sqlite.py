@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -43,6 +44,9 @@ SCHEMA_VERSION: Final = 1
 # "database is locked" (then the batch is answered ``unavailable``). Long enough to ride out
 # a prune chunk or a checkpoint, short enough that a wedged writer is reported, not hidden.
 BUSY_TIMEOUT: Final = 5.0
+# SQLite's own busy wait, per attempt: the store retries in these steps up to BUSY_TIMEOUT
+# so that a commit the server gave up on stops waiting within one step.
+_BUSY_STEP: Final = 0.05
 
 # Rows per read: bounds a reader's memory (at most this many payloads of up to 64 KiB each)
 # while keeping the per-query overhead small.
@@ -122,9 +126,23 @@ class SQLiteStore:
         # A snapshot (one C-level copy): an abandoned thread may still be reading the batch
         # after the caller has moved on and reused its list for the next group.
         snapshot = tuple(batch)
-        await trio.to_thread.run_sync(
-            _insert, self._connection, snapshot, abandon_on_cancel=True, limiter=self._limiter
-        )
+        abandoned = threading.Event()
+        try:
+            await trio.to_thread.run_sync(
+                _insert,
+                self._connection,
+                snapshot,
+                abandoned,
+                abandon_on_cancel=True,
+                limiter=self._limiter,
+            )
+        except trio.Cancelled:
+            # Cut off (the server's store timeout): the thread rolls back at its next step,
+            # so a commit still waiting for the write lock does not complete after its
+            # messages were answered "unavailable". One already writing its commit record
+            # may still complete: that is why "unavailable" promises only "safe to resend".
+            abandoned.set()
+            raise
         return None
 
     async def aclose(self) -> None:
@@ -289,6 +307,8 @@ def _open_for_writing(path: Path) -> tuple[Path, sqlite3.Connection]:
             "choose a path you may write"
         ) from exc
     connection = _connect(path, create=True)
+    # The writer waits for the lock in short steps (see _begin_immediate).
+    connection.execute(f"PRAGMA busy_timeout = {int(_BUSY_STEP * 1000)}")
     try:
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     except sqlite3.Error as exc:
@@ -335,9 +355,14 @@ def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -
             connection.rollback()
 
 
-def _insert(connection: sqlite3.Connection, batch: Sequence[Message]) -> None:
+def _insert(
+    connection: sqlite3.Connection, batch: Sequence[Message], abandoned: threading.Event
+) -> None:
     try:
-        connection.execute("BEGIN IMMEDIATE")
+        _begin_immediate(connection, abandoned)
+        if abandoned.is_set():
+            _roll_back(connection)
+            return
         connection.executemany(
             _INSERT,
             [
@@ -354,6 +379,9 @@ def _insert(connection: sqlite3.Connection, batch: Sequence[Message]) -> None:
                 for m in batch
             ],
         )
+        if abandoned.is_set():  # the last moment the caller's "unavailable" can stay true
+            _roll_back(connection)
+            return
         connection.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         # Also undoes a COMMIT that failed (disk full while writing the log): the next
@@ -365,6 +393,25 @@ def _insert(connection: sqlite3.Connection, batch: Sequence[Message]) -> None:
         # not leave the transaction open either, or every later BEGIN would fail.
         _roll_back(connection)
         raise
+
+
+def _begin_immediate(connection: sqlite3.Connection, abandoned: threading.Event) -> None:
+    """Take the write lock, waiting up to ``BUSY_TIMEOUT`` for another writer, in short
+    steps so that a call the server gave up on stops waiting (SQLite's own busy wait
+    cannot be interrupted)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if (
+                exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY
+                or abandoned.is_set()
+                or time.monotonic() >= deadline
+            ):
+                raise
+        else:
+            return
 
 
 def _roll_back(connection: sqlite3.Connection) -> None:
