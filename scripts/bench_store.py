@@ -1,0 +1,173 @@
+"""The server with each store under the shared/bench C load generator, and JetStream's ceiling.
+
+Usage:
+    .venv/bin/python scripts/bench_store.py --loadgen "$B/loadgen" --rounds 3
+
+For each round, servers interleaved: ``python -m ackservice.server`` with ``--store none``,
+``--store sqlite:<tmp>/store.db`` and ``--store nats://127.0.0.1:<port>/BENCH`` (a real
+nats-server from the venv, JetStream with ``sync_interval: always``), each under the
+request/response load (64 connections x 1 in flight) and the pipelined one (16 x 64), as
+shared/bench's rr64 and pipe define them. Then a plain asyncio nats-py program publishes the
+same 64-byte messages as atomic batches of 1,000, 8 in flight (what the store does), to the
+same nats-server for the same time: JetStream's own ceiling here, which the server's
+pipelined figure is compared with. The server runs pinned to CPU 0 and the load generator to
+CPU 1, on 127.0.0.1; every run is bounded by ``--duration``. Prints one line per run and the
+medians; ``store commits/s`` is the server's own count (``store_commits`` in its
+``shutdown_complete`` event): with SQLite (WAL, synchronous=FULL) each commit is one fsync of
+the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from ackservice.store.url import JetStreamURL, parse_store_url
+from bench_jetstream import make_messages, plain_asyncio  # type: ignore[import-not-found]
+from nats_support import NatsServer  # type: ignore[import-not-found]
+
+LOADS = {
+    "rr64": ["--conns", "64", "--window", "1", "--size", "64"],
+    "pipe": ["--conns", "16", "--window", "64", "--size", "64"],
+}
+
+
+def run_server(store: str, scenario: str, loadgen: str, duration: float, workdir: Path) -> dict:
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log_file:
+        server = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "0",
+                sys.executable,
+                "-m",
+                "ackservice.server",
+                "--port",
+                "0",
+                "--log-format",
+                "json",
+                "--store",
+                store,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            cwd=workdir,
+        )
+    try:
+        port = 0
+        deadline = time.monotonic() + 20
+        while not port and time.monotonic() < deadline:
+            for line in log_path.read_text().splitlines():
+                if '"listening"' in line:
+                    port = json.loads(line)["port"]
+            time.sleep(0.05)
+        if not port:
+            raise SystemExit(f"server with --store {store} did not start: see {log_path}")
+        started = time.monotonic()
+        out = subprocess.run(
+            [
+                "taskset",
+                "-c",
+                "1",
+                loadgen,
+                "--port",
+                str(port),
+                *LOADS[scenario],
+                "--duration",
+                str(duration),
+                "--warmup",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=duration + 30,
+            check=True,
+        ).stdout
+        elapsed = time.monotonic() - started
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    result = json.loads(out.strip().splitlines()[-1])
+    events = [
+        json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")
+    ]
+    done = next(e for e in events if e["event"] == "shutdown_complete")
+    result["commits_per_s"] = done.get("store_commits", 0) / elapsed
+    return result
+
+
+def plain_publisher(url: JetStreamURL, duration: float) -> float:
+    """Messages per second of the plain asyncio publisher (pinned to CPU 0, like the server)."""
+    import asyncio
+
+    os.sched_setaffinity(0, {0})
+    try:
+        stored, elapsed = asyncio.run(
+            plain_asyncio(url, make_messages(2_000_000), 1000, 8, duration)
+        )
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return stored / elapsed
+
+
+_SHOWN = ("acks_per_s", "p50_us", "p99_us", "commits_per_s")
+
+
+def _line(result: dict) -> str:
+    return (
+        f"{result['acks_per_s']:>10,.0f} acks/s  p50 {result['p50_us']:>7,.0f} us"
+        f"  p99 {result['p99_us']:>7,.0f} us  commits/s {result['commits_per_s']:>6,.0f}"
+        f"  errors {result['errors']}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loadgen", required=True, help="shared/bench's compiled loadgen")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=4.0)
+    args = parser.parse_args()
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="ackservice-bench-store-") as tmp:
+        nats = NatsServer(Path(tmp) / "nats")
+        nats.start()
+        try:
+            nats_url = f"nats://127.0.0.1:{nats.port}/BENCH"
+            stores = {"none": "none", "sqlite": "", "nats": nats_url}
+            for round_number in range(1, args.rounds + 1):
+                for name, store in stores.items():
+                    for scenario in LOADS:
+                        workdir = Path(tempfile.mkdtemp(dir=tmp))
+                        url = store or f"sqlite:{workdir}/store.db"
+                        result = run_server(url, scenario, args.loadgen, args.duration, workdir)
+                        results.setdefault(f"{name} {scenario}", []).append(result)
+                        print(f"round {round_number} {name:6s} {scenario:4s} {_line(result)}")
+                parsed = parse_store_url(nats_url)
+                assert isinstance(parsed, JetStreamURL)
+                rate = plain_publisher(parsed, args.duration)
+                results.setdefault("plain asyncio publisher", []).append({"acks_per_s": rate})
+                print(f"round {round_number} plain asyncio nats-py publisher {rate:>10,.0f} msgs/s")
+        finally:
+            nats.stop()
+    print("\nmedians:")
+    for key, runs in results.items():
+        medians = {k: statistics.median(run[k] for run in runs) for k in runs[0] if k in _SHOWN}
+        print(f"{key:28s} " + "  ".join(f"{k} {v:,.0f}" for k, v in medians.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
