@@ -7,6 +7,7 @@ import errno
 import os
 import sqlite3
 import subprocess
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -14,20 +15,29 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ackservice.store import sqlite as sqlite_module
 from ackservice.store.base import Message, StoredMessage, StoreError, StoreUnavailable
 from ackservice.store.sqlite import SQLiteReader, SQLiteStore
 
 
-def message(payload: bytes, seq: int = 1, *, identity: str | None = None) -> Message:
-    """A message as the server would hand it over."""
+def message(
+    payload: bytes,
+    seq: int = 1,
+    *,
+    identity: str | None = None,
+    conn_id: int = 7,
+    received_at: float = 1_700_000_000.5,
+) -> Message:
+    """A message as the server would hand it over (one read's share ``received_at``)."""
     return Message(
         payload=payload,
         crc32=zlib.crc32(payload),
-        received_at=time.time(),
-        peer="127.0.0.1:40000",
-        conn_id=7,
+        received_at=received_at,
+        peer=f"127.0.0.1:{40000 + conn_id}",
+        conn_id=conn_id,
         seq=seq,
         identity=identity,
     )
@@ -38,13 +48,40 @@ def batch_of(payloads: list[bytes], first_seq: int = 1) -> list[Message]:
     return [message(p, first_seq + i) for i, p in enumerate(payloads)]
 
 
-async def read_all(path: Path) -> list[StoredMessage]:
-    """Everything the store at ``path`` holds, through a reader."""
+async def read_all(path: Path, after: int = 0) -> list[StoredMessage]:
+    """Everything the store at ``path`` holds (with ``id > after``), through a reader."""
     reader = await SQLiteReader.open(path)
     try:
-        return [m async for m in reader.messages()]
+        return [m async for m in reader.messages(after=after)]
     finally:
         await reader.aclose()
+
+
+async def store_batches(path: Path, batches: list[list[Message]]) -> None:
+    """Store each batch in its own commit."""
+    store = await SQLiteStore.open(path)
+    try:
+        for batch in batches:
+            assert await store.store(batch) is None
+    finally:
+        await store.aclose()
+
+
+def as_stored(first_id: int, sent: list[Message]) -> list[StoredMessage]:
+    """What reading back ``sent`` must give, numbered from ``first_id``."""
+    return [
+        StoredMessage(
+            first_id + n, m.received_at, m.peer, m.conn_id, m.seq, m.crc32, m.payload, m.identity
+        )
+        for n, m in enumerate(sent)
+    ]
+
+
+def chunk_count(path: Path) -> int:
+    """How many rows the store's ``chunks`` table holds."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        count: int = connection.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return count
 
 
 def integrity(path: Path) -> str:
@@ -108,7 +145,7 @@ async def test_commits_are_durable_wal_with_full_sync(tmp_path: Path) -> None:
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 async def test_ids_increase_and_are_not_reused_after_prune(tmp_path: Path) -> None:
@@ -134,10 +171,15 @@ async def test_prune_by_id_and_age(tmp_path: Path) -> None:
     """``before_id`` deletes the messages below it; ``older_than`` those received longer
     ago than that; each returns how many went."""
     path = tmp_path / "store.db"
-    old = message(b"old")._replace(received_at=time.time() - 3600)
+    old = message(b"old", received_at=time.time() - 3600)
+    # One read each: the messages are separate chunks.
+    now = time.time()
+    others = [
+        message(p, n, conn_id=n, received_at=now) for n, p in [(2, b"x"), (3, b"y"), (4, b"z")]
+    ]
     store = await SQLiteStore.open(path)
     try:
-        await store.store([old, *batch_of([b"x", b"y", b"z"], 2)])
+        await store.store([old, *others])
     finally:
         await store.aclose()
     reader = await SQLiteReader.open(path)
@@ -166,7 +208,7 @@ async def test_stats_of_an_empty_and_a_filled_store(tmp_path: Path) -> None:
             None,
             None,
         )
-        sent = batch_of([b"12345", b"", b"678"])
+        sent = [message(b"12345", 1, received_at=1.0), *batch_of([b"", b"678"], 2)]
         await store.store(sent)
         stats = await reader.stats()
     finally:
@@ -206,12 +248,33 @@ async def test_a_newer_schema_version_is_refused(tmp_path: Path) -> None:
     store = await SQLiteStore.open(path)
     await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as connection:
-        connection.execute("PRAGMA user_version = 2")
+        connection.execute("PRAGMA user_version = 3")
         connection.commit()
-    with pytest.raises(StoreError, match=r"schema version 2.*only 1"):
+    with pytest.raises(StoreError, match=r"schema version 3.*only 2"):
         await SQLiteStore.open(path)
-    with pytest.raises(StoreError, match="schema version 2"):
+    with pytest.raises(StoreError, match="schema version 3"):
         await SQLiteReader.open(path)
+
+
+async def test_a_version_1_store_is_refused_with_a_hint(tmp_path: Path) -> None:
+    """A file in the per-message schema of the first development versions is neither
+    written nor read; the one-line error says what to do, and the file is left as it was."""
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL,"
+            " peer TEXT, conn_id INTEGER, seq INTEGER, nbytes INTEGER, crc32 INTEGER,"
+            " payload BLOB, identity TEXT)"
+        )
+        connection.execute("PRAGMA user_version = 1")
+        connection.commit()
+    before = path.read_bytes()
+    for opener in (SQLiteStore.open, SQLiteReader.open):
+        with pytest.raises(StoreError, match="older development version") as info:
+            await opener(path)
+        assert "export it with that version or remove it" in str(info.value)
+        assert "\n" not in str(info.value)
+    assert path.read_bytes() == before
 
 
 async def test_a_path_that_cannot_be_created_names_the_path(tmp_path: Path) -> None:
@@ -326,15 +389,13 @@ async def test_follow_sees_messages_committed_later(tmp_path: Path) -> None:
 
 
 async def test_messages_after_an_id_across_pages(tmp_path: Path) -> None:
-    """``after`` skips up to and including that id; results longer than a page arrive whole
-    and in order."""
+    """``after`` skips up to and including that id; results longer than a page of chunks
+    arrive whole and in order."""
     path = tmp_path / "store.db"
     count = sqlite_module.PAGE_ROWS * 2 + 5
-    store = await SQLiteStore.open(path)
-    try:
-        await store.store(batch_of([b"%d" % n for n in range(1, count + 1)]))
-    finally:
-        await store.aclose()
+    # Every other seq: not consecutive, so one chunk per message.
+    await store_batches(path, [[message(b"%d" % n, 2 * n) for n in range(1, count + 1)]])
+    assert chunk_count(path) == count
     reader = await SQLiteReader.open(path)
     try:
         ids = [m.id async for m in reader.messages(after=3)]
@@ -402,3 +463,114 @@ async def test_disk_full_is_unavailable_and_recovers_without_loss(small_tmpfs: P
         await store.aclose()
     assert [m.payload for m in await read_all(path)] == [*acknowledged, b"after"]
     assert integrity(path) == "ok"
+
+
+async def test_a_batch_of_several_connections_runs_reads_back_exactly(tmp_path: Path) -> None:
+    """A batch interleaving runs of several connections, with gaps in seq, a change of
+    ``received_at`` or identity inside one connection's messages, comes back message for
+    message with ids 1..n; each run is one chunk."""
+    path = tmp_path / "store.db"
+    sent = [
+        message(b"a1", 10, conn_id=1),
+        message(b"a2", 11, conn_id=1),
+        message(b"b1", 12, conn_id=2),  # next seq of conn 1, but another connection
+        message(b"b2", 13, conn_id=2),
+        message(b"a3", 12, conn_id=1),  # conn 1 again: a new read
+        message(b"a5", 14, conn_id=1),  # a gap in seq
+        message(b"a6", 15, conn_id=1, received_at=2.0),  # a later read
+        message(b"a7", 16, conn_id=1, received_at=2.0, identity="CN=x"),
+        message(b"", 17, conn_id=1, received_at=2.0, identity="CN=x"),
+        message(b"\xff\xfe", 1, conn_id=3),
+    ]
+    await store_batches(path, [sent[:4], sent[4:]])
+    assert chunk_count(path) == 7
+    assert await read_all(path) == as_stored(1, sent)
+    # ``after`` inside a chunk (a1, a2 form chunk 1; a6 is alone; a7 and b"" form one).
+    assert await read_all(path, after=1) == as_stored(2, sent[1:])
+    assert await read_all(path, after=8) == as_stored(9, sent[8:])
+    assert await read_all(path, after=10) == []
+
+
+async def test_prune_keeps_a_chunk_straddling_before_id_whole(tmp_path: Path) -> None:
+    """``before_id`` inside a chunk deletes only the chunks entirely below it and counts
+    their messages; the straddling chunk stays whole."""
+    path = tmp_path / "store.db"
+    await store_batches(
+        path,
+        [batch_of([b"1", b"2", b"3"]), batch_of([b"4", b"5", b"6"], 10), batch_of([b"7"], 20)],
+    )
+    reader = await SQLiteReader.open(path)
+    try:
+        assert await reader.prune(before_id=5) == 3  # ids 1-3; 4-6 straddle 5
+        assert (await reader.stats()).first_id == 4
+        assert await reader.prune(before_id=7) == 3
+        stats = await reader.stats()
+    finally:
+        await reader.aclose()
+    assert (stats.messages, stats.first_id, stats.last_id) == (1, 7, 7)
+    assert [m.payload for m in await read_all(path)] == [b"7"]
+
+
+def test_prune_deletes_in_several_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More chunks than one prune transaction takes are all deleted, and counted."""
+    monkeypatch.setattr(sqlite_module, "PRUNE_CHUNK_ROWS", 3)
+    path = tmp_path / "store.db"
+
+    async def main() -> int:
+        await store_batches(path, [batch_of([b"x", b"y"], 10 * n) for n in range(1, 8)])
+        reader = await SQLiteReader.open(path)
+        try:
+            return await reader.prune(before_id=100)
+        finally:
+            await reader.aclose()
+
+    assert trio.run(main) == 14
+    assert chunk_count(path) == 0
+
+
+# A batch: (conn_id, seq, payload, same read as the previous message) per message.
+_batches = st.lists(
+    st.lists(
+        st.tuples(
+            st.integers(1, 3),
+            st.integers(0, 6),
+            st.binary(max_size=12),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(batches=_batches)
+def test_any_batches_read_back_exactly_in_order(
+    batches: list[list[tuple[int, int, bytes, bool]]],
+) -> None:
+    """Any batches (any conn_ids and seqs, consecutive or not; any payloads, empty and not
+    UTF-8 included) read back as exactly the messages stored, in order, ids 1..n."""
+    sent_batches: list[list[Message]] = []
+    clock = 1_700_000_000.0
+    for spec in batches:
+        batch: list[Message] = []
+        for conn_id, seq, payload, same_read in spec:
+            if not same_read:
+                clock += 0.25
+            batch.append(message(payload, seq, conn_id=conn_id, received_at=clock))
+        sent_batches.append(batch)
+    sent = [m for batch in sent_batches for m in batch]
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "store.db"
+        trio.run(store_batches, path, sent_batches)
+        assert trio.run(read_all, path) == as_stored(1, sent)
+        middle = len(sent) // 2
+        assert trio.run(read_all, path, middle) == as_stored(middle + 1, sent[middle:])

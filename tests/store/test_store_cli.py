@@ -40,7 +40,9 @@ def make_store(path: Path, payloads: list[bytes], *, received_at: float | None =
                         received_at=time.time() if received_at is None else received_at,
                         peer="[::1]:5000",
                         conn_id=3,
-                        seq=n,
+                        # Every other seq: each message is a chunk of its own, so a
+                        # prune by id counts exactly the messages below it.
+                        seq=2 * n - 1,
                         identity="CN=alice" if n == 1 else None,
                     )
                     for n, payload in enumerate(payloads, 1)

@@ -6,16 +6,25 @@ stdlib ``sqlite3`` module blocks, so every call runs in a worker thread; a
 ``CapacityLimiter(1)`` per connection serializes them. Trio releases a limiter only when
 the thread has really finished, even when the waiting task was cancelled and the thread
 abandoned (see ``trio.to_thread.run_sync``), so a commit cut off by the server's store
-timeout still finishes before the next one starts, on the same connection.
+timeout still ends (rolled back at its next step) before the next one starts, on the same
+connection.
 
-Schema version 1 (``PRAGMA user_version``)::
+Schema version 2 (``PRAGMA user_version``): one row per *run* of messages, not per
+message, because a row costs SQLite a few microseconds of CPU whatever it holds::
 
-    messages(id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL, peer TEXT,
-             conn_id INTEGER, seq INTEGER, nbytes INTEGER, crc32 INTEGER, payload BLOB,
-             identity TEXT)
+    chunks(first_id INTEGER PRIMARY KEY, count INTEGER, received_at REAL, peer TEXT,
+           conn_id INTEGER, first_seq INTEGER, identity TEXT,
+           lengths BLOB, crc32s BLOB, payloads BLOB)
+    meta(key TEXT PRIMARY KEY, value INTEGER)      -- 'next_id'
 
-``AUTOINCREMENT`` so that an id is never handed out twice, even after the newest rows were
-pruned: a reader that resumes "after id N" must not skip a message that reused N.
+A run is consecutive messages of one batch from one connection's read: same ``conn_id``,
+``peer``, ``identity`` and ``received_at``, consecutive ``seq``. Message ``k`` (from 0) of a
+chunk has id ``first_id + k`` and seq ``first_seq + k``; ``lengths`` and ``crc32s`` hold
+``count`` little-endian uint32s, ``payloads`` the payloads concatenated.
+
+Ids are per message, start at 1 and are never handed out twice, even after the newest
+chunks were pruned: ``meta.next_id`` is advanced in the same transaction as each insert, so
+a reader that resumes "after id N" cannot skip a message that reused N.
 """
 
 from __future__ import annotations
@@ -23,10 +32,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
+from array import array
 from collections.abc import AsyncIterator, Callable, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -38,7 +50,10 @@ __all__ = ["SCHEMA_VERSION", "SQLiteReader", "SQLiteStore"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+# The per-message schema of the first development versions (never released): refused with a
+# hint rather than migrated.
+_OLD_SCHEMA_VERSION: Final = 1
 
 # How long a statement waits for another connection's write lock before failing with
 # "database is locked" (then the batch is answered ``unavailable``). Long enough to ride out
@@ -48,42 +63,61 @@ BUSY_TIMEOUT: Final = 5.0
 # so that a commit the server gave up on stops waiting within one step.
 _BUSY_STEP: Final = 0.05
 
-# Rows per read: bounds a reader's memory (at most this many payloads of up to 64 KiB each)
-# while keeping the per-query overhead small.
-PAGE_ROWS: Final = 256
+# Chunks per read: bounds a reader's memory (at most this many chunks, each at most one
+# server read's worth of payloads) while keeping the per-query overhead small.
+PAGE_ROWS: Final = 64
 
 # How often a following reader asks whether another connection committed. The check is
 # ``PRAGMA data_version``, which reads one counter in shared memory: cheap enough to run
 # five times a second, and a new message shows up within a fifth of a second.
 FOLLOW_INTERVAL: Final = 0.2
 
-# Rows deleted per prune transaction: each chunk holds the write lock only briefly, so the
+# Chunks deleted per prune transaction: each chunk holds the write lock only briefly, so the
 # server's commits (waiting at most BUSY_TIMEOUT) keep going while a large prune runs.
 PRUNE_CHUNK_ROWS: Final = 10_000
 
-_SCHEMA: Final = """
-CREATE TABLE messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+_SCHEMA: Final = (
+    """
+CREATE TABLE chunks (
+    first_id INTEGER PRIMARY KEY,
+    count INTEGER NOT NULL,
     received_at REAL NOT NULL,
     peer TEXT NOT NULL,
     conn_id INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    crc32 INTEGER NOT NULL,
-    payload BLOB NOT NULL,
-    identity TEXT
+    first_seq INTEGER NOT NULL,
+    identity TEXT,
+    lengths BLOB NOT NULL,
+    crc32s BLOB NOT NULL,
+    payloads BLOB NOT NULL
 )
-"""
+""",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "INSERT INTO meta (key, value) VALUES ('next_id', 1)",
+)
 
 _INSERT: Final = (
-    "INSERT INTO messages (received_at, peer, conn_id, seq, nbytes, crc32, payload, identity)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO chunks (first_id, count, received_at, peer, conn_id, first_seq, identity,"
+    " lengths, crc32s, payloads) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_GET_NEXT_ID: Final = "SELECT value FROM meta WHERE key = 'next_id'"
+_SET_NEXT_ID: Final = "UPDATE meta SET value = ? WHERE key = 'next_id'"
+
+# The chunk holding message ``after`` (if any) and those after it. The subquery finds the
+# last chunk starting at or before ``after`` through the primary key, so a page never scans
+# the chunks before it.
+_SELECT_PAGE: Final = (
+    "SELECT first_id, count, received_at, peer, conn_id, first_seq, identity, lengths,"
+    " crc32s, payloads FROM chunks"
+    " WHERE first_id >= (SELECT coalesce(max(first_id), 0) FROM chunks WHERE first_id <= ?1)"
+    " AND first_id + count - 1 > ?1 ORDER BY first_id LIMIT ?2"
 )
 
-_SELECT_PAGE: Final = (
-    "SELECT id, received_at, peer, conn_id, seq, crc32, payload, identity FROM messages"
-    " WHERE id > ? ORDER BY id LIMIT ?"
-)
+# A uint32 array type (``I`` is 4 bytes on every platform CPython supports, but check) and
+# whether its native byte order must be swapped to the file's little-endian.
+_U32: Final = "I" if array("I").itemsize == 4 else "L"
+_SWAP: Final = sys.byteorder != "little"
+_payload_of = itemgetter(0)
+_crc32_of = itemgetter(1)
 
 
 class SQLiteStore:
@@ -112,10 +146,12 @@ class SQLiteStore:
         return f"sqlite:{self._path}"
 
     async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
-        """Insert ``batch`` in one transaction; return once its commit is on disk.
+        """Insert ``batch`` in one transaction, one row per run of consecutive messages from
+        one connection's read; return once its commit is on disk.
 
-        Cancelling the call abandons the worker thread, which still finishes (commits or
-        rolls back) before the next call's thread starts.
+        Cancelling the call abandons the worker thread, which rolls back at its next step
+        (unless it is already writing the commit record) before the next call's thread
+        starts.
 
         Raises:
             StoreUnavailable: SQLite failed (disk full, database locked, I/O error); nothing
@@ -193,12 +229,12 @@ class SQLiteReader:
             # Read the change counter before the page: a commit that lands after this read
             # changes it, so the wait below cannot miss rows the page did not see.
             version = await self._run(_data_version) if follow else 0
-            page = await self._run(_read_page, last_id)
+            chunks, page = await self._run(_read_page, last_id)
             for message in page:
                 yield message
             if page:
                 last_id = page[-1].id
-            if len(page) == PAGE_ROWS:
+            if chunks == PAGE_ROWS:
                 continue  # more may be waiting right now
             if not follow:
                 return
@@ -218,9 +254,11 @@ class SQLiteReader:
         """Delete messages with ``id < before_id`` and received more than ``older_than``
         seconds ago (a message must match every condition given); return how many.
 
-        Deletes in chunks of ``PRUNE_CHUNK_ROWS`` rows, one transaction each, so a running
-        server's commits are held up only briefly. The file does not shrink: SQLite reuses
-        the freed pages for new messages.
+        Deletes whole chunks (the messages of one read), so a chunk straddling
+        ``before_id`` is kept whole: at most one read's worth of messages below it stay.
+        Deletes ``PRUNE_CHUNK_ROWS`` chunks per transaction, so a running server's commits
+        are held up only briefly. The file does not shrink: SQLite reuses the freed pages
+        for new messages.
 
         Raises:
             ValueError: neither condition was given.
@@ -231,17 +269,18 @@ class SQLiteReader:
         conditions: list[str] = []
         parameters: list[float] = []
         if before_id is not None:
-            conditions.append("id < ?")
-            parameters.append(before_id)
+            # The first condition is implied by the second; it lets SQLite use the key.
+            conditions.append("first_id < ? AND first_id + count <= ?")
+            parameters += [before_id, before_id]
         if older_than is not None:
             conditions.append("received_at < ?")
             parameters.append(time.time() - older_than)
         where = " AND ".join(conditions)
         deleted = 0
         while True:
-            chunk = await self._run(_delete_chunk, where, parameters)
-            deleted += chunk
-            if chunk < PRUNE_CHUNK_ROWS:
+            chunks, messages = await self._run(_delete_chunk, where, parameters)
+            deleted += messages
+            if chunks < PRUNE_CHUNK_ROWS:
                 return deleted
 
     async def aclose(self) -> None:
@@ -342,8 +381,14 @@ def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -
                 raise StoreError(
                     f"{path} is a SQLite database but not an ackservice store; choose another path"
                 )
-            connection.execute(_SCHEMA)
+            for statement in _SCHEMA:
+                connection.execute(statement)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version == _OLD_SCHEMA_VERSION:
+            raise StoreError(
+                f"store {path} was created by an older development version of ackservice "
+                f"(schema version {version}); export it with that version or remove it"
+            )
         elif version != SCHEMA_VERSION:
             raise StoreError(
                 f"store {path} has schema version {version}, and this ackservice "
@@ -363,22 +408,11 @@ def _insert(
         if abandoned.is_set():
             _roll_back(connection)
             return
-        connection.executemany(
-            _INSERT,
-            [
-                (
-                    m.received_at,
-                    m.peer,
-                    m.conn_id,
-                    m.seq,
-                    len(m.payload),
-                    m.crc32,
-                    m.payload,
-                    m.identity,
-                )
-                for m in batch
-            ],
-        )
+        # Read under the write lock, not cached: another process may have written since.
+        next_id: int = connection.execute(_GET_NEXT_ID).fetchone()[0]
+        rows, next_id = _chunk_rows(batch, next_id)
+        connection.executemany(_INSERT, rows)
+        connection.execute(_SET_NEXT_ID, (next_id,))
         if abandoned.is_set():  # the last moment the caller's "unavailable" can stay true
             _roll_back(connection)
             return
@@ -393,6 +427,74 @@ def _insert(
         # not leave the transaction open either, or every later BEGIN would fail.
         _roll_back(connection)
         raise
+
+
+def _chunk_rows(batch: Sequence[Message], next_id: int) -> tuple[list[tuple[object, ...]], int]:
+    """The ``chunks`` rows for ``batch`` (not empty), the first numbered ``next_id``; and
+    the id after the last message.
+
+    Raises:
+        OverflowError: a CRC-32 or a payload length does not fit in 32 bits.
+    """
+    lengths = array(_U32, map(len, map(_payload_of, batch)))
+    crc32s = array(_U32, map(_crc32_of, batch))
+    if _SWAP:
+        lengths.byteswap()
+        crc32s.byteswap()
+    payloads = list(map(_payload_of, batch))
+    rows: list[tuple[object, ...]] = []
+    append = rows.append
+    head = batch[0]
+    start = 0
+    expected = head.seq + 1
+    conn_id, peer, identity, received_at = head.conn_id, head.peer, head.identity, head.received_at
+    for index in range(1, len(batch)):
+        m = batch[index]
+        if (
+            m.seq == expected
+            and m.conn_id == conn_id
+            and m.received_at == received_at
+            and m.peer == peer
+            and m.identity == identity
+        ):
+            expected += 1
+            continue
+        count = index - start
+        append(
+            (
+                next_id,
+                count,
+                received_at,
+                peer,
+                conn_id,
+                head.seq,
+                identity,
+                lengths[start:index].tobytes(),
+                crc32s[start:index].tobytes(),
+                b"".join(payloads[start:index]),
+            )
+        )
+        next_id += count
+        head = m
+        start = index
+        expected = m.seq + 1
+        conn_id, peer, identity, received_at = m.conn_id, m.peer, m.identity, m.received_at
+    end = len(batch)
+    append(
+        (
+            next_id,
+            end - start,
+            received_at,
+            peer,
+            conn_id,
+            head.seq,
+            identity,
+            lengths[start:end].tobytes(),
+            crc32s[start:end].tobytes(),
+            b"".join(payloads[start:end]),
+        )
+    )
+    return rows, next_id + end - start
 
 
 def _begin_immediate(connection: sqlite3.Connection, abandoned: threading.Event) -> None:
@@ -435,9 +537,49 @@ def _detail(exc: sqlite3.Error) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _read_page(connection: sqlite3.Connection, after: int) -> list[StoredMessage]:
+def _read_page(connection: sqlite3.Connection, after: int) -> tuple[int, list[StoredMessage]]:
+    """How many chunks the page read, and their messages with ``id > after``."""
     rows = connection.execute(_SELECT_PAGE, (after, PAGE_ROWS)).fetchall()
-    return [StoredMessage._make(row) for row in rows]
+    messages: list[StoredMessage] = []
+    append = messages.append
+    for (
+        first_id,
+        count,
+        received_at,
+        peer,
+        conn_id,
+        first_seq,
+        identity,
+        lengths_blob,
+        crc32s_blob,
+        payloads,
+    ) in rows:
+        lengths = array(_U32, lengths_blob)
+        crc32s = array(_U32, crc32s_blob)
+        if _SWAP:
+            lengths.byteswap()
+            crc32s.byteswap()
+        if len(lengths) != count or len(crc32s) != count or sum(lengths) != len(payloads):
+            raise StoreUnavailable(f"chunk {first_id} is damaged (its sizes do not add up)")
+        offset = 0
+        skip = after - first_id + 1  # messages of a chunk straddling ``after``
+        for k in range(count):
+            end = offset + lengths[k]
+            if k >= skip:
+                append(
+                    StoredMessage(
+                        first_id + k,
+                        received_at,
+                        peer,
+                        conn_id,
+                        first_seq + k,
+                        crc32s[k],
+                        payloads[offset:end],
+                        identity,
+                    )
+                )
+            offset = end
+    return len(rows), messages
 
 
 def _data_version(connection: sqlite3.Connection) -> int:
@@ -450,31 +592,41 @@ def _stats(connection: sqlite3.Connection) -> StoreStats:
     connection.execute("BEGIN")
     try:
         count, nbytes, first_id, last_id = connection.execute(
-            "SELECT count(*), coalesce(sum(nbytes), 0), min(id), max(id) FROM messages"
+            "SELECT coalesce(sum(count), 0), coalesce(sum(length(payloads)), 0),"
+            " min(first_id), max(first_id + count - 1) FROM chunks"
         ).fetchone()
-        first_at = _received_at(connection, first_id)
-        last_at = _received_at(connection, last_id)
+        first_at = _received_at(connection, "ASC")
+        last_at = _received_at(connection, "DESC")
     finally:
         connection.rollback()
     return StoreStats(count, nbytes, first_id, last_id, first_at, last_at)
 
 
-def _received_at(connection: sqlite3.Connection, message_id: int | None) -> float | None:
-    if message_id is None:
-        return None
+def _received_at(connection: sqlite3.Connection, order: str) -> float | None:
+    """When the first (``ASC``) or last (``DESC``) chunk was received."""
     row = connection.execute(
-        "SELECT received_at FROM messages WHERE id = ?", (message_id,)
+        f"SELECT received_at FROM chunks ORDER BY first_id {order} LIMIT 1"
     ).fetchone()
     return None if row is None else float(row[0])
 
 
-def _delete_chunk(connection: sqlite3.Connection, where: str, parameters: list[float]) -> int:
+def _delete_chunk(
+    connection: sqlite3.Connection, where: str, parameters: list[float]
+) -> tuple[int, int]:
+    """Delete up to ``PRUNE_CHUNK_ROWS`` chunks matching ``where``, in one transaction;
+    return how many chunks and how many messages went."""
+    # Only our own fixed conditions are formatted in; the values are bound.
+    selected = (
+        f"SELECT first_id, count FROM chunks WHERE {where}"
+        f" ORDER BY first_id LIMIT {PRUNE_CHUNK_ROWS}"
+    )
     connection.execute("BEGIN IMMEDIATE")
-    cursor = connection.execute(
-        # Only our own fixed conditions are formatted in; the values are bound.
-        f"DELETE FROM messages WHERE id IN "
-        f"(SELECT id FROM messages WHERE {where} ORDER BY id LIMIT {PRUNE_CHUNK_ROWS})",
-        parameters,
+    # Counted and deleted under the same write lock, so both see the same chunks.
+    chunks, messages = connection.execute(
+        f"SELECT count(*), coalesce(sum(count), 0) FROM ({selected})", parameters
+    ).fetchone()
+    connection.execute(
+        f"DELETE FROM chunks WHERE first_id IN (SELECT first_id FROM ({selected}))", parameters
     )
     connection.execute("COMMIT")
-    return cursor.rowcount
+    return int(chunks), int(messages)
