@@ -54,3 +54,16 @@ def report(request: pytest.FixtureRequest) -> Report:
                 results.write(json.dumps(entry) + "\n")
 
     return add
+
+
+@pytest.fixture(params=["sqlite", "nats"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store URL, once per store: a SQLite file in the test's directory, or a stream on a
+    nats-server of its own."""
+    from store_harness import running_nats  # it imports this module's types
+
+    if request.param == "sqlite":
+        yield f"sqlite:{tmp_path / 's.db'}"
+        return
+    with running_nats(tmp_path / "nats") as nats:
+        yield f"{nats.url}/RELIABILITY"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -75,16 +75,6 @@ async def run_clients(port: int, history: History, fault: Fault) -> dict[str, in
 
 def all_ids() -> set[str]:
     return {f"c{c}-{n}" for c in range(CLIENTS) for n in range(MESSAGES_PER_CLIENT)}
-
-
-@pytest.fixture(params=["sqlite", "nats"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A store URL: a SQLite file in the test's directory, or a stream on a nats-server."""
-    if request.param == "sqlite":
-        yield f"sqlite:{tmp_path / 's.db'}"
-        return
-    with running_nats(tmp_path / "nats") as nats:
-        yield f"{nats.url}/CRASH"
 
 
 @pytest.mark.slow

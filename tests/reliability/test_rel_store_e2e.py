@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from store_harness import (
     export,
     frames,
     open_client_cli,
-    running_nats,
     sqlite_integrity,
     start_store_server,
 )
@@ -46,16 +44,6 @@ def awkward_payloads(count: int, seed: int) -> list[bytes]:
             payload += b"\xff\xfe\x00\xc3(\x80 caf\xe9"
         payloads.append(payload)
     return payloads
-
-
-@pytest.fixture(params=["sqlite", "nats"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A store URL: a SQLite file in the test's directory, or a stream on a nats-server."""
-    if request.param == "sqlite":
-        yield f"sqlite:{tmp_path / 's.db'}"
-        return
-    with running_nats(tmp_path / "nats") as nats:
-        yield f"{nats.url}/ROUNDTRIP"
 
 
 @pytest.mark.slow
