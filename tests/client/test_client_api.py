@@ -4,6 +4,7 @@ server over loopback."""
 from __future__ import annotations
 
 import itertools
+import sys
 import zlib
 from collections.abc import AsyncIterator, Iterator
 
@@ -212,3 +213,27 @@ async def test_settings_are_validated(setting: str, value: float) -> None:
     with pytest.raises(ValueError, match=setting):
         async with open_client("127.0.0.1", 9, **{setting: value}):
             pass  # pragma: no cover
+
+
+async def test_the_library_prints_nothing_when_logging_is_not_configured(server: Server) -> None:
+    """An application that never configured structlog: the client library's routine events
+    (connected, ...) do not reach its stdout or stderr; only what it prints itself does."""
+    script = (
+        "import sys, trio\n"
+        "from ackservice.client import open_client\n"
+        "async def main():\n"
+        "    async with open_client('127.0.0.1', int(sys.argv[1])) as client:\n"
+        "        await client.send(b'hello')\n"
+        "    print('done')\n"
+        "trio.run(main)\n"
+    )
+    with trio.fail_after(30):
+        run = await trio.run_process(
+            [sys.executable, "-c", script, str(server.port)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == b"done\n"
+    assert run.stderr == b""

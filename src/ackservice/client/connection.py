@@ -55,6 +55,18 @@ __all__ = ["Client", "StreamOpener", "open_client"]
 
 log = structlog.get_logger(__name__)
 
+
+def _log_event(level: str, event: str, **fields: object) -> None:
+    """Log through structlog once the application has configured it, and not before.
+
+    Unconfigured, structlog prints every event, debug included, to stdout, which belongs to
+    the application: a library must not write there on its own (the stdlib's
+    ``NullHandler`` convention). Routine events are debug; only possible duplicates warn.
+    """
+    if structlog.is_configured():
+        getattr(log, level)(event, **fields)
+
+
 StreamOpener = Callable[[], Awaitable[trio.abc.Stream]]
 """``async def connect() -> trio.abc.Stream``: opens one connection to the server."""
 
@@ -350,7 +362,9 @@ class Client:
                     raise ConnectError(f"cannot connect to {config.address}: {reason}") from exc
             else:
                 self.stats.connections += 1
-                log.info("connected", server=config.address, connection=self.stats.connections)
+                _log_event(
+                    "debug", "connected", server=config.address, connection=self.stats.connections
+                )
                 return stream
             if not budget.failed(trio.current_time()):
                 summary = budget.summary(trio.current_time())
@@ -362,8 +376,12 @@ class Client:
                         f"cannot reconnect: {reason} ({summary})"
                     )
                 raise ConnectError(failure) from cause
-            log.info(
-                "connect_failed", server=config.address, reason=reason, failures=budget.failures
+            _log_event(
+                "debug",
+                "connect_failed",
+                server=config.address,
+                reason=reason,
+                failures=budget.failures,
             )
 
     async def _maintain(self, stream: trio.abc.Stream) -> None:
@@ -379,8 +397,8 @@ class Client:
                 self._fail(ConnectionLostError(lost.reason, detail))
                 return
             resending = sum(1 for message in self._unsent if message.attempts)
-            event = log.warning if resending else log.info
-            event(
+            _log_event(
+                "warning" if resending else "debug",
                 "connection_lost",
                 server=self.config.address,
                 reason=lost.reason,
