@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from functools import partial
 from typing import Any
 
@@ -286,3 +289,71 @@ def test_the_human_report_warns_when_the_client_was_the_bottleneck() -> None:
     text = render_text(a_result(cpu=[1.96]), LoadSpec(), procs=1)
     assert "98% of a core" in text
     assert "--procs 2" in text
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--version`` prints the installed package's version and exits 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"], environ={})
+    assert exit_info.value.code == 0
+    version = importlib.metadata.version("ackservice")
+    assert capsys.readouterr().out == f"python -m ackservice.bench {version}\n"
+
+
+@pytest.mark.parametrize(
+    "server_arg", ["--server-arg=--port=9000", "--server-arg=--port", "--server-arg=--por=1"]
+)
+def test_spawn_refuses_a_server_port(server_arg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--spawn`` picks the port; a ``--port`` for the server is refused: one line, exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--spawn", server_arg], environ={})
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("python -m ackservice.bench: error: --server-arg --por")
+    assert "--spawn picks the server's port itself" in line
+
+
+def test_json_errors_are_json_on_stdout() -> None:
+    """With ``--json``, a failure still prints one JSON object on stdout (and its line on
+    stderr): nothing listening exits 3 with ``{"error": ..., "exit_code": 3}``."""
+    done = run_bench("--json", "--port", str(closed_port()), "--duration", "1")
+    assert done.returncode == 3
+    error = json.loads(done.stdout)
+    assert error["exit_code"] == 3
+    assert "connection refused" in error["error"]
+    assert done.stderr.count("\n") == 1
+
+
+def test_json_usage_errors_are_json_on_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    """With ``--json`` (flag or ACKSERVICE_BENCH_JSON), a usage error is a JSON object too."""
+    for argv, env in (
+        (["--json", "--window", "0"], {}),
+        (["--window", "0"], {"ACKSERVICE_BENCH_JSON": "1"}),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv, environ=env)
+        assert exit_info.value.code == 2
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["exit_code"] == 2
+        assert captured.err.count("\n") == 1
+
+
+def test_ctrl_c_reports_and_exits_130() -> None:
+    """A first Ctrl-C ends the measurement early: the report (marked interrupted) is still
+    printed, and the exit code is 130, not 0."""
+    process = subprocess.Popen(
+        [*BENCH, "--spawn", "--duration", "60", "--warmup", "0", "--json", "--connections", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3)  # the spawned server is up and the measurement under way
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    assert json.loads(out)["interrupted"] is True

@@ -2,18 +2,24 @@
 
 Exit codes: 0 when every reply was right, 1 when any error was counted (or a worker process
 failed), 2 for a bad setting, 3 when no connection could be opened (or ``--spawn`` could not
-start the server), 130 when a second Ctrl-C (or SIGTERM) abandoned the run. A first one ends
-the measurement early and still reports, and a spawned server is always stopped.
+start the server), 130 when the run was interrupted (Ctrl-C or SIGTERM). A first signal ends
+the measurement early and still reports (marked interrupted); a second abandons the run. A
+spawned server is always stopped.
+
+With ``--json`` stdout is always one JSON object: the report, or on any failure (usage
+errors included) ``{"error": "...", "exit_code": N}``; the error line is also on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Final
+from typing import Final, NoReturn
 
 import trio
 
@@ -55,7 +61,18 @@ def bench_port(text: str) -> int:
     try:
         return _cli.server_port(text)
     except ValueError as exc:
-        raise ValueError(f"{exc} (--spawn picks a free one)") from None
+        raise ValueError(f"{exc}; --spawn picks a free one") from None
+
+
+class _BenchParser(_cli.SettingsParser):
+    """With ``--json``, a usage error is also a JSON object on stdout."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            _print_json_error(f"{message} (see --help)", EXIT_USAGE)
+        super().error(message)
 
 
 # -- value parsers (ValueError messages become one-line usage errors) ---------------------------
@@ -98,9 +115,9 @@ def messages_per_second(text: str) -> float:
         raise ValueError(f"expected a positive number of messages/s, got {text!r}") from None
 
 
-def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
+def build_parser(environ: dict[str, str] | None = None) -> _BenchParser:
     """The benchmark's command-line parser (flags backed by ACKSERVICE_BENCH_* variables)."""
-    parser = _cli.SettingsParser(
+    parser = _BenchParser(
         env_prefix=ENV_PREFIX,
         prog=PROG,
         description="Load an ackservice server with many connections, verify every reply "
@@ -109,9 +126,14 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         environ=environ,
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('ackservice')}",
+    )
     add = parser.add_setting
     add("--host", _cli.host_name, "127.0.0.1", "server address; the only one ever connected to")
-    add("--port", bench_port, 9876, "server TCP port (ignored with --spawn)")
+    add("--port", bench_port, 9876, "server TCP port; not used with --spawn")
     add(
         "--connections",
         _bounded(_cli.positive_int, MAX_CONNECTIONS),
@@ -168,12 +190,24 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run the benchmark; return the process exit code."""
     parser = build_parser(environ)
+    env = os.environ if environ is None else environ
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser.json_errors = "--json" in words or _is_on(env.get(ENV_PREFIX + "JSON", ""))
     args = parser.parse_args(argv)
+    parser.json_errors = bool(args.json)
     spec = _load_spec(args, parser)
     if args.procs > spec.connections:
         parser.error(f"--procs {args.procs} needs at least {args.procs} --connections")
     if args.server_arg and not args.spawn:
         parser.error("--server-arg only applies with --spawn")
+    for server_arg in args.server_arg:
+        flag = server_arg.partition("=")[0]
+        if len(flag) > 3 and "--port".startswith(flag):  # argparse takes --por for --port
+            parser.error(
+                f"--server-arg {server_arg}: --spawn picks the server's port itself; "
+                "to load a server on a port of your choosing, start it and give --port"
+            )
+    fail = _fail_json if args.json else _fail
 
     progress = ProgressLine(sys.stderr) if sys.stderr.isatty() else None
     server: SpawnedServer | None = None
@@ -184,11 +218,11 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             spec = replace(spec, port=server.port)
         result = _run(spec, args.procs, progress.update if progress else None)
     except (ConnectError, SpawnError) as exc:
-        return _fail(str(exc), EXIT_CANNOT_CONNECT)
+        return fail(str(exc), EXIT_CANNOT_CONNECT)
     except WorkerError as exc:
-        return _fail(str(exc), EXIT_ERRORS)
+        return fail(str(exc), EXIT_ERRORS)
     except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: before Trio took over SIGINT
-        return _fail("interrupted", EXIT_INTERRUPTED)
+        return fail("interrupted", EXIT_INTERRUPTED)
     finally:
         if progress is not None:
             progress.clear()
@@ -201,6 +235,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     else:
         sys.stdout.write(render_text(result, spec, procs=args.procs, server=server))
     sys.stdout.flush()
+    if result.interrupted:
+        # The report is printed (and says so), but a run cut short did not do what was
+        # asked: a script must not take it for a completed measurement.
+        return EXIT_INTERRUPTED
     return EXIT_OK if result.error_total == 0 else EXIT_ERRORS
 
 
@@ -273,3 +311,23 @@ async def _run_here(spec: LoadSpec, progress: Progress | None) -> LoadResult:
 def _fail(message: str, code: int) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _fail_json(message: str, code: int) -> int:
+    """``--json``: the error line on stderr, and an error object on stdout."""
+    _fail(message, code)
+    print(json.dumps({"error": message, "exit_code": code}), flush=True)
+    return code
+
+
+def _print_json_error(message: str, code: int) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(json.dumps({"error": message, "exit_code": code}), flush=True)
+    sys.exit(code)
+
+
+def _is_on(text: str) -> bool:
+    try:
+        return _cli.switch(text)
+    except ValueError:
+        return False
