@@ -174,4 +174,4 @@ async def test_ctrl_c_stops_piped_input_with_a_summary(server: Server) -> None:
     finally:
         process.kill()
         await process.wait()
-    assert lines(stderr)[-1].startswith("sent 2, acked 2, rejected 0, unacked 0 in ")
+    assert lines(stderr)[-1].startswith("interrupted: sent 2, acked 2, rejected 0, unacked 0 in ")

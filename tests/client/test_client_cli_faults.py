@@ -22,7 +22,11 @@ def assert_one_line_error(run: subprocess.CompletedProcess[bytes], *fragments: s
     """stderr holds exactly one ``error:`` line (no traceback), containing ``fragments``."""
     stderr = run.stderr.decode()
     assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("ackservice.client: error:")]
+    errors = [
+        line
+        for line in stderr.splitlines()
+        if line.startswith("python -m ackservice.client: error:")
+    ]
     assert len(errors) == 1, stderr
     for fragment in fragments:
         assert fragment in errors[0]

@@ -105,7 +105,7 @@ def test_progress_line_is_erased_before_other_stderr_output() -> None:
     reporter = Reporter(out, err, json_lines=False, quiet=True)
     reporter.progress(Tally(sent=1), 1, 1.0)
     reporter.error("it broke")
-    assert err.getvalue().endswith("\r\x1b[Kackservice.client: error: it broke\n")
+    assert err.getvalue().endswith("\r\x1b[Kpython -m ackservice.client: error: it broke\n")
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ Modes, chosen by what is given:
 
 Exit codes: 0 every message acknowledged; 1 some message refused, skipped or never
 acknowledged; 2 usage error; 3 the server could not be reached at all; 130 interrupted
-(Ctrl-C) while sending arguments or piped input.
+(Ctrl-C, SIGINT) and 143 terminated (SIGTERM) while sending arguments or piped input; either
+signal still prints a summary of what was and was not acknowledged.
 
 Failures that may pass (a refused connection, ``ERR 0 busy``/``shutting-down``, a message
 answered ``unavailable``) are retried for ``--retry-for`` seconds (30 by default), so a
@@ -18,29 +19,34 @@ server restart or a short store outage does not fail a long piped run.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import NoReturn
 
 import trio
 
 from .. import _cli
 from ..errors import AckServiceError, ConnectError, ConnectionLostError, ProtocolError
 from ..logconfig import configure_logging
-from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, OVERSIZED, Oversized
+from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, OVERSIZED, Ack, ErrorCode, Oversized
 from .config import ClientConfig
 from .connection import Client, open_client
-from .output import Reporter, Tally
+from .message import Receipt
+from .output import Reporter, Tally, error_json
 from .stdin import LineReader, read_lines
 
 __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_NOT_ACKNOWLEDGED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_UNREACHABLE",
     "build_parser",
+    "host_and_port",
     "main",
 ]
 
@@ -50,6 +56,10 @@ EXIT_OK = 0
 EXIT_NOT_ACKNOWLEDGED = 1
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+
+# Either ends a run early, with a summary; a service manager stops the client with SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # How often buffered reply lines are flushed and the progress line redrawn: live enough
 # for a person or a ``| while read`` loop downstream, and one write per tick instead of one
@@ -64,15 +74,16 @@ one: an interactive prompt when stdin is a terminal, pipelined when it is a pipe
 
 _EPILOG = """\
 exit codes: 0 every message acknowledged; 1 some message refused, skipped or never
-acknowledged; 2 usage error; 3 server never reached; 130 interrupted.
+acknowledged; 2 usage error; 3 server never reached; 130 interrupted (Ctrl-C);
+143 terminated (SIGTERM).
 Delivery is at-least-once: after a reconnect, unacknowledged messages are sent again.
 """
 
 
-def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
+def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
     """The client's command-line parser (flags backed by ACKSERVICE_* variables)."""
     defaults = ClientConfig()
-    parser = _cli.SettingsParser(
+    parser = _ClientParser(
         prog="python -m ackservice.client",
         description=_DESCRIPTION,
         epilog=_EPILOG,
@@ -80,9 +91,20 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         environ=environ,
     )
     parser.add_argument("messages", nargs="*", metavar="MESSAGE", help="a message to send")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('ackservice')}",
+    )
     add = parser.add_setting
-    add("--host", _cli.host_name, defaults.host, "server address")
-    add("--port", _cli.server_port, defaults.port, "server TCP port")
+    add(
+        "--host",
+        host_and_port,
+        (defaults.host, None),
+        "server name or address, optionally with :PORT ([IPV6]:PORT)",
+        default_text=defaults.host,
+    )
+    add("--port", _cli.server_port, None, "server TCP port", default_text=str(defaults.port))
     add(
         "--connect-timeout",
         _cli.seconds,
@@ -136,10 +158,13 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--log-format",
         _cli.log_format,
         "auto",
-        "auto (console on a terminal, else JSON lines), console or json",
+        "auto (JSON lines with --json, else console), console or json; with json, the "
+        "summary and errors on stderr are JSON objects too",
     )
     parser.add_argument(
-        "--json", action="store_true", help="print one JSON object per reply on stdout"
+        "--json",
+        action="store_true",
+        help="print one JSON object per reply on stdout, and JSON lines on stderr",
     )
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="print only errors and the summary"
@@ -150,6 +175,9 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run the client; return the process exit code."""
     parser = build_parser(environ)
+    parser.json_errors = _wants_json(
+        sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ
+    )
     args = parser.parse_args(argv)
     # Arguments come back as str decoded with surrogateescape; fsencode restores the
     # exact bytes that were typed, whatever the locale.
@@ -160,10 +188,21 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                 f"message {number} contains a newline, and a message is one line; "
                 "pipe multi-line input through stdin instead (one message per line)"
             )
-    configure_logging(args.log_level or ("error" if args.quiet else "warning"), args.log_format)
+    host, host_port = args.host
+    if host_port is not None and args.port is not None and args.port != host_port:
+        parser.error(
+            f"--host gives port {host_port} but --port gives {args.port}; give the port once"
+        )
+    port = host_port or args.port or ClientConfig().port
+    # stderr is either all JSON or all human text: "auto" follows --json rather than the
+    # terminal, so that JSON log lines never mix with a human summary (or the reverse).
+    log_format = args.log_format
+    if log_format == "auto":
+        log_format = "json" if args.json else "console"
+    configure_logging(args.log_level or ("error" if args.quiet else "warning"), log_format)
     config = ClientConfig(
-        host=args.host,
-        port=args.port,
+        host=host,
+        port=port,
         connect_timeout=args.connect_timeout,
         ack_timeout=args.ack_timeout,
         retries=args.retries,
@@ -172,7 +211,13 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap,
     )
-    reporter = Reporter(sys.stdout, sys.stderr, json_lines=args.json, quiet=args.quiet)
+    reporter = Reporter(
+        sys.stdout,
+        sys.stderr,
+        json_lines=args.json,
+        quiet=args.quiet,
+        json_err=log_format == "json",
+    )
     run = _Run(config, reporter, args.max_message_bytes)
     if messages:
         return trio.run(run.send_arguments, messages)
@@ -195,6 +240,9 @@ class _Run:
         self.client: Client | None = None
         self.started = 0.0
         self.interrupted = False
+        self.stop_signal: int | None = None
+        self.shown_acked = 0  # replies printed: after a signal, the summary counts only these
+        self.shown_rejected = 0
         self.error: str | None = None
         self.unreachable = False
         self._nursery: trio.Nursery | None = None
@@ -205,6 +253,8 @@ class _Run:
         """One message per argument, pipelined; one line per reply."""
         frames = _arguments(messages, self.max_message_bytes)
         await self._session(lambda client: self._pipeline(client, frames))
+        if self.interrupted and not self.unreachable:
+            self._summary()
         return self._exit_code(interactive=False)
 
     async def send_lines(self, stdin_fd: int) -> int:
@@ -212,7 +262,7 @@ class _Run:
         frames = read_lines(stdin_fd, self.max_message_bytes)
         await self._session(lambda client: self._pipeline(client, frames, progress=True))
         if not self.unreachable:
-            self.reporter.summary(self.tally, trio.current_time() - self.started)
+            self._summary()
         return self._exit_code(interactive=False)
 
     async def interactive(self, stdin_fd: int) -> int:
@@ -225,13 +275,22 @@ class _Run:
 
     # -- shared machinery --------------------------------------------------------------
 
+    def _summary(self) -> None:
+        if self.interrupted:
+            # Verified but never printed (still queued behind an unanswered message, or
+            # answered after the signal) is not acknowledged as far as the user can tell.
+            self.tally.acked = self.shown_acked
+            self.tally.rejected = self.shown_rejected
+        elapsed = trio.current_time() - self.started
+        self.reporter.summary(self.tally, elapsed, interrupted=self.interrupted)
+
     async def _session(self, body: _Body) -> None:
         """Connect and run ``body``; Ctrl-C ends it early. Errors are recorded, not raised.
 
         The nursery also runs the output ticker, so that the body needs no nursery of its
         own (whose exception groups would hide the client's typed errors).
         """
-        with trio.open_signal_receiver(signal.SIGINT) as interrupts, trio.CancelScope() as scope:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as interrupts, trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._cancel_on_interrupt, interrupts, scope)
@@ -241,8 +300,9 @@ class _Run:
     async def _cancel_on_interrupt(
         self, interrupts: AsyncIterator[int], scope: trio.CancelScope
     ) -> None:
-        async for _ in interrupts:
+        async for signum in interrupts:
             self.interrupted = True
+            self.stop_signal = signum
             scope.cancel()
             return
 
@@ -302,7 +362,7 @@ class _Run:
         if self.unreachable:
             return EXIT_UNREACHABLE
         if self.interrupted and not interactive:
-            return EXIT_INTERRUPTED
+            return EXIT_TERMINATED if self.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED
         if self.error is not None or not self.tally.all_acked:
             return EXIT_NOT_ACKNOWLEDGED
         return EXIT_OK
@@ -339,14 +399,29 @@ class _Run:
         if self._nursery is not None:
             show_progress = progress and _show_progress(reporter)
             self._nursery.start_soon(self._tick, client, show_progress, ticker)
+
+        def report(receipt: Receipt) -> None:
+            number = numbers.popleft()
+            report_skipped(number)
+            if isinstance(receipt.reply, Ack):
+                self.shown_acked += 1
+            elif receipt.reply.code != ErrorCode.UNAVAILABLE:
+                self.shown_rejected += 1
+            reporter.reply(number, receipt.reply, receipt.rtt, receipt.attempts)
+
+        deliveries = client.send_many(payloads())
         try:
-            async for receipt in client.send_many(payloads()):
-                number = numbers.popleft()
-                report_skipped(number)
-                reporter.reply(number, receipt.reply, receipt.rtt, receipt.attempts)
+            async for receipt in deliveries:
+                report(receipt)
         finally:
             ticker.cancel()
-            report_skipped(float("inf"))
+            if self.interrupted:
+                # Cancelled by a signal: print the replies that had already arrived, in
+                # order, so that the summary counts nothing the user has not seen.
+                for receipt in deliveries.take_answered():
+                    report(receipt)
+            else:
+                report_skipped(float("inf"))
 
     async def _tick(self, client: Client, show_progress: bool, scope: trio.CancelScope) -> None:
         """Flush the reply lines written so far and redraw the progress line, periodically."""
@@ -388,6 +463,37 @@ async def _arguments(messages: list[bytes], limit: int) -> AsyncIterator[bytes |
         yield payload if len(payload) <= limit else OVERSIZED
 
 
+def host_and_port(text: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address (no port).
+
+    A bare IPv6 address has several colons, so only brackets can add a port to one:
+    ``::1:9876`` is itself a valid address, and guessing would connect somewhere else.
+    """
+    text = _cli.host_name(text)
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not host:
+            raise ValueError(f"expected [IPV6] or [IPV6]:PORT, got {text!r}")
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise ValueError(f"expected [IPV6]:PORT, got {text!r}")
+        return host, _port_in_host(rest[1:], text)
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not host:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        return host, _port_in_host(port, text)
+    return text, None
+
+
+def _port_in_host(port: str, text: str) -> int:
+    try:
+        return _cli.server_port(port)
+    except ValueError:
+        raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, got {text!r}") from None
+
+
 def _non_negative_seconds(text: str) -> float:
     """A finite duration in seconds, 0 allowed (``--retry-for 0``: never retry)."""
     try:
@@ -401,9 +507,38 @@ def _messages(count: int) -> str:
     return "1 message" if count == 1 else f"{count} messages"
 
 
+class _ClientParser(_cli.SettingsParser):
+    """Usage errors as one JSON object on stderr when the output is machine-readable."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            text = f"{message} (see --help)"
+            print(error_json(text), file=sys.stderr)
+            sys.exit(_cli.EXIT_USAGE)
+        super().error(message)
+
+
+def _wants_json(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """Whether ``--json`` or ``--log-format json`` was asked for, before parsing (a usage
+    error must already come out as JSON then). Flags win over the environment."""
+    wants = environ.get("ACKSERVICE_LOG_FORMAT", "").lower() == "json"
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--json":
+            wants = True
+        elif arg.startswith("--log-format="):
+            wants = arg.partition("=")[2].lower() == "json" or "--json" in argv
+        elif arg == "--log-format" and index + 1 < len(argv):
+            wants = argv[index + 1].lower() == "json" or "--json" in argv
+    return wants
+
+
 def _show_progress(reporter: Reporter) -> bool:
     """A live line only on a terminal, and not where it would tangle with reply lines."""
-    if not reporter.err.isatty():
+    if reporter.json_err or not reporter.err.isatty():
         return False
     return reporter.quiet or not reporter.out.isatty()
 

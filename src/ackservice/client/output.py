@@ -17,14 +17,17 @@ __all__ = [
     "ERROR_PREFIX",
     "Reporter",
     "Tally",
+    "error_json",
     "format_progress",
     "format_reply",
     "format_summary",
     "not_sent_detail",
     "reply_json",
+    "summary_json",
 ]
 
-ERROR_PREFIX = "ackservice.client: error: "
+# The same prefix as the command's usage errors: one prefix per command.
+ERROR_PREFIX = "python -m ackservice.client: error: "
 
 # "\r" back to the start of the line, ESC[K erase to its end: the progress line redraws
 # in place and leaves nothing behind when it shrinks or is cleared.
@@ -92,7 +95,7 @@ def not_sent_detail(limit: int) -> str:
     return f"longer than --max-message-bytes ({limit} bytes)"
 
 
-def format_summary(tally: Tally, elapsed: float) -> str:
+def format_summary(tally: Tally, elapsed: float, *, interrupted: bool = False) -> str:
     """``sent 3, acked 3, rejected 0, unacked 0 in 0.01 s (300 msg/s)``.
 
     Resends, after a lost connection or an ``unavailable`` answer, are counted after
@@ -111,7 +114,32 @@ def format_summary(tally: Tally, elapsed: float) -> str:
     resent = tally.resent + tally.retried
     if resent:
         parts.append(f"resent {resent} (duplicates possible)")
-    return f"{', '.join(parts)} in {elapsed:.2f} s ({_rate(tally, elapsed)} msg/s)"
+    line = f"{', '.join(parts)} in {elapsed:.2f} s ({_rate(tally, elapsed)} msg/s)"
+    return f"interrupted: {line}" if interrupted else line
+
+
+def summary_json(tally: Tally, elapsed: float, *, interrupted: bool = False) -> str:
+    """The summary as one JSON object, shaped like a log event (``"event": "summary"``)."""
+    return json.dumps(
+        {
+            "event": "summary",
+            "level": "warning" if interrupted else "info",
+            "sent": tally.sent,
+            "acked": tally.acked,
+            "rejected": tally.rejected,
+            "unacked": tally.unacked,
+            "not_sent": tally.not_sent,
+            "resent": tally.resent + tally.retried,
+            "elapsed_s": round(elapsed, 3),
+            "rate": _rate(tally, elapsed),
+            "interrupted": interrupted,
+        }
+    )
+
+
+def error_json(text: str) -> str:
+    """An error line as one JSON object, shaped like a log event (``"event": "error"``)."""
+    return json.dumps({"event": "error", "level": "error", "error": text})
 
 
 def format_progress(tally: Tally, in_flight: int, elapsed: float) -> str:
@@ -128,19 +156,25 @@ def _rate(tally: Tally, elapsed: float) -> int:
 
 
 class Reporter:
-    """Prints a run's output according to ``--json`` and ``--quiet``.
+    """Prints a run's output according to ``--json``, ``--quiet`` and the log format.
 
     Args:
         out, err: standard output and standard error.
         json_lines: print each reply as a JSON object instead of a human line.
         quiet: print only errors (refused or skipped messages, on stderr) and the summary.
+        json_err: stderr is machine-readable (``--json`` or ``--log-format json``): the
+            summary, errors and notices are JSON objects there too, and no prompt or
+            progress line is drawn.
     """
 
-    def __init__(self, out: TextIO, err: TextIO, *, json_lines: bool, quiet: bool) -> None:
+    def __init__(
+        self, out: TextIO, err: TextIO, *, json_lines: bool, quiet: bool, json_err: bool = False
+    ) -> None:
         self.out = out
         self.err = err
         self.json_lines = json_lines
         self.quiet = quiet
+        self.json_err = json_err
         self._progress_shown = False
 
     def reply(self, number: int, reply: Ack | Err, rtt: float, attempts: int) -> None:
@@ -166,18 +200,21 @@ class Reporter:
     def error(self, text: str) -> None:
         """The one line that says why the run failed."""
         self.clear_progress()
-        print(f"{ERROR_PREFIX}{text}", file=self.err, flush=True)
+        line = error_json(text) if self.json_err else f"{ERROR_PREFIX}{text}"
+        print(line, file=self.err, flush=True)
 
     def notice(self, text: str) -> None:
         """A line for the person at the terminal (not shown with ``--quiet``)."""
         if not self.quiet:
-            print(text, file=self.err, flush=True)
+            line = json.dumps({"event": "notice", "level": "info", "text": text})
+            print(line if self.json_err else text, file=self.err, flush=True)
 
     def prompt(self) -> None:
         """The interactive prompt, on stderr so that stdout stays pure output."""
         self.out.flush()
-        self.err.write("> ")
-        self.err.flush()
+        if not self.json_err:
+            self.err.write("> ")
+            self.err.flush()
 
     def progress(self, tally: Tally, in_flight: int, elapsed: float) -> None:
         """Redraw the live progress line."""
@@ -192,11 +229,12 @@ class Reporter:
             self.err.flush()
             self._progress_shown = False
 
-    def summary(self, tally: Tally, elapsed: float) -> None:
+    def summary(self, tally: Tally, elapsed: float, *, interrupted: bool = False) -> None:
         """The final summary line (shown even with ``--quiet``)."""
         self.clear_progress()
         self.out.flush()
-        print(format_summary(tally, elapsed), file=self.err, flush=True)
+        render = summary_json if self.json_err else format_summary
+        print(render(tally, elapsed, interrupted=interrupted), file=self.err, flush=True)
 
     def _print(self, line: str, *, to_err: bool) -> None:
         if to_err:

@@ -70,6 +70,18 @@ class Deliveries:
             self._stop()
             raise
 
+    def take_answered(self) -> list[Receipt]:
+        """The receipts that are ready now, in order, without waiting: for a consumer that
+        was cancelled (Ctrl-C) and reports what had arrived before it leaves.
+
+        Stops at the first message not answered yet (or failed), and stops the feeder.
+        """
+        self._stop()
+        receipts: list[Receipt] = []
+        while self._pending and self._pending[0].reply is not None:
+            receipts.append(self._pending.popleft().receipt())
+        return receipts
+
     async def aclose(self) -> None:
         """Stop taking payloads from the source; messages already taken may still go out."""
         self._stop()
