@@ -3,8 +3,11 @@ stderr is a JSON object; ``--host HOST:PORT``; ``--version``."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import importlib.metadata
 import json
+import re
 
 import pytest
 from client_fakes import RunClient
@@ -115,3 +118,20 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     version = importlib.metadata.version("ackservice")
     assert capsys.readouterr().out == f"python -m ackservice.client {version}\n"
+
+
+@pytest.mark.parametrize("command", ["client", "bench"])
+def test_help_text_is_uniform(command: str) -> None:
+    """Every option's help has at most one parenthesis (the default/env note, never a second
+    one beside it), every setting shows its default, and floats are not printed as 5.0."""
+    module = importlib.import_module(f"ackservice.{command}.cli")
+    parser = module.build_parser({})
+    for action in parser._actions:
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS):
+            continue
+        text = str(action.help)
+        assert text.count("(") <= 1, text
+        # Valued settings (switches and repeatable lists are annotated by the shared parser).
+        if action.nargs is None and not isinstance(action, argparse._AppendAction):
+            assert "(default: " in text, text
+        assert not re.search(r"default: \d+\.0[;)]", text), text

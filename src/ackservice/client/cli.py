@@ -25,7 +25,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -96,12 +96,12 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         action="version",
         version=f"%(prog)s {importlib.metadata.version('ackservice')}",
     )
-    add = parser.add_setting
+    add = _with_plain_defaults(parser)
     add(
         "--host",
         host_and_port,
         (defaults.host, None),
-        "server name or address, optionally with :PORT ([IPV6]:PORT)",
+        "server name or address, optionally with :PORT; [IPV6]:PORT for IPv6",
         default_text=defaults.host,
     )
     add("--port", _cli.server_port, None, "server TCP port", default_text=str(defaults.port))
@@ -121,7 +121,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         "--retries",
         _cli.non_negative_int,
         defaults.retries,
-        "connection attempts after a failed one (a reply starts the count over), and "
+        "connection attempts after a failed one, counted afresh after any reply, and "
         "resends of a message answered 'unavailable'",
         default_text="unlimited within --retry-for",
     )
@@ -137,37 +137,40 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         "--max-message-bytes",
         _cli.non_negative_int,
         DEFAULT_MAX_MESSAGE_BYTES,
-        "longest message sent; a longer line is reported and skipped (set it to the "
-        "server's limit)",
+        "longest message sent; a longer line is reported and skipped. Set it to the server's limit",
     )
     add(
         "--backoff-base",
         _cli.seconds,
         defaults.backoff_base,
-        "first reconnect backoff bound in seconds (doubles per failure, full jitter)",
+        "first reconnect backoff bound in seconds; it doubles per failure, with full jitter",
     )
     add("--backoff-cap", _cli.seconds, defaults.backoff_cap, "largest backoff bound in seconds")
     add(
         "--log-level",
         _cli.log_level,
         None,
-        "debug, info, warning, error or critical (connection events are logged)",
+        "debug, info, warning, error or critical; connection events are debug, possible "
+        "duplicates a warning",
         default_text="warning; error with --quiet",
     )
     add(
         "--log-format",
         _cli.log_format,
         "auto",
-        "auto (JSON lines with --json, else console), console or json; with json, the "
+        "auto: JSON lines with --json, else console; console; or json. With json, the "
         "summary and errors on stderr are JSON objects too",
     )
     parser.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object per reply on stdout, and JSON lines on stderr",
+        help="print one JSON object per reply on stdout, and JSON lines on stderr (default: off)",
     )
     parser.add_argument(
-        "-q", "--quiet", action="store_true", help="print only errors and the summary"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only errors and the summary (default: off)",
     )
     return parser
 
@@ -548,3 +551,15 @@ def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def _with_plain_defaults(parser: _cli.SettingsParser) -> Callable[..., None]:
+    """``parser.add_setting``, printing a float default as people write it (5, not 5.0),
+    so that every default in ``--help`` looks alike."""
+
+    def add(flag: str, parse: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
+        if isinstance(default, float) and "default_text" not in kw:
+            kw["default_text"] = f"{default:g}"
+        parser.add_setting(flag, parse, default, help, **kw)
+
+    return add
