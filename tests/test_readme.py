@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import re
 import subprocess
 import sys
+import tomllib
 import zlib
 from pathlib import Path
 
@@ -60,14 +63,30 @@ def test_every_client_setting_is_in_the_client_table() -> None:
     assert settings, "no settings found"
     for action in settings:
         flag = action.option_strings[0]
-        if flag in ("--log-level", "--log-format"):
-            continue  # shared with the server, documented in its table
         env = "ACKSERVICE_" + action.dest.upper()
-        assert f"`{flag}`" in client_section, flag
+        assert f"| `{flag}`" in client_section or f", `{flag}` |" in client_section, flag
         assert f"`{env}`" in client_section, env
+    for flag in ("--json", "--quiet"):  # output switches, not settings, still in the table
+        assert f"`{flag}` |" in client_section, flag
 
 
 def test_ci_runs_the_readme_test_command() -> None:
     """.ci/run runs exactly the README's test command, scripts/check."""
     assert "    scripts/check        # run the whole check suite" in README
     assert "exec scripts/check" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_command_is_a_console_script() -> None:
+    """``[project.scripts]`` installs each ``python -m`` command as ``ackservice-NAME``, pointing
+    at its ``main``; the installed client and bench scripts answer ``--version``."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in ("server", "client", "bench", "store"):
+        module, _, function = scripts[f"ackservice-{name}"].partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    version = importlib.metadata.version("ackservice")
+    for name in ("client", "bench"):
+        script = Path(sys.executable).parent / f"ackservice-{name}"
+        done = subprocess.run(
+            [str(script), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert (done.returncode, done.stdout) == (0, f"python -m ackservice.{name} {version}\n")
