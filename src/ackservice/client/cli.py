@@ -423,6 +423,10 @@ class _Run:
                 # order, so that the summary counts nothing the user has not seen.
                 for receipt in deliveries.take_answered():
                     report(receipt)
+                # Too-long lines before the first unanswered message; later ones are not
+                # counted, since they were never reached as far as the output shows.
+                report_skipped(numbers[0] if numbers else float("inf"))
+                tally.not_sent -= len(skipped)
             else:
                 report_skipped(float("inf"))
 
