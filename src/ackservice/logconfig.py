@@ -183,7 +183,9 @@ class _LogSink:
 
     def put(self, line: str) -> None:
         """Queue a rendered line for writing; drop (and count) it if the queue is full."""
-        if len(self._lines) >= self._max_queued:
+        # The writer's own drop report always goes in (one line per batch written): were it
+        # dropped, the count it carries would be lost with it.
+        if len(self._lines) >= self._max_queued and threading.get_ident() != self._thread.ident:
             self._count_dropped(1)
             return
         self._lines.append(line)
@@ -229,7 +231,7 @@ class _LogSink:
 
     def _report_dropped(self) -> None:
         # Logged like any other event, so it is rendered the same way; it goes through the
-        # queue (the writer is this thread) and, if that is full, counts itself as dropped.
+        # queue (the writer is this thread), past its bound (see put).
         count = self.dropped - self._reported
         self._reported += count
         structlog.get_logger(__name__).warning("log_events_dropped", count=count)
