@@ -23,7 +23,7 @@ import trio
 from rel_checker import History, check, read_records
 from rel_harness import RECORDING_SERVER, START_TIMEOUT, pick, pipelined_client
 
-from conftest import Report
+from conftest import Report, StartServer
 
 # Connections that each send one message: two info events each (connection_opened,
 # connection_closed), so 6,000 of them overflow the writer's 10,000-event queue.
@@ -383,3 +383,27 @@ async def run_clients_small(port: int, history: History) -> None:
     for i in range(5):
         run = await pipelined_client(port, [b"@after-%d|space again" % i], history)
         assert run.acked == 1
+
+
+async def test_client_cli_with_its_log_reader_gone(start_server: StartServer) -> None:
+    """The client CLI logs through the same queue: at debug level (an event per connection
+    and per message) with standard error a pipe whose reader exited, it still sends every
+    message and exits 0 (previously the first log write raised and it exited 1)."""
+    server = await start_server(recording=False)
+    command = [sys.executable, "-m", "ackservice.client", "--port", str(server.port)]
+    command += ["--log-level", "debug", "--quiet", "one", "two", "three"]
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    try:
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                command,
+                stderr=write_fd,
+                capture_stdout=True,
+                check=False,
+            )
+    finally:
+        os.close(write_fd)
+    assert result.returncode == 0
+    closed = await server.wait_for_event("connection_closed", count=2)  # after the warm-up
+    assert closed["messages"] == 3
