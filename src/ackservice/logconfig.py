@@ -164,7 +164,9 @@ class _LogSink:
     """The bounded queue of rendered lines and the one thread that writes them to ``fd``."""
 
     def __init__(self, fd: int, stream: TextIO, max_queued_events: int) -> None:
-        self._fd = fd
+        # The sink owns a duplicate: if the stream is closed and its number reused (a test's
+        # captured stderr), lines still go where they were meant to, never into another file.
+        self._fd = os.dup(fd)
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._max_queued = max_queued_events
         # A deque, not queue.Queue: append() and popleft() are atomic and take no lock, and
@@ -205,6 +207,12 @@ class _LogSink:
             self.dropped += count
 
     def _run(self) -> None:
+        try:
+            self._write_until_stopped()
+        finally:
+            os.close(self._fd)
+
+    def _write_until_stopped(self) -> None:
         while True:
             if not self._lines:
                 if self._stopped:  # everything queued has been written or dropped
