@@ -21,6 +21,7 @@ import socket
 import structlog
 import trio
 
+from ..logconfig import log_events_dropped
 from ..store.base import Store
 from . import readiness
 from .committing import GroupCommitter
@@ -151,6 +152,8 @@ class Server:
             errors=stats.errors,
             refused_busy=stats.refused_busy,
             forced=connections.cancel_scope.cancelled_caught,
+            # 0 unless the CLI's logging (logconfig) dropped events it could not write.
+            log_events_dropped=log_events_dropped(),
             **(
                 {"store_commits": committer.commits}
                 if isinstance(committer, GroupCommitter)

@@ -1,0 +1,133 @@
+"""The CLI's log output: a bounded queue and one writer thread, so that logging never blocks
+or fails the program; what does not fit, or cannot be written, is dropped and counted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import pytest
+import structlog
+
+from ackservice import logconfig
+from ackservice.logconfig import configure_logging, flush_logging, log_events_dropped
+
+
+@dataclass
+class LogPipe:
+    """A pipe standing for standard error: the test decides whether anyone reads it."""
+
+    read_fd: int
+    stream: TextIO
+
+    def close_reader(self) -> None:
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+    def read_events(
+        self, until: str | Callable[[list[dict[str, Any]]], bool], within: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """Read JSON lines until an event called ``until`` arrives, or ``until(events)``
+        holds (or ``within`` passes)."""
+        data = b""
+        deadline = time.monotonic() + within
+        os.set_blocking(self.read_fd, False)
+        while time.monotonic() < deadline:
+            try:
+                data += os.read(self.read_fd, 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.01)
+            events = [json.loads(line) for line in data.splitlines() if line.endswith(b"}")]
+            if until(events) if callable(until) else any(e["event"] == until for e in events):
+                return events
+        raise AssertionError(f"no {until!r} within {within} s; got {data[-500:]!r}")
+
+
+@pytest.fixture
+def log_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogPipe]:
+    read_fd, write_fd = os.pipe()
+    pipe = LogPipe(read_fd, os.fdopen(write_fd, "w"))
+    monkeypatch.setattr(logconfig, "_sink", None)
+    yield pipe
+    pipe.close_reader()  # a writer blocked on the pipe gets EPIPE and finishes
+    flush_logging(2.0)
+    pipe.stream.close()
+    logging.getLogger().handlers.clear()
+    structlog.reset_defaults()
+
+
+def test_events_and_stdlib_records_reach_the_descriptor(log_pipe: LogPipe) -> None:
+    """Through the writer thread, structlog events and stdlib records (Trio's) come out as
+    JSON lines, in the order they were logged."""
+    configure_logging("info", "json", stream=log_pipe.stream)
+    structlog.get_logger().info("first", n=1)
+    logging.getLogger("trio.serve_listeners").error("accept returned %s", "EMFILE")
+    structlog.get_logger().warning("last")
+    events = log_pipe.read_events(until="last")
+    assert [e["event"] for e in events] == ["first", "accept returned EMFILE", "last"]
+    assert events[1]["logger"] == "trio.serve_listeners"
+    assert log_events_dropped() == 0
+
+
+def test_a_full_queue_drops_and_counts_without_waiting(log_pipe: LogPipe) -> None:
+    """Nobody reads the output: once the pipe and the queue are full, further events are
+    dropped and counted, and logging goes on at full speed (never waits for the writer).
+    When the output drains, one ``log_events_dropped`` event reports the count."""
+    configure_logging("info", "json", stream=log_pipe.stream, max_queued_events=100)
+    started = time.monotonic()
+    events = 5_000  # ~700 KB of JSON lines: ten times what a pipe holds
+    for n in range(events):
+        structlog.get_logger().info("filler", n=n, padding="x" * 80)
+    assert time.monotonic() - started < 2.0
+    dropped = log_events_dropped()
+    assert dropped > events - 100 - 1_000  # at most the queue and the pipe's ~64 KiB
+
+    def reported(events: list[dict[str, Any]]) -> int:
+        return sum(e["count"] for e in events if e["event"] == "log_events_dropped")
+
+    # Reported as soon as a write succeeds after drops, so possibly in several reports.
+    seen = log_pipe.read_events(until=lambda events: reported(events) == log_events_dropped())
+    assert all(e["level"] == "warning" for e in seen if e["event"] == "log_events_dropped")
+    written = [e["n"] for e in seen if e["event"] == "filler"]
+    # Every event is either written or counted, never both; reports are never dropped.
+    assert len(written) + log_events_dropped() == events
+    assert written == sorted(written)
+
+
+def test_a_failing_write_is_counted_not_raised(log_pipe: LogPipe) -> None:
+    """The reader has exited (EPIPE on every write): logging raises nothing, every event is
+    counted as dropped, and flushing at exit does not wait for the output."""
+    configure_logging("info", "json", stream=log_pipe.stream)
+    log_pipe.close_reader()
+    for n in range(50):
+        structlog.get_logger().error("lost", n=n)
+        logging.getLogger("trio").warning("also lost")
+    started = time.monotonic()
+    flush_logging(2.0)
+    assert time.monotonic() - started < 1.0
+    # The final report (its write fails too) counts itself.
+    assert log_events_dropped() in (100, 101)
+
+
+def test_exit_flush_is_bounded_on_a_stuck_output(log_pipe: LogPipe) -> None:
+    """A pipe that never drains: flushing gives up after its timeout instead of hanging."""
+    configure_logging("info", "json", stream=log_pipe.stream)
+    for n in range(2_000):
+        structlog.get_logger().info("filler", n=n, padding="x" * 80)
+    started = time.monotonic()
+    flush_logging(0.2)
+    assert 0.15 < time.monotonic() - started < 1.0
+
+
+def test_dropped_count_is_zero_when_logging_was_never_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An application embedding the server keeps its own logging: the counter reads 0."""
+    monkeypatch.setattr(logconfig, "_sink", None)
+    assert log_events_dropped() == 0
