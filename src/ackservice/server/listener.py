@@ -40,8 +40,11 @@ _RESOURCE_RETRY_DELAY = 0.1
 # One warning per this many seconds while accept keeps failing, with a count, so an
 # exhausted process does not also exhaust the disk with the same line ten times a second.
 _RESOURCE_LOG_INTERVAL = 10.0
-# accept() fails with these when a connection died in the listen queue: take the next one
-# (the same list as Trio's SocketListener).
+# accept() fails with these when a connection died in the listen queue (reset, timed out,
+# refused by a firewall, ...): take the next one. Exactly Trio's SocketListener list
+# (trio/_highlevel_socket.py, ``_ignorable_accept_errno_names``; a test keeps them equal),
+# as Linux passes the pending error of a dead connection to accept() and any of these then
+# ending the accept loop would end the server.
 _IGNORABLE_ERRNOS = frozenset(
     getattr(errno, name)
     for name in (
@@ -55,6 +58,11 @@ _IGNORABLE_ERRNOS = frozenset(
         "EHOSTUNREACH",
         "EOPNOTSUPP",
         "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
     )
     if hasattr(errno, name)
 )
@@ -254,7 +262,13 @@ class _AcceptFailures:
         self._last_logged = -_RESOURCE_LOG_INTERVAL
 
     async def survive(self, exc: OSError) -> None:
-        """Wait before the next accept; re-raise ``exc`` if it is not about resources."""
+        """Wait before the next accept (not at all after a connection that died in the
+        queue); re-raise ``exc`` if it is neither about resources nor about that one
+        connection."""
+        if exc.errno in _IGNORABLE_ERRNOS:
+            # Trio's own SocketListener skips these; another Listener may not.
+            await trio.lowlevel.checkpoint()
+            return
         if exc.errno not in _RESOURCE_ERRNOS:
             raise exc
         self._failures += 1
