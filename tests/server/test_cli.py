@@ -20,6 +20,7 @@ import structlog
 import trio
 from structlog.testing import capture_logs
 
+import ackservice
 from ackservice.logconfig import configure_logging
 from ackservice.protocol import parse_reply
 from ackservice.server import ServerConfig
@@ -51,6 +52,11 @@ def test_serves_and_logs_json_lines_when_not_a_terminal(tmp_path: Path) -> None:
         assert listening["event"] == "listening"
         assert listening["level"] == "info"
         assert "timestamp" in listening
+        # Start-up says what runs, as which process, with which effective settings.
+        assert listening["version"] == ackservice.__version__
+        assert listening["pid"] == server.pid
+        assert listening["settings"]["idle_timeout"] == 300.0
+        assert listening["settings"]["max_connections"] >= 1
 
 
 async def test_sigterm_answers_everything_read_then_exits_zero(tmp_path: Path) -> None:
@@ -119,6 +125,42 @@ def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
             assert time.monotonic() - start < 1
             assert sock.recv(100).startswith(b"ERR 0 shutting-down")
         assert server.wait_for_event("forced_exit")["signal"] == "SIGINT"
+
+
+def test_forced_exit_logs_connections_truly_and_the_totals(tmp_path: Path) -> None:
+    """After a second signal, a connection that was already told ERR 0 shutting-down (and
+    was draining) is logged as such, not as cancelled, and shutdown_complete still gives
+    the totals, with forced=true."""
+    with server_process(
+        tmp_path / "log", "--shutdown-grace", "60", "--drain-timeout", "60"
+    ) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"hello\n")
+            assert sock.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+            server.signal(signal.SIGTERM)
+            assert sock.recv(100).startswith(b"ERR 0 shutting-down")
+            server.signal(signal.SIGTERM)
+            assert server.wait(timeout=5) == 130
+        closed = server.wait_for_event("connection_closed")
+        assert closed["reason"] == "shutting-down"
+        assert closed["acked"] == 1
+        done = server.wait_for_event("shutdown_complete")
+        assert done["forced"] is True
+        assert (done["connections"], done["messages"], done["acked"]) == (1, 1, 1)
+
+
+def test_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
+    """SIGHUP (the terminal that started the server closed) does not stop the server: it
+    logs signal_ignored and goes on serving; SIGTERM still stops it gracefully."""
+    with server_process(tmp_path / "log") as server:
+        server.signal(signal.SIGHUP)
+        ignored = server.wait_for_event("signal_ignored")
+        assert (ignored["signal"], ignored["level"]) == ("SIGHUP", "info")
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"hello\n")
+            assert sock.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,15 @@ EXIT_FORCED = 130
 # sockets, Trio's epoll and wakeup fds, and connections briefly held to send "busy".
 _RESERVED_FDS = 64
 
+# What each signal does; this is the one place that decides it.
+# SIGTERM and SIGINT: a graceful shutdown, and a second one exits at once.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: closing the terminal or SSH session that started the server sends it, and its
+# default action kills the process at once, without a log line or a word to the clients.
+# A daemon outlives its terminal, so it is logged and otherwise ignored. (A log file to
+# reopen on SIGHUP would be handled here too, in ``_on_signal``.)
+_IGNORED_SIGNALS = (signal.SIGHUP,)
+
 log = structlog.get_logger(__name__)
 
 
@@ -173,13 +182,15 @@ async def serve_until_signalled(
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
+    SIGHUP is logged (``signal_ignored``) and otherwise ignored.
+
     Raises:
         OSError: the address could not be bound.
     """
     # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     # Installed before serving starts, so no signal can arrive unhandled in between.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
                 _serve_then_stop_watching,
@@ -190,14 +201,23 @@ async def serve_until_signalled(
                 nursery.cancel_scope,
             )
             async for signum in signals:
-                name = signal.Signals(signum).name
-                if server.handler.shutting_down:
-                    log.warning("forced_exit", signal=name)
+                if _on_signal(signal.Signals(signum), server):
                     nursery.cancel_scope.cancel()
                     return EXIT_FORCED
-                log.info("signal_received", signal=name)
-                server.shutdown()
     return EXIT_OK
+
+
+def _on_signal(signum: signal.Signals, server: Server) -> bool:
+    """Act on ``signum``; return whether the server must exit at once (a second stop signal)."""
+    if signum in _IGNORED_SIGNALS:
+        log.info("signal_ignored", signal=signum.name, hint="stop the server with SIGTERM")
+        return False
+    if server.handler.shutting_down:
+        log.warning("forced_exit", signal=signum.name)
+        return True
+    log.info("signal_received", signal=signum.name)
+    server.shutdown()
+    return False
 
 
 async def _serve_then_stop_watching(

@@ -14,6 +14,7 @@ from which Linux copies them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -21,6 +22,7 @@ import socket
 import structlog
 import trio
 
+from .. import __version__
 from ..store.base import Store
 from . import readiness
 from .committing import GroupCommitter
@@ -119,52 +121,72 @@ class Server:
 
     async def _serve_then_drain(self, task_status: trio.TaskStatus[Server]) -> None:
         config = self.handler.config
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                for listener in self.listeners:
-                    accepting.start_soon(self._accept_loop, listener, connections)
-                committer = self.handler.committer
+        forced = True  # unless the connections nursery ends by itself, below
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for listener in self.listeners:
+                        accepting.start_soon(self._accept_loop, listener, connections)
+                    log.info("listening", **self._start_up_fields())
+                    task_status.started(self)
+                    await self._shutdown_requested.wait()
+                    accepting.cancel_scope.cancel()
                 log.info(
-                    "listening",
-                    host=self.addresses[0][0],
-                    port=self.port,
-                    addresses=[f"{host}:{port}" for host, port in self.addresses],
-                    store=committer.store.description
-                    if isinstance(committer, GroupCommitter)
-                    else "none",
+                    "shutdown_started",
+                    active=self.handler.stats.active,
+                    grace=config.shutdown_grace,
                 )
-                task_status.started(self)
-                await self._shutdown_requested.wait()
-                accepting.cancel_scope.cancel()
-            log.info(
-                "shutdown_started", active=self.handler.stats.active, grace=config.shutdown_grace
-            )
-            self.handler.begin_shutdown()
-            # Connections already in the listen queue are told, not reset by the close below.
-            if self._refuse_queued_at_shutdown:
+                self.handler.begin_shutdown()
+                # Connections already in the listen queue are told, not reset by the close.
+                if self._refuse_queued_at_shutdown:
+                    for listener in self.listeners:
+                        self._refuse_listen_queue(listener, connections)
+                # Closing the listening sockets refuses new connections at once.
                 for listener in self.listeners:
-                    self._refuse_listen_queue(listener, connections)
-            # Closing the listening sockets refuses new connections at once.
-            for listener in self.listeners:
-                await trio.aclose_forcefully(listener)
-            # Whatever is still running when the grace period ends is cancelled.
-            connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+                    await trio.aclose_forcefully(listener)
+                # Whatever is still running when the grace period ends is cancelled.
+                connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+            forced = connections.cancel_scope.cancelled_caught
+        finally:
+            # Also after a forced exit (a second signal cancels everything from outside):
+            # by now every connection task has ended and logged, so the totals are whole.
+            if self.handler.shutting_down or not forced:
+                self._log_shutdown_complete(forced=forced)
+
+    def _start_up_fields(self) -> dict[str, object]:
+        """What the ``listening`` event says: where, the store, and the effective settings."""
+        committer = self.handler.committer
+        config = self.handler.config
+        return {
+            "host": self.addresses[0][0],
+            "port": self.port,
+            "addresses": [f"{host}:{port}" for host, port in self.addresses],
+            "store": committer.store.description
+            if isinstance(committer, GroupCommitter)
+            else "none",
+            "version": __version__,
+            "pid": os.getpid(),
+            "settings": {
+                field.name: getattr(config, field.name)
+                for field in dataclasses.fields(config)
+                if field.name not in ("host", "port")
+            },
+        }
+
+    def _log_shutdown_complete(self, *, forced: bool) -> None:
         stats = self.handler.stats
         committer = self.handler.committer
-        log.info(
-            "shutdown_complete",
-            connections=stats.connections,
-            messages=stats.messages,
-            acked=stats.acked,
-            errors=stats.errors,
-            refused_busy=stats.refused_busy,
-            forced=connections.cancel_scope.cancelled_caught,
-            **(
-                {"store_commits": committer.commits}
-                if isinstance(committer, GroupCommitter)
-                else {}
-            ),
-        )
+        totals: dict[str, object] = {
+            "connections": stats.connections,
+            "messages": stats.messages,
+            "acked": stats.acked,
+            "errors": stats.errors,
+            "refused_busy": stats.refused_busy,
+            "forced": forced,
+        }
+        if isinstance(committer, GroupCommitter):
+            totals["store_commits"] = committer.commits
+        log.info("shutdown_complete", **totals)
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         if _ACCEPT_PLAIN_SOCKETS and isinstance(listener, trio.SocketListener):
