@@ -166,8 +166,15 @@ def test_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["--port", "-1"], {}, "--port: expected a port from 0 to 65535, got '-1'"),
-        (["--max-message-bytes", "-5"], {}, "expected an integer >= 0, got '-5'"),
+        (["--port", "-1"], {}, "--port: expected an integer from 0 to 65535, got '-1'"),
+        (["--max-message-bytes", "-5"], {}, "expected an integer from 0 to 1073741824, got '-5'"),
+        # Linux caps TCP_KEEPIDLE at 32767: not silently ignored, not a traceback.
+        (["--tcp-keepalive", "40000"], {}, "expected an integer from 0 to 32767, got '40000'"),
+        (["--tcp-keepalive", "2147483648"], {}, "from 0 to 32767, got '2147483648'"),
+        (["--max-connections", "0"], {}, "expected an integer from 1 to 1000000, got '0'"),
+        (["--store-max-pending", "99999999999999"], {}, "from 1 to 17179869184"),
+        (["--send-timeout", "1e300"], {}, "at most 86400, got '1e300'"),
+        ([], {"ACKSERVICE_IDLE_TIMEOUT": "1e9"}, "ACKSERVICE_IDLE_TIMEOUT: expected a number"),
         (["--idle-timeout", "0"], {}, "expected a positive number of seconds"),
         (["--log-level", "loud"], {}, "expected one of debug, info, warning"),
         ([], {"ACKSERVICE_SEND_TIMEOUT": "soon"}, "ACKSERVICE_SEND_TIMEOUT: expected a number"),
@@ -301,3 +308,22 @@ async def test_signalled_server_tells_its_listen_queue(nursery: trio.Nursery) ->
             with trio.fail_after(5):
                 reply = await LineReader(trio.SocketStream(client)).line()
     assert reply.startswith(b"ERR 0 shutting-down ")
+
+
+def test_every_numeric_setting_has_a_documented_range() -> None:
+    """Each numeric server flag shows its range in --help, and ServerConfig refuses what the
+    CLI refuses (an embedding application gets the same bounds)."""
+    parser = build_parser({})
+    numeric = [
+        action
+        for action in parser._actions
+        if action.option_strings[0] not in ("-h", "--host", "--store", "--log-level")
+        and action.option_strings[0] not in ("--log-format", "--port-file")
+    ]
+    assert numeric
+    for action in numeric:
+        assert "range: " in (action.help or ""), action.option_strings[0]
+    with pytest.raises(ValueError, match="tcp_keepalive must be from 0 to 32767"):
+        ServerConfig(tcp_keepalive=40000)
+    with pytest.raises(ValueError, match="idle_timeout must be above 0"):
+        ServerConfig(idle_timeout=float("inf"))

@@ -13,7 +13,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 import trio
@@ -22,7 +22,7 @@ from .. import _cli
 from ..logconfig import configure_logging
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
-from .config import ServerConfig
+from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
 
@@ -59,47 +59,47 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     )
     add = parser.add_setting
     add("--host", str, defaults.host, "address to listen on (0.0.0.0 or :: for all)")
-    add("--port", _cli.port_number, defaults.port, "TCP port; 0 picks a free one")
+    add("--port", _int_setting("port"), defaults.port, "TCP port; 0 picks a free one")
     add(
         "--max-message-bytes",
-        _cli.non_negative_int,
+        _int_setting("max_message_bytes"),
         DEFAULT_MAX_MESSAGE_BYTES,
         "largest payload accepted; longer ones get ERR too-large",
     )
     add(
         "--max-connections",
-        _cli.positive_int,
+        _int_setting("max_connections"),
         defaults.max_connections,
         "connections served at once, lowered to fit the open-file limit; "
         "beyond it new ones get ERR 0 busy",
     )
     add(
         "--idle-timeout",
-        _cli.seconds,
+        _seconds_setting("idle_timeout"),
         defaults.idle_timeout,
         "seconds without a complete message before a connection is closed",
     )
     add(
         "--send-timeout",
-        _cli.seconds,
+        _seconds_setting("send_timeout"),
         defaults.send_timeout,
         "seconds a client may leave its replies unread before it is disconnected",
     )
     add(
         "--shutdown-grace",
-        _cli.seconds,
+        _seconds_setting("shutdown_grace"),
         defaults.shutdown_grace,
         "seconds a graceful shutdown waits for connections before cancelling them",
     )
     add(
         "--drain-timeout",
-        _cli.seconds,
+        _seconds_setting("drain_timeout"),
         defaults.drain_timeout,
         "seconds to wait for a client to close after a final ERR 0 line",
     )
     add(
         "--tcp-keepalive",
-        _cli.non_negative_int,
+        _int_setting("tcp_keepalive"),
         defaults.tcp_keepalive,
         "seconds of silence before TCP keepalive probes (0: system default)",
     )
@@ -111,13 +111,13 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     )
     add(
         "--store-timeout",
-        _cli.seconds,
+        _seconds_setting("store_timeout"),
         defaults.store_timeout,
         "seconds a store commit may take before its messages get ERR unavailable",
     )
     add(
         "--store-max-pending",
-        _cli.positive_int,
+        _int_setting("max_pending_store_bytes"),
         defaults.max_pending_store_bytes,
         "payload bytes waiting for the store beyond which the server stops reading",
     )
@@ -144,6 +144,17 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except OSError as exc:
         print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
         return EXIT_START_FAILED
+
+
+def _int_setting(name: str) -> Callable[[str], int]:
+    """The parser of integer setting ``name``, range-checked as ``ServerConfig`` does."""
+    lowest, highest = LIMITS[name]
+    return _cli.int_in_range(int(lowest), int(highest))
+
+
+def _seconds_setting(name: str) -> Callable[[str], float]:
+    """The parser of duration setting ``name``, range-checked as ``ServerConfig`` does."""
+    return _cli.seconds_up_to(LIMITS[name][1])
 
 
 def _store_url(text: str) -> str:
