@@ -182,8 +182,13 @@ class SettingsParser(argparse.ArgumentParser):
         *,
         metavar: str | None = None,
         default_text: str | None = None,
+        repeatable: bool = False,
     ) -> None:
-        """Add ``flag`` (``--max-message-bytes``), backed by ``ACKSERVICE_MAX_MESSAGE_BYTES``."""
+        """Add ``flag`` (``--max-message-bytes``), backed by ``ACKSERVICE_MAX_MESSAGE_BYTES``.
+
+        A ``repeatable`` flag may be given several times: its value is then the list of
+        parsed values (the environment variable and the default give one value).
+        """
         dest, env = self._names(flag)
         shown = default_text if default_text is not None else default
         range_text = getattr(parse, "range_text", None)
@@ -195,6 +200,7 @@ class SettingsParser(argparse.ArgumentParser):
             default=None,
             metavar=metavar or dest.upper(),
             help=f"{help} ({limits}default: {shown}; env: {env})",
+            action="append" if repeatable else "store",
         )
         self._settings.append((dest, env, parse, default))
 

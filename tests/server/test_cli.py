@@ -24,7 +24,7 @@ import ackservice
 from ackservice.logconfig import configure_logging
 from ackservice.protocol import parse_reply
 from ackservice.server import ServerConfig
-from ackservice.server.cli import build_parser, serve_until_signalled
+from ackservice.server.cli import build_parser, config_from_args, serve_until_signalled
 from support import LineReader, server_process, wait_until
 
 
@@ -327,3 +327,14 @@ def test_every_numeric_setting_has_a_documented_range() -> None:
         ServerConfig(tcp_keepalive=40000)
     with pytest.raises(ValueError, match="idle_timeout must be above 0"):
         ServerConfig(idle_timeout=float("inf"))
+
+
+def test_several_hosts_from_repeated_flags_or_the_environment() -> None:
+    """--host may be repeated or comma-separated, ACKSERVICE_HOST comma-separated; IPv6
+    addresses may be bracketed."""
+    args = build_parser({}).parse_args(["--host", "127.0.0.1", "--host", "[::1]"])
+    assert config_from_args(args, max_connections=1).host == "127.0.0.1,::1"
+    args = build_parser({"ACKSERVICE_HOST": "127.0.0.1, [::1]"}).parse_args([])
+    assert config_from_args(args, max_connections=1).host == "127.0.0.1,::1"
+    args = build_parser({}).parse_args([])
+    assert config_from_args(args, max_connections=1).host == "127.0.0.1"

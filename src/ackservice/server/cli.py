@@ -25,6 +25,7 @@ from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_stor
 from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
+from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
 
 __all__ = ["main"]
 
@@ -58,7 +59,15 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         environ=environ,
     )
     add = parser.add_setting
-    add("--host", str, defaults.host, "address to listen on (0.0.0.0 or :: for all)")
+    add(
+        "--host",
+        _hosts,
+        defaults.host,
+        f"address to listen on; several: repeat the flag or separate them with commas; "
+        f"{EVERY_INTERFACE}: every interface, IPv4 and IPv6 (0.0.0.0: IPv4 only, ::: IPv6 "
+        "only); IPv6 addresses may be bracketed, [::1]",
+        repeatable=True,
+    )
     add("--port", _int_setting("port"), defaults.port, "TCP port; 0 picks a free one")
     add(
         "--max-message-bytes",
@@ -146,6 +155,11 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return EXIT_START_FAILED
 
 
+def _hosts(text: str) -> str:
+    """A ``--host`` value, checked here (``parse_hosts``) and kept as the text it was."""
+    return ",".join(parse_hosts(text))
+
+
 def _int_setting(name: str) -> Callable[[str], int]:
     """The parser of integer setting ``name``, range-checked as ``ServerConfig`` does."""
     lowest, highest = LIMITS[name]
@@ -174,7 +188,7 @@ async def _open_store_and_serve(config: ServerConfig, store_url: str) -> int:
 def config_from_args(args: argparse.Namespace, *, max_connections: int) -> ServerConfig:
     """The ``ServerConfig`` that parsed command-line settings describe."""
     return ServerConfig(
-        host=args.host,
+        host=args.host if isinstance(args.host, str) else ",".join(args.host),
         port=args.port,
         max_message_bytes=args.max_message_bytes,
         max_connections=max_connections,
@@ -199,7 +213,7 @@ async def serve_until_signalled(
         OSError: the address could not be bound.
     """
     # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    listeners = await open_listeners(config.host, config.port)
     # Installed before serving starts, so no signal can arrive unhandled in between.
     with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:

@@ -29,7 +29,7 @@ from .committing import GroupCommitter
 from .config import ServerConfig
 from .handler import AckHandler, MessageHook
 from .readiness import ReadinessHub
-from .sockets import ACCEPTED_SOCKETS_INHERIT_OPTIONS, configure_listening_socket
+from .sockets import ACCEPTED_SOCKETS_INHERIT_OPTIONS, configure_listening_socket, open_listeners
 
 __all__ = ["Server", "serve"]
 
@@ -115,9 +115,12 @@ class Server:
         try:
             await self._serve_then_drain(task_status)
         finally:
-            # Also when cancelled from outside, not only after a graceful shutdown.
-            for listener in self.listeners:
-                await trio.aclose_forcefully(listener)
+            # Also when cancelled from outside, not only after a graceful shutdown; shielded,
+            # or that cancellation would end the loop after the first listener (leaking the
+            # others, e.g. the :: socket of --host '*').
+            with trio.CancelScope(shield=True):
+                for listener in self.listeners:
+                    await trio.aclose_forcefully(listener)
 
     async def _serve_then_drain(self, task_status: trio.TaskStatus[Server]) -> None:
         config = self.handler.config
@@ -343,7 +346,7 @@ async def serve(
     if refuse_queued_at_shutdown is None:
         refuse_queued_at_shutdown = listeners is None
     if listeners is None:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        listeners = await open_listeners(config.host, config.port)
     for listener in listeners:
         configure_listening_socket(listener.socket, config.tcp_keepalive)
     handler = AckHandler(config, store=store, on_message=on_message)
