@@ -24,7 +24,12 @@ import ackservice
 from ackservice.logconfig import configure_logging
 from ackservice.protocol import parse_reply
 from ackservice.server import ServerConfig
-from ackservice.server.cli import build_parser, config_from_args, serve_until_signalled
+from ackservice.server.cli import (
+    build_parser,
+    config_from_args,
+    serve_until_signalled,
+    write_port_file,
+)
 from support import LineReader, server_process, wait_until
 
 
@@ -338,3 +343,72 @@ def test_several_hosts_from_repeated_flags_or_the_environment() -> None:
     assert config_from_args(args, max_connections=1).host == "127.0.0.1,::1"
     args = build_parser({}).parse_args([])
     assert config_from_args(args, max_connections=1).host == "127.0.0.1"
+
+
+def _wait_for_file(path: Path, process: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + 15
+    while not path.exists():
+        assert process.poll() is None, f"server exited with {process.returncode}"
+        assert time.monotonic() < deadline, "no port file within 15 s"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+@pytest.mark.parametrize("via_env", [False, True])
+def test_port_file_tells_the_port_when_logs_do_not(tmp_path: Path, via_env: bool) -> None:
+    """With --log-level warning the listening event is hidden; --port-file (or
+    ACKSERVICE_PORT_FILE) still tells every bound address, one host:port a line, and is
+    removed when the server exits."""
+    port_file = tmp_path / "server.port"
+    args = ["--port", "0", "--store", "none", "--log-level", "warning"]
+    env = _base_env()
+    if via_env:
+        env["ACKSERVICE_PORT_FILE"] = str(port_file)
+    else:
+        args += ["--port-file", str(port_file)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ackservice.server", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        lines = _wait_for_file(port_file, process).splitlines()
+        assert len(lines) == 1
+        host, port = lines[0].rsplit(":", 1)
+        assert host == "127.0.0.1"
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"hello\n")
+            assert sock.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        assert not port_file.exists()
+        assert list(tmp_path.iterdir()) == []  # no temporary file left behind either
+        assert process.stderr is not None
+        assert process.stderr.read() == b""  # nothing at warning level
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def test_port_file_is_replaced_whole(tmp_path: Path) -> None:
+    """The port file is written beside its place and renamed over it: an old file is
+    replaced at once, and no partial or temporary file remains."""
+    port_file = tmp_path / "port"
+    port_file.write_text("stale:1\n")
+    write_port_file(port_file, [("127.0.0.1", 9876), ("[::1]", 9876)])
+    assert port_file.read_text() == "127.0.0.1:9876\n[::1]:9876\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["port"]
+
+
+def test_port_file_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    """A --port-file that could never be written is refused before the server starts."""
+    result = run_server_cli("--port", "0", "--port-file", str(tmp_path / "nope" / "port"))
+    assert result.returncode == 2
+    assert "--port-file: no directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -8,12 +8,15 @@ second signal forced an immediate exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import os
 import resource
 import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import structlog
 import trio
@@ -130,6 +133,15 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         defaults.max_pending_store_bytes,
         "payload bytes waiting for the store beyond which the server stops reading",
     )
+    add(
+        "--port-file",
+        _port_file,
+        None,
+        "once listening, write every bound address here, one HOST:PORT a line (IPv6 in "
+        "brackets), atomically; removed at exit",
+        metavar="PATH",
+        default_text="none",
+    )
     add("--log-level", _cli.log_level, "info", "debug, info, warning, error or critical")
     add(
         "--log-format",
@@ -146,8 +158,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
-        return trio.run(_open_store_and_serve, config, args.store)
-    except StoreError as exc:
+        return trio.run(_open_store_and_serve, config, args.store, args.port_file)
+    except (StoreError, PortFileError) as exc:
         print(f"ackservice.server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     except OSError as exc:
@@ -180,9 +192,45 @@ def _store_url(text: str) -> str:
     return text.strip()
 
 
-async def _open_store_and_serve(config: ServerConfig, store_url: str) -> int:
+async def _open_store_and_serve(
+    config: ServerConfig, store_url: str, port_file: Path | None
+) -> int:
     async with open_store(store_url) as store:
-        return await serve_until_signalled(config, store=store)
+        return await serve_until_signalled(config, store=store, port_file=port_file)
+
+
+class PortFileError(Exception):
+    """The ``--port-file`` could not be written."""
+
+
+def _port_file(text: str) -> Path:
+    """A ``--port-file`` path (written once listening, so its directory must exist)."""
+    if not text.strip():
+        raise ValueError("expected a file path, got an empty string")
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise ValueError(f"no directory {str(path.parent)!r} to write {text!r} in")
+    return path
+
+
+def write_port_file(path: Path, addresses: Sequence[tuple[str, int]]) -> None:
+    """Write ``addresses`` to ``path``, one ``host:port`` a line, atomically: a reader sees
+    no file or the whole file, never a partial one (written beside it, then renamed).
+
+    Raises:
+        PortFileError: the file could not be written.
+    """
+    text = "".join(f"{host}:{port}\n" for host, port in addresses)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise PortFileError(
+            f"cannot write --port-file {str(path)!r}: {exc.strerror or exc}"
+        ) from exc
 
 
 def config_from_args(args: argparse.Namespace, *, max_connections: int) -> ServerConfig:
@@ -203,11 +251,16 @@ def config_from_args(args: argparse.Namespace, *, max_connections: int) -> Serve
 
 
 async def serve_until_signalled(
-    config: ServerConfig, *, store: Store | None = None, on_message: MessageHook | None = None
+    config: ServerConfig,
+    *,
+    store: Store | None = None,
+    on_message: MessageHook | None = None,
+    port_file: Path | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
-    SIGHUP is logged (``signal_ignored``) and otherwise ignored.
+    SIGHUP is logged (``signal_ignored``) and otherwise ignored. ``port_file``, if given, is
+    written once listening (``write_port_file``) and removed at exit.
 
     Raises:
         OSError: the address could not be bound.
@@ -225,10 +278,18 @@ async def serve_until_signalled(
                 listeners,
                 nursery.cancel_scope,
             )
-            async for signum in signals:
-                if _on_signal(signal.Signals(signum), server):
-                    nursery.cancel_scope.cancel()
-                    return EXIT_FORCED
+            try:
+                if port_file is not None:
+                    write_port_file(port_file, server.addresses)
+                async for signum in signals:
+                    if _on_signal(signal.Signals(signum), server):
+                        nursery.cancel_scope.cancel()
+                        return EXIT_FORCED
+            finally:
+                if port_file is not None:
+                    # A port file left behind would name a port nobody listens on.
+                    with contextlib.suppress(OSError):
+                        os.unlink(port_file)
     return EXIT_OK
 
 
