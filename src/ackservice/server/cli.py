@@ -353,7 +353,10 @@ def _fit_to_fd_limit(max_connections: int) -> int:
 
 
 def _describe_listen_error(config: ServerConfig, exc: OSError) -> str:
-    where = f"{config.host}:{config.port}"
+    where = ", ".join(
+        f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
+        for host in parse_hosts(config.host)
+    )
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host {config.host!r} ({exc.strerror}); check --host"
     if exc.errno == errno.EADDRINUSE:
