@@ -83,8 +83,10 @@ def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.
 
     Args:
         host: the address to listen on (and the only one the benchmark connects to).
-        extra_args: more server flags (``--log-level warning``); ``--host``, ``--port``,
-            ``--port-file`` and ``--log-format`` are set here and come last, so they win.
+        extra_args: more server flags (``--log-level warning``); ``--port``, ``--port-file``
+            and ``--log-format`` are set here and come last, so they win. ``--host`` is
+            repeatable, so one in ``extra_args`` adds an address; the benchmark still
+            connects to ``host`` only.
         timeout: seconds to wait for the server to listen.
 
     Raises:
