@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ackservice.protocol import (
+    MAX_REPLY_LINE_BYTES,
     OVERSIZED,
     Ack,
     Err,
@@ -21,6 +22,7 @@ from ackservice.protocol import (
     ack_lines,
     crc32_hex,
     err_line,
+    escape_controls,
     message_line,
     parse_reply,
 )
@@ -195,15 +197,60 @@ def test_ack_lines_parse_back(seq: int, payload: bytes) -> None:
 @settings(max_examples=1000)
 @given(st.integers(0, 2**63), st.text(max_size=400))
 def test_err_lines_are_one_line_and_parse_back(seq: int, detail: str) -> None:
-    """ERR lines stay one line whatever the detail holds, and parse back."""
+    """ERR lines stay one line whatever the detail holds, and parse back; a detail that
+    fits is kept whole, its whitespace folded and its control characters escaped."""
     line = err_line(seq, "rejected", detail)
     assert line.count(b"\n") == 1
     assert line.endswith(b"\n")
     reply = parse_reply(line[:-1])
     assert isinstance(reply, Err)
     assert (reply.seq, reply.code) == (seq, "rejected")
-    folded = " ".join(detail.split())
-    assert reply.detail == (folded if len(folded) <= 300 else folded[:297] + "...")
+    folded = escape_controls(" ".join(detail.split()))
+    if not reply.detail.endswith("..."):
+        assert reply.detail == folded.encode(errors="replace").decode()
+
+
+_CODES = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64)
+
+
+@settings(max_examples=1000)
+@given(st.integers(0, 2**64 - 1), _CODES, st.text(max_size=2000))
+def test_err_lines_are_bounded_in_bytes(seq: int, code: str, detail: str) -> None:
+    """Whatever the code and detail, an ERR line is at most MAX_REPLY_LINE_BYTES bytes
+    (the bound the client enforces), one line, valid UTF-8, with no control character."""
+    line = err_line(seq, code, detail)
+    assert len(line) <= MAX_REPLY_LINE_BYTES
+    assert line.count(b"\n") == 1
+    assert line.endswith(b"\n")
+    text = line.decode()  # raises if not valid UTF-8
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text[:-1])
+    reply = parse_reply(line[:-1])
+    assert isinstance(reply, Err)
+    assert (reply.seq, reply.code) == (seq, code)
+
+
+def test_wide_characters_are_cut_to_the_byte_bound() -> None:
+    """400 emoji (1,600 bytes) come out cut at a character boundary, within the client's
+    bound, not as a 1,207-byte line the official client refuses."""
+    line = err_line(1, "rejected", "\N{GRINNING FACE}" * 400)
+    assert len(line) <= MAX_REPLY_LINE_BYTES
+    assert line.endswith("\N{GRINNING FACE}...\n".encode())
+    framer = MessageFramer(MAX_REPLY_LINE_BYTES)  # how the client reads replies
+    assert framer.feed(line) == [line[:-1]]
+
+
+def test_control_characters_in_details_are_escaped() -> None:
+    """ESC, BEL, an OSC title sequence and a bidi override reach the wire as visible
+    escapes, so no terminal interprets them."""
+    line = err_line(3, "rejected", "a\x1b[31mred\x1b]0;title\x07 \x9b \u202eevil\x7f")
+    assert line == b"ERR 3 rejected a\\x1b[31mred\\x1b]0;title\\x07 \\x9b \\u202eevil\\x7f\n"
+
+
+@pytest.mark.parametrize("code", ["x" * 65, "caf\u00e9", "", "bell\x07"])
+def test_error_code_must_be_a_short_printable_word(code: str) -> None:
+    """A code that could overflow the line or carry control characters is refused."""
+    with pytest.raises(ValueError, match="one ASCII word"):
+        err_line(1, code, "x")
 
 
 @settings(max_examples=2000)

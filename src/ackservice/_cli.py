@@ -19,12 +19,14 @@ __all__ = [
     "EXIT_USAGE",
     "SettingsParser",
     "host_name",
+    "int_in_range",
     "log_format",
     "log_level",
     "non_negative_int",
     "port_number",
     "positive_int",
     "seconds",
+    "seconds_up_to",
     "server_port",
     "switch",
 ]
@@ -50,6 +52,35 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise ValueError(f"expected an integer >= 0, got {text!r}")
     return value
+
+
+def int_in_range(lowest: int, highest: int) -> Callable[[str], int]:
+    """A parser for an integer from ``lowest`` to ``highest``; its ``range_text`` (shown in
+    ``--help``) says so."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if not lowest <= value <= highest:
+            raise ValueError(f"expected an integer from {lowest} to {highest}, got {text!r}")
+        return value
+
+    parse.range_text = f"{lowest} to {highest}"  # type: ignore[attr-defined]
+    return parse
+
+
+def seconds_up_to(highest: float) -> Callable[[str], float]:
+    """A parser for a positive, finite number of seconds up to ``highest``."""
+
+    def parse(text: str) -> float:
+        value = seconds(text)
+        if value > highest:
+            raise ValueError(
+                f"expected a number of seconds above 0 and at most {highest:g}, got {text!r}"
+            )
+        return value
+
+    parse.range_text = f"above 0, at most {highest:g}"  # type: ignore[attr-defined]
+    return parse
 
 
 def port_number(text: str) -> int:
@@ -151,17 +182,25 @@ class SettingsParser(argparse.ArgumentParser):
         *,
         metavar: str | None = None,
         default_text: str | None = None,
+        repeatable: bool = False,
     ) -> None:
-        """Add ``flag`` (``--max-message-bytes``), backed by ``ACKSERVICE_MAX_MESSAGE_BYTES``."""
+        """Add ``flag`` (``--max-message-bytes``), backed by ``ACKSERVICE_MAX_MESSAGE_BYTES``.
+
+        A ``repeatable`` flag may be given several times: its value is then the list of
+        parsed values (the environment variable and the default give one value).
+        """
         dest, env = self._names(flag)
         shown = default_text if default_text is not None else default
+        range_text = getattr(parse, "range_text", None)
+        limits = f"range: {range_text}; " if range_text else ""
         self.add_argument(
             flag,
             dest=dest,
             type=_argparse_type(parse),
             default=None,
             metavar=metavar or dest.upper(),
-            help=f"{help} (default: {shown}; env: {env})",
+            help=f"{help} ({limits}default: {shown}; env: {env})",
+            action="append" if repeatable else "store",
         )
         self._settings.append((dest, env, parse, default))
 

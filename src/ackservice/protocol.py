@@ -14,6 +14,7 @@ is dropped. Server to client, one line per message, in order::
 
 from __future__ import annotations
 
+import unicodedata
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = [
     "ack_lines",
     "crc32_hex",
     "err_line",
+    "escape_controls",
     "message_line",
     "parse_reply",
     "too_large_line",
@@ -52,8 +54,20 @@ CONNECTION_SEQ: Final = 0
 
 # Reply lines are short ("ERR 18446744073709551615 internal-error " plus a one-line detail);
 # a client refuses anything longer rather than buffering a misbehaving peer without bound.
+# The bound counts bytes of the whole line, "\n" included: ``err_line`` never writes more,
+# and the client refuses more (emoji are 4 bytes each, so a bound in characters is not one).
 MAX_REPLY_LINE_BYTES: Final = 1024
-_MAX_DETAIL_CHARS: Final = 300
+# An error code is a short word; a longer one is refused so the detail always keeps room.
+_MAX_CODE_BYTES: Final = 64
+# The longest "ERR <seq> <code> " prefix: seq is at most 20 digits (2**64 - 1).
+_MAX_PREFIX_BYTES: Final = len("ERR  ") + 20 + _MAX_CODE_BYTES + 1
+# Left for the detail, and its cut-off mark.
+_MAX_DETAIL_BYTES: Final = MAX_REPLY_LINE_BYTES - _MAX_PREFIX_BYTES - len("\n")
+_ELLIPSIS: Final = "..."
+# Format characters that reorder text on display ("Trojan Source", CVE-2021-42574).
+_BIDI_CONTROLS: Final = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 # The ACK line; ``%`` with (seq, nbytes, crc32). Everything that writes ACKs uses this.
 ACK_FORMAT: Final = b"ACK %d %d %08x\n"
@@ -260,14 +274,50 @@ def too_large_line(seq: int, max_message_bytes: int) -> bytes:
 
 
 def err_line(seq: int, code: str, detail: str) -> bytes:
-    """An ``ERR`` line; ``detail`` is folded onto one line and shortened so it cannot break
-    the framing of the reply stream, whatever an application put in it."""
-    if not code or not code.isascii() or any(c.isspace() for c in code):
-        raise ValueError(f"error code must be one ASCII word, got {code!r}")
-    one_line = " ".join(detail.split())
-    if len(one_line) > _MAX_DETAIL_CHARS:
-        one_line = one_line[: _MAX_DETAIL_CHARS - 3] + "..."
-    return f"ERR {seq} {code} {one_line}\n".encode(errors="replace")
+    """An ``ERR`` line of at most ``MAX_REPLY_LINE_BYTES`` bytes, valid UTF-8.
+
+    ``detail`` is folded onto one line, its control characters are escaped (``\\x1b``: a
+    detail reaches people's terminals) and it is cut to fit, at a character boundary, with
+    ``...``, so whatever an application put in it cannot break the reply stream's framing
+    or the client's line bound.
+
+    Raises:
+        ValueError: ``code`` is not one printable ASCII word of at most 64 bytes, or
+            ``seq`` is not from 0 to 2**64 - 1.
+    """
+    if (
+        not code
+        or len(code) > _MAX_CODE_BYTES
+        or not code.isascii()
+        or not code.isprintable()
+        or any(c.isspace() for c in code)
+    ):
+        raise ValueError(f"error code must be one ASCII word of at most 64 bytes, got {code!r}")
+    if not 0 <= seq < 2**64:
+        raise ValueError(f"seq must be from 0 to 2**64 - 1, got {seq}")
+    one_line = escape_controls(" ".join(detail.split()))
+    encoded = one_line.encode(errors="replace")  # lone surrogates become "?"
+    if len(encoded) > _MAX_DETAIL_BYTES:
+        cut = encoded[: _MAX_DETAIL_BYTES - len(_ELLIPSIS)]
+        # Dropping an incomplete last character keeps the line valid UTF-8.
+        encoded = cut.decode(errors="ignore").encode() + _ELLIPSIS.encode()
+    return b"ERR %d %s %s\n" % (seq, code.encode(), encoded)
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters (C0, DEL, C1) and bidirectional overrides shown
+    as ``\\xNN``/``\\uNNNN`` escapes, so text from a peer cannot drive a terminal (ESC
+    sequences, BEL, OSC titles) or disguise itself when printed."""
+    if text.isprintable():
+        return text  # the common case, checked in C
+    return "".join(_escape_char(c) for c in text)
+
+
+def _escape_char(char: str) -> str:
+    if unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS:
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
 
 
 def parse_reply(line: bytes) -> Reply:

@@ -357,3 +357,17 @@ def test_ctrl_c_reports_and_exits_130() -> None:
             process.wait()
     assert process.returncode == 130
     assert json.loads(out)["interrupted"] is True
+
+
+def test_spawn_learns_the_port_from_the_server_port_file() -> None:
+    """--spawn asks the server for a --port-file and reads the port there (no log parsing,
+    no /proc), so it works at any server log level and on any system."""
+    from ackservice.bench.spawn import start_server
+
+    server = start_server("127.0.0.1", ["--log-level", "warning", "--store", "none"])
+    try:
+        port_file = server.workdir / "server.port"
+        assert port_file.read_text() == f"127.0.0.1:{server.port}\n"
+        assert server.log_path.read_text() == ""  # nothing logged that could tell the port
+    finally:
+        assert server.stop() == 0

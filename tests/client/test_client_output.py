@@ -132,3 +132,19 @@ def test_a_message_given_up_after_unavailable_is_unacked_not_rejected() -> None:
     )
     fields = json.loads(reply_json(5, reply, 0.001, 4))
     assert (fields["status"], fields["code"], fields["attempts"]) == ("unacked", "unavailable", 4)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_control_characters_from_the_server_are_escaped_before_printing(quiet: bool) -> None:
+    """An ERR code or detail carrying ESC, BEL or an OSC sequence (from a server that does
+    not escape them) is printed as visible escapes, never raw to the terminal."""
+    out, err = io.StringIO(), io.StringIO()
+    reporter = Reporter(out, err, json_lines=False, quiet=quiet)
+    hostile = Err(1, "rejected\x1b[2J", "\x1b]0;owned\x07 \x1b[31mred\x9b")
+    reporter.reply(1, hostile, 0.001, 1)
+    reporter.error("server said: ERR 0 busy \x1b]8;;http://x\x07link")
+    printed = out.getvalue() + err.getvalue()
+    for raw in ("\x1b", "\x07", "\x9b"):
+        assert raw not in printed
+    assert "\\x1b]0;owned\\x07" in printed
+    assert "\\x1b]8;;http://x\\x07link" in printed

@@ -20,10 +20,16 @@ import structlog
 import trio
 from structlog.testing import capture_logs
 
+import ackservice
 from ackservice.logconfig import configure_logging
 from ackservice.protocol import parse_reply
 from ackservice.server import ServerConfig
-from ackservice.server.cli import build_parser, serve_until_signalled
+from ackservice.server.cli import (
+    build_parser,
+    config_from_args,
+    serve_until_signalled,
+    write_port_file,
+)
 from support import LineReader, server_process, wait_until
 
 
@@ -51,6 +57,11 @@ def test_serves_and_logs_json_lines_when_not_a_terminal(tmp_path: Path) -> None:
         assert listening["event"] == "listening"
         assert listening["level"] == "info"
         assert "timestamp" in listening
+        # Start-up says what runs, as which process, with which effective settings.
+        assert listening["version"] == ackservice.__version__
+        assert listening["pid"] == server.pid
+        assert listening["settings"]["idle_timeout"] == 300.0
+        assert listening["settings"]["max_connections"] >= 1
 
 
 async def test_sigterm_answers_everything_read_then_exits_zero(tmp_path: Path) -> None:
@@ -121,11 +132,54 @@ def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
         assert server.wait_for_event("forced_exit")["signal"] == "SIGINT"
 
 
+def test_forced_exit_logs_connections_truly_and_the_totals(tmp_path: Path) -> None:
+    """After a second signal, a connection that was already told ERR 0 shutting-down (and
+    was draining) is logged as such, not as cancelled, and shutdown_complete still gives
+    the totals, with forced=true."""
+    with server_process(
+        tmp_path / "log", "--shutdown-grace", "60", "--drain-timeout", "60"
+    ) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"hello\n")
+            assert sock.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+            server.signal(signal.SIGTERM)
+            assert sock.recv(100).startswith(b"ERR 0 shutting-down")
+            server.signal(signal.SIGTERM)
+            assert server.wait(timeout=5) == 130
+        closed = server.wait_for_event("connection_closed")
+        assert closed["reason"] == "shutting-down"
+        assert closed["acked"] == 1
+        done = server.wait_for_event("shutdown_complete")
+        assert done["forced"] is True
+        assert (done["connections"], done["messages"], done["acked"]) == (1, 1, 1)
+
+
+def test_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
+    """SIGHUP (the terminal that started the server closed) does not stop the server: it
+    logs signal_ignored and goes on serving; SIGTERM still stops it gracefully."""
+    with server_process(tmp_path / "log") as server:
+        server.signal(signal.SIGHUP)
+        ignored = server.wait_for_event("signal_ignored")
+        assert (ignored["signal"], ignored["level"]) == ("SIGHUP", "info")
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"hello\n")
+            assert sock.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["--port", "-1"], {}, "--port: expected a port from 0 to 65535, got '-1'"),
-        (["--max-message-bytes", "-5"], {}, "expected an integer >= 0, got '-5'"),
+        (["--port", "-1"], {}, "--port: expected an integer from 0 to 65535, got '-1'"),
+        (["--max-message-bytes", "-5"], {}, "expected an integer from 0 to 1073741824, got '-5'"),
+        # Linux caps TCP_KEEPIDLE at 32767: not silently ignored, not a traceback.
+        (["--tcp-keepalive", "40000"], {}, "expected an integer from 0 to 32767, got '40000'"),
+        (["--tcp-keepalive", "2147483648"], {}, "from 0 to 32767, got '2147483648'"),
+        (["--max-connections", "0"], {}, "expected an integer from 1 to 1000000, got '0'"),
+        (["--store-max-pending", "99999999999999"], {}, "from 1 to 17179869184"),
+        (["--send-timeout", "1e300"], {}, "at most 86400, got '1e300'"),
+        ([], {"ACKSERVICE_IDLE_TIMEOUT": "1e9"}, "ACKSERVICE_IDLE_TIMEOUT: expected a number"),
         (["--idle-timeout", "0"], {}, "expected a positive number of seconds"),
         (["--log-level", "loud"], {}, "expected one of debug, info, warning"),
         ([], {"ACKSERVICE_SEND_TIMEOUT": "soon"}, "ACKSERVICE_SEND_TIMEOUT: expected a number"),
@@ -259,3 +313,102 @@ async def test_signalled_server_tells_its_listen_queue(nursery: trio.Nursery) ->
             with trio.fail_after(5):
                 reply = await LineReader(trio.SocketStream(client)).line()
     assert reply.startswith(b"ERR 0 shutting-down ")
+
+
+def test_every_numeric_setting_has_a_documented_range() -> None:
+    """Each numeric server flag shows its range in --help, and ServerConfig refuses what the
+    CLI refuses (an embedding application gets the same bounds)."""
+    parser = build_parser({})
+    numeric = [
+        action
+        for action in parser._actions
+        if action.option_strings[0] not in ("-h", "--host", "--store", "--log-level")
+        and action.option_strings[0] not in ("--log-format", "--port-file")
+    ]
+    assert numeric
+    for action in numeric:
+        assert "range: " in (action.help or ""), action.option_strings[0]
+    with pytest.raises(ValueError, match="tcp_keepalive must be from 0 to 32767"):
+        ServerConfig(tcp_keepalive=40000)
+    with pytest.raises(ValueError, match="idle_timeout must be above 0"):
+        ServerConfig(idle_timeout=float("inf"))
+
+
+def test_several_hosts_from_repeated_flags_or_the_environment() -> None:
+    """--host may be repeated or comma-separated, ACKSERVICE_HOST comma-separated; IPv6
+    addresses may be bracketed."""
+    args = build_parser({}).parse_args(["--host", "127.0.0.1", "--host", "[::1]"])
+    assert config_from_args(args, max_connections=1).host == "127.0.0.1,::1"
+    args = build_parser({"ACKSERVICE_HOST": "127.0.0.1, [::1]"}).parse_args([])
+    assert config_from_args(args, max_connections=1).host == "127.0.0.1,::1"
+    args = build_parser({}).parse_args([])
+    assert config_from_args(args, max_connections=1).host == "127.0.0.1"
+
+
+def _wait_for_file(path: Path, process: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + 15
+    while not path.exists():
+        assert process.poll() is None, f"server exited with {process.returncode}"
+        assert time.monotonic() < deadline, "no port file within 15 s"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+@pytest.mark.parametrize("via_env", [False, True])
+def test_port_file_tells_the_port_when_logs_do_not(tmp_path: Path, via_env: bool) -> None:
+    """With --log-level warning the listening event is hidden; --port-file (or
+    ACKSERVICE_PORT_FILE) still tells every bound address, one host:port a line, and is
+    removed when the server exits."""
+    port_file = tmp_path / "server.port"
+    args = ["--port", "0", "--store", "none", "--log-level", "warning"]
+    env = _base_env()
+    if via_env:
+        env["ACKSERVICE_PORT_FILE"] = str(port_file)
+    else:
+        args += ["--port-file", str(port_file)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ackservice.server", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        lines = _wait_for_file(port_file, process).splitlines()
+        assert len(lines) == 1
+        host, port = lines[0].rsplit(":", 1)
+        assert host == "127.0.0.1"
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"hello\n")
+            assert sock.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        assert not port_file.exists()
+        assert list(tmp_path.iterdir()) == []  # no temporary file left behind either
+        assert process.stderr is not None
+        assert process.stderr.read() == b""  # nothing at warning level
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def test_port_file_is_replaced_whole(tmp_path: Path) -> None:
+    """The port file is written beside its place and renamed over it: an old file is
+    replaced at once, and no partial or temporary file remains."""
+    port_file = tmp_path / "port"
+    port_file.write_text("stale:1\n")
+    write_port_file(port_file, [("127.0.0.1", 9876), ("[::1]", 9876)])
+    assert port_file.read_text() == "127.0.0.1:9876\n[::1]:9876\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["port"]
+
+
+def test_port_file_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    """A --port-file that could never be written is refused before the server starts."""
+    result = run_server_cli("--port", "0", "--port-file", str(tmp_path / "nope" / "port"))
+    assert result.returncode == 2
+    assert "--port-file: no directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -20,6 +20,8 @@ from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, Server, ServerConfig, serve
+from ackservice.server import listener as listener_module
+from ackservice.server.sockets import listen_addresses, parse_hosts
 from support import Connect, LineReader, wait_until
 
 
@@ -425,3 +427,147 @@ async def test_shutdown_leaves_the_queue_of_a_listener_handed_in(nursery: trio.N
             accepted.sendall(b"served by the next instance\n")
             reply = await LineReader(trio.SocketStream(client)).line()
             assert reply == b"served by the next instance"
+
+
+# Every errno Trio's SocketListener skips in accept(): a connection that died in the
+# listen queue, not a fault of the listening socket.
+TRIO_IGNORABLE_ACCEPT_ERRNOS = sorted(trio._highlevel_socket._ignorable_accept_errnos)
+
+
+def test_listener_skips_the_same_accept_errors_as_trio() -> None:
+    """The plain-socket accept path skips exactly the errnos Trio's SocketListener skips."""
+    assert set(TRIO_IGNORABLE_ACCEPT_ERRNOS) == listener_module._IGNORABLE_ERRNOS
+
+
+class _FlakyListeningSocket(socket.socket):
+    """A listening socket whose next accept() calls fail with the given errnos first."""
+
+    injected: list[int]
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.injected:
+            code = self.injected.pop()
+            raise OSError(code, os.strerror(code))
+        return super().accept()
+
+
+@pytest.mark.parametrize("code", TRIO_IGNORABLE_ACCEPT_ERRNOS, ids=errno.errorcode.get)
+async def test_plain_socket_accept_survives_a_connection_that_died_in_the_queue(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """accept() failing with any errno Trio skips (ECONNRESET, ETIMEDOUT, ENOSR, ...) is
+    skipped by the plain-socket accept loop: the server goes on serving."""
+    if not listener_module._ACCEPT_PLAIN_SOCKETS:
+        pytest.skip("the plain-socket accept path is Linux-only")
+    made = listener_module._plain_listening_socket
+
+    def flaky(listener: trio.SocketListener) -> socket.socket:
+        plain = made(listener)
+        sock = _FlakyListeningSocket(fileno=plain.detach())
+        sock.setblocking(False)
+        sock.injected = [code, code]
+        return sock
+
+    monkeypatch.setattr(listener_module, "_plain_listening_socket", flaky)
+    server = await start(nursery)
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(b"hello\n")
+        assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
+    await wait_until(lambda: server.handler.stats.active == 0)
+
+
+class _FlakyListener(trio.abc.Listener[trio.SocketStream]):
+    """Wraps a SocketListener; its first accept() calls fail with the given errnos."""
+
+    def __init__(self, inner: trio.SocketListener, injected: list[int]) -> None:
+        self.inner = inner
+        self.socket = inner.socket
+        self.injected = injected
+
+    async def accept(self) -> trio.SocketStream:
+        await trio.lowlevel.checkpoint()
+        if self.injected:
+            code = self.injected.pop()
+            raise OSError(code, os.strerror(code))
+        return await self.inner.accept()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("code", TRIO_IGNORABLE_ACCEPT_ERRNOS, ids=errno.errorcode.get)
+async def test_listener_accept_survives_a_connection_that_died_in_the_queue(
+    nursery: trio.Nursery, code: int
+) -> None:
+    """A listener that is not Trio's own (handed in, so served through ``accept()``) and
+    raises any of those errnos does not end the server either."""
+    (inner,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    flaky = _FlakyListener(inner, [code, code])
+    server: Server = await nursery.start(
+        functools.partial(serve, ServerConfig(port=0), listeners=[flaky])  # type: ignore[list-item]
+    )
+    async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(b"hello\n")
+        assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
+    assert not flaky.injected
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6_loopback = pytest.mark.skipif(
+    not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "hosts"),
+    [
+        ("127.0.0.1", ("127.0.0.1",)),
+        ("[::1]", ("::1",)),
+        ("127.0.0.1, [::1] ,::1", ("127.0.0.1", "::1")),
+        ("*", ("*",)),
+    ],
+)
+def test_host_values_take_brackets_and_commas(text: str, hosts: tuple[str, ...]) -> None:
+    """--host takes several comma-separated addresses, IPv6 ones bracketed or not."""
+    assert parse_hosts(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["", " , ", "[::1", "127.0.0.1]", "[localhost]"])
+def test_malformed_host_values_are_refused(text: str) -> None:
+    """An empty item or an unmatched bracket is an error, not a guess."""
+    with pytest.raises(ValueError, match="expected"):
+        parse_hosts(text)
+
+
+async def test_every_interface_means_ipv4_and_ipv6() -> None:
+    """``*`` resolves to both wildcards (0.0.0.0 and ::), while ``::`` alone is IPv6 only
+    (checked without binding: tests never listen beyond loopback)."""
+    everywhere = await listen_addresses(("*",), 9876)
+    assert {(family, sockaddr[0]) for family, _, _, sockaddr in everywhere} == {
+        (socket.AF_INET, "0.0.0.0"),
+        (socket.AF_INET6, "::"),
+    }
+    ipv6 = await listen_addresses(("::",), 9876)
+    assert [family for family, *_ in ipv6] == [socket.AF_INET6]
+
+
+@needs_ipv6_loopback
+async def test_serves_several_addresses_on_one_port(nursery: trio.Nursery) -> None:
+    """Given 127.0.0.1 and [::1] with port 0, the server listens on both, on one port,
+    reports both, and serves each; the IPv6 socket does not also take IPv4."""
+    server = await start(nursery, host="127.0.0.1,[::1]")
+    assert server.addresses == [("127.0.0.1", server.port), ("[::1]", server.port)]
+    assert server.listeners[1].socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    for host in ("127.0.0.1", "::1"):
+        async with await trio.open_tcp_stream(host, server.port) as stream:
+            await stream.send_all(b"hello\n")
+            assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
+    await wait_until(lambda: server.handler.stats.active == 0)

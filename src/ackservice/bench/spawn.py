@@ -1,10 +1,10 @@
 """``--spawn``: run ``python -m ackservice.server`` for the benchmark, then stop it.
 
-The server listens on a free port (``--port 0``) and reports it in its ``listening`` log
-event. That event is at level info, so a server told ``--log-level warning`` keeps quiet
-about it; the port is then read where ``ss -ltnp`` finds it, in the kernel's socket table
-(``/proc``, Linux). Its JSON logs go to a temporary file rather than a pipe, since a pipe nobody
-reads fills up and would stall the server in the middle of the measurement. It runs in its
+The server listens on a free port (``--port 0``) and writes it to its ``--port-file`` (in
+its temporary working directory) once listening, whatever its log level: the file appears
+whole (written, then renamed), so seeing it is seeing the port. Its JSON logs go to a
+temporary file rather than a pipe, since a pipe nobody reads fills up and would stall the
+server in the middle of the measurement. It runs in its
 own process group, so a Ctrl-C meant for the benchmark does not also start its shutdown
 (which would make it answer ``ERR 0 shutting-down``); it is stopped by PID with SIGTERM.
 """
@@ -12,7 +12,6 @@ own process group, so a Ctrl-C meant for the benchmark does not also start its s
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from typing import Final
 __all__ = ["SpawnError", "SpawnedServer", "start_server"]
 
 _POLL_INTERVAL: Final = 0.02
-_TCP_LISTEN: Final = "0A"  # the LISTEN state in /proc/net/tcp
+_PORT_FILE: Final = "server.port"
 
 
 class SpawnError(Exception):
@@ -84,8 +83,10 @@ def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.
 
     Args:
         host: the address to listen on (and the only one the benchmark connects to).
-        extra_args: more server flags (``--log-level warning``); ``--host``, ``--port`` and
-            ``--log-format`` are set here and come last, so they win.
+        extra_args: more server flags (``--log-level warning``); ``--port``, ``--port-file``
+            and ``--log-format`` are set here and come last, so they win. ``--host`` is
+            repeatable, so one in ``extra_args`` adds an address; the benchmark still
+            connects to ``host`` only.
         timeout: seconds to wait for the server to listen.
 
     Raises:
@@ -105,6 +106,8 @@ def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.
         host,
         "--port",
         "0",
+        "--port-file",
+        str(workdir / _PORT_FILE),
         "--log-format",
         "json",
     ]
@@ -124,7 +127,7 @@ def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.
     finally:
         os.close(fd)
     try:
-        port = _wait_for_port(process, log_path, timeout)
+        port = _wait_for_port(process, workdir / _PORT_FILE, log_path, timeout)
     except BaseException:  # including a Ctrl-C: never leave the server behind
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
@@ -134,10 +137,12 @@ def start_server(host: str, extra_args: Sequence[str] = (), timeout: float = 15.
     return SpawnedServer(process, port, log_path, workdir)
 
 
-def _wait_for_port(process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int:
+def _wait_for_port(
+    process: subprocess.Popen[bytes], port_file: Path, log_path: Path, timeout: float
+) -> int:
     deadline = time.monotonic() + timeout
     while True:
-        port = _listening_port(log_path) or _listening_port_of(process.pid)
+        port = _port_in(port_file)
         if port is not None:
             return port
         if process.poll() is not None:
@@ -152,37 +157,13 @@ def _wait_for_port(process: subprocess.Popen[bytes], log_path: Path, timeout: fl
         time.sleep(_POLL_INTERVAL)
 
 
-def _listening_port(log_path: Path) -> int | None:
-    """The port of the first ``listening`` event in the log so far, if any."""
-    for line in log_path.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # not a JSON event (e.g. a usage error line)
-        if isinstance(event, dict) and event.get("event") == "listening":
-            return int(event["port"])
-    return None
-
-
-def _listening_port_of(pid: int) -> int | None:
-    """The port of a TCP socket that process ``pid`` listens on, from ``/proc`` (Linux)."""
+def _port_in(port_file: Path) -> int | None:
+    """The port in the server's port file (``host:port`` lines), once it exists."""
     try:
-        sockets = {
-            os.readlink(f"/proc/{pid}/fd/{fd}")[len("socket:[") : -1]
-            for fd in os.listdir(f"/proc/{pid}/fd")
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
-        }
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as rows:
-                next(rows)  # the header
-                for row in rows:
-                    # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-                    fields = row.split()
-                    if fields[3] == _TCP_LISTEN and fields[9] in sockets:
-                        return int(fields[1].rsplit(":", 1)[1], 16)
+        first = port_file.read_text().splitlines()[0]
+        return int(first.rsplit(":", 1)[1])
     except (OSError, IndexError, ValueError):
-        pass  # not Linux, or the process is gone (poll() will tell)
-    return None
+        return None  # not written yet (it appears whole, by a rename)
 
 
 def _last_line(log_path: Path) -> str:

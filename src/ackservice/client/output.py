@@ -3,6 +3,11 @@
 Human output is printed, not logged: stdout carries one line (or JSON object) per reply,
 stderr carries errors, the prompt, the live progress line and the final summary. The
 formatting functions are pure, so tests check them without a terminal.
+
+Text a server sent (an ERR code and detail, quoted in an error) is printed with its
+control characters escaped (``escape_controls``): a hostile or broken server must not be
+able to drive the user's terminal with ESC, BEL or OSC sequences. JSON output is escaped by
+``json.dumps`` already.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import TextIO
 
-from ..protocol import Ack, Err, ErrorCode
+from ..protocol import Ack, Err, ErrorCode, escape_controls
 
 __all__ = [
     "ERROR_PREFIX",
@@ -72,6 +77,7 @@ def format_reply(number: int, reply: Ack | Err, rtt: float, attempts: int) -> st
             f"({rtt * 1000:.2f} ms{resent})"
         )
     line = f"message {number}: ERR {reply.seq} {reply.code} {reply.detail}".rstrip()
+    line = escape_controls(line)  # the code and detail come from the server
     if reply.code == ErrorCode.UNAVAILABLE:
         line += f" (gave up, sent {attempts} times)" if attempts > 1 else " (gave up)"
     return line
@@ -200,14 +206,15 @@ class Reporter:
     def error(self, text: str) -> None:
         """The one line that says why the run failed."""
         self.clear_progress()
-        line = error_json(text) if self.json_err else f"{ERROR_PREFIX}{text}"
+        # Errors may quote what the server sent.
+        line = error_json(text) if self.json_err else f"{ERROR_PREFIX}{escape_controls(text)}"
         print(line, file=self.err, flush=True)
 
     def notice(self, text: str) -> None:
         """A line for the person at the terminal (not shown with ``--quiet``)."""
         if not self.quiet:
             line = json.dumps({"event": "notice", "level": "info", "text": text})
-            print(line if self.json_err else text, file=self.err, flush=True)
+            print(line if self.json_err else escape_controls(text), file=self.err, flush=True)
 
     def prompt(self) -> None:
         """The interactive prompt, on stderr so that stdout stays pure output."""

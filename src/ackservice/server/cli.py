@@ -8,12 +8,15 @@ second signal forced an immediate exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import os
 import resource
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import structlog
 import trio
@@ -22,9 +25,10 @@ from .. import _cli
 from ..logconfig import configure_logging
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
-from .config import ServerConfig
+from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
+from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
 
 __all__ = ["main"]
 
@@ -35,6 +39,15 @@ EXIT_FORCED = 130
 # File descriptors the process needs besides its connections: stdio, the listening
 # sockets, Trio's epoll and wakeup fds, and connections briefly held to send "busy".
 _RESERVED_FDS = 64
+
+# What each signal does; this is the one place that decides it.
+# SIGTERM and SIGINT: a graceful shutdown, and a second one exits at once.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: closing the terminal or SSH session that started the server sends it, and its
+# default action kills the process at once, without a log line or a word to the clients.
+# A daemon outlives its terminal, so it is logged and otherwise ignored. (A log file to
+# reopen on SIGHUP would be handled here too, in ``_on_signal``.)
+_IGNORED_SIGNALS = (signal.SIGHUP,)
 
 log = structlog.get_logger(__name__)
 
@@ -49,48 +62,56 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         environ=environ,
     )
     add = parser.add_setting
-    add("--host", str, defaults.host, "address to listen on (0.0.0.0 or :: for all)")
-    add("--port", _cli.port_number, defaults.port, "TCP port; 0 picks a free one")
+    add(
+        "--host",
+        _hosts,
+        defaults.host,
+        f"address to listen on; several: repeat the flag or separate them with commas; "
+        f"{EVERY_INTERFACE}: every interface, IPv4 and IPv6 (0.0.0.0: IPv4 only, ::: IPv6 "
+        "only); IPv6 addresses may be bracketed, [::1]",
+        repeatable=True,
+    )
+    add("--port", _int_setting("port"), defaults.port, "TCP port; 0 picks a free one")
     add(
         "--max-message-bytes",
-        _cli.non_negative_int,
+        _int_setting("max_message_bytes"),
         DEFAULT_MAX_MESSAGE_BYTES,
         "largest payload accepted; longer ones get ERR too-large",
     )
     add(
         "--max-connections",
-        _cli.positive_int,
+        _int_setting("max_connections"),
         defaults.max_connections,
         "connections served at once, lowered to fit the open-file limit; "
         "beyond it new ones get ERR 0 busy",
     )
     add(
         "--idle-timeout",
-        _cli.seconds,
+        _seconds_setting("idle_timeout"),
         defaults.idle_timeout,
         "seconds without a complete message before a connection is closed",
     )
     add(
         "--send-timeout",
-        _cli.seconds,
+        _seconds_setting("send_timeout"),
         defaults.send_timeout,
         "seconds a client may leave its replies unread before it is disconnected",
     )
     add(
         "--shutdown-grace",
-        _cli.seconds,
+        _seconds_setting("shutdown_grace"),
         defaults.shutdown_grace,
         "seconds a graceful shutdown waits for connections before cancelling them",
     )
     add(
         "--drain-timeout",
-        _cli.seconds,
+        _seconds_setting("drain_timeout"),
         defaults.drain_timeout,
         "seconds to wait for a client to close after a final ERR 0 line",
     )
     add(
         "--tcp-keepalive",
-        _cli.non_negative_int,
+        _int_setting("tcp_keepalive"),
         defaults.tcp_keepalive,
         "seconds of silence before TCP keepalive probes (0: system default)",
     )
@@ -102,15 +123,24 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     )
     add(
         "--store-timeout",
-        _cli.seconds,
+        _seconds_setting("store_timeout"),
         defaults.store_timeout,
         "seconds a store commit may take before its messages get ERR unavailable",
     )
     add(
         "--store-max-pending",
-        _cli.positive_int,
+        _int_setting("max_pending_store_bytes"),
         defaults.max_pending_store_bytes,
         "payload bytes waiting for the store beyond which the server stops reading",
+    )
+    add(
+        "--port-file",
+        _port_file,
+        None,
+        "once listening, write every bound address here, one HOST:PORT a line (IPv6 in "
+        "brackets), atomically; removed at exit",
+        metavar="PATH",
+        default_text="none",
     )
     add("--log-level", _cli.log_level, "info", "debug, info, warning, error or critical")
     add(
@@ -128,13 +158,29 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
-        return trio.run(_open_store_and_serve, config, args.store)
-    except StoreError as exc:
+        return trio.run(_open_store_and_serve, config, args.store, args.port_file)
+    except (StoreError, PortFileError) as exc:
         print(f"ackservice.server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     except OSError as exc:
         print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
         return EXIT_START_FAILED
+
+
+def _hosts(text: str) -> str:
+    """A ``--host`` value, checked here (``parse_hosts``) and kept as the text it was."""
+    return ",".join(parse_hosts(text))
+
+
+def _int_setting(name: str) -> Callable[[str], int]:
+    """The parser of integer setting ``name``, range-checked as ``ServerConfig`` does."""
+    lowest, highest = LIMITS[name]
+    return _cli.int_in_range(int(lowest), int(highest))
+
+
+def _seconds_setting(name: str) -> Callable[[str], float]:
+    """The parser of duration setting ``name``, range-checked as ``ServerConfig`` does."""
+    return _cli.seconds_up_to(LIMITS[name][1])
 
 
 def _store_url(text: str) -> str:
@@ -146,15 +192,51 @@ def _store_url(text: str) -> str:
     return text.strip()
 
 
-async def _open_store_and_serve(config: ServerConfig, store_url: str) -> int:
+async def _open_store_and_serve(
+    config: ServerConfig, store_url: str, port_file: Path | None
+) -> int:
     async with open_store(store_url) as store:
-        return await serve_until_signalled(config, store=store)
+        return await serve_until_signalled(config, store=store, port_file=port_file)
+
+
+class PortFileError(Exception):
+    """The ``--port-file`` could not be written."""
+
+
+def _port_file(text: str) -> Path:
+    """A ``--port-file`` path (written once listening, so its directory must exist)."""
+    if not text.strip():
+        raise ValueError("expected a file path, got an empty string")
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise ValueError(f"no directory {str(path.parent)!r} to write {text!r} in")
+    return path
+
+
+def write_port_file(path: Path, addresses: Sequence[tuple[str, int]]) -> None:
+    """Write ``addresses`` to ``path``, one ``host:port`` a line, atomically: a reader sees
+    no file or the whole file, never a partial one (written beside it, then renamed).
+
+    Raises:
+        PortFileError: the file could not be written.
+    """
+    text = "".join(f"{host}:{port}\n" for host, port in addresses)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise PortFileError(
+            f"cannot write --port-file {str(path)!r}: {exc.strerror or exc}"
+        ) from exc
 
 
 def config_from_args(args: argparse.Namespace, *, max_connections: int) -> ServerConfig:
     """The ``ServerConfig`` that parsed command-line settings describe."""
     return ServerConfig(
-        host=args.host,
+        host=args.host if isinstance(args.host, str) else ",".join(args.host),
         port=args.port,
         max_message_bytes=args.max_message_bytes,
         max_connections=max_connections,
@@ -169,17 +251,24 @@ def config_from_args(args: argparse.Namespace, *, max_connections: int) -> Serve
 
 
 async def serve_until_signalled(
-    config: ServerConfig, *, store: Store | None = None, on_message: MessageHook | None = None
+    config: ServerConfig,
+    *,
+    store: Store | None = None,
+    on_message: MessageHook | None = None,
+    port_file: Path | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
+
+    SIGHUP is logged (``signal_ignored``) and otherwise ignored. ``port_file``, if given, is
+    written once listening (``write_port_file``) and removed at exit.
 
     Raises:
         OSError: the address could not be bound.
     """
     # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    listeners = await open_listeners(config.host, config.port)
     # Installed before serving starts, so no signal can arrive unhandled in between.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
                 _serve_then_stop_watching,
@@ -189,15 +278,32 @@ async def serve_until_signalled(
                 listeners,
                 nursery.cancel_scope,
             )
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if server.handler.shutting_down:
-                    log.warning("forced_exit", signal=name)
-                    nursery.cancel_scope.cancel()
-                    return EXIT_FORCED
-                log.info("signal_received", signal=name)
-                server.shutdown()
+            try:
+                if port_file is not None:
+                    write_port_file(port_file, server.addresses)
+                async for signum in signals:
+                    if _on_signal(signal.Signals(signum), server):
+                        nursery.cancel_scope.cancel()
+                        return EXIT_FORCED
+            finally:
+                if port_file is not None:
+                    # A port file left behind would name a port nobody listens on.
+                    with contextlib.suppress(OSError):
+                        os.unlink(port_file)
     return EXIT_OK
+
+
+def _on_signal(signum: signal.Signals, server: Server) -> bool:
+    """Act on ``signum``; return whether the server must exit at once (a second stop signal)."""
+    if signum in _IGNORED_SIGNALS:
+        log.info("signal_ignored", signal=signum.name, hint="stop the server with SIGTERM")
+        return False
+    if server.handler.shutting_down:
+        log.warning("forced_exit", signal=signum.name)
+        return True
+    log.info("signal_received", signal=signum.name)
+    server.shutdown()
+    return False
 
 
 async def _serve_then_stop_watching(
@@ -247,7 +353,10 @@ def _fit_to_fd_limit(max_connections: int) -> int:
 
 
 def _describe_listen_error(config: ServerConfig, exc: OSError) -> str:
-    where = f"{config.host}:{config.port}"
+    where = ", ".join(
+        f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
+        for host in parse_hosts(config.host)
+    )
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host {config.host!r} ({exc.strerror}); check --host"
     if exc.errno == errno.EADDRINUSE:

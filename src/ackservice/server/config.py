@@ -7,7 +7,29 @@ from dataclasses import dataclass, fields
 
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["ServerConfig"]
+__all__ = ["LIMITS", "ServerConfig"]
+
+# The range of each numeric setting, inclusive; the CLI checks the same ones (README table).
+# Why these bounds:
+# - max_message_bytes: the framer may hold this much per connection; 1 GiB is past any use.
+# - max_connections: each costs a file descriptor; a million is past any open-file limit.
+# - tcp_keepalive: Linux refuses TCP_KEEPIDLE above 32767 s (MAX_TCP_KEEPIDLE).
+# - max_pending_store_bytes: memory held for the store; 16 GiB is past any sane setting.
+# - seconds: above 0 and finite; a day at most (idle: a week), so a typo such as 3e9 is
+#   refused instead of meaning "never".
+LIMITS: dict[str, tuple[float, float]] = {
+    "port": (0, 65535),
+    "max_message_bytes": (0, 1 << 30),
+    "max_connections": (1, 1_000_000),
+    "tcp_keepalive": (0, 32767),
+    "max_pending_store_bytes": (1, 1 << 34),
+    "idle_timeout": (0, 604_800),
+    "send_timeout": (0, 86_400),
+    "shutdown_grace": (0, 86_400),
+    "drain_timeout": (0, 86_400),
+    "store_timeout": (0, 86_400),
+    "hook_timeout": (0, 86_400),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,20 +75,16 @@ class ServerConfig:
     hook_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be from 0 to 65535, got {self.port}")
-        if self.max_message_bytes < 0:
-            raise ValueError(f"max_message_bytes must be >= 0, got {self.max_message_bytes}")
-        if self.max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
-        if self.max_pending_store_bytes < 1:
-            raise ValueError(
-                f"max_pending_store_bytes must be >= 1, got {self.max_pending_store_bytes}"
-            )
-        if self.tcp_keepalive < 0:
-            raise ValueError(f"tcp_keepalive must be >= 0, got {self.tcp_keepalive}")
         for field in fields(self):
+            if field.name not in LIMITS:
+                continue
+            lowest, highest = LIMITS[field.name]
+            value = getattr(self, field.name)
             if field.type == "float":
-                value = getattr(self, field.name)
-                if not (value > 0 and math.isfinite(value)):
-                    raise ValueError(f"{field.name} must be a positive number, got {value}")
+                # Durations: above 0 (lowest is exclusive), finite, at most highest.
+                if not (lowest < value <= highest and math.isfinite(value)):
+                    raise ValueError(
+                        f"{field.name} must be above {lowest} and at most {highest}, got {value}"
+                    )
+            elif not lowest <= value <= highest:
+                raise ValueError(f"{field.name} must be from {lowest} to {highest}, got {value}")

@@ -144,6 +144,7 @@ class Connection:
         log.info("connection_opened")
         reason = "internal-error"
         at_eof = False
+        told = ""  # the code of the ERR 0 line the client was sent, once sent
         try:
             ending = await self._serve()
             if ending is _Ending.EOF:
@@ -156,7 +157,14 @@ class Connection:
                     code = ErrorCode.IDLE_TIMEOUT
                     detail = f"no complete message for {config.idle_timeout:g} s"
                 stream = self._transport.as_stream()
-                await close_with_error(stream, code, detail, config.drain_timeout)
+
+                def goodbye_sent() -> None:
+                    nonlocal told
+                    told = code
+
+                await close_with_error(
+                    stream, code, detail, config.drain_timeout, on_sent=goodbye_sent
+                )
                 reason = code  # the close reason in the log is the code the client was sent
         except (trio.BrokenResourceError, ConnectionError):
             reason = "reset"
@@ -170,7 +178,8 @@ class Connection:
         except trio.TooSlowError:
             reason = "send-timeout"
         except trio.Cancelled:
-            reason = "cancelled"
+            # A forced exit during the drain: the client was told all the same.
+            reason = told or "cancelled"
             raise
         except Exception:
             # A bug here must end this connection only, never the accept loop.

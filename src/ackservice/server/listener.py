@@ -14,6 +14,7 @@ from which Linux copies them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -21,6 +22,7 @@ import socket
 import structlog
 import trio
 
+from .. import __version__
 from ..logconfig import log_events_dropped
 from ..store.base import Store
 from . import readiness
@@ -28,7 +30,7 @@ from .committing import GroupCommitter
 from .config import ServerConfig
 from .handler import AckHandler, MessageHook
 from .readiness import ReadinessHub
-from .sockets import ACCEPTED_SOCKETS_INHERIT_OPTIONS, configure_listening_socket
+from .sockets import ACCEPTED_SOCKETS_INHERIT_OPTIONS, configure_listening_socket, open_listeners
 
 __all__ = ["Server", "serve"]
 
@@ -41,8 +43,11 @@ _RESOURCE_RETRY_DELAY = 0.1
 # One warning per this many seconds while accept keeps failing, with a count, so an
 # exhausted process does not also exhaust the disk with the same line ten times a second.
 _RESOURCE_LOG_INTERVAL = 10.0
-# accept() fails with these when a connection died in the listen queue: take the next one
-# (the same list as Trio's SocketListener).
+# accept() fails with these when a connection died in the listen queue (reset, timed out,
+# refused by a firewall, ...): take the next one. Exactly Trio's SocketListener list
+# (trio/_highlevel_socket.py, ``_ignorable_accept_errno_names``; a test keeps them equal),
+# as Linux passes the pending error of a dead connection to accept() and any of these then
+# ending the accept loop would end the server.
 _IGNORABLE_ERRNOS = frozenset(
     getattr(errno, name)
     for name in (
@@ -56,6 +61,11 @@ _IGNORABLE_ERRNOS = frozenset(
         "EHOSTUNREACH",
         "EOPNOTSUPP",
         "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
     )
     if hasattr(errno, name)
 )
@@ -106,60 +116,83 @@ class Server:
         try:
             await self._serve_then_drain(task_status)
         finally:
-            # Also when cancelled from outside, not only after a graceful shutdown.
-            for listener in self.listeners:
-                await trio.aclose_forcefully(listener)
+            # Also when cancelled from outside, not only after a graceful shutdown; shielded,
+            # or that cancellation would end the loop after the first listener (leaking the
+            # others, e.g. the :: socket of --host '*').
+            with trio.CancelScope(shield=True):
+                for listener in self.listeners:
+                    await trio.aclose_forcefully(listener)
 
     async def _serve_then_drain(self, task_status: trio.TaskStatus[Server]) -> None:
         config = self.handler.config
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                for listener in self.listeners:
-                    accepting.start_soon(self._accept_loop, listener, connections)
-                committer = self.handler.committer
+        forced = True  # unless the connections nursery ends by itself, below
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for listener in self.listeners:
+                        accepting.start_soon(self._accept_loop, listener, connections)
+                    log.info("listening", **self._start_up_fields())
+                    task_status.started(self)
+                    await self._shutdown_requested.wait()
+                    accepting.cancel_scope.cancel()
                 log.info(
-                    "listening",
-                    host=self.addresses[0][0],
-                    port=self.port,
-                    addresses=[f"{host}:{port}" for host, port in self.addresses],
-                    store=committer.store.description
-                    if isinstance(committer, GroupCommitter)
-                    else "none",
+                    "shutdown_started",
+                    active=self.handler.stats.active,
+                    grace=config.shutdown_grace,
                 )
-                task_status.started(self)
-                await self._shutdown_requested.wait()
-                accepting.cancel_scope.cancel()
-            log.info(
-                "shutdown_started", active=self.handler.stats.active, grace=config.shutdown_grace
-            )
-            self.handler.begin_shutdown()
-            # Connections already in the listen queue are told, not reset by the close below.
-            if self._refuse_queued_at_shutdown:
+                self.handler.begin_shutdown()
+                # Connections already in the listen queue are told, not reset by the close.
+                if self._refuse_queued_at_shutdown:
+                    for listener in self.listeners:
+                        self._refuse_listen_queue(listener, connections)
+                # Closing the listening sockets refuses new connections at once.
                 for listener in self.listeners:
-                    self._refuse_listen_queue(listener, connections)
-            # Closing the listening sockets refuses new connections at once.
-            for listener in self.listeners:
-                await trio.aclose_forcefully(listener)
-            # Whatever is still running when the grace period ends is cancelled.
-            connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+                    await trio.aclose_forcefully(listener)
+                # Whatever is still running when the grace period ends is cancelled.
+                connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+            forced = connections.cancel_scope.cancelled_caught
+        finally:
+            # Also after a forced exit (a second signal cancels everything from outside):
+            # by now every connection task has ended and logged, so the totals are whole.
+            if self.handler.shutting_down or not forced:
+                self._log_shutdown_complete(forced=forced)
+
+    def _start_up_fields(self) -> dict[str, object]:
+        """What the ``listening`` event says: where, the store, and the effective settings."""
+        committer = self.handler.committer
+        config = self.handler.config
+        return {
+            "host": self.addresses[0][0],
+            "port": self.port,
+            "addresses": [f"{host}:{port}" for host, port in self.addresses],
+            "store": committer.store.description
+            if isinstance(committer, GroupCommitter)
+            else "none",
+            "version": __version__,
+            "pid": os.getpid(),
+            "settings": {
+                field.name: getattr(config, field.name)
+                for field in dataclasses.fields(config)
+                if field.name not in ("host", "port")
+            },
+        }
+
+    def _log_shutdown_complete(self, *, forced: bool) -> None:
         stats = self.handler.stats
         committer = self.handler.committer
-        log.info(
-            "shutdown_complete",
-            connections=stats.connections,
-            messages=stats.messages,
-            acked=stats.acked,
-            errors=stats.errors,
-            refused_busy=stats.refused_busy,
-            forced=connections.cancel_scope.cancelled_caught,
-            # 0 unless the CLI's logging (logconfig) dropped events it could not write.
-            log_events_dropped=log_events_dropped(),
-            **(
-                {"store_commits": committer.commits}
-                if isinstance(committer, GroupCommitter)
-                else {}
-            ),
-        )
+        totals: dict[str, object] = {
+            "connections": stats.connections,
+            "messages": stats.messages,
+            "acked": stats.acked,
+            "errors": stats.errors,
+            "refused_busy": stats.refused_busy,
+            "forced": forced,
+        }
+        if isinstance(committer, GroupCommitter):
+            totals["store_commits"] = committer.commits
+        # 0 unless the CLI's logging (logconfig) dropped events it could not write.
+        totals["log_events_dropped"] = log_events_dropped()
+        log.info("shutdown_complete", **totals)
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         if _ACCEPT_PLAIN_SOCKETS and isinstance(listener, trio.SocketListener):
@@ -257,7 +290,13 @@ class _AcceptFailures:
         self._last_logged = -_RESOURCE_LOG_INTERVAL
 
     async def survive(self, exc: OSError) -> None:
-        """Wait before the next accept; re-raise ``exc`` if it is not about resources."""
+        """Wait before the next accept (not at all after a connection that died in the
+        queue); re-raise ``exc`` if it is neither about resources nor about that one
+        connection."""
+        if exc.errno in _IGNORABLE_ERRNOS:
+            # Trio's own SocketListener skips these; another Listener may not.
+            await trio.lowlevel.checkpoint()
+            return
         if exc.errno not in _RESOURCE_ERRNOS:
             raise exc
         self._failures += 1
@@ -310,7 +349,7 @@ async def serve(
     if refuse_queued_at_shutdown is None:
         refuse_queued_at_shutdown = listeners is None
     if listeners is None:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        listeners = await open_listeners(config.host, config.port)
     for listener in listeners:
         configure_listening_socket(listener.socket, config.tcp_keepalive)
     handler = AckHandler(config, store=store, on_message=on_message)

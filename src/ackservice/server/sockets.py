@@ -1,14 +1,33 @@
-"""Socket options the server sets."""
+"""The addresses the server listens on, and the socket options it sets."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import sys
+from typing import Any
 
 import trio
 
-__all__ = ["ACCEPTED_SOCKETS_INHERIT_OPTIONS", "configure_listening_socket", "enable_keepalive"]
+__all__ = [
+    "ACCEPTED_SOCKETS_INHERIT_OPTIONS",
+    "EVERY_INTERFACE",
+    "configure_listening_socket",
+    "enable_keepalive",
+    "listen_addresses",
+    "open_listeners",
+    "parse_hosts",
+]
+
+# The --host value meaning "every interface, IPv4 and IPv6": one socket on 0.0.0.0 and one
+# on :: with IPV6_V6ONLY (what Trio and nginx do for a wildcard), rather than one dual-stack
+# socket, whose IPv4 peers would appear as ::ffff:a.b.c.d and which some systems disable.
+# "0.0.0.0" alone is IPv4 only and "::" alone IPv6 only, as everywhere else.
+EVERY_INTERFACE = "*"
+# The listen backlog asked for, as Trio asks: the kernel lowers it to its own maximum
+# (net.core.somaxconn); more than 65535 overflows a 16-bit field on some systems.
+_BACKLOG = 0xFFFF
 
 # Linux copies TCP_NODELAY, SO_KEEPALIVE and the TCP_KEEP* settings of a listening socket to
 # the sockets it accepts, which saves five system calls per connection; elsewhere they are set
@@ -42,3 +61,89 @@ def enable_keepalive(sock: trio.socket.SocketType, idle: int) -> None:
         # Not every socket family takes these options (e.g. a Unix socket); keepalive is
         # a safety net, and the idle timeout still bounds a dead peer.
         pass
+
+
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """The addresses in a ``--host`` value: comma-separated; IPv6 ones may be bracketed
+    (``[::1]``); ``*`` means every interface.
+
+    Raises:
+        ValueError: the value (or one of its items) is empty, or a bracket is unmatched.
+    """
+    hosts = []
+    for item in text.split(","):
+        host = item.strip()
+        if host.startswith("[") or host.endswith("]"):
+            if not (host.startswith("[") and host.endswith("]")) or ":" not in host:
+                raise ValueError(f"expected an address such as [::1], got {host!r}")
+            host = host[1:-1].strip()
+        if not host:
+            raise ValueError(f"expected a host name or address, got {text!r}")
+        if host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
+
+
+async def listen_addresses(hosts: tuple[str, ...], port: int) -> list[tuple[Any, ...]]:
+    """The ``(family, type, proto, sockaddr)`` of every socket ``hosts`` mean, in order,
+    without duplicates: a name may resolve to several addresses, ``*`` to 0.0.0.0 and ::.
+
+    Raises:
+        socket.gaierror: a name does not resolve.
+    """
+    found: list[tuple[Any, ...]] = []
+    for host in hosts:
+        infos = await trio.socket.getaddrinfo(
+            None if host == EVERY_INTERFACE else host,
+            port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )
+        for family, type_, proto, _, sockaddr in infos:
+            entry = (family, type_, proto, tuple(sockaddr))
+            if entry not in found:
+                found.append(entry)
+    return found
+
+
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listen on every address ``host`` means (see ``parse_hosts``), all on one port.
+
+    With port 0 the first socket gets a free port and the others take the same one, so a
+    server on ``*`` or on ``127.0.0.1,::1`` has one port to tell (Trio's own
+    ``open_tcp_listeners`` would give each socket a port of its own).
+
+    Raises:
+        OSError: an address cannot be resolved or bound; none is left listening then.
+    """
+    listeners: list[trio.SocketListener] = []
+    unsupported: OSError | None = None
+    try:
+        for family, type_, proto, sockaddr in await listen_addresses(parse_hosts(host), port):
+            try:
+                sock = trio.socket.socket(family, type_, proto)
+            except OSError as exc:
+                if exc.errno != errno.EAFNOSUPPORT:  # no IPv6 here: the others will do
+                    raise
+                unsupported = exc
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # :: must not also take IPv4, which 0.0.0.0 beside it serves.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if listeners and port == 0:
+                    sockaddr = (sockaddr[0], listeners[0].socket.getsockname()[1], *sockaddr[2:])
+                await sock.bind(sockaddr)
+                sock.listen(_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    if not listeners:
+        raise unsupported or OSError(errno.EADDRNOTAVAIL, "no address to listen on")
+    return listeners
