@@ -32,19 +32,36 @@ from ackservice.server.cli import (
 )
 from support import LineReader, server_process, wait_until
 
+# The server CLI with getaddrinfo failing for ``.invalid`` names, so that no test asks the
+# network's resolver about a name (only loopback traffic leaves a test).
+_NO_NAME_LOOKUPS = """
+import socket, sys
+real = socket.getaddrinfo
+def fake(host, *args, **kwargs):
+    name = host.decode() if isinstance(host, bytes) else host
+    if isinstance(name, str) and name.endswith(".invalid"):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return real(host, *args, **kwargs)
+socket.getaddrinfo = fake
+from ackservice.server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 def run_server_cli(
     *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ackservice.server", *args],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=env,
-        check=False,
-        cwd=tempfile.gettempdir(),  # never the checkout: a started server creates its store
-    )
+    # A fresh working directory: a server that starts creates its default store there.
+    with tempfile.TemporaryDirectory() as workdir:
+        return subprocess.run(
+            [sys.executable, "-c", _NO_NAME_LOOKUPS, *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=env,
+            check=False,
+            cwd=workdir,
+        )
 
 
 def test_serves_and_logs_json_lines_when_not_a_terminal(tmp_path: Path) -> None:
