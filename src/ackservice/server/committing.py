@@ -49,7 +49,8 @@ class Committer(Protocol):
     async def commit(
         self, messages: list[Message], nbytes: int, warnings: WarningLimiter | None = None
     ) -> Sequence[Verdict] | None:
-        """Store ``messages`` (``nbytes`` of payload); their verdicts, or None: all stored.
+        """Store ``messages`` (``nbytes``: their payloads plus a per-message overhead, what
+        they hold in memory); their verdicts, or None: all stored.
 
         ``warnings``: the connection's limiter, for any per-message warning logged."""
         ...
