@@ -16,8 +16,8 @@ from rel_harness import ServerUnderTest, pick, pipelined_client
 
 from conftest import Report, StartServer
 
-SEND_TIMEOUT = pick(3.0, 5.0)
-READING_FOR = pick(10.0, 30.0)
+SEND_TIMEOUT = pick(4.0, 5.0)
+READING_FOR = pick(13.0, 30.0)
 BYTES_PER_SECOND = 100_000
 TICK = 0.05
 PAYLOAD_BYTES = 40
