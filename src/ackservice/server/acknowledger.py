@@ -87,6 +87,23 @@ class Acknowledger:
         # A newline was found, so there is a reply; usually only one (no copy then).
         return replies[0] if len(replies) == 1 else b"".join(replies)
 
+    def state(self) -> tuple[int, int, int, bool, bool, int]:
+        """A snapshot for ``restore``: a few integers, cheap enough to take per read."""
+        return (
+            self.seq,
+            self._length,
+            self._crc,
+            self._held_cr,
+            self._discarding,
+            len(self.oversized),
+        )
+
+    def restore(self, state: tuple[int, int, int, bool, bool, int]) -> None:
+        """Return to a ``state()`` snapshot, as if what was fed since had not been (so a
+        read whose replies came out too large can be fed again in pieces)."""
+        self.seq, self._length, self._crc, self._held_cr, self._discarding, oversized = state
+        del self.oversized[oversized:]
+
     def end_of_stream(self) -> bytes:
         """The peer finished sending: bytes after the last newline are one final message,
         whose ``\\r``, if it ends with one, is payload (no ``\\n`` follows it)."""

@@ -25,6 +25,7 @@ import structlog
 import trio
 
 from ..store.base import Failed, Message, Store, StoreUnavailable, Unavailable, Verdict
+from .ratelimit import WarningLimiter
 
 __all__ = ["Committer", "GroupCommitter"]
 
@@ -45,8 +46,13 @@ class Committer(Protocol):
         """Wait until ``has_room``."""
         ...
 
-    async def commit(self, messages: list[Message], nbytes: int) -> Sequence[Verdict] | None:
-        """Store ``messages`` (``nbytes`` of payload); their verdicts, or None: all stored."""
+    async def commit(
+        self, messages: list[Message], nbytes: int, warnings: WarningLimiter | None = None
+    ) -> Sequence[Verdict] | None:
+        """Store ``messages`` (``nbytes``: their payloads plus a per-message overhead, what
+        they hold in memory); their verdicts, or None: all stored.
+
+        ``warnings``: the connection's limiter, for any per-message warning logged."""
         ...
 
 
@@ -111,7 +117,9 @@ class GroupCommitter:
                 self._room = trio.Event()
             await self._room.wait()
 
-    async def commit(self, messages: list[Message], nbytes: int) -> Sequence[Verdict] | None:
+    async def commit(
+        self, messages: list[Message], nbytes: int, warnings: WarningLimiter | None = None
+    ) -> Sequence[Verdict] | None:
         parcel = _Parcel(messages, nbytes)
         self._queue.append(parcel)
         self._pending_bytes += nbytes

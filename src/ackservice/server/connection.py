@@ -12,6 +12,10 @@ are answered depends on what the server keeps:
 The idle deadline and the shutdown wake-up apply only while waiting for input, so neither
 interrupts a commit or the replies to what was read; those have their own bounds (the store
 timeout, ``send_timeout``, the grace period).
+
+Memory per connection is bounded whatever the client sends: a read is answered in pieces
+whose replies stay under ``REPLY_PIECE_BYTES`` (64 KiB of empty lines would otherwise make
+~1.4 MB of replies), and nothing more is read while a write waits for the client.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import time
 import zlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import structlog
 import trio
@@ -43,9 +47,10 @@ from .acknowledger import Acknowledger
 from .closing import close_with_error
 from .committing import Committer
 from .config import ServerConfig
-from .transport import Transport
+from .ratelimit import WarningLimiter
+from .transport import RECEIVE_SIZE, Transport
 
-__all__ = ["Connection", "ConnectionOwner"]
+__all__ = ["REPLY_PIECE_BYTES", "Connection", "ConnectionOwner"]
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +60,20 @@ _PEER_GONE_ERRNOS = frozenset(
     for name in ("ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "ENETDOWN")
     if hasattr(errno, name)
 )
+
+
+REPLY_PIECE_BYTES: Final = 65536
+"""Reply bytes a connection builds before writing them. With the read itself (64 KiB), this
+bounds what a client that never reads pins in the server: a read of empty lines would
+otherwise be answered by ~1.4 MB of ACKs held while the write waits."""
+# An ACK is at most ~32 bytes for any realistic seq (16 + its digits, for an empty message),
+# so input this short is answered within REPLY_PIECE_BYTES whatever it holds; and a piece
+# with no more messages than this has no more than that many replies.
+_MIN_PIECE: Final = REPLY_PIECE_BYTES // 32
+_MAX_MESSAGES_PER_PIECE: Final = REPLY_PIECE_BYTES // 32
+# What a message waiting for a commit costs besides its payload (its Message, its place in
+# the batch), counted against max_pending_store_bytes: a flood of empty messages is not free.
+_MESSAGE_OVERHEAD_BYTES: Final = 128
 
 
 class ConnectionOwner(Protocol):
@@ -92,8 +111,10 @@ class Connection:
         "_framer",
         "_last_message",
         "_owner",
+        "_piece_bytes",
         "_transport",
         "_waiting",
+        "_warnings",
         "bytes_received",
         "conn_id",
         "errors",
@@ -123,6 +144,10 @@ class Connection:
             self._acknowledger = Acknowledger(limit)
         self._waiting = False
         self._last_message = 0.0
+        # Input answered at a time; lowered for a client whose replies outgrow its input
+        # (tiny messages), raised again when they no longer do.
+        self._piece_bytes = RECEIVE_SIZE
+        self._warnings = WarningLimiter()
 
     @property
     def acked(self) -> int:
@@ -189,6 +214,7 @@ class Connection:
                 # Raises Cancelled when cancelled from outside; the totals still count.
                 await self._transport.aclose(at_eof=at_eof)
             finally:
+                self._warnings.flush()
                 self._owner.connection_closed(self)
                 log.info(
                     "connection_closed",
@@ -208,6 +234,7 @@ class Connection:
         send_timeout = owner.config.send_timeout
         committer = self._committer
         acknowledge = self._acknowledger is not None
+        count_from = _MIN_PIECE
         # Bound once: these run once or twice per message in request/response.
         read_nowait = transport.read_nowait
         try_send = transport.try_send
@@ -230,8 +257,16 @@ class Connection:
                         return _Ending.IDLE
                 continue
             answered = self.messages
-            replies = self._acknowledge(data) if acknowledge else await self._answer_each(data)
-            if replies:
+            if acknowledge:
+                # None: the replies would be too many at once (see REPLY_PIECE_BYTES).
+                replies = self._acknowledge(data) if len(data) <= self._piece_bytes else None
+            elif len(data) > count_from and data.count(b"\n") > _MAX_MESSAGES_PER_PIECE:
+                replies = None  # a read's messages are committed (and answered) in pieces
+            else:
+                replies = await self._answer_each(data)
+            if replies is None:
+                await self._answer_in_pieces(data)
+            elif replies:
                 if self.messages - answered > 1:
                     # A pipelining client. Write after every other ready connection has
                     # read: a write wakes the peer, and waking it once per batch of
@@ -242,9 +277,9 @@ class Connection:
                 # Inline, as almost every write takes it all: no coroutine per read.
                 sent = try_send(replies)
                 if sent < len(replies):
-                    # The client is not keeping up with its replies: wait, but not forever.
-                    with trio.fail_after(send_timeout):
-                        await transport.send_rest(replies, sent)
+                    # The client is not keeping up with its replies: wait while it reads
+                    # (TooSlowError once it made no progress for send_timeout).
+                    await transport.send_rest(replies, sent, send_timeout)
             if not data:
                 return _Ending.EOF
             if owner.shutting_down:
@@ -252,15 +287,63 @@ class Connection:
             if transport.may_have_more:
                 await trio.lowlevel.checkpoint()  # let other connections run first
 
-    def _acknowledge(self, data: bytes) -> bytes:
-        """The replies to what ``data`` completes (``b""``: end of stream), keeping nothing.
+    async def _answer_in_pieces(self, data: bytes) -> None:
+        """Answer ``data`` a piece at a time, writing each piece's replies before the next
+        is answered: what a client that does not read holds stays under REPLY_PIECE_BYTES."""
+        transport = self._transport
+        send_timeout = self._owner.config.send_timeout
+        acknowledge = self._acknowledger is not None
+        start = 0
+        while start < len(data):
+            size = self._piece_bytes
+            piece = data[start : start + size]
+            if acknowledge:
+                replies = self._acknowledge(piece)
+                if replies is None:
+                    continue  # too many replies at once: _acknowledge lowered the size
+            elif len(piece) > _MIN_PIECE and piece.count(b"\n") > _MAX_MESSAGES_PER_PIECE:
+                self._piece_bytes = max(_MIN_PIECE, size // 2)
+                continue
+            else:
+                replies = await self._answer_each(piece)
+            start += len(piece)
+            if len(replies) < REPLY_PIECE_BYTES // 4 and size == len(piece) < RECEIVE_SIZE:
+                self._piece_bytes = min(RECEIVE_SIZE, size * 2)  # the messages grew again
+            if replies:
+                sent = transport.try_send(replies)
+                if sent < len(replies):
+                    await transport.send_rest(replies, sent, send_timeout)
+
+    def _acknowledge(self, data: bytes) -> bytes | None:
+        """The replies to what ``data`` completes (``b""``: end of stream), keeping nothing;
+        None (and nothing consumed) if they would exceed ``REPLY_PIECE_BYTES``.
 
         Not async, so the hot path makes no coroutine per read.
         """
-        self.bytes_received += len(data)
         acknowledger = self._acknowledger
         assert acknowledger is not None
-        replies = acknowledger.feed(data) if data else acknowledger.end_of_stream()
+        if len(data) > _MIN_PIECE:
+            # Judge by the newlines of the first _MIN_PIECE bytes (counting them all would
+            # scan every read: ~4% of the CPU of a pipelined read): a flood of tiny messages
+            # goes to pieces at once, without building all its replies first (megabytes of
+            # temporaries that fragment the heap, for every such read).
+            sampled = data.count(b"\n", 0, _MIN_PIECE)
+            if sampled * len(data) > _MAX_MESSAGES_PER_PIECE * _MIN_PIECE:
+                fits = _MIN_PIECE * _MAX_MESSAGES_PER_PIECE // sampled // 2
+                self._piece_bytes = max(_MIN_PIECE, min(fits, len(data) // 2))
+                return None
+            # Answer first and check after, undoing it if the replies came out too large
+            # (the newlines were not evenly spread): a snapshot of a few integers.
+            state = acknowledger.state()
+            replies = acknowledger.feed(data)
+            if len(replies) > REPLY_PIECE_BYTES:
+                acknowledger.restore(state)
+                shrunk = len(data) * REPLY_PIECE_BYTES // len(replies) // 2
+                self._piece_bytes = max(_MIN_PIECE, min(shrunk, len(data) // 2))
+                return None
+        else:
+            replies = acknowledger.feed(data) if data else acknowledger.end_of_stream()
+        self.bytes_received += len(data)
         if acknowledger.seq != self.messages:
             self.messages = acknowledger.seq
             self._last_message = trio.current_time()
@@ -292,7 +375,8 @@ class Connection:
                 payload: bytes = frame  # type: ignore[assignment]
                 messages.append(Message(payload, crc32(payload), received_at, peer, conn_id, seq))
                 nbytes += len(payload)
-        verdicts = await committer.commit(messages, nbytes) if messages else None
+        pending = nbytes + len(messages) * _MESSAGE_OVERHEAD_BYTES
+        verdicts = await committer.commit(messages, pending, self._warnings) if messages else None
         # After the commit: a slow store is not an idle client.
         self._last_message = trio.current_time()
         if self._debug:
@@ -317,7 +401,7 @@ class Connection:
                 continue
             self.errors += 1
             if isinstance(verdict, Rejected):
-                log.warning("message_rejected", seq=seq, reason=verdict.reason)
+                self._warnings.warn(log.warning, "message_rejected", seq=seq, reason=verdict.reason)
                 replies.append(err_line(seq, ErrorCode.REJECTED, verdict.reason))
             elif isinstance(verdict, Unavailable):
                 replies.append(err_line(seq, ErrorCode.UNAVAILABLE, verdict.detail))
@@ -353,7 +437,8 @@ class Connection:
 
     def _log_too_large(self, seq: int) -> None:
         self.errors += 1
-        log.warning("message_too_large", seq=seq, limit=self._owner.config.max_message_bytes)
+        limit = self._owner.config.max_message_bytes
+        self._warnings.warn(log.warning, "message_too_large", seq=seq, limit=limit)
 
 
 def _debug_enabled() -> bool:

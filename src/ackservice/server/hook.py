@@ -10,6 +10,7 @@ import trio
 
 from ..errors import Reject
 from ..store.base import Failed, Message, Rejected, Unavailable, Verdict
+from .ratelimit import WarningLimiter
 
 __all__ = ["HookCommitter", "MessageContext", "MessageHook"]
 
@@ -53,10 +54,18 @@ class HookCommitter:
     async def wait_for_room(self) -> None:
         """Never waits (see ``has_room``)."""
 
-    async def commit(self, messages: list[Message], nbytes: int) -> Sequence[Verdict] | None:
-        return [await self._call(message) for message in messages]
+    async def commit(
+        self, messages: list[Message], nbytes: int, warnings: WarningLimiter | None = None
+    ) -> Sequence[Verdict] | None:
+        if warnings is not None:
+            return [await self._call(message, warnings) for message in messages]
+        own = WarningLimiter()  # called without a connection's: limit this batch alone
+        try:
+            return [await self._call(message, own) for message in messages]
+        finally:
+            own.flush()
 
-    async def _call(self, message: Message) -> Verdict:
+    async def _call(self, message: Message, warnings: WarningLimiter) -> Verdict:
         context = MessageContext(message.conn_id, message.peer, message.seq)
         with trio.move_on_after(self._timeout):
             try:
@@ -67,8 +76,10 @@ class HookCommitter:
                 # Contained like any failure: one application bug must not stop the server.
                 # Trio's Cancelled and KeyboardInterrupt still propagate (they are how the
                 # server itself is stopped).
-                log.error("on_message_failed", seq=message.seq, exc_info=exc)
+                # Rate-limited per connection: a hook failing on every message must not
+                # turn each one into a traceback in the log.
+                warnings.warn(log.error, "on_message_failed", seq=message.seq, exc_info=exc)
                 return Failed("the application failed on this message")
             return None
-        log.warning("on_message_timed_out", seq=message.seq, timeout=self._timeout)
+        warnings.warn(log.warning, "on_message_timed_out", seq=message.seq, timeout=self._timeout)
         return Unavailable(f"the application did not answer within {self._timeout:g} s")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 from collections.abc import Awaitable
 from typing import Final, Protocol
 
@@ -29,10 +30,30 @@ import trio
 
 from .readiness import ReadinessHub
 
-__all__ = ["RECEIVE_SIZE", "SocketTransport", "StreamTransport", "Transport"]
+try:
+    import fcntl
+    import termios
 
-# One read takes up to this much; the replies to everything in it leave in one write.
+    _TIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # not Linux: progress is then each write that goes
+    _TIOCOUTQ = None
+
+__all__ = ["RECEIVE_SIZE", "STREAM_SEND_PIECE", "SocketTransport", "StreamTransport", "Transport"]
+
+# One read takes up to this much; the replies to everything in it leave in one write (unless
+# they are many: see connection.py, REPLY_PIECE_BYTES).
 RECEIVE_SIZE: Final = 65536
+# While a write waits for a client that reads slowly, how often the socket's unsent queue is
+# checked for progress (at most; a quarter of the send timeout if that is shorter). The kernel
+# reports a socket writable only once a third of its send buffer drained, which at ~3.9 MB
+# (loopback's autotuned maximum) and 100 kB/s is ~13 s: too late to tell a slow reader from a
+# stuck one.
+_PROGRESS_POLL: Final = 0.5
+# A stream transport sends long replies in pieces this large; each piece that goes is progress
+# (no unsent queue is visible through a Trio stream), so a client must read this much per send
+# timeout to stay connected (6.4 kB/s at the default 10 s). As large as the reply pieces a
+# connection builds (connection.REPLY_PIECE_BYTES), so each of them still leaves in one write.
+STREAM_SEND_PIECE: Final = 65536
 
 
 class Transport(Protocol):
@@ -61,9 +82,13 @@ class Transport(Protocol):
         """Send what can go without waiting; return how many bytes went."""
         ...
 
-    async def send_rest(self, data: bytes, sent: int) -> None:
-        """Send ``data[sent:]``, waiting for the peer as long as it takes (the caller bounds
-        the wait)."""
+    async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
+        """Send ``data[sent:]``, waiting for the peer as long as it keeps reading.
+
+        Raises:
+            trio.TooSlowError: the peer made no progress reading for ``stall_timeout`` seconds
+                (a stall timeout, not a deadline: TooSlowError, like ``trio.fail_after``).
+        """
         ...
 
     def as_stream(self) -> trio.abc.Stream:
@@ -138,12 +163,33 @@ class SocketTransport:
         except BlockingIOError:
             return 0
 
-    async def send_rest(self, data: bytes, sent: int) -> None:
+    async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
+        # Progress is the peer acknowledging bytes, which it does as its reader makes room,
+        # seen as the socket's send queue shrinking (SIOCOUTQ), not the socket becoming
+        # writable again: see _PROGRESS_POLL.
+        fd = self._fd
         view = memoryview(data)
+        queued = _send_queue_bytes(fd)
+        poll = min(_PROGRESS_POLL, stall_timeout / 4)
+        deadline = trio.current_time() + stall_timeout
         while sent < len(data):
-            await trio.lowlevel.wait_writable(self._fd)
+            now = trio.current_time()
+            if now >= deadline:
+                raise trio.TooSlowError
+            with trio.move_on_at(min(deadline, now + poll)):
+                await trio.lowlevel.wait_writable(fd)
+            wrote = 0
             with contextlib.suppress(BlockingIOError):  # woken, yet the buffer is full
-                sent += os.write(self._fd, view[sent:])
+                wrote = os.write(fd, view[sent:])
+            sent += wrote
+            queued_now = _send_queue_bytes(fd)
+            if queued_now is None or queued is None:
+                progressed = wrote > 0
+            else:
+                progressed = queued_now < queued + wrote  # the peer took some
+            queued = queued_now
+            if progressed:
+                deadline = trio.current_time() + stall_timeout
 
     def as_stream(self) -> trio.abc.Stream:
         self._hub.unregister(self._fd)  # still open for a goodbye: a system call is needed
@@ -164,6 +210,17 @@ class SocketTransport:
         if self._stream is not None:
             self._hub.unregister(self._fd)  # an embedder's stream: it may outlive us
             await trio.aclose_forcefully(self._stream)
+
+
+def _send_queue_bytes(fd: int) -> int | None:
+    """Bytes in the socket's send queue, not yet acknowledged by the peer (Linux SIOCOUTQ);
+    None where the system cannot tell."""
+    if _TIOCOUTQ is None:
+        return None
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, _TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return None
 
 
 class StreamTransport:
@@ -197,8 +254,16 @@ class StreamTransport:
     def try_send(self, data: bytes) -> int:
         return 0
 
-    async def send_rest(self, data: bytes, sent: int) -> None:
-        await self._stream.send_all(memoryview(data)[sent:] if sent else data)
+    async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
+        # No unsent queue is visible through a stream: each piece that goes is progress.
+        if len(data) - sent <= STREAM_SEND_PIECE:
+            with trio.fail_after(stall_timeout):
+                await self._stream.send_all(memoryview(data)[sent:] if sent else data)
+            return
+        view = memoryview(data)
+        for start in range(sent, len(data), STREAM_SEND_PIECE):
+            with trio.fail_after(stall_timeout):
+                await self._stream.send_all(view[start : start + STREAM_SEND_PIECE])
 
     def as_stream(self) -> trio.abc.Stream:
         return self._stream
