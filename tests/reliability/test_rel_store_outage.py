@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import sqlite3
 import subprocess
@@ -126,8 +127,16 @@ def check_client_rode_it_out(client: ClientCLI, code: int) -> dict[str, int]:
     assert all(reply["status"] == "acked" for reply in replies)
     resent = [reply for reply in replies if reply["attempts"] > 1]
     assert resent, "no line was answered unavailable and sent again"
-    summary = client.stderr().strip().splitlines()[-1]
-    assert summary.startswith(f"sent {LINES}, acked {LINES}, rejected 0, unacked 0, resent ")
+    # With --json every stderr line is JSON, the summary last.
+    summary = json.loads(client.stderr().strip().splitlines()[-1])
+    assert summary["event"] == "summary"
+    assert (summary["sent"], summary["acked"], summary["rejected"], summary["unacked"]) == (
+        LINES,
+        LINES,
+        0,
+        0,
+    )
+    assert summary["resent"] >= len(resent)
     return {
         "lines_resent": len(resent),
         "most_attempts": max(reply["attempts"] for reply in replies),
