@@ -49,7 +49,11 @@ def test_netcat_examples_show_real_checksums() -> None:
 def test_every_server_setting_is_in_the_configuration_table() -> None:
     """Each server flag, with its environment variable, has a row in the README table."""
     parser = build_parser({})
-    flags = [a.option_strings[0] for a in parser._actions if a.option_strings[0] != "-h"]
+    flags = [
+        a.option_strings[0]
+        for a in parser._actions
+        if a.option_strings[0] not in ("-h", "--version")
+    ]
     for flag in flags:
         env = "ACKSERVICE_" + flag.removeprefix("--").replace("-", "_").upper()
         assert f"| `{flag}` | `{env}` |" in README, flag
@@ -63,7 +67,7 @@ def test_every_client_setting_is_in_the_client_table() -> None:
     assert settings, "no settings found"
     for action in settings:
         flag = action.option_strings[0]
-        env = "ACKSERVICE_" + action.dest.upper()
+        env = "ACKSERVICE_CLIENT_" + action.dest.upper()
         assert f"| `{flag}`" in client_section or f", `{flag}` |" in client_section, flag
         assert f"`{env}`" in client_section, env
     for flag in ("--json", "--quiet"):  # output switches, not settings, still in the table

@@ -117,7 +117,7 @@ async def test_line_over_the_limit_is_skipped_and_reported(
 
 async def test_settings_come_from_the_environment(server: Server, run_client: RunClient) -> None:
     """Every setting has an ``ACKSERVICE_*`` variable; here the port."""
-    run = await run_client("hi", env={"ACKSERVICE_PORT": str(server.port)})
+    run = await run_client("hi", env={"ACKSERVICE_CLIENT_PORT": str(server.port)})
     assert run.returncode == 0, run.stderr
 
 
@@ -126,9 +126,17 @@ async def test_settings_come_from_the_environment(server: Server, run_client: Ru
     [
         (["a\nb"], {}, "message 1 contains a newline"),
         (["--port", "0", "x"], {}, "argument --port: expected a port from 1 to 65535"),
-        (["--window", "0", "x"], {}, "argument --window: expected a positive integer"),
+        (
+            ["--window", "0", "x"],
+            {},
+            "argument --window: expected an integer from 1 to 65536, got '0'",
+        ),
         (["--ack-timeout", "-1", "x"], {}, "argument --ack-timeout: expected a positive"),
-        (["x"], {"ACKSERVICE_RETRIES": "many"}, "ACKSERVICE_RETRIES: expected an integer"),
+        (
+            ["x"],
+            {"ACKSERVICE_CLIENT_RETRIES": "many"},
+            "ACKSERVICE_CLIENT_RETRIES: expected an integer",
+        ),
         (["--log-level", "loud", "x"], {}, "argument --log-level: expected one of"),
     ],
 )
@@ -174,4 +182,6 @@ async def test_ctrl_c_stops_piped_input_with_a_summary(server: Server) -> None:
     finally:
         process.kill()
         await process.wait()
-    assert lines(stderr)[-1].startswith("interrupted: sent 2, acked 2, rejected 0, unacked 0 in ")
+    assert lines(stderr)[-1].startswith(
+        "interrupted: sent 2, acked 2, rejected 0, unacked 0, input not read after line 2 in "
+    )

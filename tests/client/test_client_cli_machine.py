@@ -133,5 +133,5 @@ def test_help_text_is_uniform(command: str) -> None:
         assert text.count("(") <= 1, text
         # Valued settings (switches and repeatable lists are annotated by the shared parser).
         if action.nargs is None and not isinstance(action, argparse._AppendAction):
-            assert "(default: " in text, text
+            assert "default: " in text, text  # "(default: ..." or "(range: ...; default: ..."
         assert not re.search(r"default: \d+\.0[;)]", text), text

@@ -14,6 +14,7 @@ from ackservice.client.output import (
     format_reply,
     format_summary,
     reply_json,
+    summary_json,
 )
 from ackservice.protocol import Ack, Err
 
@@ -148,3 +149,12 @@ def test_control_characters_from_the_server_are_escaped_before_printing(quiet: b
         assert raw not in printed
     assert "\\x1b]0;owned\\x07" in printed
     assert "\\x1b]8;;http://x\\x07link" in printed
+
+
+def test_summary_says_where_unfinished_input_stopped() -> None:
+    """A run that ended before its input did says after which line nothing was read, in
+    text and in JSON; a finished run says nothing of it."""
+    tally = Tally(sent=5, acked=3, read_to=7)
+    assert ", input not read after line 7 in " in format_summary(tally, 1.0)
+    assert json.loads(summary_json(tally, 1.0))["read_to"] == 7
+    assert "input not read" not in format_summary(Tally(sent=5, acked=5), 1.0)

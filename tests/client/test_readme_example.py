@@ -74,5 +74,5 @@ def test_every_client_setting_is_in_the_settings_table() -> None:
         flag = action.option_strings[0] if action.option_strings else None
         if flag is None or flag in ("-h", "--json", "-q", "--version"):
             continue
-        env = "ACKSERVICE_" + flag.removeprefix("--").replace("-", "_").upper()
+        env = "ACKSERVICE_CLIENT_" + flag.removeprefix("--").replace("-", "_").upper()
         assert f"| `{flag}` | `{env}` |" in text, flag

@@ -80,8 +80,13 @@ Delivery is at-least-once: after a reconnect, unacknowledged messages are sent a
 """
 
 
+# The client's own namespace: a shell that exports a server's ACKSERVICE_LOG_LEVEL or
+# ACKSERVICE_MAX_MESSAGE_BYTES must not change every client started from it.
+ENV_PREFIX = "ACKSERVICE_CLIENT_"
+
+
 def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
-    """The client's command-line parser (flags backed by ACKSERVICE_* variables)."""
+    """The client's command-line parser (flags backed by ACKSERVICE_CLIENT_* variables)."""
     defaults = ClientConfig()
     parser = _ClientParser(
         prog="python -m ackservice.client",
@@ -89,6 +94,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         environ=environ,
+        env_prefix=ENV_PREFIX,
     )
     parser.add_argument("messages", nargs="*", metavar="MESSAGE", help="a message to send")
     parser.add_argument(
@@ -107,19 +113,19 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
     add("--port", _cli.server_port, None, "server TCP port", default_text=str(defaults.port))
     add(
         "--connect-timeout",
-        _cli.seconds,
+        _cli.seconds_up_to(3600),
         defaults.connect_timeout,
         "seconds one connection attempt may take",
     )
     add(
         "--ack-timeout",
-        _cli.seconds,
+        _cli.seconds_up_to(86400),
         defaults.ack_timeout,
         "seconds the oldest unacknowledged message may wait for its reply",
     )
     add(
         "--retries",
-        _cli.non_negative_int,
+        _cli.int_in_range(0, 1_000_000),
         defaults.retries,
         "connection attempts after a failed one, counted afresh after any reply, and "
         "resends of a message answered 'unavailable'",
@@ -132,20 +138,25 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         "seconds to keep retrying a refused connection or a message answered "
         "'unavailable', from the first failure; 0: never retry",
     )
-    add("--window", _cli.positive_int, defaults.window, "messages in flight, at most")
+    add("--window", _cli.int_in_range(1, 65536), defaults.window, "messages in flight, at most")
     add(
         "--max-message-bytes",
-        _cli.non_negative_int,
+        _cli.int_in_range(0, 1 << 30),
         DEFAULT_MAX_MESSAGE_BYTES,
         "longest message sent; a longer line is reported and skipped. Set it to the server's limit",
     )
     add(
         "--backoff-base",
-        _cli.seconds,
+        _cli.seconds_up_to(3600),
         defaults.backoff_base,
         "first reconnect backoff bound in seconds; it doubles per failure, with full jitter",
     )
-    add("--backoff-cap", _cli.seconds, defaults.backoff_cap, "largest backoff bound in seconds")
+    add(
+        "--backoff-cap",
+        _cli.seconds_up_to(3600),
+        defaults.backoff_cap,
+        "largest backoff bound in seconds",
+    )
     add(
         "--log-level",
         _cli.log_level,
@@ -246,6 +257,8 @@ class _Run:
         self.stop_signal: int | None = None
         self.shown_acked = 0  # replies printed: after a signal, the summary counts only these
         self.shown_rejected = 0
+        self.lines_read = 0
+        self.input_done = False  # the whole input was read
         self.error: str | None = None
         self.unreachable = False
         self._nursery: trio.Nursery | None = None
@@ -284,6 +297,8 @@ class _Run:
             # answered after the signal) is not acknowledged as far as the user can tell.
             self.tally.acked = self.shown_acked
             self.tally.rejected = self.shown_rejected
+        if not self.input_done:
+            self.tally.read_to = self.lines_read
         elapsed = trio.current_time() - self.started
         self.reporter.summary(self.tally, elapsed, interrupted=self.interrupted)
 
@@ -387,12 +402,14 @@ class _Run:
             number = 0
             async for frame in frames:
                 number += 1
+                self.lines_read = number
                 if isinstance(frame, Oversized):
                     skipped.append(number)
                     tally.not_sent += 1
                     continue
                 numbers.append(number)
                 yield frame
+            self.input_done = True
 
         def report_skipped(before: float) -> None:
             while skipped and skipped[0] < before:
@@ -502,11 +519,13 @@ def _port_in_host(port: str, text: str) -> int:
 
 
 def _non_negative_seconds(text: str) -> float:
-    """A finite duration in seconds, 0 allowed (``--retry-for 0``: never retry)."""
+    """A finite duration in seconds from 0 (``--retry-for 0``: never retry) to 1e9."""
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if value > 1e9:
+        raise ValueError(f"expected at most 1000000000 seconds, got {text!r}")
     return 0.0 if value == 0 else _cli.seconds(text)
 
 
@@ -530,7 +549,7 @@ class _ClientParser(_cli.SettingsParser):
 def _wants_json(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
     """Whether ``--json`` or ``--log-format json`` was asked for, before parsing (a usage
     error must already come out as JSON then). Flags win over the environment."""
-    wants = environ.get("ACKSERVICE_LOG_FORMAT", "").lower() == "json"
+    wants = environ.get(ENV_PREFIX + "LOG_FORMAT", "").lower() == "json"
     for index, arg in enumerate(argv):
         if arg == "--":
             break

@@ -56,6 +56,9 @@ class Tally:
     not_sent: int = 0
     resent: int = 0
     retried: int = 0
+    read_to: int | None = None
+    """When the run ended before the end of its input: the last input line read. Lines
+    after it were never read (nor sent)."""
 
     @property
     def unacked(self) -> int:
@@ -120,6 +123,8 @@ def format_summary(tally: Tally, elapsed: float, *, interrupted: bool = False) -
     resent = tally.resent + tally.retried
     if resent:
         parts.append(f"resent {resent} (duplicates possible)")
+    if tally.read_to is not None:
+        parts.append(f"input not read after line {tally.read_to}")
     line = f"{', '.join(parts)} in {elapsed:.2f} s ({_rate(tally, elapsed)} msg/s)"
     return f"interrupted: {line}" if interrupted else line
 
@@ -136,6 +141,7 @@ def summary_json(tally: Tally, elapsed: float, *, interrupted: bool = False) -> 
             "unacked": tally.unacked,
             "not_sent": tally.not_sent,
             "resent": tally.resent + tally.retried,
+            "read_to": tally.read_to,
             "elapsed_s": round(elapsed, 3),
             "rate": _rate(tally, elapsed),
             "interrupted": interrupted,

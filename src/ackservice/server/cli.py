@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from .. import _cli
+from .. import __version__, _cli
 from ..logconfig import configure_logging
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
@@ -61,6 +61,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "<crc32>. Stop with SIGTERM or Ctrl-C (graceful); a second signal exits at once.",
         environ=environ,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add = parser.add_setting
     add(
         "--host",

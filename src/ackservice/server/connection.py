@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import logging
 import time
 import zlib
@@ -112,6 +113,7 @@ class Connection:
         "_last_message",
         "_owner",
         "_piece_bytes",
+        "_told",
         "_transport",
         "_waiting",
         "_warnings",
@@ -147,7 +149,9 @@ class Connection:
         # Input answered at a time; lowered for a client whose replies outgrow its input
         # (tiny messages), raised again when they no longer do.
         self._piece_bytes = RECEIVE_SIZE
-        self._warnings = WarningLimiter()
+        # Made on the first warning: most connections never need one.
+        self._warnings: WarningLimiter | None = None
+        self._told = ""  # the code of the final ERR 0 line, once it was sent
 
     @property
     def acked(self) -> int:
@@ -169,7 +173,6 @@ class Connection:
         log.info("connection_opened")
         reason = "internal-error"
         at_eof = False
-        told = ""  # the code of the ERR 0 line the client was sent, once sent
         try:
             ending = await self._serve()
             if ending is _Ending.EOF:
@@ -182,14 +185,10 @@ class Connection:
                     code = ErrorCode.IDLE_TIMEOUT
                     detail = f"no complete message for {config.idle_timeout:g} s"
                 stream = self._transport.as_stream()
-
-                def goodbye_sent() -> None:
-                    nonlocal told
-                    told = code
-
-                await close_with_error(
-                    stream, code, detail, config.drain_timeout, on_sent=goodbye_sent
-                )
+                # Not a closure: its cells would be allocated with this frame, for every
+                # connection, idle or not.
+                told = functools.partial(setattr, self, "_told", code)
+                await close_with_error(stream, code, detail, config.drain_timeout, on_sent=told)
                 reason = code  # the close reason in the log is the code the client was sent
         except (trio.BrokenResourceError, ConnectionError):
             reason = "reset"
@@ -204,7 +203,7 @@ class Connection:
             reason = "send-timeout"
         except trio.Cancelled:
             # A forced exit during the drain: the client was told all the same.
-            reason = told or "cancelled"
+            reason = self._told or "cancelled"
             raise
         except Exception:
             # A bug here must end this connection only, never the accept loop.
@@ -214,7 +213,8 @@ class Connection:
                 # Raises Cancelled when cancelled from outside; the totals still count.
                 await self._transport.aclose(at_eof=at_eof)
             finally:
-                self._warnings.flush()
+                if self._warnings is not None:
+                    self._warnings.flush()
                 self._owner.connection_closed(self)
                 log.info(
                     "connection_closed",
@@ -235,13 +235,10 @@ class Connection:
         committer = self._committer
         acknowledge = self._acknowledger is not None
         count_from = _MIN_PIECE
-        # Bound once: these run once or twice per message in request/response.
-        read_nowait = transport.read_nowait
-        try_send = transport.try_send
         while True:
             if committer is not None and not committer.has_room():
                 await committer.wait_for_room()  # the store is behind: read nothing more yet
-            data = read_nowait()
+            data = transport.read_nowait()
             if data is None:
                 if owner.shutting_down:
                     return _Ending.SHUTDOWN
@@ -275,7 +272,7 @@ class Connection:
                     # even if cancellation comes now.
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 # Inline, as almost every write takes it all: no coroutine per read.
-                sent = try_send(replies)
+                sent = transport.try_send(replies)
                 if sent < len(replies):
                     # The client is not keeping up with its replies: wait while it reads
                     # (TooSlowError once it made no progress for send_timeout).
@@ -376,7 +373,7 @@ class Connection:
                 messages.append(Message(payload, crc32(payload), received_at, peer, conn_id, seq))
                 nbytes += len(payload)
         pending = nbytes + len(messages) * _MESSAGE_OVERHEAD_BYTES
-        verdicts = await committer.commit(messages, pending, self._warnings) if messages else None
+        verdicts = await committer.commit(messages, pending, self._limiter()) if messages else None
         # After the commit: a slow store is not an idle client.
         self._last_message = trio.current_time()
         if self._debug:
@@ -401,7 +398,9 @@ class Connection:
                 continue
             self.errors += 1
             if isinstance(verdict, Rejected):
-                self._warnings.warn(log.warning, "message_rejected", seq=seq, reason=verdict.reason)
+                self._limiter().warn(
+                    log.warning, "message_rejected", seq=seq, reason=verdict.reason
+                )
                 replies.append(err_line(seq, ErrorCode.REJECTED, verdict.reason))
             elif isinstance(verdict, Unavailable):
                 replies.append(err_line(seq, ErrorCode.UNAVAILABLE, verdict.detail))
@@ -438,7 +437,12 @@ class Connection:
     def _log_too_large(self, seq: int) -> None:
         self.errors += 1
         limit = self._owner.config.max_message_bytes
-        self._warnings.warn(log.warning, "message_too_large", seq=seq, limit=limit)
+        self._limiter().warn(log.warning, "message_too_large", seq=seq, limit=limit)
+
+    def _limiter(self) -> WarningLimiter:
+        if self._warnings is None:
+            self._warnings = WarningLimiter()
+        return self._warnings
 
 
 def _debug_enabled() -> bool:
