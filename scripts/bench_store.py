@@ -8,9 +8,10 @@ For each round, servers interleaved: ``python -m ackservice.server`` with ``--st
 nats-server from the venv, JetStream with ``sync_interval: always``), each under the
 request/response load (64 connections x 1 in flight) and the pipelined one (16 x 64), as
 shared/bench's rr64 and pipe define them. Then a plain asyncio nats-py program publishes the
-same 64-byte messages as atomic batches of 1,000, 8 in flight (what the store does), to the
-same nats-server for the same time: JetStream's own ceiling here, which the server's
-pipelined figure is compared with. The server runs pinned to CPU 0 and the load generator to
+same 64-byte messages as atomic batches of 1,000 to the same nats-server for the same time,
+one batch in flight (what the pipelined load, 1,024 messages in flight, allows the server)
+and eight (the most JetStream takes from one publisher here): the server's pipelined figure
+is compared with the first. The server runs pinned to CPU 0 and the load generator to
 CPU 1, on 127.0.0.1; every run is bounded by ``--duration``. Prints one line per run and the
 medians; ``store commits/s`` is the server's own count (``store_commits`` in its
 ``shutdown_complete`` event): with SQLite (WAL, synchronous=FULL) each commit is one fsync of
@@ -109,15 +110,15 @@ def run_server(store: str, scenario: str, loadgen: str, duration: float, workdir
     return result
 
 
-def plain_publisher(url: JetStreamURL, duration: float) -> float:
-    """Messages per second of the plain asyncio publisher (pinned to CPU 0, like the server)."""
+def plain_publisher(url: JetStreamURL, duration: float, in_flight: int) -> float:
+    """Messages per second of the plain asyncio publisher (pinned to CPU 0, like the server),
+    atomic batches of 1,000 with ``in_flight`` of them at once."""
     import asyncio
 
     os.sched_setaffinity(0, {0})
     try:
-        stored, elapsed = asyncio.run(
-            plain_asyncio(url, make_messages(2_000_000), 1000, 8, duration)
-        )
+        messages = make_messages(2_000_000)
+        stored, elapsed = asyncio.run(plain_asyncio(url, messages, 1000, in_flight, duration))
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return stored / elapsed
@@ -157,9 +158,13 @@ def main() -> int:
                         print(f"round {round_number} {name:6s} {scenario:4s} {_line(result)}")
                 parsed = parse_store_url(nats_url)
                 assert isinstance(parsed, JetStreamURL)
-                rate = plain_publisher(parsed, args.duration)
-                results.setdefault("plain asyncio publisher", []).append({"acks_per_s": rate})
-                print(f"round {round_number} plain asyncio nats-py publisher {rate:>10,.0f} msgs/s")
+                # 1 in flight: what the pipelined load's 1,024 messages in flight allow; 8 in
+                # flight: the most this JetStream server takes from one publisher.
+                for in_flight in (1, 8):
+                    rate = plain_publisher(parsed, args.duration, in_flight)
+                    key = f"plain publisher 1000x{in_flight}"
+                    results.setdefault(key, []).append({"acks_per_s": rate})
+                    print(f"round {round_number} {key} {rate:>10,.0f} msgs/s")
         finally:
             nats.stop()
     print("\nmedians:")

@@ -127,3 +127,27 @@ async def wait_until(condition: Callable[[], bool]) -> None:
     with trio.fail_after(5):
         while not condition():  # noqa: ASYNC110 - polls state that has no event to wait on
             await trio.sleep(0.005)
+
+
+@contextmanager
+def small_tmpfs(mount_point: Path, size: int | str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (bytes, or with a suffix: ``"64k"``) mounted at
+    ``mount_point``, a full disk to order: unmounted at the end (lazily if a process still
+    holds a file there). Skips the test, with the reason, when mounting is not permitted
+    (it needs root)."""
+    import pytest
+
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -29,6 +29,7 @@ __all__ = [
     "seconds_up_to",
     "server_port",
     "switch",
+    "with_plain_defaults",
 ]
 
 EXIT_USAGE = 2
@@ -264,3 +265,15 @@ def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
     convert.__name__ = parse.__name__
     return convert
+
+
+def with_plain_defaults(parser: SettingsParser) -> Callable[..., None]:
+    """``parser.add_setting``, printing a float default as people write it (5, not 5.0),
+    so that every default in ``--help`` looks alike."""
+
+    def add(flag: str, parse: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
+        if isinstance(default, float) and "default_text" not in kw:
+            kw["default_text"] = f"{default:g}"
+        parser.add_setting(flag, parse, default, help, **kw)
+
+    return add

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from rel_checker import History, check, read_records
 from rel_harness import RECORDING_SERVER, START_TIMEOUT, pick, pipelined_client
 
 from conftest import Report, StartServer
+from support import small_tmpfs
 
 # Connections that each send one message: two info events each (connection_opened,
 # connection_closed), so 6,000 of them overflow the writer's 10,000-event queue.
@@ -296,24 +297,6 @@ async def test_log_reader_stalled(tmp_path: Path, recording: bool, report: Repor
         server.kill()
         with contextlib.suppress(OSError):
             reader.close()
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of ``size`` mounted at ``path`` (root only), unmounted afterwards."""
-    path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill(disk: Path) -> Path:

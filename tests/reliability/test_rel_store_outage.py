@@ -10,10 +10,9 @@ import errno
 import json
 import os
 import sqlite3
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from store_harness import (
 
 from ackservice.protocol import message_line
 from conftest import Report, StartServer
-from support import LineReader
+from support import LineReader, small_tmpfs
 
 LINES = 4_000
 # Lines sent and acknowledged before the outage starts; the rest are sent during it.
@@ -47,29 +46,6 @@ TMPFS_BYTES = 8 * 1024 * 1024
 
 def outage_payloads(prefix: str) -> list[bytes]:
     return [b"@%s%d|line %d of the outage run" % (prefix.encode(), n, n) for n in range(LINES)]
-
-
-@contextlib.contextmanager
-def small_tmpfs(mount_point: Path, size: int) -> Iterator[Path]:
-    """A real tmpfs of ``size`` bytes at ``mount_point``, unmounted at the end (lazily if a
-    process still holds a file there). Skips the test when mounting is not permitted."""
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs for the disk-full scenario (needs root and permission to "
-            f"mount): {mounted.stderr.strip() or mounted.returncode}"
-        )
-    try:
-        yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def fill(path: Path) -> int:

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import os
 import sqlite3
-import subprocess
 import tempfile
 import time
 import zlib
@@ -18,6 +17,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import support
 from ackservice.store import sqlite as sqlite_module
 from ackservice.store.base import Message, StoredMessage, StoreError, StoreUnavailable
 from ackservice.store.sqlite import SQLiteReader, SQLiteStore
@@ -408,20 +408,8 @@ async def test_messages_after_an_id_across_pages(tmp_path: Path) -> None:
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB tmpfs, unmounted afterwards (needs root; skipped with the reason
     when mounting is not permitted)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill: {result.stderr.strip()}")
-    try:
+    with support.small_tmpfs(tmp_path / "small", "256k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def fill(directory: Path) -> Path:

@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Final, NoReturn
+from typing import Final, NoReturn
 
 import trio
 
@@ -131,7 +131,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _BenchParser:
         action="version",
         version=f"%(prog)s {importlib.metadata.version('ackservice')}",
     )
-    add = _with_plain_defaults(parser)
+    add = _cli.with_plain_defaults(parser)
     add("--host", _cli.host_name, "127.0.0.1", "server address; the only one ever connected to")
     add("--port", bench_port, 9876, "server TCP port; not used with --spawn")
     add(
@@ -331,15 +331,3 @@ def _is_on(text: str) -> bool:
         return _cli.switch(text)
     except ValueError:
         return False
-
-
-def _with_plain_defaults(parser: _cli.SettingsParser) -> Callable[..., None]:
-    """``parser.add_setting``, printing a float default as people write it (5, not 5.0),
-    so that every default in ``--help`` looks alike."""
-
-    def add(flag: str, parse: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
-        if isinstance(default, float) and "default_text" not in kw:
-            kw["default_text"] = f"{default:g}"
-        parser.add_setting(flag, parse, default, help, **kw)
-
-    return add

@@ -25,7 +25,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import trio
 
@@ -102,7 +102,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         action="version",
         version=f"%(prog)s {importlib.metadata.version('ackservice')}",
     )
-    add = _with_plain_defaults(parser)
+    add = _cli.with_plain_defaults(parser)
     add(
         "--host",
         host_and_port,
@@ -574,15 +574,3 @@ def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-
-
-def _with_plain_defaults(parser: _cli.SettingsParser) -> Callable[..., None]:
-    """``parser.add_setting``, printing a float default as people write it (5, not 5.0),
-    so that every default in ``--help`` looks alike."""
-
-    def add(flag: str, parse: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
-        if isinstance(default, float) and "default_text" not in kw:
-            kw["default_text"] = f"{default:g}"
-        parser.add_setting(flag, parse, default, help, **kw)
-
-    return add
