@@ -82,13 +82,13 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_every_command_is_a_console_script() -> None:
     """``[project.scripts]`` installs each ``python -m`` command as ``ackservice-NAME``, pointing
-    at its ``main``; the installed client and bench scripts answer ``--version``."""
+    at its ``main``; every installed script answers ``--version``."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for name in ("server", "client", "bench", "store"):
         module, _, function = scripts[f"ackservice-{name}"].partition(":")
         assert callable(getattr(importlib.import_module(module), function)), name
     version = importlib.metadata.version("ackservice")
-    for name in ("client", "bench"):
+    for name in ("server", "client", "bench", "store"):
         script = Path(sys.executable).parent / f"ackservice-{name}"
         done = subprocess.run(
             [str(script), "--version"], capture_output=True, text=True, timeout=30, check=False

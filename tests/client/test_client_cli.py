@@ -185,3 +185,20 @@ async def test_ctrl_c_stops_piped_input_with_a_summary(server: Server) -> None:
     assert lines(stderr)[-1].startswith(
         "interrupted: sent 2, acked 2, rejected 0, unacked 0, input not read after line 2 in "
     )
+
+
+def test_server_settings_in_the_environment_do_not_reach_the_client() -> None:
+    """A shell that exports the server's settings (``ACKSERVICE_*``) does not change the
+    client, whose settings are ``ACKSERVICE_CLIENT_*``; its own variables still apply."""
+    from ackservice.client.cli import build_parser
+
+    server_env = {
+        "ACKSERVICE_LOG_LEVEL": "debug",
+        "ACKSERVICE_MAX_MESSAGE_BYTES": "10",
+        "ACKSERVICE_PORT": "1",
+    }
+    args = build_parser(server_env).parse_args([])
+    assert (args.max_message_bytes, args.log_level) == (65536, None)  # None: the default
+    assert args.port is None  # the default, 9876, applies
+    own = build_parser({"ACKSERVICE_CLIENT_MAX_MESSAGE_BYTES": "10"}).parse_args([])
+    assert own.max_message_bytes == 10
