@@ -21,8 +21,9 @@ EMPTY_LINES = 512 * 1024
 # read and a 64 KiB piece of replies), with room for allocator slack. Before the bound it
 # was ~1.1 MiB each.
 RSS_PER_CLIENT_LIMIT = 256 * 1024
-# What may stay after they are all gone: heap the allocator keeps (before the bound: ~240 MiB).
-RSS_LEFT_LIMIT = 16 * 1024 * 1024
+# What may stay after they are all gone: heap glibc's allocator keeps rather than returns
+# (measured 3 to 17 MiB across runs, depending on fragmentation; before the bound: ~240 MiB).
+RSS_LEFT_LIMIT = 24 * 1024 * 1024
 SETTLE = pick(3.0, 6.0)
 
 
