@@ -189,16 +189,7 @@ async def test_server_gone_for_good_after_connecting_exits_1(
 ) -> None:
     """Connected once, then the server vanishes: exit 1 (not 3), and the unacknowledged
     messages are counted."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-
-    async def accept_once_then_vanish() -> None:
-        stream = await listeners[0].accept()
-        await listeners[0].aclose()
-        await stream.receive_some()
-        await stream.aclose()
-
-    nursery.start_soon(accept_once_then_vanish)
+    port = await vanishing_server(nursery)
     run = await run_client("--port", str(port), *FAST_RETRY, "one", "two")
     assert run.returncode == 1
     assert_one_line_error(
@@ -215,16 +206,7 @@ async def test_a_piped_run_that_gives_up_says_where_its_input_stopped(
     """The server vanishes for good partway through a piped run: the summary counts what
     was sent and says after which input line nothing more was read, so the user knows
     exactly which lines never left."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-
-    async def accept_once_then_vanish() -> None:
-        stream = await listeners[0].accept()
-        await listeners[0].aclose()
-        await stream.receive_some()
-        await stream.aclose()
-
-    nursery.start_soon(accept_once_then_vanish)
+    port = await vanishing_server(nursery)
     stdin = b"".join(b"line %d\n" % i for i in range(10_000))
     run = await run_client("--port", str(port), *FAST_RETRY, "--window", "4", stdin=stdin)
     assert run.returncode == 1
@@ -233,3 +215,18 @@ async def test_a_piped_run_that_gives_up_says_where_its_input_stopped(
     assert 0 < read_to < 10_000
     sent = int(summary.split("sent ")[1].split(",")[0])
     assert sent <= read_to
+
+
+async def vanishing_server(nursery: trio.Nursery) -> int:
+    """A loopback port whose server accepts one connection, reads once, then closes it and
+    stops listening for good; returns the port."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def accept_once_then_vanish() -> None:
+        stream = await listeners[0].accept()
+        await listeners[0].aclose()
+        await stream.receive_some()
+        await stream.aclose()
+
+    nursery.start_soon(accept_once_then_vanish)
+    return int(listeners[0].socket.getsockname()[1])
