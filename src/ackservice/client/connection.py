@@ -5,7 +5,7 @@ other reads replies, verifies them against what was written and completes the wa
 callers. Keeping them apart means a large pipelined run cannot deadlock with both peers
 blocked writing. A supervising task reconnects after a loss and puts every unanswered
 message back at the front of the queue, so delivery is at-least-once. A message the server
-answers ``ERR <seq> unavailable`` (not stored, try later) is held back and written again
+answers ``ERR <seq> unavailable`` (not acknowledged, try later) is held back and written again
 after a backoff, on whatever connection is up then.
 
 Replies are framed and parsed by the sans-IO ``ackservice.protocol``; this module only

@@ -47,7 +47,7 @@ class Tally:
     ``sent == acked + rejected + unacked``; ``not_sent`` lines were too long to send.
     A message the server kept answering ``unavailable`` until the retry budget ran out is
     not acknowledged (``unacked``), not refused. ``resent`` counts extra writes after a lost
-    connection (possible duplicates), ``retried`` after an ``unavailable`` answer (none).
+    connection, ``retried`` after an ``unavailable`` answer; either may duplicate.
     """
 
     sent: int = 0
