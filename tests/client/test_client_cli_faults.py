@@ -210,7 +210,8 @@ async def test_a_piped_run_that_gives_up_says_where_its_input_stopped(
     stdin = b"".join(b"line %d\n" % i for i in range(10_000))
     run = await run_client("--port", str(port), *FAST_RETRY, "--window", "4", stdin=stdin)
     assert run.returncode == 1
-    summary = run.stderr.decode().splitlines()[-1]
+    [summary] = [line for line in run.stderr.decode().splitlines() if line.startswith("sent ")]
+    assert "input not read after line " in summary, run.stderr.decode()
     read_to = int(summary.split("input not read after line ")[1].split(" ")[0])
     assert 0 < read_to < 10_000
     sent = int(summary.split("sent ")[1].split(",")[0])

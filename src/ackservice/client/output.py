@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import TextIO
 
+from ..logconfig import flush_logging
 from ..protocol import Ack, Err, ErrorCode, escape_controls
 
 __all__ = [
@@ -37,6 +38,9 @@ ERROR_PREFIX = "python -m ackservice.client: error: "
 # "\r" back to the start of the line, ESC[K erase to its end: the progress line redraws
 # in place and leaves nothing behind when it shrinks or is cleared.
 _REDRAW = "\r\x1b[K"
+# How long the summary waits for queued log lines to be written first (a stuck stderr would
+# block the summary's own write anyway).
+_LOG_FLUSH_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -243,9 +247,12 @@ class Reporter:
             self._progress_shown = False
 
     def summary(self, tally: Tally, elapsed: float, *, interrupted: bool = False) -> None:
-        """The final summary line (shown even with ``--quiet``)."""
+        """The final summary line (shown even with ``--quiet``), after every log line: those
+        leave through a writer thread, so without waiting for it one could follow the
+        summary."""
         self.clear_progress()
         self.out.flush()
+        flush_logging(_LOG_FLUSH_SECONDS)
         render = summary_json if self.json_err else format_summary
         print(render(tally, elapsed, interrupted=interrupted), file=self.err, flush=True)
 
