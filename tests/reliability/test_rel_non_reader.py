@@ -17,6 +17,7 @@ from rel_harness import (
     percentile,
     pick,
     pipelined_client,
+    poll_until,
 )
 
 from ackservice.protocol import message_line
@@ -110,7 +111,13 @@ async def test_client_that_never_reads_is_dropped_after_the_send_timeout(
             stop.set()
         growth = server.peak_rss() - rss_before
 
-    [closed] = [e for e in server.events_named("connection_closed") if e["peer"] == stuck.local]
+    # Log lines reach the file through the server's writer thread, a little after the fact.
+    def closed_events() -> list[dict[str, object]]:
+        return [e for e in server.events_named("connection_closed") if e["peer"] == stuck.local]
+
+    with trio.fail_after(5):
+        await poll_until(lambda: bool(closed_events()))
+    [closed] = closed_events()
     assert closed["reason"] == "send-timeout"
     assert closed["duration"] >= SEND_TIMEOUT
     assert growth < MEMORY_GROWTH_LIMIT, f"peak RSS grew {growth / 1024:.0f} KiB"
