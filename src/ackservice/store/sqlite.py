@@ -120,13 +120,22 @@ _payload_of = itemgetter(0)
 _crc32_of = itemgetter(1)
 
 
-class SQLiteStore:
-    """A ``Store`` that keeps every message in one SQLite file; open with ``SQLiteStore.open``."""
+class _StoreFile:
+    """One open connection to a store file, used by one thread at a time."""
 
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._connection = connection
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
+
+    @property
+    def description(self) -> str:
+        """``sqlite:`` and the file's absolute path."""
+        return f"sqlite:{self._path}"
+
+
+class SQLiteStore(_StoreFile):
+    """A ``Store`` that keeps every message in one SQLite file; open with ``SQLiteStore.open``."""
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
@@ -139,11 +148,6 @@ class SQLiteStore:
         """
         path, connection = await trio.to_thread.run_sync(_open_for_writing, path)
         return cls(connection, path)
-
-    @property
-    def description(self) -> str:
-        """``sqlite:`` and the file's absolute path."""
-        return f"sqlite:{self._path}"
 
     async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
         """Insert ``batch`` in one transaction, one row per run of consecutive messages from
@@ -189,13 +193,8 @@ class SQLiteStore:
         )
 
 
-class SQLiteReader:
+class SQLiteReader(_StoreFile):
     """A ``StoreReader`` for a SQLite store file; open with ``SQLiteReader.open``."""
-
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
-        self._connection = connection
-        self._path = path
-        self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteReader:
@@ -207,11 +206,6 @@ class SQLiteReader:
         """
         path, connection = await trio.to_thread.run_sync(_open_for_reading, path)
         return cls(connection, path)
-
-    @property
-    def description(self) -> str:
-        """``sqlite:`` and the file's absolute path."""
-        return f"sqlite:{self._path}"
 
     async def messages(
         self, *, after: int = 0, follow: bool = False
