@@ -8,8 +8,7 @@ have their own tests, and end-to-end tests drive them through real processes.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -63,11 +62,6 @@ class ListStore:
         pass
 
 
-@asynccontextmanager
-async def handler_with(store: ListStore, **settings: Any) -> AsyncIterator[AckHandler]:
-    yield AckHandler(ServerConfig(**settings), store=store)
-
-
 def connect(
     nursery: trio.Nursery, handler: AckHandler
 ) -> tuple[trio.testing.StapledStream[Any, Any], LineReader]:
@@ -81,21 +75,21 @@ async def test_ack_follows_the_commit_and_carries_the_message(nursery: trio.Nurs
     connection and arrival time."""
     store = ListStore()
     store.gate = trio.Event()
-    async with handler_with(store) as handler:
-        client, replies = connect(nursery, handler)
-        await client.send_all(b"hello\n")
-        await store.commit_started.wait()
-        with trio.move_on_after(0.5):
-            await replies.line()
-            pytest.fail("an ACK left before the commit returned")
-        store.gate.set()
-        assert await replies.line() == b"ACK 1 5 3610a686"
-        [[message]] = store.batches
-        assert (message.payload, message.crc32, message.seq) == (b"hello", 0x3610A686, 1)
-        assert message.conn_id == 1
-        assert message.peer == "StapledStream"
-        assert message.received_at > 1.7e9
-        await client.aclose()
+    handler = AckHandler(ServerConfig(), store=store)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"hello\n")
+    await store.commit_started.wait()
+    with trio.move_on_after(0.5):
+        await replies.line()
+        pytest.fail("an ACK left before the commit returned")
+    store.gate.set()
+    assert await replies.line() == b"ACK 1 5 3610a686"
+    [[message]] = store.batches
+    assert (message.payload, message.crc32, message.seq) == (b"hello", 0x3610A686, 1)
+    assert message.conn_id == 1
+    assert message.peer == "StapledStream"
+    assert message.received_at > 1.7e9
+    await client.aclose()
 
 
 async def test_one_commit_covers_every_connection_that_waited(nursery: trio.Nursery) -> None:
@@ -103,19 +97,19 @@ async def test_one_commit_covers_every_connection_that_waited(nursery: trio.Nurs
     one next commit together: group commit, not a commit per connection or per message."""
     store = ListStore()
     store.gate = trio.Event()
-    async with handler_with(store) as handler:
-        first, first_replies = connect(nursery, handler)
-        await first.send_all(b"first\n")
-        await store.commit_started.wait()  # the first commit holds the store
-        others = [connect(nursery, handler) for _ in range(5)]
-        for index, (client, _) in enumerate(others):
-            await client.send_all(b"a%d\nb%d\n" % (index, index))
-        await trio.testing.wait_all_tasks_blocked()
-        store.gate.set()
-        assert (await first_replies.line()).startswith(b"ACK 1 ")
-        for _, replies in others:
-            assert [line.split()[1] for line in await replies.lines(2)] == [b"1", b"2"]
-        assert [len(batch) for batch in store.batches] == [1, 10]
+    handler = AckHandler(ServerConfig(), store=store)
+    first, first_replies = connect(nursery, handler)
+    await first.send_all(b"first\n")
+    await store.commit_started.wait()  # the first commit holds the store
+    others = [connect(nursery, handler) for _ in range(5)]
+    for index, (client, _) in enumerate(others):
+        await client.send_all(b"a%d\nb%d\n" % (index, index))
+    await trio.testing.wait_all_tasks_blocked()
+    store.gate.set()
+    assert (await first_replies.line()).startswith(b"ACK 1 ")
+    for _, replies in others:
+        assert [line.split()[1] for line in await replies.lines(2)] == [b"1", b"2"]
+    assert [len(batch) for batch in store.batches] == [1, 10]
 
 
 async def test_a_pipelined_read_is_one_commit_and_one_block_of_replies(
@@ -123,14 +117,14 @@ async def test_a_pipelined_read_is_one_commit_and_one_block_of_replies(
 ) -> None:
     """Every message of one read goes into one commit, and their ACKs come in one write."""
     store = ListStore()
-    async with handler_with(store) as handler:
-        client, replies = connect(nursery, handler)
-        payloads = [b"message %d" % i for i in range(100)]
-        await client.send_all(b"".join(p + b"\n" for p in payloads))
-        lines = await replies.lines(100)
-        assert lines == [ack_line(i, p)[:-1] for i, p in enumerate(payloads, 1)]
-        assert store.payloads == payloads
-        assert len(store.batches) == 1
+    handler = AckHandler(ServerConfig(), store=store)
+    client, replies = connect(nursery, handler)
+    payloads = [b"message %d" % i for i in range(100)]
+    await client.send_all(b"".join(p + b"\n" for p in payloads))
+    lines = await replies.lines(100)
+    assert lines == [ack_line(i, p)[:-1] for i, p in enumerate(payloads, 1)]
+    assert store.payloads == payloads
+    assert len(store.batches) == 1
 
 
 async def test_verdicts_become_per_message_errors(nursery: trio.Nursery, logs: EventList) -> None:
@@ -138,17 +132,17 @@ async def test_verdicts_become_per_message_errors(nursery: trio.Nursery, logs: E
     the store's words, the others are ACKed, and too-large messages keep their place."""
     store = ListStore()
     store.verdicts = {b"bad": Rejected("not allowed"), b"later": Unavailable("busy shard")}
-    async with handler_with(store, max_message_bytes=10) as handler:
-        client, replies = connect(nursery, handler)
-        await client.send_all(b"ok\nbad\n" + b"x" * 20 + b"\nlater\nfine\n")
-        assert await replies.lines(5) == [
-            ack_line(1, b"ok")[:-1],
-            b"ERR 2 rejected not allowed",
-            b"ERR 3 too-large message exceeds 10 bytes; it was dropped",
-            b"ERR 4 unavailable busy shard",
-            ack_line(5, b"fine")[:-1],
-        ]
-        assert store.payloads == [b"ok", b"fine"]
+    handler = AckHandler(ServerConfig(max_message_bytes=10), store=store)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"ok\nbad\n" + b"x" * 20 + b"\nlater\nfine\n")
+    assert await replies.lines(5) == [
+        ack_line(1, b"ok")[:-1],
+        b"ERR 2 rejected not allowed",
+        b"ERR 3 too-large message exceeds 10 bytes; it was dropped",
+        b"ERR 4 unavailable busy shard",
+        ack_line(5, b"fine")[:-1],
+    ]
+    assert store.payloads == [b"ok", b"fine"]
 
 
 async def test_outage_answers_unavailable_logs_once_and_recovers(
@@ -158,14 +152,14 @@ async def test_outage_answers_unavailable_logs_once_and_recovers(
     the connection stays open, one event says so, and one says when it recovered."""
     store = ListStore()
     store.failing = True
-    async with handler_with(store) as handler:
-        client, replies = connect(nursery, handler)
-        for index in range(5):
-            await client.send_all(b"m%d\n" % index)
-            assert await replies.line() == b"ERR %d unavailable disk full" % (index + 1)
-        store.failing = False
-        await client.send_all(b"again\n")
-        assert await replies.line() == ack_line(6, b"again")[:-1]
+    handler = AckHandler(ServerConfig(), store=store)
+    client, replies = connect(nursery, handler)
+    for index in range(5):
+        await client.send_all(b"m%d\n" % index)
+        assert await replies.line() == b"ERR %d unavailable disk full" % (index + 1)
+    store.failing = False
+    await client.send_all(b"again\n")
+    assert await replies.line() == ack_line(6, b"again")[:-1]
     assert [e["event"] for e in logs if e["event"].startswith("store_")] == [
         "store_unavailable",
         "store_recovered",
@@ -181,10 +175,10 @@ async def test_a_commit_past_the_store_timeout_is_unavailable(
     unavailable instead of the client waiting out its own ack timeout."""
     store = ListStore()
     store.gate = trio.Event()  # never opened
-    async with handler_with(store, store_timeout=2.0) as handler:
-        client, replies = connect(nursery, handler)
-        await client.send_all(b"stuck\n")
-        assert await replies.line() == b"ERR 1 unavailable store did not commit within 2 s"
+    handler = AckHandler(ServerConfig(store_timeout=2.0), store=store)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"stuck\n")
+    assert await replies.line() == b"ERR 1 unavailable store did not commit within 2 s"
 
 
 async def test_a_failing_store_is_an_internal_error_not_a_crash(
@@ -197,12 +191,12 @@ async def test_a_failing_store_is_an_internal_error_not_a_crash(
         async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
             raise RuntimeError("bug in the store")
 
-    async with handler_with(BrokenStore()) as handler:
-        client, replies = connect(nursery, handler)
-        await client.send_all(b"a\n")
-        assert (await replies.line()).startswith(b"ERR 1 internal-error ")
-        await client.send_all(b"b\n")
-        assert (await replies.line()).startswith(b"ERR 2 internal-error ")
+    handler = AckHandler(ServerConfig(), store=BrokenStore())
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"a\n")
+    assert (await replies.line()).startswith(b"ERR 1 internal-error ")
+    await client.send_all(b"b\n")
+    assert (await replies.line()).startswith(b"ERR 2 internal-error ")
     [failed] = [e for e in logs if e["event"] == "store_failed"]
     assert isinstance(failed["exc_info"], RuntimeError)
 
@@ -212,18 +206,18 @@ async def test_connections_stop_reading_while_the_store_is_behind(nursery: trio.
     a slow store slows clients down instead of growing the server's memory."""
     store = ListStore()
     store.gate = trio.Event()
-    async with handler_with(store, max_pending_store_bytes=100) as handler:
-        first, _ = connect(nursery, handler)
-        await first.send_all(b"x" * 200 + b"\n")  # over the bound, now in the commit
-        await store.commit_started.wait()
-        second, second_replies = connect(nursery, handler)
-        await second.send_all(b"waiting\n")
-        await trio.testing.wait_all_tasks_blocked()
-        # The second connection has not even read its message.
-        assert sorted(c.bytes_received for c in handler._connections) == [0, 201]
-        assert not store.batches
-        store.gate.set()
-        assert (await second_replies.line()).startswith(b"ACK 1 ")
+    handler = AckHandler(ServerConfig(max_pending_store_bytes=100), store=store)
+    first, _ = connect(nursery, handler)
+    await first.send_all(b"x" * 200 + b"\n")  # over the bound, now in the commit
+    await store.commit_started.wait()
+    second, second_replies = connect(nursery, handler)
+    await second.send_all(b"waiting\n")
+    await trio.testing.wait_all_tasks_blocked()
+    # The second connection has not even read its message.
+    assert sorted(c.bytes_received for c in handler._connections) == [0, 201]
+    assert not store.batches
+    store.gate.set()
+    assert (await second_replies.line()).startswith(b"ACK 1 ")
 
 
 async def test_shutdown_commits_and_answers_what_was_read(nursery: trio.Nursery) -> None:
@@ -231,18 +225,18 @@ async def test_shutdown_commits_and_answers_what_was_read(nursery: trio.Nursery)
     then says shutting-down: nothing read is lost."""
     store = ListStore()
     store.gate = trio.Event()
-    async with handler_with(store) as handler:
-        client, replies = connect(nursery, handler)
-        await client.send_all(b"one\ntwo\n")
-        await store.commit_started.wait()
-        handler.begin_shutdown()
-        store.gate.set()
-        assert await replies.lines(3) == [
-            ack_line(1, b"one")[:-1],
-            ack_line(2, b"two")[:-1],
-            b"ERR 0 shutting-down server is shutting down, retry later",
-        ]
-        assert store.payloads == [b"one", b"two"]
+    handler = AckHandler(ServerConfig(), store=store)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"one\ntwo\n")
+    await store.commit_started.wait()
+    handler.begin_shutdown()
+    store.gate.set()
+    assert await replies.lines(3) == [
+        ack_line(1, b"one")[:-1],
+        ack_line(2, b"two")[:-1],
+        b"ERR 0 shutting-down server is shutting down, retry later",
+    ]
+    assert store.payloads == [b"one", b"two"]
 
 
 async def test_serve_with_a_store_over_tcp(nursery: trio.Nursery) -> None:
