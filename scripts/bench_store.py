@@ -34,77 +34,42 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from ackservice.bench.spawn import start_server
 from ackservice.store.url import JetStreamURL, parse_store_url
 from bench_jetstream import make_messages, plain_asyncio  # type: ignore[import-not-found]
 from nats_support import NatsServer  # type: ignore[import-not-found]
 
+HOST = "127.0.0.1"
 LOADS = {
     "rr64": ["--conns", "64", "--window", "1", "--size", "64"],
     "pipe": ["--conns", "16", "--window", "64", "--size", "64"],
 }
 
 
-def run_server(store: str, scenario: str, loadgen: str, duration: float, workdir: Path) -> dict:
-    log_path = workdir / "server.log"
-    with log_path.open("wb") as log_file:
-        server = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "0",
-                sys.executable,
-                "-m",
-                "ackservice.server",
-                "--port",
-                "0",
-                "--log-format",
-                "json",
-                "--store",
-                store,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            cwd=workdir,
-        )
+def run_server(store: str, scenario: str, loadgen: str, duration: float) -> dict:
+    # The bench's own spawner: a free port learned from --port-file, a temporary working
+    # directory (where a relative sqlite: path lands), removed by stop().
+    server = start_server(HOST, ["--store", store, "--log-level", "info"])
     try:
-        port = 0
-        deadline = time.monotonic() + 20
-        while not port and time.monotonic() < deadline:
-            for line in log_path.read_text().splitlines():
-                if '"listening"' in line:
-                    port = json.loads(line)["port"]
-            time.sleep(0.05)
-        if not port:
-            raise SystemExit(f"server with --store {store} did not start: see {log_path}")
+        for task in os.listdir(f"/proc/{server.pid}/task"):  # every thread, the store's too
+            os.sched_setaffinity(int(task), {0})
         started = time.monotonic()
+        load = [*LOADS[scenario], "--duration", str(duration), "--warmup", "1"]
         out = subprocess.run(
-            [
-                "taskset",
-                "-c",
-                "1",
-                loadgen,
-                "--port",
-                str(port),
-                *LOADS[scenario],
-                "--duration",
-                str(duration),
-                "--warmup",
-                "1",
-            ],
+            ["taskset", "-c", "1", loadgen, "--port", str(server.port), *load],
             capture_output=True,
             text=True,
             timeout=duration + 30,
             check=True,
         ).stdout
         elapsed = time.monotonic() - started
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(30)
+        log = server.log_path.read_text()  # before stop(), which removes it
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        server.stop()
     result = json.loads(out.strip().splitlines()[-1])
-    events = [
-        json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")
-    ]
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     done = next(e for e in events if e["event"] == "shutdown_complete")
     result["commits_per_s"] = done.get("store_commits", 0) / elapsed
     return result
@@ -151,9 +116,9 @@ def main() -> int:
             for round_number in range(1, args.rounds + 1):
                 for name, store in stores.items():
                     for scenario in LOADS:
-                        workdir = Path(tempfile.mkdtemp(dir=tmp))
-                        url = store or f"sqlite:{workdir}/store.db"
-                        result = run_server(url, scenario, args.loadgen, args.duration, workdir)
+                        # A relative path: a fresh file in the spawned server's own directory.
+                        url = store or "sqlite:store.db"
+                        result = run_server(url, scenario, args.loadgen, args.duration)
                         results.setdefault(f"{name} {scenario}", []).append(result)
                         print(f"round {round_number} {name:6s} {scenario:4s} {_line(result)}")
                 parsed = parse_store_url(nats_url)
