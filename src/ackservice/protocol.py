@@ -84,6 +84,10 @@ class ErrorCode:
     SHUTTING_DOWN: Final = "shutting-down"
     UNAVAILABLE: Final = "unavailable"
     """Not accepted now (the store is down, full or too slow): safe to send again later."""
+    FORBIDDEN: Final = "forbidden"
+    """The server does not serve this client's address (``--allow``): retrying cannot help."""
+    TLS_REQUIRED: Final = "tls-required"
+    """Plaintext sent to a TLS port; the only line the server sends unencrypted there."""
 
 
 class Oversized:
