@@ -248,6 +248,21 @@ class ServerUnderTest:
     def count_events(self, name: str) -> int:
         return len(self.events_named(name))
 
+    def count_refusals(self, reason: str | None = None) -> int:
+        """Connections refused, logged or counted in ``warnings_suppressed`` (the server
+        logs a few refusals a second and counts the rest)."""
+        logged = [
+            e
+            for e in self.events_named("connection_refused")
+            if reason is None or e["reason"] == reason
+        ]
+        suppressed = sum(
+            e["count"]
+            for e in self.events_named("warnings_suppressed")
+            if e["suppressed_event"] == "connection_refused"
+        )
+        return len(logged) + suppressed
+
     async def wait_for_event(
         self, name: str, within: float = 10.0, count: int = 1
     ) -> dict[str, Any]:

@@ -104,8 +104,7 @@ async def test_out_of_descriptors_is_survived_and_logged_rarely(
         # slot for a commit, so a newcomer arriving in that burst can meet a full house.
         await poll_until(
             lambda: (
-                server.count_events("connection_closed") + server.count_events("connection_refused")
-                >= CLIENTS + 1
+                server.count_events("connection_closed") + server.count_refusals() >= CLIENTS + 1
             )  # and the warm-up connection
         )
         newcomer = HeldClient(CLIENTS, history)

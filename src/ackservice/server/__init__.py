@@ -12,6 +12,7 @@ from .config import ServerConfig
 from .handler import AckHandler, ServerStats
 from .hook import MessageContext, MessageHook
 from .listener import Server, serve
+from .tls import TLSConfigError, server_tls_context
 
 __all__ = [
     "AckHandler",
@@ -21,5 +22,7 @@ __all__ = [
     "Server",
     "ServerConfig",
     "ServerStats",
+    "TLSConfigError",
     "serve",
+    "server_tls_context",
 ]

@@ -1,8 +1,9 @@
 """``python -m ackservice.server``: run the server as a daemon.
 
 Exit codes: 0 after a graceful shutdown, 1 when the server cannot start (the address is in
-use, cannot be resolved, the store cannot be opened, ...), 2 for a bad setting, 130 when a
-second signal forced an immediate exit.
+use, cannot be resolved, the store cannot be opened, ...), 2 for a bad setting (a TLS
+certificate or key that cannot be used included), 130 when a second signal forced an
+immediate exit.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 import structlog
@@ -29,6 +32,7 @@ from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
 from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
+from .tls import TLSConfigError, server_tls_context
 
 __all__ = ["main"]
 
@@ -135,6 +139,54 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "payload bytes waiting for the store beyond which the server stops reading",
     )
     add(
+        "--tls-cert",
+        _file_path,
+        None,
+        "serve TLS (1.2 or later) with this PEM certificate chain; the key too unless "
+        "--tls-key is given",
+        metavar="PATH",
+        default_text="none: plain TCP",
+    )
+    add(
+        "--tls-key",
+        _file_path,
+        None,
+        "PEM private key of --tls-cert",
+        metavar="PATH",
+        default_text="in --tls-cert",
+    )
+    add(
+        "--tls-client-ca",
+        _file_path,
+        None,
+        "require a client certificate signed by this PEM CA (mutual TLS); its subject is "
+        "logged and stored with each message",
+        metavar="PATH",
+        default_text="none: no client certificates",
+    )
+    add(
+        "--tls-handshake-timeout",
+        _seconds_setting("tls_handshake_timeout"),
+        defaults.tls_handshake_timeout,
+        "seconds a client has to complete its TLS handshake",
+    )
+    add(
+        "--allow",
+        _networks,
+        (),
+        "serve only clients in these networks (CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32; "
+        "repeat the flag or separate with commas); others get ERR 0 forbidden",
+        repeatable=True,
+        metavar="CIDR",
+        default_text="everyone",
+    )
+    add(
+        "--max-connections-per-ip",
+        _int_setting("max_connections_per_ip"),
+        defaults.max_connections_per_ip,
+        "connections one client address may hold at once; beyond it ERR 0 busy (0: no limit)",
+    )
+    add(
         "--port-file",
         _port_file,
         None,
@@ -155,11 +207,21 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run the server until a signal stops it; return the process exit code."""
-    args = build_parser(environ).parse_args(argv)
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    if args.tls_cert is None and (args.tls_key or args.tls_client_ca):
+        parser.error("--tls-key and --tls-client-ca need --tls-cert")
+    tls = None
+    if args.tls_cert is not None:
+        try:
+            tls = server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+        except TLSConfigError as exc:
+            print(f"ackservice.server: error: {exc}", file=sys.stderr)
+            return _cli.EXIT_USAGE
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
-        return trio.run(_open_store_and_serve, config, args.store, args.port_file)
+        return trio.run(_open_store_and_serve, config, args.store, args.port_file, tls)
     except (StoreError, PortFileError) as exc:
         print(f"ackservice.server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
@@ -184,6 +246,31 @@ def _seconds_setting(name: str) -> Callable[[str], float]:
     return _cli.seconds_up_to(LIMITS[name][1])
 
 
+def _file_path(text: str) -> str:
+    """A file named on the command line (read once the settings are complete)."""
+    if not text.strip():
+        raise ValueError("expected a file path, got an empty string")
+    return text
+
+
+def _networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """``--allow`` networks: CIDRs (or single addresses), comma-separated."""
+    networks = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{part.strip()!r} is not a network; write an address or CIDR such as "
+                "10.0.0.0/8 or 2001:db8::/32"
+            ) from None
+    if not networks:
+        raise ValueError("expected at least one network")
+    return tuple(networks)
+
+
 def _store_url(text: str) -> str:
     """A ``--store`` value (checked here, opened at start-up)."""
     try:
@@ -194,10 +281,10 @@ def _store_url(text: str) -> str:
 
 
 async def _open_store_and_serve(
-    config: ServerConfig, store_url: str, port_file: Path | None
+    config: ServerConfig, store_url: str, port_file: Path | None, tls: ssl.SSLContext | None
 ) -> int:
     async with open_store(store_url) as store:
-        return await serve_until_signalled(config, store=store, port_file=port_file)
+        return await serve_until_signalled(config, store=store, port_file=port_file, tls=tls)
 
 
 class PortFileError(Exception):
@@ -248,7 +335,19 @@ def config_from_args(args: argparse.Namespace, *, max_connections: int) -> Serve
         tcp_keepalive=args.tcp_keepalive,
         store_timeout=args.store_timeout,
         max_pending_store_bytes=args.store_max_pending,
+        tls_handshake_timeout=args.tls_handshake_timeout,
+        allow=_flatten_networks(args.allow),
+        max_connections_per_ip=args.max_connections_per_ip,
     )
+
+
+def _flatten_networks(
+    value: tuple[IPv4Network | IPv6Network, ...] | list[tuple[IPv4Network | IPv6Network, ...]],
+) -> tuple[IPv4Network | IPv6Network, ...]:
+    """``--allow`` as one tuple, whether it came from repeated flags or one value."""
+    if isinstance(value, tuple):
+        return value
+    return tuple(network for networks in value for network in networks)
 
 
 async def serve_until_signalled(
@@ -257,6 +356,7 @@ async def serve_until_signalled(
     store: Store | None = None,
     on_message: MessageHook | None = None,
     port_file: Path | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
@@ -278,6 +378,7 @@ async def serve_until_signalled(
                 on_message,
                 listeners,
                 nursery.cancel_scope,
+                tls,
             )
             try:
                 if port_file is not None:
@@ -313,6 +414,7 @@ async def _serve_then_stop_watching(
     on_message: MessageHook | None,
     listeners: list[trio.SocketListener],
     signal_watch: trio.CancelScope,
+    tls: ssl.SSLContext | None,
     *,
     task_status: trio.TaskStatus[Server],
 ) -> None:
@@ -321,6 +423,7 @@ async def _serve_then_stop_watching(
         store=store,
         on_message=on_message,
         listeners=listeners,
+        tls=tls,
         refuse_queued_at_shutdown=True,  # bound just now, by us alone
         task_status=task_status,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from ipaddress import IPv4Network, IPv6Network
 
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -29,6 +30,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "drain_timeout": (0, 86_400),
     "store_timeout": (0, 86_400),
     "hook_timeout": (0, 86_400),
+    "tls_handshake_timeout": (0, 86_400),
+    "max_connections_per_ip": (0, 1_000_000),
 }
 
 
@@ -59,6 +62,12 @@ class ServerConfig:
         hook_timeout: seconds the ``on_message`` hook may take for one message before that
             message is answered ``unavailable``: a stuck application cannot hold connection
             slots forever.
+        tls_handshake_timeout: seconds a TLS client has to complete its handshake, so one
+            that connects and stalls does not hold a slot for the idle timeout.
+        allow: the client networks served (``ipaddress`` networks); empty: everyone.
+            Others are told ``ERR 0 forbidden``.
+        max_connections_per_ip: connections one client address may hold at once (0: no
+            limit); beyond it its new ones are told ``ERR 0 busy``.
     """
 
     host: str = "127.0.0.1"
@@ -73,6 +82,9 @@ class ServerConfig:
     store_timeout: float = 5.0
     max_pending_store_bytes: int = 64 * 1024 * 1024
     hook_timeout: float = 30.0
+    tls_handshake_timeout: float = 10.0
+    allow: tuple[IPv4Network | IPv6Network, ...] = ()
+    max_connections_per_ip: int = 0
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -49,6 +49,7 @@ from .closing import close_with_error
 from .committing import Committer
 from .config import ServerConfig
 from .ratelimit import WarningLimiter
+from .tls import TLSFailure
 from .transport import RECEIVE_SIZE, Transport
 
 __all__ = ["REPLY_PIECE_BYTES", "Connection", "ConnectionOwner"]
@@ -100,6 +101,8 @@ class _Ending(enum.Enum):
     EOF = enum.auto()
     SHUTDOWN = enum.auto()
     IDLE = enum.auto()
+    UNSAID = enum.auto()
+    """Shutdown before the TLS handshake completed: the client cannot be told."""
 
 
 class Connection:
@@ -118,17 +121,30 @@ class Connection:
         "_waiting",
         "_warnings",
         "bytes_received",
+        "client_ip",
         "conn_id",
         "errors",
+        "identity",
         "messages",
         "peer",
     )
 
-    def __init__(self, owner: ConnectionOwner, conn_id: int, peer: str, transport: Transport):
+    def __init__(
+        self,
+        owner: ConnectionOwner,
+        conn_id: int,
+        peer: str,
+        transport: Transport,
+        client_ip: str | None = None,
+    ):
         self._owner = owner
         self._transport = transport
         self.conn_id = conn_id
         self.peer = peer
+        self.client_ip = client_ip
+        """The client's address, when the owner counts connections per address."""
+        self.identity: str | None = None
+        """The authenticated client (TLS client certificate subject), after the handshake."""
         self.messages = 0
         """Messages answered so far (ACK or ERR)."""
         self.errors = 0
@@ -172,24 +188,42 @@ class Connection:
         started = self._last_message = trio.current_time()
         log.info("connection_opened")
         reason = "internal-error"
+        detail = ""
         at_eof = False
+        identity_token = None
         try:
-            ending = await self._serve()
-            if ending is _Ending.EOF:
+            transport = self._transport
+            if transport.needs_handshake:
+                self._waiting = True  # a shutdown wakes the handshake too
+                try:
+                    established = await transport.handshake(started + config.tls_handshake_timeout)
+                finally:
+                    self._waiting = False
+                self.identity = transport.identity
+                if self.identity is not None:
+                    identity_token = structlog.contextvars.bind_contextvars(identity=self.identity)
+                ending = await self._serve() if established else _Ending.UNSAID
+            else:
+                ending = await self._serve()
+            if ending is _Ending.UNSAID:
+                reason = ErrorCode.SHUTTING_DOWN  # nothing can be said before the handshake
+            elif ending is _Ending.EOF:
                 reason = "eof"
                 at_eof = True
             else:
                 if ending is _Ending.SHUTDOWN:
-                    code, detail = ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
+                    code, words = ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
                 else:
                     code = ErrorCode.IDLE_TIMEOUT
-                    detail = f"no complete message for {config.idle_timeout:g} s"
+                    words = f"no complete message for {config.idle_timeout:g} s"
                 stream = self._transport.as_stream()
                 # Not a closure: its cells would be allocated with this frame, for every
                 # connection, idle or not.
                 told = functools.partial(setattr, self, "_told", code)
-                await close_with_error(stream, code, detail, config.drain_timeout, on_sent=told)
+                await close_with_error(stream, code, words, config.drain_timeout, on_sent=told)
                 reason = code  # the close reason in the log is the code the client was sent
+        except TLSFailure as exc:
+            reason, detail = exc.reason, exc.detail
         except (trio.BrokenResourceError, ConnectionError):
             reason = "reset"
         except OSError as exc:
@@ -224,7 +258,10 @@ class Connection:
                     errors=self.errors,
                     bytes=self.bytes_received,
                     duration=round(trio.current_time() - started, 6),
+                    **({"detail": detail} if detail else {}),
                 )
+                if identity_token is not None:
+                    structlog.contextvars.reset_contextvars(**identity_token)
 
     async def _serve(self) -> _Ending:
         """Read, answer and write until the peer ends, shutdown, or the idle timeout."""
@@ -366,11 +403,13 @@ class Connection:
         crc32 = zlib.crc32
         messages = []
         nbytes = 0
-        peer, conn_id = self.peer, self.conn_id
+        peer, conn_id, identity = self.peer, self.conn_id, self.identity
         for seq, frame in enumerate(frames, first_seq):
             if frame is not OVERSIZED:
                 payload: bytes = frame  # type: ignore[assignment]
-                messages.append(Message(payload, crc32(payload), received_at, peer, conn_id, seq))
+                messages.append(
+                    Message(payload, crc32(payload), received_at, peer, conn_id, seq, identity)
+                )
                 nbytes += len(payload)
         pending = nbytes + len(messages) * _MESSAGE_OVERHEAD_BYTES
         verdicts = await committer.commit(messages, pending, self._limiter()) if messages else None

@@ -9,8 +9,10 @@ It admits or refuses each connection, picks its transport and keeps the totals;
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import socket
+import ssl
 from dataclasses import dataclass
 
 import structlog
@@ -24,8 +26,11 @@ from .committing import Committer, GroupCommitter
 from .config import ServerConfig
 from .connection import Connection
 from .hook import HookCommitter, MessageContext, MessageHook
+from .ratelimit import WarningLimiter
 from .readiness import ReadinessHub, current_hub
 from .sockets import enable_keepalive
+from .tls import TLSFailure
+from .tls_transport import TLSTransport
 from .transport import SocketTransport, StreamTransport, Transport
 
 __all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats"]
@@ -43,6 +48,7 @@ class ServerStats:
     connections: int = 0
     active: int = 0
     refused_busy: int = 0
+    refused_forbidden: int = 0
     messages: int = 0
     acked: int = 0
     errors: int = 0
@@ -58,6 +64,10 @@ class AckHandler:
             one group commit. ``None`` keeps nothing (ACK on receipt).
         on_message: the simple alternative to a store: an application hook awaited for each
             message before its ACK.
+        tls: serve TLS with this server context (``server_tls_context`` makes one) on the
+            TCP connections given to the handler, its own fast TLS path; a stream that is
+            already a ``trio.SSLStream`` is served as it is either way. Every connection
+            then completes its handshake within ``config.tls_handshake_timeout``.
 
     Raises:
         ValueError: both a store and a hook were given.
@@ -69,10 +79,12 @@ class AckHandler:
         *,
         store: Store | None = None,
         on_message: MessageHook | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = ServerConfig() if config is None else config
         self.store = store
         self.on_message = on_message
+        self.tls = tls
         if store is not None and on_message is not None:
             raise ValueError("give a store or an on_message hook, not both")
         self.committer: Committer | None = None
@@ -91,6 +103,11 @@ class AckHandler:
         self._shutting_down = False
         # Set by serve() when its listening sockets pass keepalive on to accepted ones.
         self._listener_sets_keepalive = False
+        # Connections per client address, kept only when they are limited.
+        self._per_ip: dict[str, int] | None = {} if self.config.max_connections_per_ip else None
+        self._refusals = WarningLimiter()  # a flood of refused clients is not a flood of lines
+        self._refusals_flush_scheduled = False
+        self._refusals_flush_scope: trio.CancelScope | None = None
 
     @property
     def shutting_down(self) -> bool:
@@ -107,6 +124,9 @@ class AckHandler:
         self._shutting_down = True
         for connection in self._connections:
             connection.wake_for_shutdown()
+        if self._refusals_flush_scope is not None:
+            self._refusals_flush_scope.cancel()  # not to hold the shutdown up
+        self._refusals.flush()
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         """Serve one connection until it ends; never raises except ``trio.Cancelled``."""
@@ -115,20 +135,14 @@ class AckHandler:
         # Not bound_contextvars: its suspended generator would cost ~0.5 KiB per connection.
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
         try:
-            if self.must_refuse():
-                await self._refuse(stream)
+            client_ip = _peer_ip(stream)
+            transport = self._stream_transport(stream)
+            refusal = self._refusal(client_ip)
+            if refusal is not None:
+                self._log_refusal(refusal, None)
+                await self._refuse(transport, refusal)
                 return
-            transport: Transport
-            if isinstance(stream, trio.SocketStream):
-                if not self._listener_sets_keepalive:
-                    enable_keepalive(stream.socket, self.config.tcp_keepalive)
-                if readiness.AVAILABLE:
-                    transport = SocketTransport(self._readiness_hub(), stream=stream)
-                else:
-                    transport = StreamTransport(stream)
-            else:
-                transport = StreamTransport(stream)
-            connection = Connection(self, conn_id, peer, transport)
+            connection = Connection(self, conn_id, peer, transport, self._ip_to_count(client_ip))
             self._connection_started(connection)
             await connection.run()
         finally:
@@ -147,12 +161,23 @@ class AckHandler:
         peer = _format_address(sock.family, address)
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
         try:
-            if self.must_refuse():
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-                nursery.start_soon(self._refuse, stream)
+            client_ip = address[0] if isinstance(address, tuple) else None
+            transport: Transport
+            if self.tls is None:
+                transport = SocketTransport(self._readiness_hub(), sock=sock)
+            else:
+                transport = TLSTransport(
+                    self._readiness_hub(),
+                    self.tls,
+                    sock=sock,
+                    drain_timeout=self.config.drain_timeout,
+                )
+            refusal = self._refusal(client_ip)
+            if refusal is not None:
+                self._log_refusal(refusal, nursery)
+                nursery.start_soon(self._refuse, transport, refusal)
                 return
-            transport = SocketTransport(self._readiness_hub(), sock=sock)
-            connection = Connection(self, conn_id, peer, transport)
+            connection = Connection(self, conn_id, peer, transport, self._ip_to_count(client_ip))
             self._connection_started(connection)
             try:
                 nursery.start_soon(connection.run, name=_TASK_NAME)
@@ -172,6 +197,10 @@ class AckHandler:
     def connection_closed(self, connection: Connection) -> None:
         """Called by a connection once it is closed: its counts join the totals."""
         self._connections.discard(connection)
+        if connection.client_ip is not None and self._per_ip is not None:
+            left = self._per_ip.pop(connection.client_ip, 1) - 1
+            if left:
+                self._per_ip[connection.client_ip] = left
         stats = self.stats
         stats.active -= 1
         stats.messages += connection.messages
@@ -185,25 +214,101 @@ class AckHandler:
             self._hub = current_hub()
         return self._hub
 
+    def _stream_transport(self, stream: trio.abc.Stream) -> Transport:
+        """How a stream given to ``__call__`` is served."""
+        if isinstance(stream, trio.SocketStream):
+            if not self._listener_sets_keepalive:
+                enable_keepalive(stream.socket, self.config.tcp_keepalive)
+            if readiness.AVAILABLE:
+                if self.tls is None:
+                    return SocketTransport(self._readiness_hub(), stream=stream)
+                return TLSTransport(
+                    self._readiness_hub(),
+                    self.tls,
+                    stream=stream,
+                    drain_timeout=self.config.drain_timeout,
+                )
+        if self.tls is not None and not isinstance(stream, trio.SSLStream):
+            stream = trio.SSLStream(stream, self.tls, server_side=True)
+        return StreamTransport(stream)
+
+    def _refusal(self, client_ip: str | None) -> tuple[str, str] | None:
+        """Why a connection from ``client_ip`` is refused now (code, detail), if it is."""
+        config = self.config
+        if self._shutting_down:
+            return ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
+        if config.allow and client_ip is not None and not _allowed(client_ip, config.allow):
+            self.stats.refused_forbidden += 1
+            return ErrorCode.FORBIDDEN, "this server does not serve your address"
+        if len(self._connections) >= config.max_connections:
+            self.stats.refused_busy += 1
+            return ErrorCode.BUSY, "server at its connection limit, retry later"
+        per_ip = self._per_ip
+        if per_ip is not None and per_ip.get(client_ip or "", 0) >= config.max_connections_per_ip:
+            self.stats.refused_busy += 1
+            return ErrorCode.BUSY, "too many connections from your address, retry later"
+        return None
+
+    def _ip_to_count(self, client_ip: str | None) -> str | None:
+        return client_ip if self._per_ip is not None else None
+
     def _connection_started(self, connection: Connection) -> None:
         self._connections.add(connection)
+        if connection.client_ip is not None and self._per_ip is not None:
+            self._per_ip[connection.client_ip] = self._per_ip.get(connection.client_ip, 0) + 1
         self.stats.connections += 1
         self.stats.active += 1
 
-    async def _refuse(self, stream: trio.abc.Stream) -> None:
-        if self._shutting_down:
-            code, detail = ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
-        else:
-            self.stats.refused_busy += 1
-            code, detail = ErrorCode.BUSY, "server at its connection limit, retry later"
-        log.warning("connection_refused", reason=code, limit=self.config.max_connections)
+    def flush_refusal_warnings(self) -> None:
+        """Log how many refusals were counted but not logged (``warnings_suppressed``)."""
+        self._refusals.flush()
+
+    def _log_refusal(self, refusal: tuple[str, str], nursery: trio.Nursery | None) -> None:
+        """A ``connection_refused`` warning, at most a few a second; the rest are counted and
+        the count logged within a second (by a short task in ``nursery``, if given)."""
+        code, detail = refusal
+        self._refusals.warn(log.warning, "connection_refused", reason=code, detail=detail)
+        if (
+            nursery is not None
+            and self._refusals.suppressing
+            and not self._refusals_flush_scheduled
+            and not self._shutting_down  # the shutdown summary flushes them
+        ):
+            self._refusals_flush_scheduled = True
+            nursery.start_soon(self._flush_refusals_later)
+
+    async def _flush_refusals_later(self) -> None:
+        structlog.contextvars.clear_contextvars()  # not the refused connection's conn_id
+        with trio.CancelScope() as self._refusals_flush_scope:
+            try:
+                while self._refusals.suppressing and not self._shutting_down:
+                    await trio.sleep_until(self._refusals.window_ends)
+                    self._refusals.flush()
+            finally:
+                self._refusals_flush_scheduled = False
+
+    async def _refuse(self, transport: Transport, refusal: tuple[str, str]) -> None:
+        """Tell a refused client why (through TLS on a TLS port) and close."""
+        code, detail = refusal
+        config = self.config
         try:
-            await close_with_error(stream, code, detail, self.config.drain_timeout)
+            if transport.needs_handshake:
+                try:
+                    deadline = trio.current_time() + config.tls_handshake_timeout
+                    if not await transport.handshake(deadline):
+                        return
+                except TLSFailure:
+                    return
+            await close_with_error(transport.as_stream(), code, detail, config.drain_timeout)
+        except OSError:
+            pass  # the client is gone: nobody to tell
         finally:
-            await trio.aclose_forcefully(stream)
+            await transport.aclose(at_eof=False)
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     if isinstance(stream, trio.SocketStream):
         try:
             address = stream.socket.getpeername()
@@ -211,6 +316,32 @@ def _peer_name(stream: trio.abc.Stream) -> str:
             return "unknown"
         return _format_address(stream.socket.family, address)
     return type(stream).__name__
+
+
+def _peer_ip(stream: trio.abc.Stream) -> str | None:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            address = stream.socket.getpeername()
+        except OSError:
+            return None
+        return str(address[0]) if isinstance(address, tuple) else None
+    return None
+
+
+def _allowed(
+    client_ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    """Whether ``client_ip`` is in one of ``networks`` (an IPv4-mapped IPv6 address counts as
+    its IPv4 address)."""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def _format_address(family: int, address: object) -> str:

@@ -24,6 +24,8 @@ class MessageContext:
     conn_id: int
     peer: str
     seq: int
+    identity: str | None = None
+    """The authenticated client (its TLS client certificate's subject), if any."""
 
 
 MessageHook = Callable[[bytes, MessageContext], Awaitable[None]]
@@ -66,7 +68,7 @@ class HookCommitter:
             own.flush()
 
     async def _call(self, message: Message, warnings: WarningLimiter) -> Verdict:
-        context = MessageContext(message.conn_id, message.peer, message.seq)
+        context = MessageContext(message.conn_id, message.peer, message.seq, message.identity)
         with trio.move_on_after(self._timeout):
             try:
                 await self._hook(message.payload, context)

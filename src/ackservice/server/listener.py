@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import os
 import socket
+import ssl
 
 import structlog
 import trio
@@ -168,6 +169,7 @@ class Server:
             "store": committer.store.description
             if isinstance(committer, GroupCommitter)
             else "none",
+            "tls": _tls_mode(self.handler.tls),
             "version": __version__,
             "pid": os.getpid(),
             "settings": {
@@ -178,6 +180,7 @@ class Server:
         }
 
     def _log_shutdown_complete(self, *, forced: bool) -> None:
+        self.handler.flush_refusal_warnings()
         stats = self.handler.stats
         committer = self.handler.committer
         totals: dict[str, object] = {
@@ -186,6 +189,7 @@ class Server:
             "acked": stats.acked,
             "errors": stats.errors,
             "refused_busy": stats.refused_busy,
+            "refused_forbidden": stats.refused_forbidden,
             "forced": forced,
         }
         if isinstance(committer, GroupCommitter):
@@ -321,6 +325,7 @@ async def serve(
     on_message: MessageHook | None = None,
     listeners: list[trio.SocketListener] | None = None,
     refuse_queued_at_shutdown: bool | None = None,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``config.host``:``config.port`` and serve the ack protocol until shut down.
@@ -340,6 +345,8 @@ async def serve(
             left to the listening sockets' close, which resets them. By default only when
             ``serve`` bound the listeners itself: a socket handed in may be shared (socket
             activation, sibling workers), and its queue then belongs to whoever remains.
+        tls: serve TLS with this context (``ackservice.server.server_tls_context``): every
+            connection, the refused ones included, speaks TLS.
 
     Raises:
         OSError: the address could not be bound (in use, not resolvable, not permitted).
@@ -352,7 +359,7 @@ async def serve(
         listeners = await open_listeners(config.host, config.port)
     for listener in listeners:
         configure_listening_socket(listener.socket, config.tcp_keepalive)
-    handler = AckHandler(config, store=store, on_message=on_message)
+    handler = AckHandler(config, store=store, on_message=on_message, tls=tls)
     handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
     server = Server(handler, listeners, refuse_queued_at_shutdown=refuse_queued_at_shutdown)
     if not readiness.AVAILABLE:
@@ -364,6 +371,12 @@ async def serve(
         services.start_soon(handler._hub.dispatch, name="ackservice readiness hub")
         await server._run(task_status)
         services.cancel_scope.cancel()
+
+
+def _tls_mode(context: ssl.SSLContext | None) -> str:
+    if context is None:
+        return "off"
+    return "mutual" if context.verify_mode == ssl.CERT_REQUIRED else "on"
 
 
 def _address(listener: trio.SocketListener) -> tuple[str, int]:

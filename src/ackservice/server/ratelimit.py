@@ -47,6 +47,16 @@ class WarningLimiter:
         else:
             self._suppressed[event] = self._suppressed.get(event, 0) + 1
 
+    @property
+    def suppressing(self) -> bool:
+        """Whether warnings were counted, not logged, since the last ``flush``."""
+        return bool(self._suppressed)
+
+    @property
+    def window_ends(self) -> float:
+        """When this second's allowance ends (Trio clock)."""
+        return self._window_ends
+
     def flush(self) -> None:
         """Log the counts of the warnings suppressed so far, one event per name."""
         if not self._suppressed:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable
 from typing import Final, Protocol
@@ -29,6 +30,7 @@ from typing import Final, Protocol
 import trio
 
 from .readiness import ReadinessHub
+from .tls import TLSFailure, describe_ssl_error, looks_like_client_hello, peer_identity
 
 try:
     import fcntl
@@ -38,7 +40,14 @@ try:
 except (ImportError, AttributeError):  # not Linux: progress is then each write that goes
     _TIOCOUTQ = None
 
-__all__ = ["RECEIVE_SIZE", "STREAM_SEND_PIECE", "SocketTransport", "StreamTransport", "Transport"]
+__all__ = [
+    "RECEIVE_SIZE",
+    "STREAM_SEND_PIECE",
+    "SocketTransport",
+    "StreamTransport",
+    "Transport",
+    "send_with_progress",
+]
 
 # One read takes up to this much; the replies to everything in it leave in one write (unless
 # they are many: see connection.py, REPLY_PIECE_BYTES).
@@ -58,6 +67,21 @@ STREAM_SEND_PIECE: Final = 65536
 
 class Transport(Protocol):
     """What the connection loop needs from a connection's byte pipe."""
+
+    needs_handshake: bool
+    """Whether ``handshake`` must complete before anything is read or said (TLS)."""
+
+    identity: str | None
+    """The authenticated client (a TLS client certificate's subject), once known."""
+
+    async def handshake(self, deadline: float) -> bool:
+        """Establish the connection's security by ``deadline`` (Trio clock); False if
+        ``wake`` ended the wait first (shutdown), and nothing may then be said on it.
+
+        Raises:
+            TLSFailure: the handshake failed or timed out (the peer was told what it can be).
+        """
+        ...
 
     @property
     def may_have_more(self) -> bool:
@@ -111,7 +135,10 @@ class SocketTransport:
         stream: that ``SocketStream``, if any.
     """
 
-    __slots__ = ("_ended", "_fd", "_hub", "_sock", "_stream", "may_have_more")
+    __slots__ = ("_ended", "_fd", "_first_read", "_hub", "_sock", "_stream", "may_have_more")
+
+    needs_handshake = False
+    identity: str | None = None
 
     def __init__(
         self,
@@ -133,8 +160,12 @@ class SocketTransport:
         # only fail with EAGAIN; the hub's next edge says when to read. A plain attribute,
         # not a property: it is read once per message in request/response.
         self.may_have_more = True
+        self._first_read = True  # checked for a TLS client on this plain port
         self._ended = hub.ended_fds
         hub.register(self._fd)
+
+    async def handshake(self, deadline: float) -> bool:
+        return True
 
     def read_nowait(self) -> bytes | None:
         if not self.may_have_more:
@@ -148,6 +179,14 @@ class SocketTransport:
         # (one edge for both): then keep reading until the end is seen.
         if len(data) < RECEIVE_SIZE and data and self._fd not in self._ended:
             self.may_have_more = False
+        if self._first_read:
+            self._first_read = False
+            if looks_like_client_hello(data):
+                raise TLSFailure(
+                    "tls-on-plain-port",
+                    "the client began a TLS handshake on a port without TLS; "
+                    "connect without TLS, or serve TLS with --tls-cert",
+                )
         return data
 
     def wait_readable(self, deadline: float) -> Awaitable[int]:
@@ -164,32 +203,7 @@ class SocketTransport:
             return 0
 
     async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
-        # Progress is the peer acknowledging bytes, which it does as its reader makes room,
-        # seen as the socket's send queue shrinking (SIOCOUTQ), not the socket becoming
-        # writable again: see _PROGRESS_POLL.
-        fd = self._fd
-        view = memoryview(data)
-        queued = _send_queue_bytes(fd)
-        poll = min(_PROGRESS_POLL, stall_timeout / 4)
-        deadline = trio.current_time() + stall_timeout
-        while sent < len(data):
-            now = trio.current_time()
-            if now >= deadline:
-                raise trio.TooSlowError
-            with trio.move_on_at(min(deadline, now + poll)):
-                await trio.lowlevel.wait_writable(fd)
-            wrote = 0
-            with contextlib.suppress(BlockingIOError):  # woken, yet the buffer is full
-                wrote = os.write(fd, view[sent:])
-            sent += wrote
-            queued_now = _send_queue_bytes(fd)
-            if queued_now is None or queued is None:
-                progressed = wrote > 0
-            else:
-                progressed = queued_now < queued + wrote  # the peer took some
-            queued = queued_now
-            if progressed:
-                deadline = trio.current_time() + stall_timeout
+        await send_with_progress(self._fd, data, sent, stall_timeout)
 
     def as_stream(self) -> trio.abc.Stream:
         self._hub.unregister(self._fd)  # still open for a goodbye: a system call is needed
@@ -212,6 +226,40 @@ class SocketTransport:
             await trio.aclose_forcefully(self._stream)
 
 
+async def send_with_progress(fd: int, data: bytes, sent: int, stall_timeout: float) -> None:
+    """Send ``data[sent:]`` on the non-blocking socket ``fd``, waiting for the peer as long as
+    it keeps reading (``Transport.send_rest``).
+
+    Raises:
+        trio.TooSlowError: the peer took nothing for ``stall_timeout`` seconds.
+    """
+    # Progress is the peer acknowledging bytes, which it does as its reader makes room,
+    # seen as the socket's send queue shrinking (SIOCOUTQ), not the socket becoming
+    # writable again: see _PROGRESS_POLL.
+    view = memoryview(data)
+    queued = _send_queue_bytes(fd)
+    poll = min(_PROGRESS_POLL, stall_timeout / 4)
+    deadline = trio.current_time() + stall_timeout
+    while sent < len(data):
+        now = trio.current_time()
+        if now >= deadline:
+            raise trio.TooSlowError
+        with trio.move_on_at(min(deadline, now + poll)):
+            await trio.lowlevel.wait_writable(fd)
+        wrote = 0
+        with contextlib.suppress(BlockingIOError):  # woken, yet the buffer is full
+            wrote = os.write(fd, view[sent:])
+        sent += wrote
+        queued_now = _send_queue_bytes(fd)
+        if queued_now is None or queued is None:
+            progressed = wrote > 0
+        else:
+            progressed = queued_now < queued + wrote  # the peer took some
+        queued = queued_now
+        if progressed:
+            deadline = trio.current_time() + stall_timeout
+
+
 def _send_queue_bytes(fd: int) -> int | None:
     """Bytes in the socket's send queue, not yet acknowledged by the peer (Linux SIOCOUTQ);
     None where the system cannot tell."""
@@ -224,9 +272,13 @@ def _send_queue_bytes(fd: int) -> int | None:
 
 
 class StreamTransport:
-    """Any ``trio.abc.Stream``: waiting for input is receiving it."""
+    """Any ``trio.abc.Stream``: waiting for input is receiving it.
 
-    __slots__ = ("_received", "_scope", "_stream")
+    A ``trio.SSLStream`` (an embedder's ``trio.serve_ssl_over_tcp``) gets its handshake done
+    under the handshake timeout, and its client certificate's subject as ``identity``.
+    """
+
+    __slots__ = ("_received", "_scope", "_stream", "identity", "needs_handshake")
 
     # Every read is a receive_some, itself a checkpoint: no extra yield is needed.
     may_have_more: Final = False
@@ -235,6 +287,31 @@ class StreamTransport:
         self._stream = stream
         self._received: bytes | None = None
         self._scope: trio.CancelScope | None = None
+        self.needs_handshake = isinstance(stream, trio.SSLStream)
+        self.identity: str | None = None
+
+    async def handshake(self, deadline: float) -> bool:
+        stream = self._stream
+        if not isinstance(stream, trio.SSLStream):
+            return True
+        done = False
+        with trio.move_on_at(deadline) as self._scope:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__
+                detail = describe_ssl_error(cause) if isinstance(cause, ssl.SSLError) else None
+                raise TLSFailure(
+                    "tls-handshake-failed", detail or "the client closed during the handshake"
+                ) from None
+            done = True
+        self._scope = None
+        if not done:
+            if trio.current_time() >= deadline:
+                raise TLSFailure("tls-handshake-timeout", "no complete TLS handshake in time")
+            return False  # woken for shutdown
+        self.identity = peer_identity(stream.getpeercert())
+        return True
 
     def read_nowait(self) -> bytes | None:
         data, self._received = self._received, None

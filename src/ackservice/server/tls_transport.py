@@ -1,0 +1,268 @@
+"""TLS inside the server's own socket loop: OpenSSL through memory BIOs, the socket through
+the readiness hub, exactly as the plain ``SocketTransport`` moves bytes.
+
+Why not ``trio.SSLStream``: profiled under load, its retry loop (inner checkpoints, a lock,
+an ``SSLWantReadError`` raised and caught on every receive) and a cancel scope per call were
+~80% of the server's time over TLS, OpenSSL itself ~5%. Here a read is one ``os.read``; the
+records it completes are decrypted one ``SSLObject.read`` each, and no read is tried without
+a complete record waiting (the transport follows the record boundaries in the bytes it
+feeds, five-byte headers with the length), so no exception is raised per read; the replies
+to everything read are encrypted and leave in one ``write``.
+
+The connection loop sees decrypted bytes and nothing else: the handshake (bounded by the
+handshake timeout), a client's close_notify (end of stream, answered like a half-close:
+every reply, then our own close_notify), and a closing ``ERR 0`` line (encrypted, then
+close_notify, then the drain) all happen here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+
+import trio
+
+from ..protocol import ErrorCode
+from .closing import close_with_error
+from .readiness import ReadinessHub
+from .tls import RecordBoundaries, TLSFailure, describe_ssl_error, peer_identity
+from .transport import SocketTransport, send_with_progress
+
+__all__ = ["TLSTransport"]
+
+_TLS_HANDSHAKE_RECORD = 0x16
+# The largest plaintext one TLS record carries (2^14): one read takes a whole record.
+_RECORD_PLAINTEXT_MAX = 16384
+
+
+class TLSTransport(SocketTransport):
+    """A TLS server connection over a non-blocking TCP socket served through ``hub``.
+
+    Args:
+        hub, sock, stream: as for ``SocketTransport``.
+        context: the server's ``ssl.SSLContext``.
+        drain_timeout: how long the ``ERR 0 tls-required`` line for a plaintext client is
+            given to arrive (see ``close_with_error``).
+    """
+
+    __slots__ = (
+        "_drain_timeout",
+        "_established",
+        "_incoming",
+        "_notified",
+        "_outgoing",
+        "_peer_ended",
+        "_records",
+        "_tls",
+        "_unsent",
+        "identity",
+        "needs_handshake",
+    )
+
+    def __init__(
+        self,
+        hub: ReadinessHub,
+        context: ssl.SSLContext,
+        *,
+        drain_timeout: float,
+        sock: socket.socket | None = None,
+        stream: trio.SocketStream | None = None,
+    ) -> None:
+        super().__init__(hub, sock=sock, stream=stream)
+        self._first_read = False  # the plain port's ClientHello check: not here
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._drain_timeout = drain_timeout
+        self.needs_handshake = True
+        self.identity: str | None = None
+        self._established = False
+        self._notified = False  # our close_notify was sent
+        self._peer_ended = False  # the client's close_notify, or the end of the TCP stream
+        self._unsent = b""  # encrypted replies the socket did not take yet
+        self._records = RecordBoundaries()  # in what was fed to OpenSSL
+
+    async def handshake(self, deadline: float) -> bool:
+        tls = self._tls
+        first = True
+        while True:
+            raw = SocketTransport.read_nowait(self)
+            if raw:
+                if first and raw[0] != _TLS_HANDSHAKE_RECORD:
+                    await self._tell_plaintext_client()
+                    raise TLSFailure(
+                        ErrorCode.TLS_REQUIRED,
+                        "the client sent plaintext to this TLS port; it was told to use TLS",
+                    )
+                first = False
+                self._feed(raw)
+            elif raw == b"":
+                raise TLSFailure(
+                    "tls-handshake-failed", "the client closed the connection during the handshake"
+                )
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush_handshake(deadline)
+                if self.may_have_more:
+                    continue
+                if trio.current_time() >= deadline:
+                    raise _handshake_timeout() from None
+                if not await self.wait_readable(deadline):
+                    if trio.current_time() >= deadline:
+                        raise _handshake_timeout() from None
+                    return False  # woken: the server is shutting down
+                continue
+            except ssl.SSLError as exc:
+                # Tell the client why (the alert OpenSSL wrote), without waiting for it.
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, self._outgoing.read())
+                raise TLSFailure("tls-handshake-failed", describe_ssl_error(exc)) from None
+            break
+        self._established = True
+        await self._flush_handshake(deadline)  # the last flight, the session tickets
+        self.identity = peer_identity(tls.getpeercert())
+        return True
+
+    def read_nowait(self) -> bytes | None:
+        while True:
+            raw = SocketTransport.read_nowait(self)
+            if raw:
+                self._feed(raw)
+            elif raw == b"":
+                # A client that closes TCP without close_notify: what it sent in complete
+                # records is still answered (its replies may not reach it).
+                self._peer_ended = True
+            data = self._decrypt()
+            if data:
+                return data
+            if self._peer_ended:
+                return b""
+            if raw is None or not self.may_have_more:
+                return None
+
+    def try_send(self, data: bytes) -> int:
+        """Encrypt ``data`` and send what goes now: ``len(data)`` if every record left,
+        else 0, and ``send_rest`` sends the records still waiting."""
+        self._tls.write(data)
+        records = self._outgoing.read()
+        try:
+            sent = os.write(self._fd, records)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(records):
+            return len(data)
+        self._unsent = records[sent:]
+        return 0
+
+    async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
+        records, self._unsent = self._unsent, b""
+        await send_with_progress(self._fd, records, 0, stall_timeout)
+
+    def as_stream(self) -> trio.abc.Stream:
+        return _TLSGoodbye(self, SocketTransport.as_stream(self))
+
+    async def aclose(self, *, at_eof: bool) -> None:
+        if self._established and not self._notified:
+            # Best effort, without waiting: the client has had every reply already.
+            with contextlib.suppress(OSError):
+                os.write(self._fd, self.close_notify())
+        await super().aclose(at_eof=at_eof)
+
+    def close_notify(self) -> bytes:
+        """Our close_notify alert, encrypted, to be sent (once)."""
+        self._notified = True
+        with contextlib.suppress(ssl.SSLError):  # waiting for the client's: not needed
+            self._tls.unwrap()
+        return self._outgoing.read()
+
+    def encrypt(self, data: bytes) -> bytes:
+        self._tls.write(data)
+        return self._outgoing.read()
+
+    def _feed(self, raw: bytes) -> None:
+        self._incoming.write(raw)
+        self._records.feed(raw)
+
+    def _decrypt(self) -> bytes:
+        """The plaintext of every complete record fed so far (``b""``: none)."""
+        tls = self._tls
+        incoming = self._incoming
+        records = self._records
+        chunks = []
+        # More bytes waiting than the incomplete last record holds: a record is complete.
+        while incoming.pending > records.tail or tls.pending():
+            try:
+                chunk = tls.read(_RECORD_PLAINTEXT_MAX)
+            except ssl.SSLWantReadError:
+                break  # the record was a key update, not data
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            except ssl.SSLError as exc:
+                raise TLSFailure("tls-error", describe_ssl_error(exc)) from None
+            if not chunk:  # how Python reports the client's close_notify: its half-close
+                self._peer_ended = True
+                break
+            chunks.append(chunk)
+        if not chunks:
+            return b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _flush_handshake(self, deadline: float) -> None:
+        records = self._outgoing.read()
+        if not records:
+            return
+        try:
+            sent = os.write(self._fd, records)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(records):
+            try:
+                await send_with_progress(
+                    self._fd, records, sent, max(0.001, deadline - trio.current_time())
+                )
+            except trio.TooSlowError:
+                raise _handshake_timeout() from None
+
+    async def _tell_plaintext_client(self) -> None:
+        """``ERR 0 tls-required`` in plaintext, the only thing a plaintext client can read."""
+        with contextlib.suppress(OSError):
+            await close_with_error(
+                SocketTransport.as_stream(self),
+                ErrorCode.TLS_REQUIRED,
+                "this port serves TLS; connect with TLS (the client's --tls or --tls-ca)",
+                self._drain_timeout,
+            )
+
+
+def _handshake_timeout() -> TLSFailure:
+    return TLSFailure("tls-handshake-timeout", "the TLS handshake did not complete in time")
+
+
+class _TLSGoodbye(trio.abc.HalfCloseableStream):
+    """The connection's last moments over TLS, as ``close_with_error`` uses them: an
+    encrypted line, close_notify with the half-close, and a drain that discards whatever
+    arrives (still encrypted: nobody reads it)."""
+
+    def __init__(self, transport: TLSTransport, raw: trio.abc.Stream) -> None:
+        self._transport = transport
+        self._raw = raw
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._raw.send_all(self._transport.encrypt(bytes(data)))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._raw.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._raw.send_all(self._transport.close_notify())
+        if isinstance(self._raw, trio.abc.HalfCloseableStream):
+            await self._raw.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._raw.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._raw.aclose()
