@@ -250,7 +250,7 @@ def _handshake_failure(cause: ssl.SSLError) -> TLSError:
             hint = "check --tls-ca (the CA that signed the server's certificate)"
         return TLSError(
             f"TLS handshake failed: the server's certificate did not verify: "
-            f"{cause.verify_message}; {hint}",
+            f"{cause.verify_message.rstrip('.')}; {hint}",
             reason,
         )
     if isinstance(cause, ssl.SSLEOFError | ssl.SSLSyscallError) or reason in _NOT_TLS_REASONS:
