@@ -202,7 +202,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _BenchParser:
         "--tls-cert",
         file_path,
         None,
-        "client certificate (PEM, may hold the key too), for mutual TLS",
+        "client certificate in PEM, which may hold the key too, for mutual TLS",
         metavar="PATH",
         default_text="none",
     )
@@ -218,7 +218,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _BenchParser:
         "--tls-server-name",
         _cli.host_name,
         None,
-        "name the server's certificate must carry (SNI too)",
+        "name the server's certificate must carry, also sent as SNI",
         metavar="NAME",
         default_text="--host",
     )

@@ -185,7 +185,8 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         "--tls-cert",
         _file_path,
         None,
-        "client certificate (PEM, may hold the key too), for servers that require one (mutual TLS)",
+        "client certificate in PEM, which may hold the key too, for servers that require "
+        "one: mutual TLS",
         metavar="PATH",
         default_text="none",
     )
@@ -193,7 +194,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         "--tls-key",
         _file_path,
         None,
-        "private key of --tls-cert (PEM, not passphrase-protected)",
+        "private key of --tls-cert, in PEM and not passphrase-protected",
         metavar="PATH",
         default_text="in the --tls-cert file",
     )
