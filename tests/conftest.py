@@ -10,6 +10,7 @@ import trio
 
 from ackservice.server import Server
 from support import Connect
+from tls_support import TLSFiles, write_tls_files
 
 
 @pytest.fixture
@@ -48,3 +49,9 @@ def accept_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
         await trio.sleep_forever()
 
     monkeypatch.setattr(Server, "_accept_loop", never_accept)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """CAs, server and client certificates as PEM files (tests/tls_support.py), made once."""
+    return write_tls_files(tmp_path_factory.mktemp("tls"))

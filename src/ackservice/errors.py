@@ -15,6 +15,8 @@ __all__ = [
     "MessageRejectedError",
     "ProtocolError",
     "Reject",
+    "ServerRefusedError",
+    "TLSError",
 ]
 
 
@@ -27,7 +29,35 @@ class ProtocolError(AckServiceError, ValueError):
 
 
 class ConnectError(AckServiceError):
-    """The server could not be reached (after every retry the caller allowed)."""
+    """The server could not be reached (after every retry the caller allowed), or refused
+    this client for good (the subclasses)."""
+
+
+class TLSError(ConnectError):
+    """TLS failed: the server's certificate did not verify, the handshake failed, the server
+    sent an alert (it refused the client certificate), or it does not speak TLS at all.
+
+    Never retried: a reconnect meets the same certificates. ``reason`` is OpenSSL's reason
+    code (``CERTIFICATE_VERIFY_FAILED``, ``TLSV13_ALERT_CERTIFICATE_REQUIRED``, ...), or
+    ``""`` when OpenSSL gave none.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ServerRefusedError(ConnectError):
+    """The server refused this client with a final ``ERR 0`` (``forbidden``: its ``--allow``
+    does not admit this address; ``tls-required``: the port serves TLS only).
+
+    Never retried: the next connection would be refused the same way.
+    """
+
+    def __init__(self, message: str, code: str, detail: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail
 
 
 class ConnectionLostError(AckServiceError):

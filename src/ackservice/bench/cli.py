@@ -24,12 +24,13 @@ from typing import Final, NoReturn
 import trio
 
 from .. import _cli
+from ..client.tls import client_tls_context
 from ..errors import ConnectError
 from .load import LoadGenerator, raise_open_file_limit
 from .report import ProgressLine, render_text, to_json
 from .result import LoadResult, Progress
 from .spawn import SpawnedServer, SpawnError, start_server
-from .spec import MAX_CONNECTIONS, MAX_RUN_SECONDS, MAX_SIZE, MAX_WINDOW, LoadSpec
+from .spec import MAX_CONNECTIONS, MAX_RUN_SECONDS, MAX_SIZE, MAX_WINDOW, LoadSpec, TLSSpec
 from .workers import STOP_SIGNALS, Interrupted, WorkerError, run_workers
 
 __all__ = ["build_parser", "main"]
@@ -51,6 +52,7 @@ examples:
   python -m ackservice.bench --connections 16 --window 64 pipelined throughput
   python -m ackservice.bench --rate 20000 --duration 30   latency at a fixed load
   python -m ackservice.bench --churn --connections 16     connections per second
+  python -m ackservice.bench --tls-ca ca.pem --port 9443  over TLS (a server you started)
 
 Every setting is also an ACKSERVICE_BENCH_* environment variable (flags win); switches
 take 1/0, true/false, yes/no or on/off. See docs/bench.md."""
@@ -113,6 +115,13 @@ def messages_per_second(text: str) -> float:
         return _cli.seconds(text)  # the same rules: a positive, finite number
     except ValueError:
         raise ValueError(f"expected a positive number of messages/s, got {text!r}") from None
+
+
+def file_path(text: str) -> str:
+    """A file name (whether it can be used is checked when the TLS context is made)."""
+    if not text.strip():
+        raise ValueError("expected a file name, got an empty string")
+    return text
 
 
 def build_parser(environ: dict[str, str] | None = None) -> _BenchParser:
@@ -178,6 +187,41 @@ def build_parser(environ: dict[str, str] | None = None) -> _BenchParser:
     )
     add("--timeout", _cli.seconds, 10.0, "seconds a message may wait for its reply")
     add("--connect-timeout", _cli.seconds, 5.0, "seconds a connection attempt may take")
+    parser.add_switch(
+        "--tls", "connect over TLS, verifying the server's certificate against the system's CAs"
+    )
+    add(
+        "--tls-ca",
+        file_path,
+        None,
+        "PEM file of a private CA to verify the server with; implies --tls",
+        metavar="PATH",
+        default_text="the system's CAs",
+    )
+    add(
+        "--tls-cert",
+        file_path,
+        None,
+        "client certificate in PEM, which may hold the key too, for mutual TLS",
+        metavar="PATH",
+        default_text="none",
+    )
+    add(
+        "--tls-key",
+        file_path,
+        None,
+        "private key of --tls-cert",
+        metavar="PATH",
+        default_text="in the --tls-cert file",
+    )
+    add(
+        "--tls-server-name",
+        _cli.host_name,
+        None,
+        "name the server's certificate must carry, also sent as SNI",
+        metavar="NAME",
+        default_text="--host",
+    )
     parser.add_switch("--churn", "connect, send one message, read its reply, close; repeat")
     parser.add_switch(
         "--spawn", "start python -m ackservice.server on a free port for the run, stop it after"
@@ -200,6 +244,13 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         parser.error(f"--procs {args.procs} needs at least {args.procs} --connections")
     if args.server_arg and not args.spawn:
         parser.error("--server-arg only applies with --spawn")
+    if spec.tls is not None and args.spawn and not _has_flag(args.server_arg, "--tls-cert"):
+        # The spawned server is plain unless told otherwise, and its certificate is not the
+        # bench's to invent: passing it through is explicit.
+        parser.error(
+            "--tls with --spawn needs a TLS server: add --server-arg=--tls-cert=PATH "
+            "--server-arg=--tls-key=PATH, or start the server yourself and give --port"
+        )
     for server_arg in args.server_arg:
         flag = server_arg.partition("=")[0]
         if len(flag) > 3 and "--port".startswith(flag):  # argparse takes --por for --port
@@ -248,6 +299,7 @@ def _load_spec(args: argparse.Namespace, parser: _cli.SettingsParser) -> LoadSpe
     duration = args.duration
     if duration is None and args.messages is None:
         duration = DEFAULT_DURATION
+    tls = _tls_spec(args, parser)
     try:
         return LoadSpec(
             host=args.host,
@@ -262,9 +314,35 @@ def _load_spec(args: argparse.Namespace, parser: _cli.SettingsParser) -> LoadSpe
             rate=args.rate,
             reply_timeout=args.timeout,
             connect_timeout=args.connect_timeout,
+            tls=tls,
         )
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _tls_spec(args: argparse.Namespace, parser: _cli.SettingsParser) -> TLSSpec | None:
+    """The TLS settings the flags ask for, checked here (a usage error, exit 2) rather
+    than in every worker."""
+    if not (args.tls or args.tls_ca):
+        for flag in ("tls_cert", "tls_key", "tls_server_name"):
+            if getattr(args, flag) is not None:
+                option = "--" + flag.replace("_", "-")
+                parser.error(f"{option} applies only with --tls or --tls-ca")
+        return None
+    if args.tls_key is not None and args.tls_cert is None:
+        parser.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
+    try:
+        client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return TLSSpec(
+        ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name
+    )
+
+
+def _has_flag(words: list[str], flag: str) -> bool:
+    """Whether ``flag`` (or ``flag=VALUE``) is among ``words``."""
+    return any(word == flag or word.startswith(flag + "=") for word in words)
 
 
 def _run(spec: LoadSpec, procs: int, progress: Progress | None) -> LoadResult:

@@ -16,6 +16,11 @@ loop every message that should have been sent during the stall carries the wait 
 The window still bounds what is in flight: messages due while the window is full queue in
 the client, and their latency keeps counting from their schedule.
 
+Over TLS (``spec.tls``) each connection is a ``trio.SSLStream``, its handshake inside the
+connect timeout. TLS cannot half-close (see ``StreamTransport``), so a TLS connection ends
+once every reply is in, with close_notify, instead of the half-close and the wait for the
+server's close of plain TCP.
+
 Every loop here ends by itself: sending stops at the end of the window (or when the message
 budget is spent), every message must be answered within the reply timeout (a watchdog drops
 connections that miss it), and the whole run sits under a hard deadline.
@@ -33,11 +38,12 @@ from typing import Any, Final
 
 import trio
 
-from ..errors import ConnectError, ProtocolError
+from ..client.tls import client_tls_context, start_tls
+from ..errors import ConnectError, ProtocolError, TLSError
 from .payload import PayloadPool
 from .result import LoadResult, Progress, Snapshot
 from .spec import MAX_RUN_SECONDS, LoadSpec
-from .transport import StreamTransport, Transport, open_tcp
+from .transport import StreamTransport, Transport, open_socket_stream, open_tcp
 from .verify import ReplyChecker, Tally
 
 __all__ = ["LoadGenerator", "OpenStream", "raise_open_file_limit", "run_load"]
@@ -58,6 +64,9 @@ _CHURN_RETRY_DELAY: Final = 0.01
 # Extra time the run may take beyond warm-up + duration for the last replies (each bounded
 # by the reply timeout) and the closing handshake (bounded by it too).
 _FINISH_MARGIN: Final = 5.0
+# A connection attempt that failed: refused, timed out, reset in the TLS handshake, or TLS
+# refused (the last is final for the whole run only when no connection opens at all).
+_OPEN_FAILURES: Final = (OSError, trio.TooSlowError, trio.BrokenResourceError, TLSError)
 
 OpenStream = Callable[[], Awaitable[trio.abc.Stream]]
 """Opens one connection to the server (tests pass memory streams)."""
@@ -97,11 +106,18 @@ class LoadGenerator:
     Args:
         spec: what to send and for how long.
         open_stream: opens a connection; by default a TCP connection to ``spec.host``,
-            ``spec.port`` (resolved once, in ``connect``).
+            ``spec.port`` (resolved once, in ``connect``). With ``spec.tls``, TLS runs over
+            the stream it returns.
+
+    Raises:
+        ValueError: ``spec.tls`` names files that cannot serve (``client_tls_context``).
     """
 
     def __init__(self, spec: LoadSpec, *, open_stream: OpenStream | None = None) -> None:
         self.spec = spec
+        self._tls_context = None
+        if spec.tls is not None:
+            self._tls_context = client_tls_context(spec.tls.ca, spec.tls.cert, spec.tls.key)
         self.tally = Tally()
         self._pool = PayloadPool(spec.size)
         self._open_stream = open_stream
@@ -138,7 +154,7 @@ class LoadGenerator:
         if spec.churn:
             try:
                 transport = await self._open()
-            except (OSError, trio.TooSlowError) as exc:
+            except _OPEN_FAILURES as exc:
                 raise ConnectError(self._describe(exc)) from exc
             await transport.aclose()
             return
@@ -150,7 +166,7 @@ class LoadGenerator:
             async with limiter:
                 try:
                     transport = await self._open()
-                except (OSError, trio.TooSlowError) as exc:
+                except _OPEN_FAILURES as exc:
                     self.tally.errors["connect"] += 1
                     first_failure = first_failure or exc
                     return
@@ -167,15 +183,28 @@ class LoadGenerator:
 
     async def _open(self) -> Transport:
         with trio.fail_after(self.spec.connect_timeout):
+            if self._tls_context is None:
+                if self._open_stream is not None:
+                    return StreamTransport(await self._open_stream())
+                assert self._address is not None, "connect() resolves the address first"
+                return await open_tcp(*self._address)
             if self._open_stream is not None:
-                return StreamTransport(await self._open_stream())
-            assert self._address is not None, "connect() resolves the address first"
-            return await open_tcp(*self._address)
+                stream: trio.abc.Stream = await self._open_stream()
+            else:
+                assert self._address is not None, "connect() resolves the address first"
+                stream = await open_socket_stream(*self._address)
+            assert self.spec.tls is not None
+            server_name = self.spec.tls.server_name or self.spec.host
+            return StreamTransport(await start_tls(stream, self._tls_context, server_name))
 
     def _describe(self, exc: BaseException) -> str:
         where = f"{self.spec.host}:{self.spec.port}"
         if isinstance(exc, trio.TooSlowError):
             return f"cannot connect to {where}: no answer within {self.spec.connect_timeout:g} s"
+        if isinstance(exc, TLSError):
+            return f"cannot connect to {where}: {exc}"
+        if isinstance(exc, trio.BrokenResourceError):
+            return f"cannot connect to {where}: connection reset during the TLS handshake"
         if isinstance(exc, ConnectionRefusedError):
             return (
                 f"cannot connect to {where}: connection refused "
@@ -428,9 +457,12 @@ class LoadGenerator:
 
     async def _finish(self, conn: _Connection) -> None:
         """Everything is answered: half-close, and expect the server to close with nothing
-        more to say (the watchdog bounds the wait)."""
-        conn.closing_since = trio.current_time()
+        more to say (the watchdog bounds the wait). Over TLS, which cannot half-close,
+        ``_serve`` just closes (close_notify), the replies all being in."""
         transport = conn.transport
+        if not transport.can_half_close:
+            return
+        conn.closing_since = trio.current_time()
         await transport.send_eof()
         while data := await transport.receive_some(_RECEIVE_BYTES):
             conn.checker.absorb(data, trio.current_time())  # anything now is unexpected
@@ -487,6 +519,8 @@ class LoadGenerator:
             await conn.answered.wait()
         conn.answered = None
         if checker.closed_by_server is None:
+            if not transport.can_half_close:
+                return  # TLS: every reply is in; _serve closes with close_notify
             conn.closing_since = trio.current_time()
             await transport.send_eof()
             await trio.sleep_forever()  # the receiving task sees the close and ends us
@@ -537,7 +571,7 @@ class LoadGenerator:
         errors = tally.errors
         try:
             transport = await self._open()
-        except (OSError, trio.TooSlowError):
+        except _OPEN_FAILURES:
             errors["connect"] += 1
             await self._wait_until(trio.current_time() + _CHURN_RETRY_DELAY)
             return

@@ -54,6 +54,7 @@ def to_json(
             "procs": procs,
             "timeout": spec.reply_timeout,
             "connect_timeout": spec.connect_timeout,
+            "tls": spec.tls is not None,
         },
         "mode": "closed-loop" if spec.rate is None else "open-loop",
         "interrupted": result.interrupted,
@@ -98,6 +99,8 @@ def render_text(
         )
     load += ", closed loop" if spec.rate is None else f", open loop at {spec.rate:,.0f} msg/s"
     load += f", {procs} process" + ("es" if procs > 1 else "")
+    if spec.tls is not None:
+        load += ", TLS"
     measured = f"{result.elapsed:.2f} s"
     if spec.warmup:
         measured += f" after a {spec.warmup:g} s warm-up"

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Final
 
-__all__ = ["MAX_CONNECTIONS", "MAX_RUN_SECONDS", "MAX_SIZE", "MAX_WINDOW", "LoadSpec"]
+__all__ = ["MAX_CONNECTIONS", "MAX_RUN_SECONDS", "MAX_SIZE", "MAX_WINDOW", "LoadSpec", "TLSSpec"]
 
 MAX_CONNECTIONS: Final = 10_000
 MAX_WINDOW: Final = 65_536
@@ -14,6 +14,24 @@ MAX_SIZE: Final = 4 << 20
 # No run is longer than this, whatever the settings (a --messages run without --duration
 # stops here too).
 MAX_RUN_SECONDS: Final = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSpec:
+    """Connect over TLS: file names rather than a context, so that a spec travels to
+    ``--procs`` workers (an ``ssl.SSLContext`` cannot be pickled); each process makes its
+    own context with ``client_tls_context``.
+
+    Attributes:
+        ca: PEM file of a private CA; ``None``: the system's CAs.
+        cert, key: the client certificate and its key (the key may be in ``cert``).
+        server_name: the name the server's certificate must carry; ``None``: the host.
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +50,9 @@ class LoadSpec:
         churn: connect, send one message, read its reply, close; repeat.
         rate: open loop at this many messages per second (``None``: closed loop).
         reply_timeout: seconds a message may wait for its reply.
-        connect_timeout: seconds a connection attempt may take.
+        connect_timeout: seconds a connection attempt may take (with TLS, the handshake
+            included).
+        tls: connect over TLS with these settings; ``None``: plain TCP.
         first_connection, total_connections: this process's place among all connections
             (for payload salts and open-loop schedules spread over every process).
     """
@@ -49,6 +69,7 @@ class LoadSpec:
     rate: float | None = None
     reply_timeout: float = 10.0
     connect_timeout: float = 5.0
+    tls: TLSSpec | None = None
     first_connection: int = 0
     total_connections: int = 0  # 0: the same as `connections`
 

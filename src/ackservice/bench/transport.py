@@ -13,23 +13,41 @@ they matter and drops the rest:
 - a send the kernel takes whole makes none (every send is followed by a receive, which
   yields); only a full socket buffer makes it wait for writability.
 
-``StreamTransport`` adapts any ``trio.abc.Stream`` (memory streams in tests) to the same four
-methods. Both raise ``trio.BrokenResourceError`` when the connection breaks.
+``StreamTransport`` adapts any ``trio.abc.Stream`` (memory streams in tests, ``trio.SSLStream``
+for TLS) to the same methods. Both raise ``trio.BrokenResourceError`` when the connection
+breaks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
-__all__ = ["SocketTransport", "StreamTransport", "Transport", "open_tcp"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "SocketTransport",
+    "StreamTransport",
+    "Transport",
+    "open_socket_stream",
+    "open_tcp",
+]
+
+# A graceful close (close_notify) is one small write: it waits only for a peer that stopped
+# reading, and then there is no clean end to be had.
+CLOSE_TIMEOUT: Final = 1.0
 
 
 class Transport(Protocol):
     """What the load generator needs from a connection."""
+
+    @property
+    def can_half_close(self) -> bool:
+        """Whether ``send_eof`` ends our direction only, the replies still to come."""
+        ...
 
     async def send_all(self, data: bytes) -> None: ...
 
@@ -68,6 +86,22 @@ async def open_tcp(family: int, kind: int, proto: int, address: Any) -> SocketTr
     return SocketTransport(sock)
 
 
+async def open_socket_stream(family: int, kind: int, proto: int, address: Any) -> trio.SocketStream:
+    """Connect a Trio socket to ``address`` (already resolved): the transport under TLS,
+    where ``trio.SSLStream`` needs a ``trio.abc.Stream``.
+
+    Raises:
+        OSError: the connection failed.
+    """
+    sock = trio.socket.socket(family, kind, proto)
+    try:
+        await sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 class SocketTransport:
     """A connected non-blocking TCP socket, driven with ``trio.lowlevel`` waits."""
 
@@ -75,6 +109,11 @@ class SocketTransport:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+
+    @property
+    def can_half_close(self) -> bool:
+        """Always: TCP's ``shutdown(SHUT_WR)``."""
+        return True
 
     async def send_all(self, data: bytes) -> None:
         """Send every byte of ``data``."""
@@ -133,12 +172,22 @@ class SocketTransport:
 
 
 class StreamTransport:
-    """Any ``trio.abc.Stream`` as a ``Transport``."""
+    """Any ``trio.abc.Stream`` as a ``Transport``.
+
+    A ``trio.SSLStream`` cannot half-close: TLS 1.3 could in principle, but Trio's
+    ``SSLStream`` has no ``send_eof``, and its ``aclose`` sends close_notify and closes the
+    socket at once. So over TLS the load generator waits for every reply, then closes.
+    """
 
     __slots__ = ("_stream",)
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+
+    @property
+    def can_half_close(self) -> bool:
+        """Whether the stream is a ``trio.abc.HalfCloseableStream``."""
+        return isinstance(self._stream, trio.abc.HalfCloseableStream)
 
     async def send_all(self, data: bytes) -> None:
         await self._stream.send_all(data)
@@ -152,4 +201,11 @@ class StreamTransport:
             await self._stream.send_eof()
 
     async def aclose(self) -> None:
+        """Close gracefully (TLS: close_notify first) within ``CLOSE_TIMEOUT``, else at
+        once; never raises a broken-connection error."""
+        with (
+            trio.move_on_after(CLOSE_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await self._stream.aclose()
         await trio.aclose_forcefully(self._stream)

@@ -7,6 +7,8 @@
         async for receipt in client.send_many(lines):  # pipelined, in order
             ...
 
+Over TLS: ``open_client(host, port, tls=client_tls_context(ca="ca.pem"))``.
+
 Delivery is at-least-once: after a reconnect every unacknowledged message is sent again,
 so the server may receive some twice. ``python -m ackservice.client`` is the command line.
 """
@@ -21,12 +23,15 @@ from ..errors import (
     ConnectionLostError,
     MessageRejectedError,
     ProtocolError,
+    ServerRefusedError,
+    TLSError,
 )
 from ..protocol import Ack, Err
 from .config import ClientConfig
 from .connection import Client, StreamOpener, open_client
 from .message import ClientStats, Receipt
 from .pipeline import Deliveries
+from .tls import client_tls_context
 
 __all__ = [
     "Ack",
@@ -43,6 +48,9 @@ __all__ = [
     "MessageRejectedError",
     "ProtocolError",
     "Receipt",
+    "ServerRefusedError",
     "StreamOpener",
+    "TLSError",
+    "client_tls_context",
     "open_client",
 ]

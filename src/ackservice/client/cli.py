@@ -13,7 +13,10 @@ signal still prints a summary of what was and was not acknowledged.
 
 Failures that may pass (a refused connection, ``ERR 0 busy``/``shutting-down``, a message
 answered ``unavailable``) are retried for ``--retry-for`` seconds (30 by default), so a
-server restart or a short store outage does not fail a long piped run.
+server restart or a short store outage does not fail a long piped run. Refusals that cannot
+pass are not: a TLS failure (certificate, handshake, an alert refusing the client
+certificate), ``ERR 0 forbidden`` and ``ERR 0 tls-required`` end the run at once with one
+line, exit 3 when no message was answered.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import importlib.metadata
 import os
 import signal
+import ssl
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -30,7 +34,14 @@ from typing import NoReturn
 import trio
 
 from .. import _cli
-from ..errors import AckServiceError, ConnectError, ConnectionLostError, ProtocolError
+from ..errors import (
+    AckServiceError,
+    ConnectError,
+    ConnectionLostError,
+    ProtocolError,
+    ServerRefusedError,
+    TLSError,
+)
 from ..logconfig import configure_logging
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, OVERSIZED, Ack, ErrorCode, Oversized
 from .config import ClientConfig
@@ -38,6 +49,7 @@ from .connection import Client, open_client
 from .message import Receipt
 from .output import Reporter, Tally, error_json
 from .stdin import LineReader, read_lines
+from .tls import client_tls_context
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -74,8 +86,8 @@ one: an interactive prompt when stdin is a terminal, pipelined when it is a pipe
 
 _EPILOG = """\
 exit codes: 0 every message acknowledged; 1 some message refused, skipped or never
-acknowledged; 2 usage error; 3 server never reached; 130 interrupted (Ctrl-C);
-143 terminated (SIGTERM).
+acknowledged; 2 usage error; 3 server never reached (or it refused this client: TLS,
+ERR 0 forbidden or tls-required); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 Delivery is at-least-once: after a reconnect, unacknowledged messages are sent again.
 """
 
@@ -157,6 +169,43 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         defaults.backoff_cap,
         "largest backoff bound in seconds",
     )
+    parser.add_switch(
+        "--tls", "connect over TLS, verifying the server's certificate against the system's CAs"
+    )
+    add(
+        "--tls-ca",
+        _file_path,
+        None,
+        "PEM file of a private CA to verify the server with, instead of the system's; "
+        "implies --tls",
+        metavar="PATH",
+        default_text="the system's CAs",
+    )
+    add(
+        "--tls-cert",
+        _file_path,
+        None,
+        "client certificate in PEM, which may hold the key too, for servers that require "
+        "one: mutual TLS",
+        metavar="PATH",
+        default_text="none",
+    )
+    add(
+        "--tls-key",
+        _file_path,
+        None,
+        "private key of --tls-cert, in PEM and not passphrase-protected",
+        metavar="PATH",
+        default_text="in the --tls-cert file",
+    )
+    add(
+        "--tls-server-name",
+        _cli.host_name,
+        None,
+        "name the server's certificate must carry, also sent as SNI; for connecting by address",
+        metavar="NAME",
+        default_text="the host",
+    )
     add(
         "--log-level",
         _cli.log_level,
@@ -208,6 +257,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             f"--host gives port {host_port} but --port gives {args.port}; give the port once"
         )
     port = host_port or args.port or ClientConfig().port
+    tls = _tls_context(args, parser)
     # stderr is either all JSON or all human text: "auto" follows --json rather than the
     # terminal, so that JSON log lines never mix with a human summary (or the reverse).
     log_format = args.log_format
@@ -224,6 +274,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         window=args.window,
         backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap,
+        tls=tls,
+        tls_server_name=args.tls_server_name,
     )
     reporter = Reporter(
         sys.stdout,
@@ -337,6 +389,8 @@ class _Run:
                 window=self.config.window,
                 backoff_base=self.config.backoff_base,
                 backoff_cap=self.config.backoff_cap,
+                tls=self.config.tls,
+                tls_server_name=self.config.tls_server_name,
             ) as client:
                 self.client = client
                 self.started = trio.current_time()
@@ -344,6 +398,13 @@ class _Run:
                     await body(client)
                 finally:
                     self._take_counts(client)
+        except (TLSError, ServerRefusedError) as exc:
+            # Refused for good: "never reached" unless some message was answered before
+            # (a reconnect met a changed certificate or allow list).
+            self.unreachable = self.client is None or not (
+                self.client.stats.acked or self.client.stats.rejected
+            )
+            self._fail(str(exc))
         except ConnectError as exc:
             self.unreachable = self.client is None
             self._fail(str(exc))
@@ -461,8 +522,9 @@ class _Run:
 
     async def _prompt_loop(self, client: Client, reader: LineReader) -> None:
         reporter = self.reporter
+        over = " over TLS" if self.config.tls is not None else ""
         reporter.notice(
-            f"connected to {self.config.address}: each line you type is one message; "
+            f"connected to {self.config.address}{over}: each line you type is one message; "
             "Ctrl-D or Ctrl-C to quit"
         )
         number = 0
@@ -527,6 +589,30 @@ def _non_negative_seconds(text: str) -> float:
     if value > 1e9:
         raise ValueError(f"expected at most 1000000000 seconds, got {text!r}")
     return 0.0 if value == 0 else _cli.seconds(text)
+
+
+def _file_path(text: str) -> str:
+    """A file name (whether it can be read is checked when the TLS context is made)."""
+    if not text.strip():
+        raise ValueError("expected a file name, got an empty string")
+    return text
+
+
+def _tls_context(args: argparse.Namespace, parser: _ClientParser) -> ssl.SSLContext | None:
+    """The TLS context the flags ask for; ``None`` for plain TCP. Files that cannot serve
+    are usage errors, one line naming the file."""
+    if not (args.tls or args.tls_ca):
+        for flag in ("tls_cert", "tls_key", "tls_server_name"):
+            if getattr(args, flag) is not None:
+                option = "--" + flag.replace("_", "-")
+                parser.error(f"{option} applies only with --tls or --tls-ca")
+        return None
+    if args.tls_key is not None and args.tls_cert is None:
+        parser.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
+    try:
+        return client_tls_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def _messages(count: int) -> str:

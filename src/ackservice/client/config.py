@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import ssl
 from dataclasses import dataclass
 
 __all__ = ["ClientConfig"]
@@ -31,6 +32,11 @@ class ClientConfig:
         window: messages written but not yet answered, at most.
         backoff_base: first backoff bound in seconds; it doubles after each failure.
         backoff_cap: largest backoff bound in seconds.
+        tls: connect over TLS with this context (``client_tls_context`` makes one);
+            ``None``: plain TCP.
+        tls_server_name: the name the server's certificate must carry, also sent as SNI;
+            ``None``: ``host``. For connecting by address to a server whose certificate
+            names it otherwise.
     """
 
     host: str = "127.0.0.1"
@@ -42,6 +48,8 @@ class ClientConfig:
     window: int = 256
     backoff_base: float = 0.1
     backoff_cap: float = 5.0
+    tls: ssl.SSLContext | None = None
+    tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -54,6 +62,11 @@ class ClientConfig:
             raise ValueError(f"retry_for must be a number >= 0, got {self.retry_for}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.tls_server_name is not None:
+            if self.tls is None:
+                raise ValueError("tls_server_name applies only with tls")
+            if not self.tls_server_name:
+                raise ValueError("tls_server_name must not be empty")
         for name in ("connect_timeout", "ack_timeout", "backoff_base", "backoff_cap"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):

@@ -9,7 +9,10 @@ answers ``ERR <seq> unavailable`` (not acknowledged, try later) is held back and
 after a backoff, on whatever connection is up then.
 
 Replies are framed and parsed by the sans-IO ``ackservice.protocol``; this module only
-moves bytes and keeps time.
+moves bytes and keeps time. With TLS the handshake is part of opening a connection (inside
+the connect timeout), so a certificate that does not verify is reported at connect; every
+TLS failure, like ``ERR 0 forbidden`` and ``ERR 0 tls-required``, is final (``client/tls.py``
+says where each one surfaces).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import math
 import random
 import socket
+import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -35,6 +39,8 @@ from ..errors import (
     ConnectionLostError,
     MessageRejectedError,
     ProtocolError,
+    ServerRefusedError,
+    TLSError,
 )
 from ..protocol import (
     MAX_REPLY_LINE_BYTES,
@@ -49,6 +55,7 @@ from .config import ClientConfig
 from .message import ClientStats, Outgoing, Receipt
 from .pipeline import Deliveries
 from .retry import RetryBudget, backoff_delay, describe_connect_error
+from .tls import close_stream, is_truncated, start_tls, tls_refusal
 from .wakeup import Wakeup
 
 __all__ = ["Client", "StreamOpener", "open_client"]
@@ -76,6 +83,14 @@ RECEIVE_SIZE = 65536
 # copied into one huge buffer.
 MAX_WRITE_BYTES = 256 * 1024
 
+# ``ERR 0`` codes after which no reconnect can succeed: the server refuses this client's
+# address, or wants TLS and was spoken to in plaintext. Every other ``ERR 0`` (``busy``,
+# ``shutting-down``, ``idle-timeout``, and codes added later) ends only this connection.
+_FINAL_CONNECTION_CODES = {
+    ErrorCode.FORBIDDEN: "the server's --allow does not admit this client's address",
+    ErrorCode.TLS_REQUIRED: "the port serves TLS only: connect with --tls (or --tls-ca)",
+}
+
 
 @asynccontextmanager
 async def open_client(
@@ -89,6 +104,8 @@ async def open_client(
     window: int = 256,
     backoff_base: float = 0.1,
     backoff_cap: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+    tls_server_name: str | None = None,
     connect: StreamOpener | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to an ackservice server; the ``Client`` is usable inside the ``async with``.
@@ -111,14 +128,26 @@ async def open_client(
         window: messages written but not yet answered, at most.
         backoff_base, backoff_cap: the exponential backoff with full jitter between
             attempts starts at ``backoff_base`` seconds and never exceeds ``backoff_cap``.
-        connect: opens the stream instead of ``trio.open_tcp_stream(host, port)``, e.g.
-            for TLS with ``trio.open_ssl_over_tcp_stream``; ``host``/``port`` then only
-            name the server in messages.
+        tls: connect over TLS with this context, e.g. ``client_tls_context(ca="ca.pem")``
+            (which verifies the server's certificate, TLS 1.2 at least). The handshake
+            completes within ``connect_timeout``, before the body runs.
+        tls_server_name: the name the server's certificate must carry (also sent as SNI);
+            by default ``host``. For connecting by address to a certificate issued for
+            a name.
+        connect: opens the stream instead of ``trio.open_tcp_stream(host, port)`` (with
+            ``tls``, TLS then runs over that stream); ``host``/``port`` then only name the
+            server in messages.
 
     Raises:
+        TLSError: the server's certificate did not verify, the handshake failed, or the
+            port does not serve TLS (never retried).
         ConnectError: no connection could be opened within the retry budget (or the host
             name does not resolve: that is not retried).
         ValueError: a setting is out of range.
+
+    A server's refusal that arrives after the connection opened (``ERR 0 forbidden``,
+    ``ERR 0 tls-required``, a TLS alert rejecting the client certificate) fails every
+    message with ``ServerRefusedError`` or ``TLSError``; neither is retried.
     """
     config = ClientConfig(
         host=host,
@@ -130,6 +159,8 @@ async def open_client(
         window=window,
         backoff_base=backoff_base,
         backoff_cap=backoff_cap,
+        tls=tls,
+        tls_server_name=tls_server_name,
     )
     client = Client(config, connect=connect)
     stream = await client._connect()
@@ -151,7 +182,7 @@ async def open_client(
             _reraise(group.exceptions[0])
         raise
     finally:
-        await trio.aclose_forcefully(stream)
+        await close_stream(stream)
 
 
 def _reraise(exc: BaseException) -> NoReturn:
@@ -346,12 +377,27 @@ class Client:
                 await trio.sleep(max(0.0, min(delay, budget.remaining(trio.current_time()))))
             immediately = False
             budget.attempt_starting(trio.current_time())
+            handshaking = False
             try:
                 with trio.fail_after(config.connect_timeout):
                     stream = await self._open_stream()
+                    if config.tls is not None:
+                        handshaking = True
+                        server_name = config.tls_server_name or config.host
+                        stream = await start_tls(stream, config.tls, server_name)
             except trio.TooSlowError as exc:
                 cause: BaseException = exc
                 reason = f"timed out after {config.connect_timeout:g} s"
+                if handshaking:
+                    # A plaintext server that got a ClientHello without a newline in it
+                    # waits for the rest of the "message"; so does a stalled TLS server.
+                    reason += " in the TLS handshake (is the port serving TLS?)"
+            except TLSError as exc:
+                # Another attempt would meet the same certificates: say so at once.
+                raise TLSError(f"cannot connect to {config.address}: {exc}", exc.reason) from exc
+            except trio.BrokenResourceError as exc:
+                cause = exc
+                reason = "connection reset during the TLS handshake"
             except OSError as exc:
                 cause = exc
                 reason = describe_connect_error(exc)
@@ -427,7 +473,7 @@ class Client:
             # Every unanswered message goes back to the front of the queue, in order.
             self._unsent.extendleft(reversed(self._in_flight))
             self._in_flight.clear()
-            await trio.aclose_forcefully(stream)
+            await close_stream(stream)
         return link
 
     async def _write_loop(self, link: _Link) -> None:
@@ -473,8 +519,22 @@ class Client:
     async def _read_loop(self, link: _Link) -> None:
         try:
             await self._read_replies(link)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            link.lose("reset", "the connection was reset")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            refusal = tls_refusal(exc, self.config.address)
+            if refusal is not None:
+                # A fatal alert, typically the server rejecting the client certificate
+                # (with TLS 1.3 it arrives after the client's handshake completed).
+                self._fail(refusal)
+                link.scope.cancel()
+            elif is_truncated(exc):
+                detail = "the server closed the TLS connection without close_notify"
+                if link.replies == 0:
+                    # What a server that rejects the client certificate without sending
+                    # its alert looks like; a crashed one looks the same, so it is retried.
+                    detail += " before any reply (if it requires a client certificate: --tls-cert)"
+                link.lose("closed", detail)
+            else:
+                link.lose("reset", "the connection was reset")
         except AckServiceError as exc:
             # A silent server, a reply that does not match, a malformed line: reconnecting
             # would not make the server trustworthy again, so the client gives up.
@@ -509,10 +569,22 @@ class Client:
                     raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE_BYTES} bytes")
                 reply = parse_reply(line)
                 if isinstance(reply, Err) and reply.is_connection_error:
+                    if reply.code in _FINAL_CONNECTION_CODES:
+                        raise self._refused(reply)
                     link.lose(reply.code, reply.detail)
                     return
                 self._take_reply(link, reply, now)
             self._work.set()  # answered messages made room in the window
+
+    def _refused(self, reply: Err) -> ServerRefusedError:
+        """The final error for ``ERR 0 forbidden`` or ``ERR 0 tls-required``."""
+        said = f"{reply.code}: {reply.detail}" if reply.detail else reply.code
+        return ServerRefusedError(
+            f"{self.config.address} refused this client ({said}); "
+            f"{_FINAL_CONNECTION_CODES[reply.code]}",
+            reply.code,
+            reply.detail,
+        )
 
     def _take_reply(self, link: _Link, reply: Ack | Err, now: float) -> None:
         """Match ``reply`` to the oldest unanswered message and complete it."""
