@@ -1,0 +1,403 @@
+"""The server's TLS (tls.py, tls_transport.py) over real loopback sockets with real
+certificates (trustme, tests/tls_support.py): round trips, the half-close by close_notify,
+the ERR 0 lines through TLS, mismatches, mutual TLS, the handshake timeout, access control."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import random
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import trio
+from structlog.testing import capture_logs
+
+from ackservice.protocol import ack_line
+from ackservice.server import (
+    MessageContext,
+    Server,
+    ServerConfig,
+    serve,
+    server_tls_context,
+)
+from ackservice.store import open_reader, open_store
+from support import LineReader
+from tls_support import CLIENT_COMMON_NAME, TLSFiles
+
+EventList = list[dict[str, Any]]
+
+
+@pytest.fixture
+def logs() -> Iterator[EventList]:
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
+        yield entries
+
+
+_OPENED: list[trio.socket.SocketType] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_what_tests_opened() -> AsyncIterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+async def plain(port: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    _OPENED.append(stream.socket)
+    return stream
+
+
+def events_named(logs: EventList, name: str) -> EventList:
+    return [e for e in logs if e["event"] == name]
+
+
+async def start(
+    nursery: trio.Nursery,
+    files: TLSFiles,
+    *,
+    mutual: bool = False,
+    tls: bool = True,
+    **settings: Any,
+) -> Server:
+    context = None
+    if tls:
+        context = server_tls_context(
+            files.server_cert, files.server_key, files.ca if mutual else None
+        )
+    return await nursery.start(  # type: ignore[no-any-return]
+        functools.partial(serve, ServerConfig(port=0, **settings), tls=context)
+    )
+
+
+def client_context(
+    files: TLSFiles, *, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=files.ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+async def connect(port: int, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+    stream = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", port, ssl_context=context, https_compatible=False
+    )
+    _OPENED.append(stream.transport_stream.socket)
+    await stream.do_handshake()
+    return stream
+
+
+class BioClient:
+    """A TLS client over a blocking-free Trio socket with memory BIOs, so a test controls
+    exactly which bytes go out when: close_notify as a half-close, records in slices."""
+
+    def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+        self.closed_cleanly = False
+
+    @classmethod
+    async def connect(cls, port: int, context: ssl.SSLContext) -> BioClient:
+        sock = trio.socket.socket()
+        _OPENED.append(sock)
+        await sock.connect(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = cls(sock, context)
+        while True:
+            try:
+                client.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await client.flush()
+                client.incoming.write(await sock.recv(65536))
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            await self.sendall(data)
+
+    async def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[await self.sock.send(view) :]
+
+    def encrypt(self, data: bytes) -> bytes:
+        self.tls.write(data)
+        return self.outgoing.read()
+
+    def close_notify(self) -> bytes:
+        with contextlib.suppress(ssl.SSLWantReadError):  # the server's comes later
+            self.tls.unwrap()
+        return self.outgoing.read()
+
+    async def read_all(self) -> bytes:
+        """Everything the server sends until its close_notify (``closed_cleanly``) or the
+        end of the TCP stream."""
+        received = b""
+        while True:
+            data = await self.sock.recv(65536)
+            if not data:
+                return received
+            self.incoming.write(data)
+            while True:
+                try:
+                    chunk = self.tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    chunk = b""
+                if not chunk:
+                    self.closed_cleanly = True
+                    return received
+                received += chunk
+
+
+async def test_round_trip(nursery: trio.Nursery, tls_files: TLSFiles) -> None:
+    server = await start(nursery, tls_files)
+    stream = await connect(server.port, client_context(tls_files))
+    await stream.send_all(b"hello\nsecond message\n\n")
+    assert await LineReader(stream).lines(3) == [
+        ack_line(1, b"hello")[:-1],
+        ack_line(2, b"second message")[:-1],
+        ack_line(3, b"")[:-1],
+    ]
+    await stream.aclose()
+
+
+async def test_close_notify_is_a_half_close_answered_in_full(
+    nursery: trio.Nursery, tls_files: TLSFiles
+) -> None:
+    """Messages, an unterminated final one and close_notify in one write: every reply
+    comes back, then the server's own close_notify."""
+    server = await start(nursery, tls_files)
+    client = await BioClient.connect(server.port, client_context(tls_files))
+    await client.sendall(client.encrypt(b"one\ntwo\nlast") + client.close_notify())
+    with trio.fail_after(5):
+        replies = await client.read_all()
+    assert replies == ack_line(1, b"one") + ack_line(2, b"two") + ack_line(3, b"last")
+    assert client.closed_cleanly
+
+
+async def test_records_sliced_into_pieces_are_reassembled(
+    nursery: trio.Nursery, tls_files: TLSFiles
+) -> None:
+    """Records (headers included) arriving a few bytes per read are decrypted whole."""
+    server = await start(nursery, tls_files)
+    client = await BioClient.connect(server.port, client_context(tls_files))
+    rng = random.Random(7)
+    messages = [bytes([97 + i % 26]) * rng.randint(0, 3000) for i in range(40)]
+    wire = b"".join(client.encrypt(m + b"\n") for m in messages) + client.close_notify()
+    at = 0
+    while at < len(wire):
+        step = rng.choice((1, 2, 3, 5, 7, 700))
+        await client.sendall(wire[at : at + step])
+        at += step
+        if rng.random() < 0.1:
+            await trio.sleep(0.001)  # a separate read on the server
+    with trio.fail_after(10):
+        replies = await client.read_all()
+    assert replies == b"".join(ack_line(i, m) for i, m in enumerate(messages, 1))
+
+
+async def test_goodbye_lines_go_through_tls(nursery: trio.Nursery, tls_files: TLSFiles) -> None:
+    """ERR 0 idle-timeout and ERR 0 shutting-down are read through TLS (an SSLStream
+    cannot read plaintext), followed by the end of the stream."""
+    server = await start(nursery, tls_files, idle_timeout=0.3)
+    idle = await connect(server.port, client_context(tls_files))
+    with trio.fail_after(5):
+        line = await LineReader(idle).line()
+    assert line.startswith(b"ERR 0 idle-timeout ")
+    busy = await connect(server.port, client_context(tls_files))
+    await busy.send_all(b"x\n")
+    reader = LineReader(busy)
+    assert await reader.line() == ack_line(1, b"x")[:-1]
+    server.shutdown()
+    with trio.fail_after(5):
+        assert (await reader.line()).startswith(b"ERR 0 shutting-down ")
+        assert await reader.at_eof()
+
+
+async def test_a_stalled_handshake_is_dropped(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    server = await start(nursery, tls_files, tls_handshake_timeout=0.2)
+    sock = trio.socket.socket()
+    _OPENED.append(sock)
+    await sock.connect(("127.0.0.1", server.port))
+    with trio.fail_after(5):
+        assert await sock.recv(100) == b""  # closed, without a word in plaintext
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["reason"] == "tls-handshake-timeout"
+
+
+async def test_plaintext_client_is_told_tls_is_required(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    server = await start(nursery, tls_files)
+    stream = await plain(server.port)
+    await stream.send_all(b"hello\n")
+    with trio.fail_after(5):
+        line = await LineReader(stream).line()
+    assert line.startswith(b"ERR 0 tls-required ")
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["reason"] == "tls-required"
+    assert not events_named(logs, "connection_failed")
+
+
+async def test_tls_client_on_a_plain_port_is_closed_and_logged(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    server = await start(nursery, tls_files, tls=False)
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+        await connect(server.port, client_context(tls_files))
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["reason"] == "tls-on-plain-port"
+    assert "--tls-cert" in closed["detail"]
+
+
+async def test_mutual_tls_identity_reaches_the_hook_and_the_log(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    seen: list[MessageContext] = []
+
+    async def hook(payload: bytes, context: MessageContext) -> None:
+        seen.append(context)
+
+    context = server_tls_context(tls_files.server_cert, tls_files.server_key, tls_files.ca)
+    server: Server = await nursery.start(
+        functools.partial(serve, ServerConfig(port=0), tls=context, on_message=hook)
+    )
+    client = client_context(tls_files, cert=tls_files.client_cert, key=tls_files.client_key)
+    stream = await connect(server.port, client)
+    await stream.send_all(b"signed\n")
+    assert await LineReader(stream).line() == ack_line(1, b"signed")[:-1]
+    await stream.aclose()
+    assert len(seen) == 1
+    assert seen[0].identity is not None
+    assert seen[0].identity.endswith(f",CN={CLIENT_COMMON_NAME}")
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["identity"] == seen[0].identity
+
+
+@pytest.mark.parametrize(
+    ("certificate", "alert"),
+    [(None, "CERTIFICATE_REQUIRED"), ("other", "UNKNOWN_CA")],
+    ids=["no-certificate", "other-ca"],
+)
+async def test_mutual_tls_refuses_with_the_alert(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList, certificate: str | None, alert: str
+) -> None:
+    """The client hears why (the alert), not a bare reset; the server logs one line."""
+    server = await start(nursery, tls_files, mutual=True)
+    if certificate is None:
+        context = client_context(tls_files)
+    else:
+        context = client_context(
+            tls_files, cert=tls_files.other_client_cert, key=tls_files.other_client_key
+        )
+    with pytest.raises(trio.BrokenResourceError) as failure:
+        await connect_and_send(server.port, context)
+    cause = failure.value.__cause__
+    assert isinstance(cause, ssl.SSLError)
+    assert alert in (cause.reason or "")
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["reason"] == "tls-handshake-failed"
+    assert not events_named(logs, "connection_failed")
+
+
+async def test_identity_is_stored_with_each_message(
+    nursery: trio.Nursery, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    url = f"sqlite:{tmp_path / 'tls.db'}"
+    context = server_tls_context(tls_files.server_cert, tls_files.server_key, tls_files.ca)
+    async with open_store(url) as store:
+        server: Server = await nursery.start(
+            functools.partial(serve, ServerConfig(port=0), tls=context, store=store)
+        )
+        client = client_context(tls_files, cert=tls_files.client_cert, key=tls_files.client_key)
+        stream = await connect(server.port, client)
+        await stream.send_all(b"kept\n")
+        assert await LineReader(stream).line() == ack_line(1, b"kept")[:-1]
+        await stream.aclose()
+        server.shutdown()
+    async with open_reader(url) as reader:
+        stored = [message async for message in reader.messages()]
+    assert [m.payload for m in stored] == [b"kept"]
+    assert str(stored[0].identity).endswith(f",CN={CLIENT_COMMON_NAME}")
+
+
+async def test_forbidden_address_is_told_through_tls(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    server = await start(nursery, tls_files, allow=(ipaddress.ip_network("10.0.0.0/8"),))
+    stream = await connect(server.port, client_context(tls_files))
+    reader = LineReader(stream)
+    with trio.fail_after(5):
+        assert (await reader.line()).startswith(b"ERR 0 forbidden ")
+        assert await reader.at_eof()
+    refused = await wait_for_event(logs, "connection_refused")
+    assert refused["reason"] == "forbidden"
+
+
+async def test_allowed_network_is_served(nursery: trio.Nursery, tls_files: TLSFiles) -> None:
+    server = await start(
+        nursery, tls_files, tls=False, allow=(ipaddress.ip_network("127.0.0.0/8"),)
+    )
+    stream = await plain(server.port)
+    await stream.send_all(b"in\n")
+    assert await LineReader(stream).line() == ack_line(1, b"in")[:-1]
+
+
+async def test_connections_per_address_are_limited(
+    nursery: trio.Nursery, tls_files: TLSFiles
+) -> None:
+    server = await start(nursery, tls_files, max_connections_per_ip=2)
+    context = client_context(tls_files)
+    held = [await connect(server.port, context) for _ in range(2)]
+    for stream in held:
+        await stream.send_all(b"a\n")
+        assert await LineReader(stream).line() == ack_line(1, b"a")[:-1]
+    third = await connect(server.port, context)
+    with trio.fail_after(5):
+        assert (await LineReader(third).line()).startswith(b"ERR 0 busy too many connections")
+    await held[0].aclose()
+    with trio.fail_after(5):
+        while True:  # the server sees the close a moment later
+            fourth = await connect(server.port, context)
+            await fourth.send_all(b"b\n")
+            line = await LineReader(fourth).line()
+            if not line.startswith(b"ERR 0 busy"):
+                break
+            await trio.sleep(0.01)
+    assert line == ack_line(1, b"b")[:-1]
+
+
+async def connect_and_send(port: int, context: ssl.SSLContext) -> None:
+    """Connect, send a line, read: with TLS 1.3 a refusal of the client's certificate
+    comes after the client's side of the handshake completed."""
+    stream = await connect(port, context)
+    try:
+        await stream.send_all(b"hello\n")
+        await stream.receive_some(100)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def wait_for_event(logs: EventList, name: str) -> dict[str, Any]:
+    with trio.fail_after(5):
+        while not events_named(logs, name):  # noqa: ASYNC110 - the server logs in its task
+            await trio.sleep(0.01)
+    return events_named(logs, name)[0]

@@ -1,0 +1,87 @@
+"""The server's TLS settings and record parsing, without a connection: certificate files,
+the CLI's refusal of a bad one, ``--allow`` matching, TLS record boundaries."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ackservice.server import TLSConfigError, server_tls_context
+from ackservice.server.cli import main as server_main
+from ackservice.server.handler import _allowed
+from ackservice.server.tls import RecordBoundaries
+from tls_support import TLSFiles
+
+
+def test_allow_matches_ipv4_mapped_addresses() -> None:
+    networks = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32"))
+    assert _allowed("192.0.2.9", networks)
+    assert _allowed("::ffff:192.0.2.9", networks)
+    assert _allowed("2001:db8::1", networks)
+    assert not _allowed("127.0.0.1", networks)
+    assert not _allowed("::1", networks)
+    assert not _allowed("not an address", networks)
+
+
+def test_unusable_certificate_files_are_named(tls_files: TLSFiles, tmp_path: Path) -> None:
+    with pytest.raises(TLSConfigError, match=r"cannot read --tls-cert '.*missing.pem'"):
+        server_tls_context(tmp_path / "missing.pem")
+    with pytest.raises(TLSConfigError, match="does not match the certificate"):
+        server_tls_context(tls_files.server_cert, tls_files.client_key)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(TLSConfigError, match="expected PEM"):
+        server_tls_context(garbage)
+    with pytest.raises(TLSConfigError, match="client CA"):
+        server_tls_context(tls_files.server_cert, tls_files.server_key, garbage)
+
+
+def test_cli_exits_2_with_one_line_for_a_bad_certificate(
+    tls_files: TLSFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = server_main(
+        [
+            "--port",
+            "0",
+            "--tls-cert",
+            str(tls_files.server_cert),
+            "--tls-key",
+            str(tls_files.client_key),
+        ],
+        environ={},
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "does not match" in err
+    assert "Traceback" not in err
+
+
+@given(
+    st.lists(st.integers(0, 17000), min_size=1, max_size=8),
+    st.lists(st.integers(1, 40000), max_size=12),
+)
+def test_record_boundaries_are_followed_through_any_slicing(
+    lengths: list[int], cuts: list[int]
+) -> None:
+    """After every piece, ``tail`` is the bytes of the last, incomplete record fed."""
+    stream = b"".join(
+        bytes([23, 3, 3, length >> 8, length & 0xFF]) + b"\x00" * length for length in lengths
+    )
+    ends = []
+    at = 0
+    for length in lengths:
+        at += 5 + length
+        ends.append(at)
+    positions = sorted({min(cut, len(stream)) for cut in cuts} | {len(stream)})
+    boundaries = RecordBoundaries()
+    fed = 0
+    for position in positions:
+        boundaries.feed(stream[fed:position])
+        fed = position
+        last_end = max([0, *(end for end in ends if end <= fed)])
+        assert boundaries.tail == fed - last_end
