@@ -4,6 +4,11 @@ Usage:
     python3 scripts/cpu_per_ack.py --loadgen "$B/loadgen" --scenario rr64 --repeat 3 \\
         "ackservice=.venv/bin/python -m ackservice.server --port {port} --log-level info" \\
         "ref_asyncio_streams=$B/.venv/bin/python $B/ref_asyncio_streams.py --port {port}"
+    # over TLS: the TLS loadgen, and the certificates in the commands
+    python3 scripts/cpu_per_ack.py --loadgen "$B/loadgen_tls" \\
+        --loadgen-args "--tls --ca $B/certs/ca.pem" --scenario rr64 \\
+        "ackservice=.venv/bin/python -m ackservice.server --port {port} --store none \\
+            --tls-cert $B/certs/server.pem --tls-key $B/certs/server.key"
 
 Each server runs pinned to CPU 0 and the shared/bench load generator to CPU 1, on 127.0.0.1, for
 a bounded time; the figure is the server's user + system CPU time (from /proc) divided by the
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -74,7 +80,7 @@ def wait_until_listening(server: subprocess.Popen[bytes], port: int) -> None:
     raise SystemExit(f"server did not listen on {HOST}:{port} within {START_TIMEOUT:g} s")
 
 
-def measure(command: str, loadgen: str, scenario: str, duration: float) -> Sample:
+def measure(command: str, loadgen: str, scenario: str, duration: float, extra: list[str]) -> Sample:
     port = free_port()
     argv = ["taskset", "-c", "0", *command.replace("{port}", str(port)).split()]
     server = subprocess.Popen(
@@ -85,7 +91,7 @@ def measure(command: str, loadgen: str, scenario: str, duration: float) -> Sampl
         time.sleep(0.3)
         user_before, system_before = cpu_seconds(server.pid)
         load_argv = ["taskset", "-c", "1", loadgen, "--port", str(port)]
-        load_argv += ["--duration", str(duration), "--warmup", "0", *SCENARIOS[scenario]]
+        load_argv += ["--duration", str(duration), "--warmup", "0", *SCENARIOS[scenario], *extra]
         load = subprocess.run(
             load_argv,
             capture_output=True,
@@ -113,6 +119,11 @@ def main() -> None:
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="rr64")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="rounds over all servers")
+    parser.add_argument(
+        "--loadgen-args",
+        default="",
+        help='more loadgen flags, e.g. "--tls --ca $B/certs/ca.pem" with loadgen_tls',
+    )
     parser.add_argument("servers", nargs="+", metavar="NAME=COMMAND")
     args = parser.parse_args()
     servers = dict(spec.split("=", 1) for spec in args.servers)
@@ -120,7 +131,9 @@ def main() -> None:
     unit = "connection" if args.scenario == "churn" else "ACK"
     for _ in range(args.repeat):
         for name, command in servers.items():  # interleaved, so drifts hit all alike
-            sample = measure(command, args.loadgen, args.scenario, args.duration)
+            sample = measure(
+                command, args.loadgen, args.scenario, args.duration, shlex.split(args.loadgen_args)
+            )
             samples[name].append(sample)
             print(
                 f"{name:24} {sample.rate:12,.0f}/s  {sample.cpu_us:7.2f} µs CPU per {unit} "
