@@ -159,6 +159,14 @@ class RecordBoundaries:
 
     def feed(self, data: bytes) -> None:
         end = len(data)
+        if (
+            not self._body_left
+            and not self._header
+            and end >= _RECORD_HEADER
+            and end == _RECORD_HEADER + (data[3] << 8 | data[4])
+        ):
+            self.tail = 0  # exactly one whole record: request/response's every read
+            return
         at = 0
         if self._body_left:
             if self._body_left > end:

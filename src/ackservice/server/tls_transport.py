@@ -28,7 +28,7 @@ from ..protocol import ErrorCode
 from .closing import close_with_error
 from .readiness import ReadinessHub
 from .tls import RecordBoundaries, TLSFailure, describe_ssl_error, peer_identity
-from .transport import SocketTransport, send_with_progress
+from .transport import RECEIVE_SIZE, SocketTransport, send_with_progress
 
 __all__ = ["TLSTransport"]
 
@@ -127,17 +127,33 @@ class TLSTransport(SocketTransport):
         return True
 
     def read_nowait(self) -> bytes | None:
+        # The raw read of SocketTransport.read_nowait, inlined: this is the hot path of
+        # request/response over TLS, where each call costs as much as decrypting a record.
+        incoming = self._incoming
+        records = self._records
         while True:
-            raw = SocketTransport.read_nowait(self)
-            if raw:
-                self._feed(raw)
-            elif raw == b"":
-                # A client that closes TCP without close_notify: what it sent in complete
-                # records is still answered (its replies may not reach it).
-                self._peer_ended = True
-            data = self._decrypt()
-            if data:
-                return data
+            raw = None
+            if self.may_have_more:
+                try:
+                    raw = os.read(self._fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    self.may_have_more = False
+                else:
+                    if raw:
+                        if len(raw) < RECEIVE_SIZE and self._fd not in self._ended:
+                            self.may_have_more = False
+                        incoming.write(raw)
+                        records.feed(raw)
+                    else:
+                        # A client that closes TCP without close_notify: what it sent in
+                        # complete records is still answered (its replies may not reach it).
+                        self._peer_ended = True
+            # More bytes waiting than the incomplete last record holds: a record is complete.
+            # (Nothing decrypted is ever left inside OpenSSL: a read takes a whole record.)
+            if incoming.pending > records.tail:
+                data = self._decrypt()
+                if data:
+                    return data
             if self._peer_ended:
                 return b""
             if raw is None or not self.may_have_more:
@@ -192,8 +208,7 @@ class TLSTransport(SocketTransport):
         incoming = self._incoming
         records = self._records
         chunks = []
-        # More bytes waiting than the incomplete last record holds: a record is complete.
-        while incoming.pending > records.tail or tls.pending():
+        while incoming.pending > records.tail:
             try:
                 chunk = tls.read(_RECORD_PLAINTEXT_MAX)
             except ssl.SSLWantReadError:
