@@ -24,7 +24,7 @@ from typing import Final, NoReturn
 import trio
 
 from .. import _cli
-from ..client.tls import client_tls_context
+from ..client.tls import context_from_flags
 from ..errors import ConnectError
 from .load import LoadGenerator, raise_open_file_limit
 from .report import ProgressLine, render_text, to_json
@@ -323,18 +323,8 @@ def _load_spec(args: argparse.Namespace, parser: _cli.SettingsParser) -> LoadSpe
 def _tls_spec(args: argparse.Namespace, parser: _cli.SettingsParser) -> TLSSpec | None:
     """The TLS settings the flags ask for, checked here (a usage error, exit 2) rather
     than in every worker."""
-    if not (args.tls or args.tls_ca):
-        for flag in ("tls_cert", "tls_key", "tls_server_name"):
-            if getattr(args, flag) is not None:
-                option = "--" + flag.replace("_", "-")
-                parser.error(f"{option} applies only with --tls or --tls-ca")
+    if context_from_flags(args, parser.error) is None:
         return None
-    if args.tls_key is not None and args.tls_cert is None:
-        parser.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
-    try:
-        client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
-    except ValueError as exc:
-        parser.error(str(exc))
     return TLSSpec(
         ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name
     )

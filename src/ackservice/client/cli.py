@@ -25,7 +25,6 @@ import argparse
 import importlib.metadata
 import os
 import signal
-import ssl
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -49,7 +48,7 @@ from .connection import Client, open_client
 from .message import Receipt
 from .output import Reporter, Tally, error_json
 from .stdin import LineReader, read_lines
-from .tls import client_tls_context
+from .tls import context_from_flags
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -257,7 +256,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             f"--host gives port {host_port} but --port gives {args.port}; give the port once"
         )
     port = host_port or args.port or ClientConfig().port
-    tls = _tls_context(args, parser)
+    tls = context_from_flags(args, parser.error)
     # stderr is either all JSON or all human text: "auto" follows --json rather than the
     # terminal, so that JSON log lines never mix with a human summary (or the reverse).
     log_format = args.log_format
@@ -596,23 +595,6 @@ def _file_path(text: str) -> str:
     if not text.strip():
         raise ValueError("expected a file name, got an empty string")
     return text
-
-
-def _tls_context(args: argparse.Namespace, parser: _ClientParser) -> ssl.SSLContext | None:
-    """The TLS context the flags ask for; ``None`` for plain TCP. Files that cannot serve
-    are usage errors, one line naming the file."""
-    if not (args.tls or args.tls_ca):
-        for flag in ("tls_cert", "tls_key", "tls_server_name"):
-            if getattr(args, flag) is not None:
-                option = "--" + flag.replace("_", "-")
-                parser.error(f"{option} applies only with --tls or --tls-ca")
-        return None
-    if args.tls_key is not None and args.tls_cert is None:
-        parser.error("--tls-key needs --tls-cert (the certificate the key belongs to)")
-    try:
-        return client_tls_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
-    except ValueError as exc:
-        parser.error(str(exc))
 
 
 def _messages(count: int) -> str:

@@ -23,7 +23,8 @@ import contextlib
 import os
 import re
 import ssl
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, NoReturn
 
 import trio
 
@@ -33,6 +34,7 @@ __all__ = [
     "TLS_CLOSE_TIMEOUT",
     "client_tls_context",
     "close_stream",
+    "context_from_flags",
     "is_truncated",
     "start_tls",
     "tls_refusal",
@@ -286,3 +288,22 @@ def _openssl_text(exc: ssl.SSLError) -> str:
     match = _OPENSSL_TEXT.match(raw)
     text = match.group("text") if match else raw
     return text or (exc.reason or type(exc).__name__).lower().replace("_", " ")
+
+
+def context_from_flags(args: Any, error: Callable[[str], NoReturn]) -> ssl.SSLContext | None:
+    """The TLS context the CLI flags (``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``,
+    ``--tls-server-name`` in ``args``) ask for, ``None`` for plain TCP; flags that do not
+    fit together, or files that cannot serve, go to ``error`` (a usage error, one line
+    naming the flag or the file)."""
+    if not (args.tls or args.tls_ca):
+        for flag in ("tls_cert", "tls_key", "tls_server_name"):
+            if getattr(args, flag) is not None:
+                option = "--" + flag.replace("_", "-")
+                error(f"{option} applies only with --tls or --tls-ca")
+        return None
+    if args.tls_key is not None and args.tls_cert is None:
+        error("--tls-key needs --tls-cert (the certificate the key belongs to)")
+    try:
+        return client_tls_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    except ValueError as exc:
+        error(str(exc))

@@ -307,27 +307,32 @@ class AckHandler:
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
-        try:
-            address = stream.socket.getpeername()
-        except OSError:
-            return "unknown"
-        return _format_address(stream.socket.family, address)
-    return type(stream).__name__
+    address = _peer_address(stream)
+    if address is None:
+        return "unknown" if _socket_stream(stream) is not None else type(stream).__name__
+    return _format_address(*address)
 
 
 def _peer_ip(stream: trio.abc.Stream) -> str | None:
+    address = _peer_address(stream)
+    return str(address[1][0]) if address is not None and isinstance(address[1], tuple) else None
+
+
+def _peer_address(stream: trio.abc.Stream) -> tuple[int, object] | None:
+    """The family and peer address of the socket under ``stream``, if it has one."""
+    sock = _socket_stream(stream)
+    if sock is None:
+        return None
+    try:
+        return sock.socket.family, sock.socket.getpeername()
+    except OSError:
+        return None
+
+
+def _socket_stream(stream: trio.abc.Stream) -> trio.SocketStream | None:
     if isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
-        try:
-            address = stream.socket.getpeername()
-        except OSError:
-            return None
-        return str(address[0]) if isinstance(address, tuple) else None
-    return None
+    return stream if isinstance(stream, trio.SocketStream) else None
 
 
 def _allowed(
