@@ -1,8 +1,11 @@
 """``python -m ackservice.server``: run the server as a daemon.
 
 Exit codes: 0 after a graceful shutdown, 1 when the server cannot start (the address is in
-use, cannot be resolved, the store cannot be opened, ...), 2 for a bad setting, 130 when a
-second signal forced an immediate exit.
+use, cannot be resolved, the store or log file cannot be opened, ...), 2 for a bad setting
+(or malformed socket-activation variables), 130 when a second signal forced an immediate exit.
+
+Under systemd it is a ``Type=notify`` service (``READY=1`` once serving, ``STOPPING=1`` at
+shutdown) and takes socket-activated sockets (``LISTEN_FDS``) instead of binding its own.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import structlog
 import trio
 
 from .. import __version__, _cli
-from ..logconfig import configure_logging
+from ..logconfig import configure_logging, reopen_log_file
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
 from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
 from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
+from .systemd import ActivatedSocket, Notifier, take_listen_fds
 
 __all__ = ["main"]
 
@@ -45,8 +49,8 @@ _RESERVED_FDS = 64
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # SIGHUP: closing the terminal or SSH session that started the server sends it, and its
 # default action kills the process at once, without a log line or a word to the clients.
-# A daemon outlives its terminal, so it is logged and otherwise ignored. (A log file to
-# reopen on SIGHUP would be handled here too, in ``_on_signal``.)
+# A daemon outlives its terminal, so it never stops on it: with --log-file it reopens the
+# file (logrotate's convention), otherwise it is logged and ignored.
 _IGNORED_SIGNALS = (signal.SIGHUP,)
 
 log = structlog.get_logger(__name__)
@@ -143,6 +147,15 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         metavar="PATH",
         default_text="none",
     )
+    add(
+        "--log-file",
+        _log_file,
+        None,
+        "also append every log line to this file (created if missing); SIGHUP reopens it, "
+        "for logrotate",
+        metavar="PATH",
+        default_text="none: standard error only",
+    )
     add("--log-level", _cli.log_level, "info", "debug, info, warning, error or critical")
     add(
         "--log-format",
@@ -156,10 +169,27 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run the server until a signal stops it; return the process exit code."""
     args = build_parser(environ).parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+    # Taken (and the variables removed) before anything else runs, so no child inherits them.
+    try:
+        activated = take_listen_fds()
+    except ValueError as exc:
+        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        return _cli.EXIT_USAGE
+    notifier = Notifier.from_environment()
+    try:
+        configure_logging(args.log_level, args.log_format, log_file=args.log_file)
+    except OSError as exc:
+        print(
+            f"ackservice.server: error: cannot open --log-file {str(args.log_file)!r}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return EXIT_START_FAILED
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
-        return trio.run(_open_store_and_serve, config, args.store, args.port_file)
+        return trio.run(
+            _open_store_and_serve, config, args.store, args.port_file, activated, notifier
+        )
     except (StoreError, PortFileError) as exc:
         print(f"ackservice.server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
@@ -194,14 +224,32 @@ def _store_url(text: str) -> str:
 
 
 async def _open_store_and_serve(
-    config: ServerConfig, store_url: str, port_file: Path | None
+    config: ServerConfig,
+    store_url: str,
+    port_file: Path | None,
+    activated: Sequence[ActivatedSocket],
+    notifier: Notifier,
 ) -> int:
     async with open_store(store_url) as store:
-        return await serve_until_signalled(config, store=store, port_file=port_file)
+        return await serve_until_signalled(
+            config, store=store, port_file=port_file, activated=activated, notifier=notifier
+        )
 
 
 class PortFileError(Exception):
     """The ``--port-file`` could not be written."""
+
+
+def _log_file(text: str) -> Path:
+    """A ``--log-file`` path (opened at start-up, so its directory must exist)."""
+    if not text.strip():
+        raise ValueError("expected a file path, got an empty string")
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{text!r} is a directory, expected a file path")
+    if not path.parent.is_dir():
+        raise ValueError(f"no directory {str(path.parent)!r} to write {text!r} in")
+    return path
 
 
 def _port_file(text: str) -> Path:
@@ -257,17 +305,38 @@ async def serve_until_signalled(
     store: Store | None = None,
     on_message: MessageHook | None = None,
     port_file: Path | None = None,
+    activated: Sequence[ActivatedSocket] = (),
+    notifier: Notifier | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
-    SIGHUP is logged (``signal_ignored``) and otherwise ignored. ``port_file``, if given, is
-    written once listening (``write_port_file``) and removed at exit.
+    SIGHUP reopens the log file (``--log-file``), or is logged (``signal_ignored``) and
+    otherwise ignored. ``port_file``, if given, is written once listening
+    (``write_port_file``) and removed at exit.
+
+    Args:
+        activated: sockets from the service manager (``take_listen_fds``), served instead
+            of binding ``config.host`` and ``config.port``.
+        notifier: told ``READY=1`` once connections are served and ``STOPPING=1`` when a
+            graceful shutdown begins.
 
     Raises:
         OSError: the address could not be bound.
     """
-    # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
-    listeners = await open_listeners(config.host, config.port)
+    notifier = Notifier(None) if notifier is None else notifier
+    start_up_fields: dict[str, object] = {}
+    if activated:
+        listeners = [
+            trio.SocketListener(trio.socket.from_stdlib_socket(inherited.sock))
+            for inherited in activated
+        ]
+        start_up_fields = {
+            "socket_activation": True,
+            "fd_names": [inherited.name for inherited in activated],
+        }
+    else:
+        # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
+        listeners = await open_listeners(config.host, config.port)
     # Installed before serving starts, so no signal can arrive unhandled in between.
     with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
@@ -278,12 +347,17 @@ async def serve_until_signalled(
                 on_message,
                 listeners,
                 nursery.cancel_scope,
+                start_up_fields,
             )
             try:
                 if port_file is not None:
                     write_port_file(port_file, server.addresses)
+                # The accept loops run: a connection made now is served (systemd's READY=1
+                # promises that, and NotifyAccess=main wants it from this process).
+                where = ", ".join(f"{host}:{port}" for host, port in server.addresses)
+                notifier.notify(ready=1, status=f"serving on {where}")
                 async for signum in signals:
-                    if _on_signal(signal.Signals(signum), server):
+                    if _on_signal(signal.Signals(signum), server, notifier):
                         nursery.cancel_scope.cancel()
                         return EXIT_FORCED
             finally:
@@ -294,15 +368,19 @@ async def serve_until_signalled(
     return EXIT_OK
 
 
-def _on_signal(signum: signal.Signals, server: Server) -> bool:
+def _on_signal(signum: signal.Signals, server: Server, notifier: Notifier) -> bool:
     """Act on ``signum``; return whether the server must exit at once (a second stop signal)."""
     if signum in _IGNORED_SIGNALS:
-        log.info("signal_ignored", signal=signum.name, hint="stop the server with SIGTERM")
+        if not reopen_log_file():  # the writer logs log_file_reopened
+            log.info("signal_ignored", signal=signum.name, hint="stop the server with SIGTERM")
         return False
     if server.handler.shutting_down:
         log.warning("forced_exit", signal=signum.name)
         return True
     log.info("signal_received", signal=signum.name)
+    notifier.notify(
+        stopping=1, status=f"shutting down, {server.handler.stats.active} connections to finish"
+    )
     server.shutdown()
     return False
 
@@ -313,6 +391,7 @@ async def _serve_then_stop_watching(
     on_message: MessageHook | None,
     listeners: list[trio.SocketListener],
     signal_watch: trio.CancelScope,
+    start_up_fields: dict[str, object],
     *,
     task_status: trio.TaskStatus[Server],
 ) -> None:
@@ -321,7 +400,10 @@ async def _serve_then_stop_watching(
         store=store,
         on_message=on_message,
         listeners=listeners,
-        refuse_queued_at_shutdown=True,  # bound just now, by us alone
+        # Bound just now, by us alone; an activated socket's queue is systemd's (it keeps
+        # the socket open and starts us again for the connections waiting there).
+        refuse_queued_at_shutdown="socket_activation" not in start_up_fields,
+        start_up_fields=start_up_fields,
         task_status=task_status,
     )
     signal_watch.cancel()  # the graceful shutdown completed: stop waiting for signals

@@ -95,6 +95,7 @@ class Server:
         listeners: list[trio.SocketListener],
         *,
         refuse_queued_at_shutdown: bool = False,
+        start_up_fields: dict[str, object] | None = None,
     ) -> None:
         self.handler = handler
         self.listeners = listeners
@@ -102,6 +103,7 @@ class Server:
         self._shutdown_requested = trio.Event()
         # See serve(): whether connections still queued at shutdown are told, not reset.
         self._refuse_queued_at_shutdown = refuse_queued_at_shutdown
+        self._extra_start_up_fields = start_up_fields or {}
 
     @property
     def port(self) -> int:
@@ -175,6 +177,7 @@ class Server:
                 for field in dataclasses.fields(config)
                 if field.name not in ("host", "port")
             },
+            **self._extra_start_up_fields,
         }
 
     def _log_shutdown_complete(self, *, forced: bool) -> None:
@@ -321,6 +324,7 @@ async def serve(
     on_message: MessageHook | None = None,
     listeners: list[trio.SocketListener] | None = None,
     refuse_queued_at_shutdown: bool | None = None,
+    start_up_fields: dict[str, object] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``config.host``:``config.port`` and serve the ack protocol until shut down.
@@ -340,6 +344,8 @@ async def serve(
             left to the listening sockets' close, which resets them. By default only when
             ``serve`` bound the listeners itself: a socket handed in may be shared (socket
             activation, sibling workers), and its queue then belongs to whoever remains.
+        start_up_fields: more fields for the ``listening`` event (the CLI says where its
+            sockets came from).
 
     Raises:
         OSError: the address could not be bound (in use, not resolvable, not permitted).
@@ -354,7 +360,12 @@ async def serve(
         configure_listening_socket(listener.socket, config.tcp_keepalive)
     handler = AckHandler(config, store=store, on_message=on_message)
     handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
-    server = Server(handler, listeners, refuse_queued_at_shutdown=refuse_queued_at_shutdown)
+    server = Server(
+        handler,
+        listeners,
+        refuse_queued_at_shutdown=refuse_queued_at_shutdown,
+        start_up_fields=start_up_fields,
+    )
     if not readiness.AVAILABLE:
         await server._run(task_status)
         return
