@@ -157,15 +157,20 @@ def test_bad_log_file_or_activation_variables_are_one_line_errors(
 ) -> None:
     """A log file in a missing directory, or malformed LISTEN_* variables: one line on
     stderr, exit code 2, before anything is bound."""
-    done = subprocess.run(
+    done = run_cli(tmp_path, args, env)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def run_cli(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The server CLI run to its end (a start-up error), with ``env`` added."""
+    return subprocess.run(
         [sys.executable, "-m", "ackservice.server", "--store", "none", "--port", "0", *args],
         capture_output=True,
         text=True,
         timeout=20,
         env={**os.environ, **env},
-        cwd=tmp_path,
+        cwd=cwd,
         check=False,
     )
-    assert done.returncode == 2
-    assert message in done.stderr
-    assert len(done.stderr.splitlines()) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import resource
 import signal
@@ -28,6 +29,7 @@ from .. import __version__, _cli
 from ..logconfig import configure_logging, reopen_log_file
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
+from .committing import GroupCommitter
 from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
@@ -148,6 +150,21 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         default_text="none",
     )
     add(
+        "--metrics-port",
+        _cli.int_in_range(0, 65535),
+        None,
+        "serve GET /metrics (Prometheus), /healthz and /readyz on this port; 0 picks a "
+        "free one (in the listening event)",
+        metavar="PORT",
+        default_text="none: off",
+    )
+    add(
+        "--metrics-host",
+        _cli.host_name,
+        "127.0.0.1",
+        "address of the metrics and health endpoint (with --metrics-port)",
+    )
+    add(
         "--log-file",
         _log_file,
         None,
@@ -188,9 +205,17 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
         return trio.run(
-            _open_store_and_serve, config, args.store, args.port_file, activated, notifier
+            functools.partial(
+                _open_store_and_serve,
+                config,
+                args.store,
+                args.port_file,
+                activated,
+                notifier,
+                metrics=(args.metrics_host, args.metrics_port),
+            )
         )
-    except (StoreError, PortFileError) as exc:
+    except (StoreError, PortFileError, MetricsPortError) as exc:
         print(f"ackservice.server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     except OSError as exc:
@@ -229,15 +254,27 @@ async def _open_store_and_serve(
     port_file: Path | None,
     activated: Sequence[ActivatedSocket],
     notifier: Notifier,
+    *,
+    metrics: tuple[str, int | None],
 ) -> int:
     async with open_store(store_url) as store:
         return await serve_until_signalled(
-            config, store=store, port_file=port_file, activated=activated, notifier=notifier
+            config,
+            store=store,
+            port_file=port_file,
+            activated=activated,
+            notifier=notifier,
+            metrics_host=metrics[0],
+            metrics_port=metrics[1],
         )
 
 
 class PortFileError(Exception):
     """The ``--port-file`` could not be written."""
+
+
+class MetricsPortError(Exception):
+    """The ``--metrics-port`` could not be bound."""
 
 
 def _log_file(text: str) -> Path:
@@ -307,6 +344,8 @@ async def serve_until_signalled(
     port_file: Path | None = None,
     activated: Sequence[ActivatedSocket] = (),
     notifier: Notifier | None = None,
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
@@ -319,9 +358,12 @@ async def serve_until_signalled(
             of binding ``config.host`` and ``config.port``.
         notifier: told ``READY=1`` once connections are served and ``STOPPING=1`` when a
             graceful shutdown begins.
+        metrics_host, metrics_port: where to serve ``/metrics``, ``/healthz`` and
+            ``/readyz``; ``metrics_port`` None: nowhere.
 
     Raises:
         OSError: the address could not be bound.
+        MetricsPortError: the metrics address could not be bound.
     """
     notifier = Notifier(None) if notifier is None else notifier
     start_up_fields: dict[str, object] = {}
@@ -337,6 +379,17 @@ async def serve_until_signalled(
     else:
         # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
         listeners = await open_listeners(config.host, config.port)
+    metrics_listeners: list[trio.SocketListener] = []
+    if metrics_port is not None:
+        try:
+            metrics_listeners = await _open_metrics_listeners(metrics_host, metrics_port)
+        except BaseException:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            raise
+        start_up_fields["metrics"] = [
+            _format_bound(listener.socket.getsockname()) for listener in metrics_listeners
+        ]
     # Installed before serving starts, so no signal can arrive unhandled in between.
     with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
@@ -349,6 +402,10 @@ async def serve_until_signalled(
                 nursery.cancel_scope,
                 start_up_fields,
             )
+            if metrics_listeners:
+                # Started in the same nursery: it answers during the graceful shutdown
+                # (/healthz says 503) and ends with the server.
+                await nursery.start(_serve_metrics, metrics_listeners, server)
             try:
                 if port_file is not None:
                     write_port_file(port_file, server.addresses)
@@ -366,6 +423,50 @@ async def serve_until_signalled(
                     with contextlib.suppress(OSError):
                         os.unlink(port_file)
     return EXIT_OK
+
+
+async def _open_metrics_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind the metrics endpoint (plain SO_REUSEADDR, never SO_REUSEPORT: every scrape must
+    reach the one process that sees all the counts)."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise MetricsPortError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+            "check --metrics-host and --metrics-port"
+        ) from exc
+
+
+def _format_bound(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _serve_metrics(
+    listeners: list[trio.SocketListener],
+    server: Server,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # Imported here: prometheus-client costs start-up time to servers that do not use it.
+    from prometheus_client import generate_latest
+
+    from .metrics import AckServiceCollector, metrics_registry, snapshot
+    from .monitoring import MonitoringApp, serve_monitoring
+
+    handler = server.handler
+    registry = metrics_registry(AckServiceCollector(lambda: [("0", snapshot(handler))]))
+    committer = handler.committer
+
+    def store_available() -> bool:
+        return committer.available if isinstance(committer, GroupCommitter) else True
+
+    app = MonitoringApp(
+        lambda: generate_latest(registry),
+        accepting=lambda: not handler.shutting_down,
+        store_available=store_available,
+    )
+    await serve_monitoring(listeners, app, task_status=task_status)
 
 
 def _on_signal(signum: signal.Signals, server: Server, notifier: Notifier) -> bool:

@@ -38,15 +38,24 @@ _TASK_NAME = "ackservice connection"
 
 @dataclass(slots=True)
 class ServerStats:
-    """Totals over the connections the handler has finished serving, plus ``active`` now."""
+    """Totals over the connections the handler has finished serving, plus ``active`` now.
+
+    ``errors`` is split by kind: ``too_large``, ``rejected``, ``unavailable``,
+    ``internal_error``.
+    """
 
     connections: int = 0
     active: int = 0
     refused_busy: int = 0
+    refused_shutting_down: int = 0
     messages: int = 0
     acked: int = 0
     errors: int = 0
     bytes_received: int = 0
+    too_large: int = 0
+    rejected: int = 0
+    unavailable: int = 0
+    internal_error: int = 0
 
 
 class AckHandler:
@@ -178,6 +187,12 @@ class AckHandler:
         stats.acked += connection.acked
         stats.errors += connection.errors
         stats.bytes_received += connection.bytes_received
+        kinds = connection.error_kinds
+        if kinds is not None:
+            stats.too_large += kinds[0]
+            stats.rejected += kinds[1]
+            stats.unavailable += kinds[2]
+            stats.internal_error += kinds[3]
 
     def _readiness_hub(self) -> ReadinessHub:
         if self._hub is None:
@@ -192,6 +207,7 @@ class AckHandler:
 
     async def _refuse(self, stream: trio.abc.Stream) -> None:
         if self._shutting_down:
+            self.stats.refused_shutting_down += 1
             code, detail = ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
         else:
             self.stats.refused_busy += 1
