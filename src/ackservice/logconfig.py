@@ -354,11 +354,12 @@ class _LogSink:
         data = memoryview(b"".join([first, *chunks[1:]]))
         done = 0
         try:
-            while done < len(data):
-                try:
-                    done += os.write(output.fd, data[done:])
-                except BlockingIOError:  # someone made the descriptor non-blocking
-                    select.select([], [output.fd], [], 1.0)
+            for end in _atomic_pieces([first, *chunks[1:]]):
+                while done < end:
+                    try:
+                        done += os.write(output.fd, data[done:end])
+                    except BlockingIOError:  # someone made the descriptor non-blocking
+                        select.select([], [output.fd], [], 1.0)
         except Exception:  # whatever the output does (EPIPE, ENOSPC, EIO), never fail the program
             ends = itertools.accumulate(len(chunk) for chunk in [first, *chunks[1:]])
             if done:
@@ -366,6 +367,21 @@ class _LogSink:
             return sum(1 for end in ends if end > done)
         output.torn = False
         return 0
+
+
+def _atomic_pieces(chunks: list[bytes]) -> list[int]:
+    """Where to end each write of ``chunks`` joined: at line ends, at most PIPE_BUF bytes
+    apart where lines allow. A pipe writes up to PIPE_BUF bytes at once, so the lines of
+    several processes sharing one standard error (``--workers``) never interleave mid-line."""
+    ends: list[int] = []
+    start = position = 0
+    for chunk in chunks:
+        if position + len(chunk) - start > select.PIPE_BUF and position > start:
+            ends.append(position)
+            start = position
+        position += len(chunk)
+    ends.append(position)
+    return ends
 
 
 class _QueueLogger:

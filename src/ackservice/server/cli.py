@@ -35,6 +35,10 @@ from .hook import MessageHook
 from .listener import Server, serve
 from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
 from .systemd import ActivatedSocket, Notifier, take_listen_fds
+from .workers import WorkerRole, cpu_count
+
+# The most --workers: past any core count this server will meet.
+_MAX_WORKERS = 1024
 
 __all__ = ["main"]
 
@@ -150,6 +154,22 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         default_text="none",
     )
     add(
+        "--workers",
+        _workers,
+        1,
+        "worker processes serving the port (SO_REUSEPORT), under a supervisor that restarts "
+        "them; auto: one per CPU; 1: no supervisor",
+        metavar="N",
+    )
+    add(
+        "--worker-timeout",
+        _cli.seconds_up_to(3600),
+        10.0,
+        "with --workers: seconds a worker may go without a heartbeat before it is killed and "
+        "replaced",
+        default_text="10",
+    )
+    add(
         "--metrics-port",
         _cli.int_in_range(0, 65535),
         None,
@@ -186,6 +206,10 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     """Run the server until a signal stops it; return the process exit code."""
     args = build_parser(environ).parse_args(argv)
+    role = WorkerRole.from_environment(os.environ)
+    if role is not None and "LISTEN_FDS" in os.environ:
+        # The supervisor handed on its activated sockets; they are for this process.
+        os.environ["LISTEN_PID"] = str(os.getpid())
     # Taken (and the variables removed) before anything else runs, so no child inherits them.
     try:
         activated = take_listen_fds()
@@ -202,6 +226,11 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             file=sys.stderr,
         )
         return EXIT_START_FAILED
+    if role is not None:
+        # Every event of this process says which worker it is (tasks copy this context).
+        structlog.contextvars.bind_contextvars(worker=role.worker_id)
+    elif args.workers > 1:
+        return _supervise(args, argv, environ, activated, notifier)
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
         return trio.run(
@@ -213,6 +242,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                 activated,
                 notifier,
                 metrics=(args.metrics_host, args.metrics_port),
+                role=role,
             )
         )
     except (StoreError, PortFileError, MetricsPortError) as exc:
@@ -221,6 +251,66 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except OSError as exc:
         print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
         return EXIT_START_FAILED
+
+
+def _supervise(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    environ: dict[str, str] | None,
+    activated: Sequence[ActivatedSocket],
+    notifier: Notifier,
+) -> int:
+    """Run ``args.workers`` workers under a supervisor (``workers.py``); the exit code."""
+    from .workers import StartFailed, SupervisorSettings, supervise, worker_argv
+
+    # The supervisor's own events say worker 0; those about a worker name it.
+    structlog.contextvars.bind_contextvars(worker=0)
+    settings = SupervisorSettings(
+        workers=args.workers,
+        worker_argv=worker_argv(argv),
+        environ=dict(os.environ if environ is None else environ),
+        host=args.host if isinstance(args.host, str) else ",".join(args.host),
+        port=args.port,
+        worker_timeout=args.worker_timeout,
+        shutdown_grace=args.shutdown_grace,
+        activated=activated,
+        notifier=notifier,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        port_file=args.port_file,
+    )
+    try:
+        return trio.run(supervise, settings)
+    except StartFailed as exc:
+        print(f"ackservice.server: error: {exc} (its log says why)", file=sys.stderr)
+        return exc.code if exc.code > 0 else EXIT_START_FAILED
+    except (PortFileError, MetricsPortError) as exc:
+        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    except OSError as exc:
+        config = ServerConfig(host=settings.host, port=settings.port)
+        print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
+        return EXIT_START_FAILED
+    finally:
+        if args.port_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(args.port_file)
+
+
+def _workers(text: str) -> int:
+    """A ``--workers`` value: a count, or ``auto`` (one per CPU)."""
+    if text.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a number of workers or auto, got {text!r}") from None
+    if not 1 <= value <= _MAX_WORKERS:
+        raise ValueError(f"expected from 1 to {_MAX_WORKERS} workers or auto, got {text!r}")
+    return value
+
+
+_workers.range_text = f"1 to {_MAX_WORKERS}, or auto"  # type: ignore[attr-defined]
 
 
 def _hosts(text: str) -> str:
@@ -256,8 +346,12 @@ async def _open_store_and_serve(
     notifier: Notifier,
     *,
     metrics: tuple[str, int | None],
+    role: WorkerRole | None,
 ) -> int:
     async with open_store(store_url) as store:
+        if role is not None:
+            port_file = None  # the supervisor's to write
+            metrics = (metrics[0], None)  # the supervisor serves it for all workers
         return await serve_until_signalled(
             config,
             store=store,
@@ -266,6 +360,7 @@ async def _open_store_and_serve(
             notifier=notifier,
             metrics_host=metrics[0],
             metrics_port=metrics[1],
+            role=role,
         )
 
 
@@ -346,6 +441,7 @@ async def serve_until_signalled(
     notifier: Notifier | None = None,
     metrics_host: str = "127.0.0.1",
     metrics_port: int | None = None,
+    role: WorkerRole | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
@@ -360,6 +456,8 @@ async def serve_until_signalled(
             graceful shutdown begins.
         metrics_host, metrics_port: where to serve ``/metrics``, ``/healthz`` and
             ``/readyz``; ``metrics_port`` None: nowhere.
+        role: this process is a worker under a supervisor (``workers.py``): it binds the
+            port with ``SO_REUSEPORT`` and reports to the supervisor.
 
     Raises:
         OSError: the address could not be bound.
@@ -378,7 +476,10 @@ async def serve_until_signalled(
         }
     else:
         # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
-        listeners = await open_listeners(config.host, config.port)
+        if role is None:
+            listeners = await open_listeners(config.host, config.port)
+        else:
+            listeners = await open_listeners(config.host, role.port, reuse_port=True)
     metrics_listeners: list[trio.SocketListener] = []
     if metrics_port is not None:
         try:
@@ -406,6 +507,14 @@ async def serve_until_signalled(
                 # Started in the same nursery: it answers during the graceful shutdown
                 # (/healthz says 503) and ends with the server.
                 await nursery.start(_serve_metrics, metrics_listeners, server)
+            if role is not None:
+                from .metrics import snapshot
+                from .workers import report_to_supervisor
+
+                handler = server.handler
+                await nursery.start(
+                    report_to_supervisor, role, lambda: snapshot(handler), server.shutdown
+                )
             try:
                 if port_file is not None:
                     write_port_file(port_file, server.addresses)
@@ -503,6 +612,7 @@ async def _serve_then_stop_watching(
         listeners=listeners,
         # Bound just now, by us alone; an activated socket's queue is systemd's (it keeps
         # the socket open and starts us again for the connections waiting there).
+        # A worker's own SO_REUSEPORT queue is its own to refuse, too.
         refuse_queued_at_shutdown="socket_activation" not in start_up_fields,
         start_up_fields=start_up_fields,
         task_status=task_status,
