@@ -228,3 +228,53 @@ def test_workers_setting() -> None:
     for bad in ("0", "many", "-1"):
         with pytest.raises(ValueError, match="workers"):
             _workers(bad)
+
+
+def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
+    tmp_path: Path,
+) -> None:
+    """Under systemd with --workers 2: the inherited socket is handed to both workers, the
+    supervisor (the main process) sends READY=1 once both serve and STOPPING=1 on SIGTERM; a
+    second SIGTERM during the drain exits at once with 130."""
+    from test_systemd import _ACTIVATE, _fields  # type: ignore[import-not-found]
+
+    name = f"ackservice-test-{os.getpid()}-workers"
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+        socket.create_server(("127.0.0.1", 0)) as inherited,
+    ):
+        notify.bind("\0" + name)
+        notify.settimeout(15)
+        fd = inherited.fileno()
+        with server_process(
+            tmp_path / "log",
+            "--workers",
+            "2",
+            "--store",
+            "none",
+            "--drain-timeout",
+            "10",
+            prefix=[sys.executable, "-c", _ACTIVATE, str(fd)],
+            pass_fds=[fd],
+            env={"LISTEN_FDS": "1", "NOTIFY_SOCKET": "@" + name},
+        ) as server:
+            ready = _fields(notify.recv(4096))
+            assert ready["READY"] == "1"
+            assert ready["STATUS"].startswith("2 workers serving on 127.0.0.1:")
+
+            def listening() -> list[dict[str, Any]]:
+                return [e for e in server.events() if e["event"] == "listening"]
+
+            # The log lines follow the datagram by a few ms (the log writer thread).
+            poll_until(lambda: sorted(e["worker"] for e in listening()) == [0, 1, 2])
+            assert all(e["socket_activation"] for e in listening())
+            # A client that never closes keeps its worker draining after SIGTERM.
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+                client.sendall(b"hi\n")
+                replies = client.makefile("rb")
+                assert replies.readline().startswith(b"ACK 1")
+                server.signal(signal.SIGTERM)
+                assert _fields(notify.recv(4096))["STOPPING"] == "1"
+                assert replies.readline().startswith(b"ERR 0 shutting-down")
+                server.signal(signal.SIGTERM)
+                assert server.wait(10) == 130
