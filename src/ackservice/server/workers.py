@@ -35,14 +35,17 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
 
 from ..logconfig import reopen_log_file
-from .metrics import AckServiceCollector, Snapshot, metrics_registry
 from .systemd import ActivatedSocket, Notifier
+
+if TYPE_CHECKING:
+    # Imported when metrics are served: prometheus-client costs every process ~20 ms to load.
+    from .metrics import Snapshot
 
 __all__ = ["WORKER_ENV", "SupervisorSettings", "WorkerRole", "cpu_count", "supervise"]
 
@@ -392,6 +395,7 @@ class _Supervisor:
         from prometheus_client import generate_latest
 
         from .cli import _open_metrics_listeners
+        from .metrics import AckServiceCollector, metrics_registry
         from .monitoring import MonitoringApp, serve_monitoring
 
         settings = self.settings
