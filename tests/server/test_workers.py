@@ -111,6 +111,9 @@ def test_two_workers_serve_one_port(supervised: Supervised) -> None:
         poll_until(counted, what="16 acked in /metrics")
         text = scrape(supervised.metrics_port)[1]
         assert value(text, "ackservice_worker_up", worker="1") == 1
+        for worker in ("1", "2"):  # each worker's own process, not the supervisor's
+            assert value(text, "ackservice_process_resident_memory_bytes", worker=worker) > 1e6
+            assert value(text, "ackservice_process_cpu_seconds_total", worker=worker) > 0
         assert (
             value(text, "ackservice_connections_active", worker="1")
             + value(text, "ackservice_connections_active", worker="2")
