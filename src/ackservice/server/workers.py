@@ -33,8 +33,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -109,7 +110,7 @@ class SupervisorSettings:
     notifier: Notifier = field(default_factory=lambda: Notifier(None))
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
-    port_file: Any = None
+    port_file: Path | None = None
 
 
 @dataclass(slots=True)
@@ -187,10 +188,10 @@ class _Supervisor:
                         await nursery.start(self._serve_metrics)
                     nursery.start_soon(self._announce_ready)
                     task_status.started(self._addresses)
+                    # Until _kill_stragglers (started by the first stop signal) ends it all,
+                    # once every worker exited.
                     async for signum in signals:
-                        if self._on_signal(signal.Signals(signum), nursery):
-                            break
-                    # Stopping: the loops end as their workers exit (bounded by _stop).
+                        self._on_signal(signal.Signals(signum), nursery)
         finally:
             for sock in reserved:
                 sock.close()
@@ -209,25 +210,23 @@ class _Supervisor:
 
     # --- signals ---------------------------------------------------------------------
 
-    def _on_signal(self, signum: signal.Signals, nursery: trio.Nursery) -> bool:
-        """Act on ``signum``; whether to stop watching signals (never: the loop ends when the
-        nursery does)."""
+    def _on_signal(self, signum: signal.Signals, nursery: trio.Nursery) -> None:
+        """Act on ``signum``: pass SIGHUP on; stop the workers gracefully, then at once."""
         if signum == signal.SIGHUP:
             reopen_log_file()
             self._signal_workers(signal.SIGHUP)
             log.info("signal_forwarded", signal=signum.name)
-            return False
+            return
         if self.stopping:
             log.warning("forced_exit", signal=signum.name)
             self.forced = True
             self._signal_workers(signal.SIGTERM)  # their second signal: exit at once
-            return False
+            return
         log.info("signal_received", signal=signum.name)
         self.stopping = True
         self.settings.notifier.notify(stopping=1, status=f"shutting down {len(self.slots)} workers")
         self._signal_workers(signal.SIGTERM)
         nursery.start_soon(self._kill_stragglers, nursery.cancel_scope)
-        return False
 
     def _signal_workers(self, signum: signal.Signals) -> None:
         for slot in self.slots:
@@ -446,7 +445,7 @@ class _SupervisorCollector:
         return []
 
 
-def _format(address: Any) -> tuple[str, int]:
+def _format(address: tuple[Any, ...]) -> tuple[str, int]:
     host, port = address[0], address[1]
     return (f"[{host}]" if ":" in host else host), int(port)
 
@@ -456,8 +455,8 @@ def _format(address: Any) -> tuple[str, int]:
 
 async def report_to_supervisor(
     role: WorkerRole,
-    snapshot: Any,
-    on_supervisor_gone: Any,
+    snapshot: Callable[[], Snapshot],
+    on_supervisor_gone: Callable[[], None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
