@@ -66,7 +66,7 @@ def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]
         f"sqlite:{store}",
     ) as server:
         (metrics,) = server.wait_for_event("metrics_listening")["addresses"]
-        supervised = Supervised(server, int(metrics[1]), store)
+        supervised = Supervised(server, int(metrics.rsplit(":", 1)[1]), store)
         poll_until(lambda: bool(supervised.events("listening", worker=0)), what="all ready")
         yield supervised
 

@@ -29,10 +29,10 @@ from .. import __version__, _cli
 from ..logconfig import configure_logging, reopen_log_file
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
-from .committing import GroupCommitter
 from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
+from .monitoring import MetricsPortError, format_address, open_monitoring_listeners
 from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
 from .systemd import ActivatedSocket, Notifier, take_listen_fds
 from .workers import WorkerRole, cpu_count
@@ -368,10 +368,6 @@ class PortFileError(Exception):
     """The ``--port-file`` could not be written."""
 
 
-class MetricsPortError(Exception):
-    """The ``--metrics-port`` could not be bound."""
-
-
 def _log_file(text: str) -> Path:
     """A ``--log-file`` path (opened at start-up, so its directory must exist)."""
     if not text.strip():
@@ -483,13 +479,13 @@ async def serve_until_signalled(
     metrics_listeners: list[trio.SocketListener] = []
     if metrics_port is not None:
         try:
-            metrics_listeners = await _open_metrics_listeners(metrics_host, metrics_port)
+            metrics_listeners = await open_monitoring_listeners(metrics_host, metrics_port)
         except BaseException:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             raise
         start_up_fields["metrics"] = [
-            _format_bound(listener.socket.getsockname()) for listener in metrics_listeners
+            format_address(listener.socket.getsockname()) for listener in metrics_listeners
         ]
     # Installed before serving starts, so no signal can arrive unhandled in between.
     with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
@@ -506,7 +502,10 @@ async def serve_until_signalled(
             if metrics_listeners:
                 # Started in the same nursery: it answers during the graceful shutdown
                 # (/healthz says 503) and ends with the server.
-                await nursery.start(_serve_metrics, metrics_listeners, server)
+                # Imported here: prometheus-client costs ~20 ms to load, for every server.
+                from .metrics import serve_metrics
+
+                await nursery.start(serve_metrics, metrics_listeners, server.handler)
             if role is not None:
                 from .metrics import snapshot
                 from .workers import report_to_supervisor
@@ -532,50 +531,6 @@ async def serve_until_signalled(
                     with contextlib.suppress(OSError):
                         os.unlink(port_file)
     return EXIT_OK
-
-
-async def _open_metrics_listeners(host: str, port: int) -> list[trio.SocketListener]:
-    """Bind the metrics endpoint (plain SO_REUSEADDR, never SO_REUSEPORT: every scrape must
-    reach the one process that sees all the counts)."""
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise MetricsPortError(
-            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
-            "check --metrics-host and --metrics-port"
-        ) from exc
-
-
-def _format_bound(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def _serve_metrics(
-    listeners: list[trio.SocketListener],
-    server: Server,
-    *,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    # Imported here: prometheus-client costs start-up time to servers that do not use it.
-    from prometheus_client import generate_latest
-
-    from .metrics import AckServiceCollector, metrics_registry, snapshot
-    from .monitoring import MonitoringApp, serve_monitoring
-
-    handler = server.handler
-    registry = metrics_registry(AckServiceCollector(lambda: [("0", snapshot(handler))]))
-    committer = handler.committer
-
-    def store_available() -> bool:
-        return committer.available if isinstance(committer, GroupCommitter) else True
-
-    app = MonitoringApp(
-        lambda: generate_latest(registry),
-        accepting=lambda: not handler.shutting_down,
-        store_available=store_available,
-    )
-    await serve_monitoring(listeners, app, task_status=task_status)
 
 
 def _on_signal(signum: signal.Signals, server: Server, notifier: Notifier) -> bool:

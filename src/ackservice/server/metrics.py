@@ -17,6 +17,8 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import trio
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -28,8 +30,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ..logconfig import log_events_dropped
 from .committing import GroupCommitter
 from .handler import AckHandler
+from .monitoring import MonitoringApp, serve_monitoring
 
-__all__ = ["AckServiceCollector", "Snapshot", "metrics_registry", "snapshot"]
+__all__ = ["AckServiceCollector", "Snapshot", "metrics_registry", "serve_metrics", "snapshot"]
 
 Snapshot = dict[str, Any]
 """What one worker's metrics hold at one moment; see ``snapshot``."""
@@ -224,3 +227,25 @@ def metrics_registry(collector: Collector, *, process: bool = True) -> Collector
     if process:
         ProcessCollector(registry=registry)
     return registry
+
+
+async def serve_metrics(
+    listeners: list[trio.SocketListener],
+    handler: AckHandler,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics`` (``handler``'s counts, as worker 0), ``/healthz`` and ``/readyz``
+    on ``listeners`` until cancelled."""
+    registry = metrics_registry(AckServiceCollector(lambda: [("0", snapshot(handler))]))
+    committer = handler.committer
+
+    def store_available() -> bool:
+        return committer.available if isinstance(committer, GroupCommitter) else True
+
+    app = MonitoringApp(
+        lambda: generate_latest(registry),
+        accepting=lambda: not handler.shutting_down,
+        store_available=store_available,
+    )
+    await serve_monitoring(listeners, app, task_status=task_status)

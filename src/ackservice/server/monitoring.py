@@ -24,8 +24,11 @@ __all__ = [
     "MAX_REQUEST_BYTES",
     "REQUEST_TIMEOUT",
     "BadRequest",
+    "MetricsPortError",
     "MonitoringApp",
     "Response",
+    "format_address",
+    "open_monitoring_listeners",
     "parse_request_head",
     "serve_monitoring",
 ]
@@ -199,3 +202,29 @@ class _Clients:
             response = Response(500, b"internal error\n")
         with trio.fail_after(_SEND_TIMEOUT):
             await stream.send_all(response.encode(head_only=method == "HEAD"))
+
+
+class MetricsPortError(Exception):
+    """The ``--metrics-port`` could not be bound."""
+
+
+async def open_monitoring_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind the monitoring endpoint (plain SO_REUSEADDR, never SO_REUSEPORT: every scrape
+    must reach the one process that sees all the counts).
+
+    Raises:
+        MetricsPortError: it could not be bound; the message names the settings to check.
+    """
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise MetricsPortError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+            "check --metrics-host and --metrics-port"
+        ) from exc
+
+
+def format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """``host:port``, IPv6 in brackets."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

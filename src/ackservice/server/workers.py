@@ -393,16 +393,20 @@ class _Supervisor:
     ) -> None:
         from prometheus_client import generate_latest
 
-        from .cli import _open_metrics_listeners
         from .metrics import AckServiceCollector, metrics_registry
-        from .monitoring import MonitoringApp, serve_monitoring
+        from .monitoring import (
+            MonitoringApp,
+            format_address,
+            open_monitoring_listeners,
+            serve_monitoring,
+        )
 
         settings = self.settings
         assert settings.metrics_port is not None
-        listeners = await _open_metrics_listeners(settings.metrics_host, settings.metrics_port)
+        listeners = await open_monitoring_listeners(settings.metrics_host, settings.metrics_port)
         log.info(
             "metrics_listening",
-            addresses=[_format(listener.socket.getsockname()) for listener in listeners],
+            addresses=[format_address(listener.socket.getsockname()) for listener in listeners],
         )
         registry = metrics_registry(AckServiceCollector(self.snapshots))
         registry.register(_SupervisorCollector(self))
