@@ -281,3 +281,27 @@ def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
                 assert replies.readline().startswith(b"ERR 0 shutting-down")
                 server.signal(signal.SIGTERM)
                 assert server.wait(10) == 130
+
+
+def test_workers_of_a_killed_supervisor_shut_down(tmp_path: Path) -> None:
+    """A supervisor killed outright (SIGKILL: no chance to stop anything) leaves no worker
+    behind holding the port: each sees its channel close and shuts down gracefully."""
+    with server_process(tmp_path / "log", "--workers", "2", "--store", "none") as server:
+        poll_until(
+            lambda: len({e["worker"] for e in server.events() if e["event"] == "listening"}) == 2
+        )
+        pids = [e["pid"] for e in server.events() if e["event"] == "worker_started"]
+        server.process.kill()
+        server.wait()
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        poll_until(lambda: all(gone(pid) for pid in pids), what="the workers gone")
+        events = server.events()
+        assert sorted(e["worker"] for e in events if e["event"] == "supervisor_gone") == [1, 2]
+        assert sum(e["event"] == "shutdown_complete" for e in events) == 2

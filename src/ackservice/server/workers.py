@@ -480,6 +480,7 @@ async def report_to_supervisor(
                     await trio.sleep(role.heartbeat)
         except OSError:
             pass
+    log.warning("supervisor_gone", hint="shutting down gracefully")
     on_supervisor_gone()
 
 
