@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,21 @@ class LineReader:
 class ServerProcess:
     """``python -m ackservice.server`` as a real process, its JSON logs in a file."""
 
-    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        """Start the server with ``args``; ``prefix``: a wrapper command it is run through
+        (which must end by exec-ing the rest); ``pass_fds``: descriptors it inherits."""
         self.log_path = log_path
         self._log_file = log_path.open("wb")
         self.process = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "ackservice.server",
@@ -75,6 +85,7 @@ class ServerProcess:
             stderr=self._log_file,
             env={**os.environ, **(env or {})},
             cwd=log_path.parent,  # the default store (sqlite:ackservice.db) goes there
+            pass_fds=pass_fds,
         )
         self.port = int(self.wait_for_event("listening", timeout=15)["port"])
 
@@ -85,7 +96,9 @@ class ServerProcess:
     def events(self) -> list[dict[str, Any]]:
         """Every log event so far (non-JSON lines, such as tracebacks, fail the parse)."""
         text = self.log_path.read_text()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        # A line still being written (no newline yet) is left for the next look.
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def wait_for_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -112,10 +125,9 @@ class ServerProcess:
 
 
 @contextmanager
-def server_process(
-    log_path: Path, *args: str, env: dict[str, str] | None = None
-) -> Iterator[ServerProcess]:
-    server = ServerProcess(log_path, *args, env=env)
+def server_process(log_path: Path, *args: str, **options: Any) -> Iterator[ServerProcess]:
+    """A ``ServerProcess`` (same arguments), killed at the end if still running."""
+    server = ServerProcess(log_path, *args, **options)
     try:
         yield server
     finally:
@@ -151,3 +163,12 @@ def small_tmpfs(mount_point: Path, size: int | str) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def poll_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``condition`` (every 20 ms) until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what or condition}")
+        time.sleep(0.02)

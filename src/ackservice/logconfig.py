@@ -9,6 +9,10 @@ the stream's file descriptor. A stream that blocks (a pipe nobody reads) or fail
 that exited, a full disk) therefore cannot stall or end the program: when the queue is full
 the event is dropped and counted, a failed write is counted and the next one tried, and the
 count is reported (``log_events_dropped``) once output works again.
+
+With a log file (``--log-file``) every line goes to standard error and to the file; the file is
+reopened by the writer thread when asked (``reopen_log_file``, the CLI's SIGHUP), so that
+logrotate can move it away and the next line starts the new one.
 """
 
 from __future__ import annotations
@@ -23,11 +27,18 @@ import select
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "flush_logging", "log_events_dropped"]
+__all__ = [
+    "configure_logging",
+    "flush_logging",
+    "log_events_dropped",
+    "open_log_file",
+    "reopen_log_file",
+]
 
 # Events waiting for the writer thread, beyond which new ones are dropped. Log lines are
 # typically 150 to 400 bytes, so this holds a few MB at most, and several seconds of the
@@ -47,6 +58,10 @@ _MAX_BATCH_LINES = 256
 # most this much later, and the writer runs at most 100 times a second however busy logging is.
 _BATCH_DELAY = 0.01
 
+# A log file is created readable by its owner and group only: lines name peers' addresses.
+_LOG_FILE_MODE = 0o640
+_LOG_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+
 _sink: _LogSink | None = None
 _exit_flush_registered = False
 
@@ -57,6 +72,7 @@ def configure_logging(
     stream: TextIO | None = None,
     *,
     max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
+    log_file: Path | None = None,
 ) -> None:
     """Send structlog events, and stdlib ``logging`` records (Trio's own), to ``stream``.
 
@@ -73,6 +89,12 @@ def configure_logging(
         stream: where log lines go; standard error by default.
         max_queued_events: events waiting to be written beyond which new ones are dropped
             (and counted: see ``log_events_dropped``).
+        log_file: also append every line to this file (created if missing), reopened by
+            ``reopen_log_file``. Rendered as for ``stream``, which must then have a file
+            descriptor.
+
+    Raises:
+        OSError: ``log_file`` could not be opened.
     """
     global _sink, _exit_flush_registered
     out = sys.stderr if stream is None else stream
@@ -89,10 +111,15 @@ def configure_logging(
         # Tracebacks become one "exception" string field, so each event stays one line.
         exception_formatter = [structlog.processors.format_exc_info]
 
+    file_fd = None if log_file is None else open_log_file(log_file)  # may fail: first
     if _sink is not None:  # configured again (tests do): the previous writer finishes first
         _sink.stop(DEFAULT_EXIT_FLUSH_SECONDS)
     fd = _file_descriptor(out)
-    _sink = None if fd is None else _LogSink(fd, out, max_queued_events)
+    outputs = [] if fd is None else [_Output(os.dup(fd))]
+    if file_fd is not None:
+        outputs.append(_Output(file_fd, log_file))
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    _sink = _LogSink(outputs, encoding, max_queued_events) if outputs else None
     if _sink is not None and not _exit_flush_registered:
         atexit.register(flush_logging)
         _exit_flush_registered = True
@@ -142,6 +169,25 @@ def log_events_dropped() -> int:
     return 0 if _sink is None else _sink.dropped
 
 
+def open_log_file(path: Path) -> int:
+    """Open ``path`` for appending log lines (created if missing); its descriptor.
+
+    Raises:
+        OSError: it could not be opened (no such directory, permission denied, ...).
+    """
+    return os.open(path, _LOG_FILE_FLAGS, _LOG_FILE_MODE)
+
+
+def reopen_log_file() -> bool:
+    """Ask the writer thread to reopen the log file before its next write (logrotate has
+    moved it away); whether there is a log file. The writer logs ``log_file_reopened`` into the
+    new file, or ``log_file_reopen_failed`` and keeps the old one."""
+    if _sink is None or not any(output.path for output in _sink.outputs):
+        return False
+    _sink.request_reopen()
+    return True
+
+
 def flush_logging(timeout: float = DEFAULT_EXIT_FLUSH_SECONDS) -> None:
     """Write what is queued, waiting at most ``timeout`` seconds, and stop the writer thread
     (registered to run at process exit). Later events are dropped and counted."""
@@ -160,14 +206,29 @@ def _file_descriptor(stream: TextIO) -> int | None:
     return fd
 
 
-class _LogSink:
-    """The bounded queue of rendered lines and the one thread that writes them to ``fd``."""
+class _Output:
+    """One descriptor the writer writes every line to, and the state of its last write."""
 
-    def __init__(self, fd: int, stream: TextIO, max_queued_events: int) -> None:
-        # The sink owns a duplicate: if the stream is closed and its number reused (a test's
-        # captured stderr), lines still go where they were meant to, never into another file.
-        self._fd = os.dup(fd)
-        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+    __slots__ = ("fd", "path", "torn")
+
+    def __init__(self, fd: int, path: Path | None = None) -> None:
+        self.fd = fd
+        self.path = path
+        """The file's path, for reopening; None for standard error."""
+        self.torn = False
+        """A failed write left a partial line on this output."""
+
+
+class _LogSink:
+    """The bounded queue of rendered lines and the one thread that writes them to every
+    output (standard error, and the log file if any)."""
+
+    def __init__(self, outputs: list[_Output], encoding: str, max_queued_events: int) -> None:
+        # The sink owns its descriptors (standard error's is a duplicate): if the stream is
+        # closed and its number reused (a test's captured stderr), lines still go where they
+        # were meant to, never into another file.
+        self.outputs = outputs
+        self._encoding = encoding
         self._max_queued = max_queued_events
         # A deque, not queue.Queue: append() and popleft() are atomic and take no lock, and
         # the writer is woken only when it sleeps (see _run), not at every event. The bound
@@ -178,7 +239,7 @@ class _LogSink:
         self._count_lock = threading.Lock()
         self.dropped = 0
         self._reported = 0
-        self._torn = False  # a failed write left a partial line on the output
+        self._reopen_requested = False
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="ackservice-log-writer", daemon=True)
         self._thread.start()
@@ -193,6 +254,11 @@ class _LogSink:
         self._lines.append(line)
         if not self._wakeup.is_set():  # a plain attribute read: the common case is cheap
             self._wakeup.set()
+
+    def request_reopen(self) -> None:
+        """Have the writer reopen the log file before it writes anything more."""
+        self._reopen_requested = True
+        self._wakeup.set()
 
     def stop(self, timeout: float) -> None:
         """Let the writer write what is queued (and a final drop report), for at most
@@ -210,17 +276,21 @@ class _LogSink:
         try:
             self._write_until_stopped()
         finally:
-            os.close(self._fd)
+            for output in self.outputs:
+                os.close(output.fd)
 
     def _write_until_stopped(self) -> None:
         while True:
+            if self._reopen_requested:
+                self._reopen_requested = False
+                self._reopen()
             if not self._lines:
                 if self._stopped:  # everything queued has been written or dropped
                     return
                 # Cleared before the last look at the queue, so a line queued in between
                 # sets it again and the wait returns at once: no wake-up is lost.
                 self._wakeup.clear()
-                if not self._lines and not self._stopped:
+                if not self._lines and not self._stopped and not self._reopen_requested:
                     self._wakeup.wait()
                 continue
             if not self._stopped:
@@ -244,29 +314,74 @@ class _LogSink:
         self._reported += count
         structlog.get_logger(__name__).warning("log_events_dropped", count=count)
 
+    def _reopen(self) -> None:
+        """Open the log file's path anew and write there from now on (in this thread, so no
+        line is ever written to a descriptor being closed); keep the old one on failure."""
+        event = structlog.get_logger(__name__)
+        for output in self.outputs:
+            if output.path is None:
+                continue
+            try:
+                fd = open_log_file(output.path)
+            except OSError as exc:
+                event.warning(
+                    "log_file_reopen_failed",
+                    path=str(output.path),
+                    error=exc.strerror or str(exc),
+                    hint="lines go on to the file that was open",
+                )
+                continue
+            os.close(output.fd)
+            output.fd, output.torn = fd, False
+            event.info("log_file_reopened", path=str(output.path))
+
     def _write(self, lines: list[str]) -> bool:
-        """Write ``lines``; on failure count the ones not written whole. True if all went."""
+        """Write ``lines`` to every output; count the ones not written whole to some output
+        as dropped (once, however many outputs failed). True if all went everywhere."""
         if not lines:
             return True
         chunks = [f"{line}\n".encode(self._encoding, "backslashreplace") for line in lines]
-        if self._torn:  # end the partial line a failed write left, so this one stands alone
-            chunks[0] = b"\n" + chunks[0]
-        data = memoryview(b"".join(chunks))
+        lost = max(self._write_to(output, chunks) for output in self.outputs)
+        if lost:
+            self._count_dropped(lost)
+        return not lost
+
+    def _write_to(self, output: _Output, chunks: list[bytes]) -> int:
+        """Write ``chunks`` (whole lines) to ``output``; how many were not written whole."""
+        first = chunks[0]
+        if output.torn:  # end the partial line a failed write left, so this one stands alone
+            first = b"\n" + first
+        data = memoryview(b"".join([first, *chunks[1:]]))
         done = 0
         try:
-            while done < len(data):
-                try:
-                    done += os.write(self._fd, data[done:])
-                except BlockingIOError:  # someone made the descriptor non-blocking
-                    select.select([], [self._fd], [], 1.0)
+            for end in _atomic_pieces([first, *chunks[1:]]):
+                while done < end:
+                    try:
+                        done += os.write(output.fd, data[done:end])
+                    except BlockingIOError:  # someone made the descriptor non-blocking
+                        select.select([], [output.fd], [], 1.0)
         except Exception:  # whatever the output does (EPIPE, ENOSPC, EIO), never fail the program
-            ends = itertools.accumulate(len(chunk) for chunk in chunks)
-            self._count_dropped(sum(1 for end in ends if end > done))
+            ends = itertools.accumulate(len(chunk) for chunk in [first, *chunks[1:]])
             if done:
-                self._torn = data[done - 1] != ord("\n")
-            return False
-        self._torn = False
-        return True
+                output.torn = data[done - 1] != ord("\n")
+            return sum(1 for end in ends if end > done)
+        output.torn = False
+        return 0
+
+
+def _atomic_pieces(chunks: list[bytes]) -> list[int]:
+    """Where to end each write of ``chunks`` joined: at line ends, at most PIPE_BUF bytes
+    apart where lines allow. A pipe writes up to PIPE_BUF bytes at once, so the lines of
+    several processes sharing one standard error (``--workers``) never interleave mid-line."""
+    ends: list[int] = []
+    start = position = 0
+    for chunk in chunks:
+        if position + len(chunk) - start > select.PIPE_BUF and position > start:
+            ends.append(position)
+            start = position
+        position += len(chunk)
+    ends.append(position)
+    return ends
 
 
 class _QueueLogger:

@@ -340,7 +340,8 @@ def test_every_numeric_setting_has_a_documented_range() -> None:
         action
         for action in parser._actions
         if action.option_strings[0] not in ("-h", "--version", "--host", "--store", "--log-level")
-        and action.option_strings[0] not in ("--log-format", "--port-file", "--allow")
+        and action.option_strings[0]
+        not in ("--log-format", "--port-file", "--log-file", "--metrics-host", "--allow")
         and not action.option_strings[0].startswith(("--tls-cert", "--tls-key", "--tls-client"))
     ]
     assert numeric

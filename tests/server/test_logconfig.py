@@ -9,13 +9,20 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
 import structlog
 
 from ackservice import logconfig
-from ackservice.logconfig import configure_logging, flush_logging, log_events_dropped
+from ackservice.logconfig import (
+    configure_logging,
+    flush_logging,
+    log_events_dropped,
+    reopen_log_file,
+)
+from support import poll_until
 
 
 @dataclass
@@ -131,3 +138,53 @@ def test_dropped_count_is_zero_when_logging_was_never_configured(
     """An application embedding the server keeps its own logging: the counter reads 0."""
     monkeypatch.setattr(logconfig, "_sink", None)
     assert log_events_dropped() == 0
+
+
+def test_a_log_file_on_a_full_disk_does_not_stop_standard_error(log_pipe: LogPipe) -> None:
+    """A log file whose writes fail (``/dev/full``: ENOSPC every time) loses its lines, which
+    are counted as dropped, while standard error gets every one: one output failing never
+    stalls or silences the other."""
+    configure_logging("info", "json", stream=log_pipe.stream, log_file=Path("/dev/full"))
+    for n in range(20):
+        structlog.get_logger().info("line", n=n)
+    events = log_pipe.read_events(until=lambda events: len(events) >= 20)
+    assert [e["n"] for e in events[:20]] == list(range(20))
+    poll_until(lambda: log_events_dropped() >= 20)
+
+
+def test_reopen_moves_to_a_new_file_and_survives_a_failure(
+    log_pipe: LogPipe, tmp_path: Path
+) -> None:
+    """reopen_log_file: after the file was renamed, the writer opens the path anew and says
+    so there (``log_file_reopened``); when the path cannot be opened it says so and keeps
+    writing to the file it had."""
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = directory / "server.log"
+    configure_logging("info", "json", stream=log_pipe.stream, log_file=path)
+    structlog.get_logger().info("before")
+    poll_until(lambda: "before" in path.read_text())
+    path.rename(tmp_path / "server.log.1")
+    assert reopen_log_file()
+    structlog.get_logger().info("after")
+    poll_until(lambda: path.exists() and "log_file_reopened" in path.read_text())
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == [
+        "after",  # queued before the writer reopened, so written first
+        "log_file_reopened",
+    ]
+    assert "after" not in (tmp_path / "server.log.1").read_text()
+    # The directory disappears: the reopen fails, lines still reach the open file.
+    path.unlink()
+    directory.rmdir()
+    assert reopen_log_file()
+    structlog.get_logger().info("still")
+    seen = log_pipe.read_events(until="still")
+    failed = [e["path"] for e in seen if e["event"] == "log_file_reopen_failed"]
+    assert failed == [str(path)]
+    assert log_events_dropped() == 0
+
+
+def test_reopen_without_a_log_file_says_so(log_pipe: LogPipe) -> None:
+    """No --log-file: nothing to reopen (the CLI then logs SIGHUP as ignored)."""
+    configure_logging("info", "json", stream=log_pipe.stream)
+    assert not reopen_log_file()

@@ -1,9 +1,12 @@
 """``python -m ackservice.server``: run the server as a daemon.
 
 Exit codes: 0 after a graceful shutdown, 1 when the server cannot start (the address is in
-use, cannot be resolved, the store cannot be opened, ...), 2 for a bad setting (a TLS
-certificate or key that cannot be used included), 130 when a second signal forced an
-immediate exit.
+use, cannot be resolved, the store or log file cannot be opened, ...), 2 for a bad setting (a
+TLS certificate or key that cannot be used, malformed socket-activation variables), 130 when a
+second signal forced an immediate exit.
+
+Under systemd it is a ``Type=notify`` service (``READY=1`` once serving, ``STOPPING=1`` at
+shutdown) and takes socket-activated sockets (``LISTEN_FDS``) instead of binding its own.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import resource
 import signal
@@ -25,14 +29,20 @@ import structlog
 import trio
 
 from .. import __version__, _cli
-from ..logconfig import configure_logging
+from ..logconfig import configure_logging, reopen_log_file
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
 from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
+from .monitoring import MetricsPortError, format_address, open_monitoring_listeners
 from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
+from .systemd import ActivatedSocket, Notifier, take_listen_fds
 from .tls import TLSConfigError, server_tls_context
+from .workers import WorkerRole, cpu_count
+
+# The most --workers: past any core count this server will meet.
+_MAX_WORKERS = 1024
 
 __all__ = ["main"]
 
@@ -49,8 +59,8 @@ _RESERVED_FDS = 64
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # SIGHUP: closing the terminal or SSH session that started the server sends it, and its
 # default action kills the process at once, without a log line or a word to the clients.
-# A daemon outlives its terminal, so it is logged and otherwise ignored. (A log file to
-# reopen on SIGHUP would be handled here too, in ``_on_signal``.)
+# A daemon outlives its terminal, so it never stops on it: with --log-file it reopens the
+# file (logrotate's convention), otherwise it is logged and ignored.
 _IGNORED_SIGNALS = (signal.SIGHUP,)
 
 log = structlog.get_logger(__name__)
@@ -195,6 +205,46 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         metavar="PATH",
         default_text="none",
     )
+    add(
+        "--workers",
+        _workers,
+        1,
+        "worker processes serving the port (SO_REUSEPORT), under a supervisor that restarts "
+        "them; auto: one per CPU; 1: no supervisor",
+        metavar="N",
+    )
+    add(
+        "--worker-timeout",
+        _cli.seconds_up_to(3600),
+        10.0,
+        "with --workers: seconds a worker may go without a heartbeat before it is killed and "
+        "replaced",
+        default_text="10",
+    )
+    add(
+        "--metrics-port",
+        _cli.int_in_range(0, 65535),
+        None,
+        "serve GET /metrics (Prometheus), /healthz and /readyz on this port; 0 picks a "
+        "free one (in the listening event)",
+        metavar="PORT",
+        default_text="none: off",
+    )
+    add(
+        "--metrics-host",
+        _cli.host_name,
+        "127.0.0.1",
+        "address of the metrics and health endpoint (with --metrics-port)",
+    )
+    add(
+        "--log-file",
+        _log_file,
+        None,
+        "also append every log line to this file (created if missing); SIGHUP reopens it, "
+        "for logrotate",
+        metavar="PATH",
+        default_text="none: standard error only",
+    )
     add("--log-level", _cli.log_level, "info", "debug, info, warning, error or critical")
     add(
         "--log-format",
@@ -213,21 +263,119 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         parser.error("--tls-key and --tls-client-ca need --tls-cert")
     tls = None
     if args.tls_cert is not None:
+        # Loaded here, in the supervisor too: a bad file is one line and exit 2 at once,
+        # not a worker failing at start-up.
         try:
             tls = server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
         except TLSConfigError as exc:
             print(f"ackservice.server: error: {exc}", file=sys.stderr)
             return _cli.EXIT_USAGE
-    configure_logging(args.log_level, args.log_format)
+    role = WorkerRole.from_environment(os.environ)
+    if role is not None and "LISTEN_FDS" in os.environ:
+        # The supervisor handed on its activated sockets; they are for this process.
+        os.environ["LISTEN_PID"] = str(os.getpid())
+    # Taken (and the variables removed) before anything else runs, so no child inherits them.
+    try:
+        activated = take_listen_fds()
+    except ValueError as exc:
+        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        return _cli.EXIT_USAGE
+    notifier = Notifier.from_environment()
+    try:
+        configure_logging(args.log_level, args.log_format, log_file=args.log_file)
+    except OSError as exc:
+        print(
+            f"ackservice.server: error: cannot open --log-file {str(args.log_file)!r}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return EXIT_START_FAILED
+    if role is not None:
+        # Every event of this process says which worker it is (tasks copy this context).
+        structlog.contextvars.bind_contextvars(worker=role.worker_id)
+    elif args.workers > 1:
+        return _supervise(args, argv, environ, activated, notifier)
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
-        return trio.run(_open_store_and_serve, config, args.store, args.port_file, tls)
-    except (StoreError, PortFileError) as exc:
+        return trio.run(
+            functools.partial(
+                _open_store_and_serve,
+                config,
+                args.store,
+                args.port_file,
+                activated,
+                notifier,
+                metrics=(args.metrics_host, args.metrics_port),
+                role=role,
+                tls=tls,
+            )
+        )
+    except (StoreError, PortFileError, MetricsPortError) as exc:
         print(f"ackservice.server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     except OSError as exc:
         print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
         return EXIT_START_FAILED
+
+
+def _supervise(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    environ: dict[str, str] | None,
+    activated: Sequence[ActivatedSocket],
+    notifier: Notifier,
+) -> int:
+    """Run ``args.workers`` workers under a supervisor (``workers.py``); the exit code."""
+    from .workers import StartFailed, SupervisorSettings, supervise, worker_argv
+
+    # The supervisor's own events say worker 0; those about a worker name it.
+    structlog.contextvars.bind_contextvars(worker=0)
+    settings = SupervisorSettings(
+        workers=args.workers,
+        worker_argv=worker_argv(argv),
+        environ=dict(os.environ if environ is None else environ),
+        host=args.host if isinstance(args.host, str) else ",".join(args.host),
+        port=args.port,
+        worker_timeout=args.worker_timeout,
+        shutdown_grace=args.shutdown_grace,
+        activated=activated,
+        notifier=notifier,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        port_file=args.port_file,
+    )
+    try:
+        return trio.run(supervise, settings)
+    except StartFailed as exc:
+        print(f"ackservice.server: error: {exc} (its log says why)", file=sys.stderr)
+        return exc.code if exc.code > 0 else EXIT_START_FAILED
+    except (PortFileError, MetricsPortError) as exc:
+        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    except OSError as exc:
+        config = ServerConfig(host=settings.host, port=settings.port)
+        print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
+        return EXIT_START_FAILED
+    finally:
+        if args.port_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(args.port_file)
+
+
+def _workers(text: str) -> int:
+    """A ``--workers`` value: a count, or ``auto`` (one per CPU)."""
+    if text.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a number of workers or auto, got {text!r}") from None
+    if not 1 <= value <= _MAX_WORKERS:
+        raise ValueError(f"expected from 1 to {_MAX_WORKERS} workers or auto, got {text!r}")
+    return value
+
+
+_workers.range_text = f"1 to {_MAX_WORKERS}, or auto"  # type: ignore[attr-defined]
 
 
 def _hosts(text: str) -> str:
@@ -281,14 +429,47 @@ def _store_url(text: str) -> str:
 
 
 async def _open_store_and_serve(
-    config: ServerConfig, store_url: str, port_file: Path | None, tls: ssl.SSLContext | None
+    config: ServerConfig,
+    store_url: str,
+    port_file: Path | None,
+    activated: Sequence[ActivatedSocket],
+    notifier: Notifier,
+    *,
+    metrics: tuple[str, int | None],
+    role: WorkerRole | None,
+    tls: ssl.SSLContext | None,
 ) -> int:
     async with open_store(store_url) as store:
-        return await serve_until_signalled(config, store=store, port_file=port_file, tls=tls)
+        if role is not None:
+            port_file = None  # the supervisor's to write
+            metrics = (metrics[0], None)  # the supervisor serves it for all workers
+        return await serve_until_signalled(
+            config,
+            store=store,
+            port_file=port_file,
+            activated=activated,
+            notifier=notifier,
+            metrics_host=metrics[0],
+            metrics_port=metrics[1],
+            role=role,
+            tls=tls,
+        )
 
 
 class PortFileError(Exception):
     """The ``--port-file`` could not be written."""
+
+
+def _log_file(text: str) -> Path:
+    """A ``--log-file`` path (opened at start-up, so its directory must exist)."""
+    if not text.strip():
+        raise ValueError("expected a file path, got an empty string")
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{text!r} is a directory, expected a file path")
+    if not path.parent.is_dir():
+        raise ValueError(f"no directory {str(path.parent)!r} to write {text!r} in")
+    return path
 
 
 def _port_file(text: str) -> Path:
@@ -357,17 +538,60 @@ async def serve_until_signalled(
     on_message: MessageHook | None = None,
     port_file: Path | None = None,
     tls: ssl.SSLContext | None = None,
+    activated: Sequence[ActivatedSocket] = (),
+    notifier: Notifier | None = None,
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int | None = None,
+    role: WorkerRole | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
-    SIGHUP is logged (``signal_ignored``) and otherwise ignored. ``port_file``, if given, is
-    written once listening (``write_port_file``) and removed at exit.
+    SIGHUP reopens the log file (``--log-file``), or is logged (``signal_ignored``) and
+    otherwise ignored. ``port_file``, if given, is written once listening
+    (``write_port_file``) and removed at exit.
+
+    Args:
+        activated: sockets from the service manager (``take_listen_fds``), served instead
+            of binding ``config.host`` and ``config.port``.
+        notifier: told ``READY=1`` once connections are served and ``STOPPING=1`` when a
+            graceful shutdown begins.
+        metrics_host, metrics_port: where to serve ``/metrics``, ``/healthz`` and
+            ``/readyz``; ``metrics_port`` None: nowhere.
+        role: this process is a worker under a supervisor (``workers.py``): it binds the
+            port with ``SO_REUSEPORT`` and reports to the supervisor.
 
     Raises:
         OSError: the address could not be bound.
+        MetricsPortError: the metrics address could not be bound.
     """
-    # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
-    listeners = await open_listeners(config.host, config.port)
+    notifier = Notifier(None) if notifier is None else notifier
+    start_up_fields: dict[str, object] = {}
+    if activated:
+        listeners = [
+            trio.SocketListener(trio.socket.from_stdlib_socket(inherited.sock))
+            for inherited in activated
+        ]
+        start_up_fields = {
+            "socket_activation": True,
+            "fd_names": [inherited.name for inherited in activated],
+        }
+    else:
+        # Bound outside the nursery so that a bind failure surfaces as a plain OSError.
+        if role is None:
+            listeners = await open_listeners(config.host, config.port)
+        else:
+            listeners = await open_listeners(config.host, role.port, reuse_port=True)
+    metrics_listeners: list[trio.SocketListener] = []
+    if metrics_port is not None:
+        try:
+            metrics_listeners = await open_monitoring_listeners(metrics_host, metrics_port)
+        except BaseException:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            raise
+        start_up_fields["metrics"] = [
+            format_address(listener.socket.getsockname()) for listener in metrics_listeners
+        ]
     # Installed before serving starts, so no signal can arrive unhandled in between.
     with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
@@ -378,13 +602,33 @@ async def serve_until_signalled(
                 on_message,
                 listeners,
                 nursery.cancel_scope,
+                start_up_fields,
                 tls,
             )
+            if metrics_listeners:
+                # Started in the same nursery: it answers during the graceful shutdown
+                # (/healthz says 503) and ends with the server.
+                # Imported here: prometheus-client costs ~20 ms to load, for every server.
+                from .metrics import serve_metrics
+
+                await nursery.start(serve_metrics, metrics_listeners, server.handler)
+            if role is not None:
+                from .metrics import snapshot
+                from .workers import report_to_supervisor
+
+                handler = server.handler
+                await nursery.start(
+                    report_to_supervisor, role, lambda: snapshot(handler), server.shutdown
+                )
             try:
                 if port_file is not None:
                     write_port_file(port_file, server.addresses)
+                # The accept loops run: a connection made now is served (systemd's READY=1
+                # promises that, and NotifyAccess=main wants it from this process).
+                where = ", ".join(f"{host}:{port}" for host, port in server.addresses)
+                notifier.notify(ready=1, status=f"serving on {where}")
                 async for signum in signals:
-                    if _on_signal(signal.Signals(signum), server):
+                    if _on_signal(signal.Signals(signum), server, notifier):
                         nursery.cancel_scope.cancel()
                         return EXIT_FORCED
             finally:
@@ -395,15 +639,19 @@ async def serve_until_signalled(
     return EXIT_OK
 
 
-def _on_signal(signum: signal.Signals, server: Server) -> bool:
+def _on_signal(signum: signal.Signals, server: Server, notifier: Notifier) -> bool:
     """Act on ``signum``; return whether the server must exit at once (a second stop signal)."""
     if signum in _IGNORED_SIGNALS:
-        log.info("signal_ignored", signal=signum.name, hint="stop the server with SIGTERM")
+        if not reopen_log_file():  # the writer logs log_file_reopened
+            log.info("signal_ignored", signal=signum.name, hint="stop the server with SIGTERM")
         return False
     if server.handler.shutting_down:
         log.warning("forced_exit", signal=signum.name)
         return True
     log.info("signal_received", signal=signum.name)
+    notifier.notify(
+        stopping=1, status=f"shutting down, {server.handler.stats.active} connections to finish"
+    )
     server.shutdown()
     return False
 
@@ -414,6 +662,7 @@ async def _serve_then_stop_watching(
     on_message: MessageHook | None,
     listeners: list[trio.SocketListener],
     signal_watch: trio.CancelScope,
+    start_up_fields: dict[str, object],
     tls: ssl.SSLContext | None,
     *,
     task_status: trio.TaskStatus[Server],
@@ -424,7 +673,11 @@ async def _serve_then_stop_watching(
         on_message=on_message,
         listeners=listeners,
         tls=tls,
-        refuse_queued_at_shutdown=True,  # bound just now, by us alone
+        # Bound just now, by us alone; an activated socket's queue is systemd's (it keeps
+        # the socket open and starts us again for the connections waiting there).
+        # A worker's own SO_REUSEPORT queue is its own to refuse, too.
+        refuse_queued_at_shutdown="socket_activation" not in start_up_fields,
+        start_up_fields=start_up_fields,
         task_status=task_status,
     )
     signal_watch.cancel()  # the graceful shutdown completed: stop waiting for signals

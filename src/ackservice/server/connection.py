@@ -73,6 +73,12 @@ otherwise be answered by ~1.4 MB of ACKs held while the write waits."""
 # with no more messages than this has no more than that many replies.
 _MIN_PIECE: Final = REPLY_PIECE_BYTES // 32
 _MAX_MESSAGES_PER_PIECE: Final = REPLY_PIECE_BYTES // 32
+# Indices into Connection.error_kinds (ServerStats has a total of each).
+TOO_LARGE: Final = 0
+REJECTED: Final = 1
+UNAVAILABLE: Final = 2
+INTERNAL_ERROR: Final = 3
+
 # What a message waiting for a commit costs besides its payload (its Message, its place in
 # the batch), counted against max_pending_store_bytes: a flood of empty messages is not free.
 _MESSAGE_OVERHEAD_BYTES: Final = 128
@@ -123,6 +129,7 @@ class Connection:
         "bytes_received",
         "client_ip",
         "conn_id",
+        "error_kinds",
         "errors",
         "identity",
         "messages",
@@ -148,6 +155,9 @@ class Connection:
         self.messages = 0
         """Messages answered so far (ACK or ERR)."""
         self.errors = 0
+        self.error_kinds: list[int] | None = None
+        """``errors`` by kind (``TOO_LARGE``, ``REJECTED``, ...); made on the first error,
+        so the error path alone pays for it."""
         self.bytes_received = 0
         limit = owner.config.max_message_bytes
         self._debug = _debug_enabled()
@@ -395,9 +405,9 @@ class Connection:
         if not frames:
             return b""
         first_seq = self.messages + 1
-        self.messages += len(frames)
         committer = self._committer
         if committer is None:  # debug events, nothing kept
+            self.messages += len(frames)
             return self._answer_unkept(first_seq, frames)
         received_at = time.time()
         crc32 = zlib.crc32
@@ -413,6 +423,9 @@ class Connection:
                 nbytes += len(payload)
         pending = nbytes + len(messages) * _MESSAGE_OVERHEAD_BYTES
         verdicts = await committer.commit(messages, pending, self._limiter()) if messages else None
+        # Counted once answered, with their errors in the same step: a metrics scrape during
+        # the commit must never see them acked and then some of them not (a counter going down).
+        self.messages += len(frames)
         # After the commit: a slow store is not an idle client.
         self._last_message = trio.current_time()
         if self._debug:
@@ -435,16 +448,18 @@ class Connection:
             if verdict is None:
                 replies.append(ACK_FORMAT % (seq, len(message.payload), message.crc32))
                 continue
-            self.errors += 1
             if isinstance(verdict, Rejected):
+                self._count_error(REJECTED)
                 self._limiter().warn(
                     log.warning, "message_rejected", seq=seq, reason=verdict.reason
                 )
                 replies.append(err_line(seq, ErrorCode.REJECTED, verdict.reason))
             elif isinstance(verdict, Unavailable):
+                self._count_error(UNAVAILABLE)
                 replies.append(err_line(seq, ErrorCode.UNAVAILABLE, verdict.detail))
             else:
                 assert isinstance(verdict, Failed)
+                self._count_error(INTERNAL_ERROR)
                 replies.append(err_line(seq, ErrorCode.INTERNAL_ERROR, verdict.detail))
         return b"".join(replies)
 
@@ -473,8 +488,15 @@ class Connection:
             if verdicts is None or verdicts[index] is None:
                 log.debug("message_acked", seq=message.seq, nbytes=len(message.payload))
 
-    def _log_too_large(self, seq: int) -> None:
+    def _count_error(self, kind: int) -> None:
         self.errors += 1
+        kinds = self.error_kinds
+        if kinds is None:
+            kinds = self.error_kinds = [0, 0, 0, 0]
+        kinds[kind] += 1
+
+    def _log_too_large(self, seq: int) -> None:
+        self._count_error(TOO_LARGE)
         limit = self._owner.config.max_message_bytes
         self._limiter().warn(log.warning, "message_too_large", seq=seq, limit=limit)
 

@@ -43,16 +43,25 @@ _TASK_NAME = "ackservice connection"
 
 @dataclass(slots=True)
 class ServerStats:
-    """Totals over the connections the handler has finished serving, plus ``active`` now."""
+    """Totals over the connections the handler has finished serving, plus ``active`` now.
+
+    ``errors`` is split by kind: ``too_large``, ``rejected``, ``unavailable``,
+    ``internal_error``.
+    """
 
     connections: int = 0
     active: int = 0
     refused_busy: int = 0
     refused_forbidden: int = 0
+    refused_shutting_down: int = 0
     messages: int = 0
     acked: int = 0
     errors: int = 0
     bytes_received: int = 0
+    too_large: int = 0
+    rejected: int = 0
+    unavailable: int = 0
+    internal_error: int = 0
 
 
 class AckHandler:
@@ -207,6 +216,12 @@ class AckHandler:
         stats.acked += connection.acked
         stats.errors += connection.errors
         stats.bytes_received += connection.bytes_received
+        kinds = connection.error_kinds
+        if kinds is not None:
+            stats.too_large += kinds[0]
+            stats.rejected += kinds[1]
+            stats.unavailable += kinds[2]
+            stats.internal_error += kinds[3]
 
     def _readiness_hub(self) -> ReadinessHub:
         if self._hub is None:
@@ -236,6 +251,7 @@ class AckHandler:
         """Why a connection from ``client_ip`` is refused now (code, detail), if it is."""
         config = self.config
         if self._shutting_down:
+            self.stats.refused_shutting_down += 1
             return ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
         if config.allow and client_ip is not None and not _allowed(client_ip, config.allow):
             self.stats.refused_forbidden += 1

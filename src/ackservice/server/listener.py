@@ -96,6 +96,7 @@ class Server:
         listeners: list[trio.SocketListener],
         *,
         refuse_queued_at_shutdown: bool = False,
+        start_up_fields: dict[str, object] | None = None,
     ) -> None:
         self.handler = handler
         self.listeners = listeners
@@ -103,6 +104,7 @@ class Server:
         self._shutdown_requested = trio.Event()
         # See serve(): whether connections still queued at shutdown are told, not reset.
         self._refuse_queued_at_shutdown = refuse_queued_at_shutdown
+        self._extra_start_up_fields = start_up_fields or {}
 
     @property
     def port(self) -> int:
@@ -177,6 +179,7 @@ class Server:
                 for field in dataclasses.fields(config)
                 if field.name not in ("host", "port")
             },
+            **self._extra_start_up_fields,
         }
 
     def _log_shutdown_complete(self, *, forced: bool) -> None:
@@ -326,6 +329,7 @@ async def serve(
     listeners: list[trio.SocketListener] | None = None,
     refuse_queued_at_shutdown: bool | None = None,
     tls: ssl.SSLContext | None = None,
+    start_up_fields: dict[str, object] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``config.host``:``config.port`` and serve the ack protocol until shut down.
@@ -347,6 +351,8 @@ async def serve(
             activation, sibling workers), and its queue then belongs to whoever remains.
         tls: serve TLS with this context (``ackservice.server.server_tls_context``): every
             connection, the refused ones included, speaks TLS.
+        start_up_fields: more fields for the ``listening`` event (the CLI says where its
+            sockets came from).
 
     Raises:
         OSError: the address could not be bound (in use, not resolvable, not permitted).
@@ -361,7 +367,12 @@ async def serve(
         configure_listening_socket(listener.socket, config.tcp_keepalive)
     handler = AckHandler(config, store=store, on_message=on_message, tls=tls)
     handler._listener_sets_keepalive = ACCEPTED_SOCKETS_INHERIT_OPTIONS
-    server = Server(handler, listeners, refuse_queued_at_shutdown=refuse_queued_at_shutdown)
+    server = Server(
+        handler,
+        listeners,
+        refuse_queued_at_shutdown=refuse_queued_at_shutdown,
+        start_up_fields=start_up_fields,
+    )
     if not readiness.AVAILABLE:
         await server._run(task_status)
         return

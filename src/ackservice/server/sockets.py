@@ -13,6 +13,7 @@ import trio
 __all__ = [
     "ACCEPTED_SOCKETS_INHERIT_OPTIONS",
     "EVERY_INTERFACE",
+    "bind_sockets",
     "configure_listening_socket",
     "enable_keepalive",
     "listen_addresses",
@@ -106,17 +107,36 @@ async def listen_addresses(hosts: tuple[str, ...], port: int) -> list[tuple[Any,
     return found
 
 
-async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+async def open_listeners(
+    host: str, port: int, *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
     """Listen on every address ``host`` means (see ``parse_hosts``), all on one port.
 
     With port 0 the first socket gets a free port and the others take the same one, so a
     server on ``*`` or on ``127.0.0.1,::1`` has one port to tell (Trio's own
     ``open_tcp_listeners`` would give each socket a port of its own).
 
+    ``reuse_port``: set ``SO_REUSEPORT``, so that sibling worker processes listen on the same
+    port, each with its own queue (the kernel spreads connections over them).
+
     Raises:
         OSError: an address cannot be resolved or bound; none is left listening then.
     """
-    listeners: list[trio.SocketListener] = []
+    sockets = await bind_sockets(host, port, reuse_port=reuse_port, listen=True)
+    return [trio.SocketListener(sock) for sock in sockets]
+
+
+async def bind_sockets(
+    host: str, port: int, *, reuse_port: bool, listen: bool
+) -> list[trio.socket.SocketType]:
+    """Bind a socket to every address ``host`` means, all on one port, listening or not (a
+    supervisor holds its workers' port with ``SO_REUSEPORT`` sockets that never listen, so
+    the kernel gives them no connections).
+
+    Raises:
+        OSError: an address cannot be resolved or bound; none is left open then.
+    """
+    listeners: list[trio.socket.SocketType] = []
     unsupported: OSError | None = None
     try:
         for family, type_, proto, sockaddr in await listen_addresses(parse_hosts(host), port):
@@ -129,20 +149,23 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
                 continue
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     # :: must not also take IPv4, which 0.0.0.0 beside it serves.
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 if listeners and port == 0:
-                    sockaddr = (sockaddr[0], listeners[0].socket.getsockname()[1], *sockaddr[2:])
+                    sockaddr = (sockaddr[0], listeners[0].getsockname()[1], *sockaddr[2:])
                 await sock.bind(sockaddr)
-                sock.listen(_BACKLOG)
+                if listen:
+                    sock.listen(_BACKLOG)
             except BaseException:
                 sock.close()
                 raise
-            listeners.append(trio.SocketListener(sock))
+            listeners.append(sock)
     except BaseException:
-        for listener in listeners:
-            listener.socket.close()
+        for sock in listeners:
+            sock.close()
         raise
     if not listeners:
         raise unsupported or OSError(errno.EADDRNOTAVAIL, "no address to listen on")

@@ -294,6 +294,17 @@ class JetStreamStore:
         self._unusable: str | None = None
         self._background: concurrent.futures.Future[None] | None = None
 
+    @property
+    def available(self) -> bool:
+        """Whether NATS is connected and the stream usable now (read by ``/readyz``)."""
+        lost = self._connection.lost
+        return (
+            self._ready
+            and self._connection.nc.is_connected
+            and lost is not None
+            and not lost.is_set()
+        )
+
     @classmethod
     async def open(
         cls,

@@ -1,0 +1,498 @@
+"""``--workers N``: a supervisor process and N worker processes serving one port.
+
+Python serves one core per process, so the server scales over cores with processes. Each
+worker is a whole server (``python -m ackservice.server`` with the same settings) that binds
+the port with ``SO_REUSEPORT``: the kernel hashes each new connection onto one worker's listen
+queue, and a worker serves it to the end with no hand-off between processes. The supervisor
+binds the same port first with a socket that never listens (so ``--port 0`` means one port
+for all, and the port stays reserved while a worker restarts) and then only watches:
+
+- it starts the workers, each in a session of its own (a terminal's Ctrl-C reaches only the
+  supervisor, which stops them in order);
+- each worker sends a line of JSON on a socket pair every heartbeat interval (its counts, for
+  ``/metrics``); a worker silent for ``--worker-timeout`` (stopped, stuck in a loop) is killed
+  and replaced: the kernel would otherwise go on queueing half of the new connections for it;
+- a worker that exits is restarted, after a backoff that doubles (0.1 s to 10 s) while
+  workers keep dying young, logged as ``worker_exited`` and ``worker_started``;
+- SIGTERM/SIGINT: ``STOPPING=1``, SIGTERM to every worker (each answers what it read, says
+  ``ERR 0 shutting-down`` and exits 0 within ``--shutdown-grace``), exit 0 once all exited
+  0; a second signal is passed on (each worker then exits at once) and the exit code is 130;
+- SIGHUP is passed on (every process reopens its ``--log-file``);
+- ``READY=1`` (systemd) once every worker serves; ``/metrics``, ``/healthz`` and ``/readyz``
+  are served by the supervisor alone, from the workers' latest counts, labelled ``worker``.
+
+With socket activation the sockets systemd passed are handed to every worker instead: they
+then share one listen queue (nothing to hash; whoever accepts first serves).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+import trio
+
+from ..logconfig import reopen_log_file
+from .systemd import ActivatedSocket, Notifier
+
+if TYPE_CHECKING:
+    # Imported when metrics are served: prometheus-client costs every process ~20 ms to load.
+    from .metrics import Snapshot
+
+__all__ = ["WORKER_ENV", "SupervisorSettings", "WorkerRole", "cpu_count", "supervise"]
+
+log = structlog.get_logger(__name__)
+
+WORKER_ENV: Final = "_ACKSERVICE_WORKER"
+"""Set by the supervisor for each worker: what it needs to know (JSON). Internal: not a
+setting, and removed from the worker's environment once read."""
+
+_BACKOFF_FIRST: Final = 0.1
+_BACKOFF_MAX: Final = 10.0
+# A worker that served this long before dying is not "dying young": the backoff restarts.
+_HEALTHY_RUN: Final = 30.0
+# Before its first heartbeat a worker imports, opens its store and binds: allow more time.
+_START_ALLOWANCE: Final = 30.0
+# After the graceful shutdown's grace period, how long the supervisor still waits for its
+# workers before killing them (they cancel what is left and log their totals).
+_EXIT_MARGIN: Final = 5.0
+
+EXIT_OK: Final = 0
+EXIT_FORCED: Final = 130
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (``auto``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """What a worker process was told by its supervisor."""
+
+    worker_id: int
+    channel_fd: int
+    port: int
+    heartbeat: float
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | os._Environ[str]) -> WorkerRole | None:
+        text = environ.pop(WORKER_ENV, None)
+        if text is None:
+            return None
+        fields = json.loads(text)
+        return cls(int(fields["id"]), int(fields["fd"]), int(fields["port"]), fields["heartbeat"])
+
+
+@dataclass(slots=True)
+class SupervisorSettings:
+    workers: int
+    worker_argv: list[str]
+    """The command of a worker: this program with the same arguments."""
+    environ: Mapping[str, str]
+    host: str
+    port: int
+    worker_timeout: float
+    shutdown_grace: float
+    activated: Sequence[ActivatedSocket] = ()
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    port_file: Path | None = None
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One worker position: the process filling it now, and what it last said."""
+
+    worker_id: int
+    process: trio.Process | None = None
+    ready: bool = False
+    ever_ready: bool = False
+    last_heard: float = 0.0
+    snapshot: Snapshot | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+
+
+class StartFailed(Exception):
+    """A worker exited before it ever served: the settings or the store are wrong."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"a worker exited with code {code} before serving")
+        self.code = code
+
+
+async def supervise(
+    settings: SupervisorSettings,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run the workers until a stop signal; the process exit code.
+
+    Raises:
+        OSError: the port could not be reserved.
+        StartFailed: a worker exited before it served.
+    """
+    supervisor = _Supervisor(settings)
+    return await supervisor.run(task_status)
+
+
+class _Supervisor:
+    def __init__(self, settings: SupervisorSettings) -> None:
+        self.settings = settings
+        self.slots = [_Slot(worker_id) for worker_id in range(1, settings.workers + 1)]
+        self.stopping = False
+        self.forced = False
+        self._all_ready = trio.Event()
+        self._exited = trio.Event()
+        """Set (and replaced) each time a worker exits."""
+        self._start_failed: int | None = None
+        self._port = settings.port
+        self._addresses: list[tuple[str, int]] = []
+
+    async def run(self, task_status: trio.TaskStatus[list[tuple[str, int]]]) -> int:
+        from .sockets import bind_sockets
+
+        settings = self.settings
+        reserved: list[trio.socket.SocketType] = []
+        if settings.activated:
+            self._addresses = [_format(a.sock.getsockname()) for a in settings.activated]
+        else:
+            # Never listening: the port is ours while workers come and go, and the kernel
+            # queues no connection here.
+            reserved = await bind_sockets(
+                settings.host, settings.port, reuse_port=True, listen=False
+            )
+            self._port = reserved[0].getsockname()[1]
+            self._addresses = [_format(sock.getsockname()) for sock in reserved]
+        signals_to_watch = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        try:
+            with trio.open_signal_receiver(*signals_to_watch) as signals:
+                async with trio.open_nursery() as nursery:
+                    for slot in self.slots:
+                        nursery.start_soon(self._keep_running, slot, nursery.cancel_scope)
+                    if settings.metrics_port is not None:
+                        await nursery.start(self._serve_metrics)
+                    nursery.start_soon(self._announce_ready)
+                    task_status.started(self._addresses)
+                    # Until _kill_stragglers (started by the first stop signal) ends it all,
+                    # once every worker exited.
+                    async for signum in signals:
+                        self._on_signal(signal.Signals(signum), nursery)
+        finally:
+            for sock in reserved:
+                sock.close()
+        if self._start_failed is not None:
+            raise StartFailed(self._start_failed)
+        codes = [slot.exit_code for slot in self.slots]
+        log.info(
+            "supervisor_stopped",
+            forced=self.forced,
+            worker_exit_codes=codes,
+            restarts=sum(slot.restarts for slot in self.slots),
+        )
+        if self.forced:
+            return EXIT_FORCED
+        return EXIT_OK if all(code == 0 for code in codes) else 1
+
+    # --- signals ---------------------------------------------------------------------
+
+    def _on_signal(self, signum: signal.Signals, nursery: trio.Nursery) -> None:
+        """Act on ``signum``: pass SIGHUP on; stop the workers gracefully, then at once."""
+        if signum == signal.SIGHUP:
+            reopen_log_file()
+            self._signal_workers(signal.SIGHUP)
+            log.info("signal_forwarded", signal=signum.name)
+            return
+        if self.stopping:
+            log.warning("forced_exit", signal=signum.name)
+            self.forced = True
+            self._signal_workers(signal.SIGTERM)  # their second signal: exit at once
+            return
+        log.info("signal_received", signal=signum.name)
+        self.stopping = True
+        self.settings.notifier.notify(stopping=1, status=f"shutting down {len(self.slots)} workers")
+        self._signal_workers(signal.SIGTERM)
+        nursery.start_soon(self._kill_stragglers, nursery.cancel_scope)
+
+    def _signal_workers(self, signum: signal.Signals) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                slot.process.send_signal(signum)
+
+    async def _kill_stragglers(self, everything: trio.CancelScope) -> None:
+        """Bound the shutdown: workers still running after their grace period (plus a
+        margin for their own cancellation) are killed; then stop watching signals."""
+        with trio.move_on_after(self.settings.shutdown_grace + _EXIT_MARGIN):
+            await self._all_exited()
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                log.error("worker_killed", worker=slot.worker_id, pid=slot.process.pid)
+                slot.process.kill()
+        await self._all_exited()
+        everything.cancel()
+
+    async def _all_exited(self) -> None:
+        while any(slot.process is not None for slot in self.slots):
+            await self._exited.wait()
+
+    # --- one worker's life -----------------------------------------------------------
+
+    async def _keep_running(self, slot: _Slot, everything: trio.CancelScope) -> None:
+        backoff = _BACKOFF_FIRST
+        while not self.stopping:
+            started = trio.current_time()
+            code = await self._run_worker(slot)
+            if self.stopping:
+                return
+            if not slot.ever_ready and not self._all_ready.is_set():
+                # It never served, and the server has not started: the settings (or the
+                # store) are wrong, and every restart would fail the same way.
+                self._start_failed = code
+                self.stopping = True
+                self._signal_workers(signal.SIGTERM)
+                everything.cancel()
+                return
+            if trio.current_time() - started >= _HEALTHY_RUN:
+                backoff = _BACKOFF_FIRST
+            log.warning("worker_restarting", worker=slot.worker_id, delay=round(backoff, 3))
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+            slot.restarts += 1
+
+    async def _run_worker(self, slot: _Slot) -> int:
+        """Start the worker of ``slot``, watch it until it exits; its exit code."""
+        settings = self.settings
+        heartbeat = min(1.0, settings.worker_timeout / 4)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(settings.environ)
+        role = {"id": slot.worker_id, "fd": theirs.fileno(), "port": self._port}
+        env[WORKER_ENV] = json.dumps({**role, "heartbeat": heartbeat})
+        pass_fds = [theirs.fileno()]
+        if settings.activated:
+            env["LISTEN_FDS"] = str(len(settings.activated))
+            env["LISTEN_FDNAMES"] = ":".join(a.name for a in settings.activated)
+            pass_fds += [a.sock.fileno() for a in settings.activated]
+        try:
+            process = await trio.lowlevel.open_process(
+                settings.worker_argv,
+                env=env,
+                pass_fds=pass_fds,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        slot.process, slot.ready, slot.exit_code = process, False, None
+        slot.last_heard = trio.current_time() + _START_ALLOWANCE
+        log.info("worker_started", worker=slot.worker_id, pid=process.pid)
+        channel = trio.socket.from_stdlib_socket(ours)
+        try:
+            async with trio.open_nursery() as watching:
+                watching.start_soon(self._listen, slot, channel)
+                watching.start_soon(self._watch_heartbeat, slot, process)
+                code = await process.wait()
+                watching.cancel_scope.cancel()
+        finally:
+            channel.close()
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:  # cancelled: never leave a worker behind
+                    process.kill()
+                    await process.wait()
+            slot.process, slot.ready = None, False
+            self._exited.set()
+            self._exited = trio.Event()
+        slot.exit_code = code
+        fields: dict[str, object] = {"worker": slot.worker_id, "pid": process.pid}
+        if code < 0:
+            fields["signal"] = signal.Signals(-code).name
+        else:
+            fields["exit_code"] = code
+        if self.stopping and code == 0:
+            log.info("worker_exited", **fields)
+        else:
+            log.warning("worker_exited", **fields)
+        return code
+
+    async def _listen(self, slot: _Slot, channel: trio.socket.SocketType) -> None:
+        """Read the worker's lines: ``ready`` once it serves, then heartbeats with counts."""
+        buffered = b""
+        while True:
+            data = await channel.recv(65536)
+            if not data:
+                return
+            buffered += data
+            *lines, buffered = buffered.split(b"\n")
+            for line in lines:
+                message = json.loads(line)
+                slot.last_heard = trio.current_time()
+                if "snapshot" in message:
+                    slot.snapshot = message["snapshot"]
+                if message.get("ready") and not slot.ready:
+                    slot.ready = slot.ever_ready = True
+                    if all(other.ready for other in self.slots):
+                        self._all_ready.set()
+
+    async def _watch_heartbeat(self, slot: _Slot, process: trio.Process) -> None:
+        timeout = self.settings.worker_timeout
+        while True:
+            silent_for = trio.current_time() - slot.last_heard
+            if silent_for > timeout and not self.stopping:
+                log.error(
+                    "worker_unresponsive",
+                    worker=slot.worker_id,
+                    pid=process.pid,
+                    silent_for=round(silent_for, 3),
+                    hint="killed and replaced",
+                )
+                process.kill()
+                return
+            await trio.sleep(min(timeout / 4, 0.25))
+
+    async def _announce_ready(self) -> None:
+        await self._all_ready.wait()
+        where = ", ".join(f"{host}:{port}" for host, port in self._addresses)
+        log.info(
+            "listening",
+            addresses=[f"{host}:{port}" for host, port in self._addresses],
+            port=self._port,
+            workers=len(self.slots),
+            pid=os.getpid(),
+            socket_activation=bool(self.settings.activated),
+        )
+        if self.settings.port_file is not None:
+            from .cli import write_port_file
+
+            write_port_file(self.settings.port_file, self._addresses)
+        self.settings.notifier.notify(
+            ready=1, status=f"{len(self.slots)} workers serving on {where}"
+        )
+
+    # --- metrics ---------------------------------------------------------------------
+
+    def snapshots(self) -> list[tuple[str, Snapshot]]:
+        return [
+            (str(slot.worker_id), slot.snapshot) for slot in self.slots if slot.snapshot is not None
+        ]
+
+    async def _serve_metrics(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
+    ) -> None:
+        from prometheus_client import generate_latest
+
+        from .metrics import AckServiceCollector, metrics_registry
+        from .monitoring import (
+            MonitoringApp,
+            format_address,
+            open_monitoring_listeners,
+            serve_monitoring,
+        )
+
+        settings = self.settings
+        assert settings.metrics_port is not None
+        listeners = await open_monitoring_listeners(settings.metrics_host, settings.metrics_port)
+        log.info(
+            "metrics_listening",
+            addresses=[format_address(listener.socket.getsockname()) for listener in listeners],
+        )
+        registry = metrics_registry(AckServiceCollector(self.snapshots))
+        registry.register(_SupervisorCollector(self))
+
+        def accepting() -> bool:
+            return not self.stopping and any(slot.ready for slot in self.slots)
+
+        def store_available() -> bool:
+            stores = [snap["store"] for _, snap in self.snapshots() if snap["store"]]
+            return all(store["up"] for store in stores)
+
+        app = MonitoringApp(lambda: generate_latest(registry), accepting, store_available)
+        await serve_monitoring(listeners, app, task_status=task_status)
+
+
+class _SupervisorCollector:
+    """Per-worker state only the supervisor knows."""
+
+    def __init__(self, supervisor: _Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        up = GaugeMetricFamily(
+            "ackservice_worker_up",
+            "1 while the worker serves and answers heartbeats.",
+            labels=["worker"],
+        )
+        restarts = CounterMetricFamily(
+            "ackservice_worker_restarts", "Times the worker was restarted.", labels=["worker"]
+        )
+        for slot in self._supervisor.slots:
+            up.add_metric([str(slot.worker_id)], int(slot.ready))
+            restarts.add_metric([str(slot.worker_id)], slot.restarts)
+        yield up
+        yield restarts
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+def _format(address: tuple[Any, ...]) -> tuple[str, int]:
+    host, port = address[0], address[1]
+    return (f"[{host}]" if ":" in host else host), int(port)
+
+
+# --- the worker's side --------------------------------------------------------------------
+
+
+async def report_to_supervisor(
+    role: WorkerRole,
+    snapshot: Callable[[], Snapshot],
+    on_supervisor_gone: Callable[[], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Tell the supervisor this worker serves, then send a heartbeat with ``snapshot()``
+    every ``role.heartbeat`` seconds, from the event loop (a stuck loop stops them); call
+    ``on_supervisor_gone()`` once the supervisor is gone (its end of the channel closed)."""
+    channel = trio.socket.from_stdlib_socket(socket.socket(fileno=role.channel_fd))
+    with channel:
+        try:
+            await channel.send(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_for_close, channel, nursery.cancel_scope)
+                while True:
+                    line = json.dumps({"snapshot": snapshot()}).encode() + b"\n"
+                    await channel.send(line)
+                    await trio.sleep(role.heartbeat)
+        except OSError:
+            pass
+    log.warning("supervisor_gone", hint="shutting down gracefully")
+    on_supervisor_gone()
+
+
+async def _watch_for_close(channel: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+    try:
+        while await channel.recv(4096):
+            pass
+    except OSError:
+        pass
+    scope.cancel()
+
+
+def worker_argv(argv: Sequence[str] | None) -> list[str]:
+    """A worker's command: this interpreter running the server with the same arguments."""
+    return [sys.executable, "-m", "ackservice.server", *(sys.argv[1:] if argv is None else argv)]

@@ -1,0 +1,176 @@
+"""systemd's part played by the tests: readiness notification to a datagram socket, sockets
+inherited by socket activation, and a log file reopened on SIGHUP as logrotate expects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from ackservice.server.systemd import Notifier, take_listen_fds
+from support import poll_until, server_process
+
+# Plays systemd's exec step: the inherited socket becomes descriptor 3 and LISTEN_PID the
+# pid of the process that will serve (this one, as it execs the server).
+_ACTIVATE = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket in the abstract namespace, as systemd's NOTIFY_SOCKET, and its
+    ``@name``."""
+    name = f"ackservice-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(15)
+        yield sock, "@" + name
+
+
+def _fields(datagram: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in datagram.decode().splitlines())
+
+
+def test_notifier_sends_key_value_lines_to_an_abstract_socket(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    """notify(ready=1, status=...) is one datagram READY=1 / STATUS=... to the @ name."""
+    sock, name = notify_socket
+    assert Notifier(name).notify(ready=1, status="serving on 127.0.0.1:1")
+    assert _fields(sock.recv(4096)) == {"READY": "1", "STATUS": "serving on 127.0.0.1:1"}
+
+
+def test_notifier_to_a_missing_socket_logs_once_and_goes_on(tmp_path: Path) -> None:
+    """A NOTIFY_SOCKET that names nothing: one notify_failed warning, then silence."""
+    notifier = Notifier(str(tmp_path / "missing.sock"))
+    with capture_logs() as logs:
+        assert not notifier.notify(ready=1)
+        assert not notifier.notify(stopping=1)
+    assert [entry["event"] for entry in logs] == ["notify_failed"]
+    assert not Notifier(None).notify(ready=1)  # not under systemd: nothing to do
+
+
+def test_listen_fds_for_another_process_are_left_alone() -> None:
+    """LISTEN_PID of another process (an inherited environment): no sockets, and the
+    variables are removed all the same, as sd_listen_fds(1) does."""
+    environ = {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDNAMES": "x"}
+    assert take_listen_fds(environ) == []
+    assert environ == {}
+    with pytest.raises(ValueError, match="must be integers"):
+        take_listen_fds({"LISTEN_FDS": "one", "LISTEN_PID": str(os.getpid())})
+
+
+def test_socket_activated_server_notifies_ready_and_stopping(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """Given a listening socket as fd 3 (LISTEN_FDS=1, LISTEN_PID its pid), the server binds
+    nothing itself, says so in `listening`, sends READY=1 with a STATUS once it serves,
+    STOPPING=1 on SIGTERM, and leaves the inherited socket listening for the next start."""
+    notify, notify_name = notify_socket
+    with socket.create_server(("127.0.0.1", 0)) as inherited:
+        port = inherited.getsockname()[1]
+        fd = inherited.fileno()
+        with server_process(
+            tmp_path / "log",
+            "--host",
+            "127.0.0.1",
+            "--store",
+            "none",
+            prefix=[sys.executable, "-c", _ACTIVATE, str(fd)],
+            pass_fds=[fd],
+            env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "ack", "NOTIFY_SOCKET": notify_name},
+        ) as server:
+            assert server.port == port
+            listening = server.wait_for_event("listening")
+            assert listening["socket_activation"] is True
+            assert listening["fd_names"] == ["ack"]
+            ready = _fields(notify.recv(4096))
+            assert ready == {"READY": "1", "STATUS": f"serving on 127.0.0.1:{port}"}
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"hello\n")
+                assert client.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+            server.signal(signal.SIGTERM)
+            stopping = _fields(notify.recv(4096))
+            assert stopping["STOPPING"] == "1"
+            assert server.wait() == 0
+        # systemd keeps the socket: still listening after the server is gone.
+        assert inherited.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+
+
+def test_log_file_is_reopened_on_sighup(tmp_path: Path) -> None:
+    """With --log-file, lines go to stderr and the file; after logrotate renames the file,
+    SIGHUP makes the server write a new one (saying log_file_reopened). A
+    NOTIFY_SOCKET naming nothing costs one notify_failed warning, and serving goes on."""
+    log_file = tmp_path / "server.log"
+    with server_process(
+        tmp_path / "stderr",
+        "--store",
+        "none",
+        "--log-file",
+        str(log_file),
+        env={"NOTIFY_SOCKET": str(tmp_path / "no-such.sock")},
+    ) as server:
+        assert '"event": "listening"' in log_file.read_text()
+        assert server.wait_for_event("notify_failed")["socket"].endswith("no-such.sock")
+        rotated = tmp_path / "server.log.1"
+        log_file.rename(rotated)
+        server.signal(signal.SIGHUP)
+        poll_until(log_file.exists, what="the log file reopened")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(b"hello\n")
+            assert client.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+        server.wait_for_event("connection_closed")
+        poll_until(lambda: "connection_closed" in log_file.read_text())
+        assert '"event": "log_file_reopened"' in log_file.read_text()
+        assert "connection_closed" not in rotated.read_text()
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        assert [e["event"] for e in server.events()].count("notify_failed") == 1
+        assert "shutdown_complete" in log_file.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--log-file", "/no/such/dir/server.log"], {}, "no directory '/no/such/dir'"),
+        ([], {"ACKSERVICE_LOG_FILE": "/no/such/dir/x"}, "ACKSERVICE_LOG_FILE"),
+        ([], {"LISTEN_FDS": "two", "LISTEN_PID": "1"}, "LISTEN_FDS='two'"),
+    ],
+)
+def test_bad_log_file_or_activation_variables_are_one_line_errors(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    """A log file in a missing directory, or malformed LISTEN_* variables: one line on
+    stderr, exit code 2, before anything is bound."""
+    done = run_cli(tmp_path, args, env)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def run_cli(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The server CLI run to its end (a start-up error), with ``env`` added."""
+    return subprocess.run(
+        [sys.executable, "-m", "ackservice.server", "--store", "none", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={**os.environ, **env},
+        cwd=cwd,
+        check=False,
+    )

@@ -1,0 +1,307 @@
+"""--workers: a supervisor and worker processes on one port, as an operator runs them. One
+supervisor serves the module's tests, in order; the last one stops it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_metrics import scrape, value  # type: ignore[import-not-found]
+
+from ackservice.server.cli import _workers
+from ackservice.server.workers import cpu_count
+from support import ServerProcess, poll_until, server_process
+
+
+class Supervised:
+    """The module's supervisor and what its log says about the workers."""
+
+    def __init__(self, server: ServerProcess, metrics_port: int, store: Path) -> None:
+        self.server = server
+        self.metrics_port = metrics_port
+        self.store = store
+
+    def events(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            event
+            for event in self.server.events()
+            if event["event"] == name and all(event.get(k) == v for k, v in fields.items())
+        ]
+
+    def worker_pids(self) -> dict[int, int]:
+        """The pid now serving as each worker (the latest worker_started of each)."""
+        return {event["worker"]: event["pid"] for event in self.events("worker_started")}
+
+    def serving(self, worker: int, pid: int) -> bool:
+        """Whether that process has said it listens (its `listening` event)."""
+        return bool(self.events("listening", worker=worker, pid=pid))
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
+    directory = tmp_path_factory.mktemp("workers")
+    store = directory / "acks.db"
+    with server_process(
+        directory / "log",
+        "--workers",
+        "2",
+        "--worker-timeout",
+        "1",
+        "--metrics-port",
+        "0",
+        "--drain-timeout",
+        "1",
+        "--shutdown-grace",
+        "5",
+        "--store",
+        f"sqlite:{store}",
+    ) as server:
+        (metrics,) = server.wait_for_event("metrics_listening")["addresses"]
+        supervised = Supervised(server, int(metrics.rsplit(":", 1)[1]), store)
+        poll_until(lambda: bool(supervised.events("listening", worker=0)), what="all ready")
+        yield supervised
+
+
+def exchange(port: int, count: int) -> list[socket.socket]:
+    """Open ``count`` connections, each sending one message and reading its ACK; left open."""
+    sockets = []
+    for n in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sockets.append(sock)
+        sock.sendall(b"hello %d\n" % n)
+    for sock in sockets:
+        assert sock.recv(100).startswith(b"ACK 1 ")
+    return sockets
+
+
+def test_two_workers_serve_one_port(supervised: Supervised) -> None:
+    """Both workers get connections on the one port (16 connections all hashed to one
+    worker: 1 in 32,768), each in a session of its own; the supervisor's /metrics has both,
+    labelled, and their sum is what the clients were told."""
+    server = supervised.server
+    pids = supervised.worker_pids()
+    assert sorted(pids) == [1, 2]
+    for pid in pids.values():
+        assert os.getsid(pid) == pid != os.getsid(server.pid)
+    sockets = exchange(server.port, 16)
+    try:
+        poll_until(
+            lambda: {e["worker"] for e in supervised.events("connection_opened")} == {1, 2},
+            what="connections on both workers",
+        )
+
+        # Heartbeats carry the counts (every 0.25 s here): the scrape catches up.
+        def counted() -> bool:
+            text = scrape(supervised.metrics_port)[1]
+            acked = sum(
+                value(text, "ackservice_messages_total", worker=str(w), result="acked")
+                for w in (1, 2)
+            )
+            return acked == 16
+
+        poll_until(counted, what="16 acked in /metrics")
+        text = scrape(supervised.metrics_port)[1]
+        assert value(text, "ackservice_worker_up", worker="1") == 1
+        for worker in ("1", "2"):  # each worker's own process, not the supervisor's
+            assert value(text, "ackservice_process_resident_memory_bytes", worker=worker) > 1e6
+            assert value(text, "ackservice_process_cpu_seconds_total", worker=worker) > 0
+        assert (
+            value(text, "ackservice_connections_active", worker="1")
+            + value(text, "ackservice_connections_active", worker="2")
+            == 16
+        )
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert all("worker" in event for event in server.events())
+
+
+def test_a_killed_worker_is_replaced_and_serves(supervised: Supervised) -> None:
+    """SIGKILL of a worker: the supervisor logs its exit, starts a replacement under the
+    same worker number, and the replacement serves."""
+    old = supervised.worker_pids()[1]
+    os.kill(old, signal.SIGKILL)
+    poll_until(lambda: supervised.events("worker_exited", pid=old, signal="SIGKILL"))
+    poll_until(lambda: supervised.worker_pids()[1] != old, what="a replacement")
+    new = supervised.worker_pids()[1]
+    poll_until(lambda: supervised.serving(1, new), what="the replacement listening")
+    before = len(supervised.events("connection_opened", worker=1))
+    for sock in exchange(supervised.server.port, 16):
+        sock.close()
+    poll_until(lambda: len(supervised.events("connection_opened", worker=1)) > before)
+
+
+def test_a_stopped_worker_is_replaced_by_the_heartbeat_check(supervised: Supervised) -> None:
+    """A SIGSTOPped worker (still holding its share of the port) stops sending heartbeats:
+    after --worker-timeout it is killed and replaced."""
+    stopped = supervised.worker_pids()[2]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        poll_until(lambda: supervised.events("worker_unresponsive", pid=stopped), timeout=10)
+        poll_until(lambda: supervised.worker_pids()[2] != stopped, what="a replacement")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed by the supervisor
+            os.kill(stopped, signal.SIGCONT)
+    new = supervised.worker_pids()[2]
+    poll_until(lambda: supervised.serving(2, new), what="the replacement listening")
+
+
+def _pipeline(port: int, result: dict[str, Any]) -> None:
+    """Send messages as fast as the server reads them until told ERR 0; count the ACKs."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.setblocking(True)
+        stop = threading.Event()
+
+        def send() -> None:
+            batch = b"".join(b"pipelined %d\n" % n for n in range(100))
+            try:
+                while not stop.is_set():
+                    sock.sendall(batch)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        replies = sock.makefile("rb")
+        acked = 0
+        last = b""
+        for line in replies:
+            if line.startswith(b"ACK "):
+                acked += 1
+                result["started"].set()
+            else:
+                last = line
+                break
+        stop.set()
+        sock.shutdown(socket.SHUT_WR)
+        sender.join(10)
+        result["acked"] += acked
+        result["last"].append(last)
+
+
+def test_sigterm_drains_every_worker_and_exits_zero(supervised: Supervised) -> None:
+    """SIGTERM to the supervisor: every worker answers what it read, says ERR 0
+    shutting-down and exits 0; the supervisor exits 0; every ACKed message is in the store
+    (nothing acknowledged is lost). Stops the module's supervisor."""
+    server = supervised.server
+    stored_before = _stored(supervised.store)
+    result: dict[str, Any] = {"acked": 0, "last": [], "started": threading.Event()}
+    clients = [threading.Thread(target=_pipeline, args=(server.port, result)) for _ in range(4)]
+    for client in clients:
+        client.start()
+    assert result["started"].wait(10)
+    server.signal(signal.SIGTERM)
+    for client in clients:
+        client.join(20)
+    assert server.wait(20) == 0
+    assert all(last.startswith(b"ERR 0 shutting-down") for last in result["last"])
+    assert result["acked"] > 0
+    assert _stored(supervised.store) - stored_before == result["acked"]
+    exits = supervised.events("worker_exited")[-2:]
+    assert sorted((e["worker"], e.get("exit_code")) for e in exits) == [(1, 0), (2, 0)]
+
+
+def _stored(store: Path) -> int:
+    done = subprocess.run(
+        [sys.executable, "-m", "ackservice.store", "stats", "--store", f"sqlite:{store}"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("messages"):
+            return int(line.split()[-1].replace(",", ""))
+    raise AssertionError(done.stdout)
+
+
+def test_workers_setting() -> None:
+    """--workers takes a count from 1 or auto (the CPUs this process may use)."""
+    assert _workers("auto") == cpu_count() >= 1
+    assert _workers("3") == 3
+    for bad in ("0", "many", "-1"):
+        with pytest.raises(ValueError, match="workers"):
+            _workers(bad)
+
+
+def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
+    tmp_path: Path,
+) -> None:
+    """Under systemd with --workers 2: the inherited socket is handed to both workers, the
+    supervisor (the main process) sends READY=1 once both serve and STOPPING=1 on SIGTERM; a
+    second SIGTERM during the drain exits at once with 130."""
+    from test_systemd import _ACTIVATE, _fields  # type: ignore[import-not-found]
+
+    name = f"ackservice-test-{os.getpid()}-workers"
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+        socket.create_server(("127.0.0.1", 0)) as inherited,
+    ):
+        notify.bind("\0" + name)
+        notify.settimeout(15)
+        fd = inherited.fileno()
+        with server_process(
+            tmp_path / "log",
+            "--workers",
+            "2",
+            "--store",
+            "none",
+            "--drain-timeout",
+            "10",
+            prefix=[sys.executable, "-c", _ACTIVATE, str(fd)],
+            pass_fds=[fd],
+            env={"LISTEN_FDS": "1", "NOTIFY_SOCKET": "@" + name},
+        ) as server:
+            ready = _fields(notify.recv(4096))
+            assert ready["READY"] == "1"
+            assert ready["STATUS"].startswith("2 workers serving on 127.0.0.1:")
+
+            def listening() -> list[dict[str, Any]]:
+                return [e for e in server.events() if e["event"] == "listening"]
+
+            # The log lines follow the datagram by a few ms (the log writer thread).
+            poll_until(lambda: sorted(e["worker"] for e in listening()) == [0, 1, 2])
+            assert all(e["socket_activation"] for e in listening())
+            # A client that never closes keeps its worker draining after SIGTERM.
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+                client.sendall(b"hi\n")
+                replies = client.makefile("rb")
+                assert replies.readline().startswith(b"ACK 1")
+                server.signal(signal.SIGTERM)
+                assert _fields(notify.recv(4096))["STOPPING"] == "1"
+                assert replies.readline().startswith(b"ERR 0 shutting-down")
+                server.signal(signal.SIGTERM)
+                assert server.wait(10) == 130
+
+
+def test_workers_of_a_killed_supervisor_shut_down(tmp_path: Path) -> None:
+    """A supervisor killed outright (SIGKILL: no chance to stop anything) leaves no worker
+    behind holding the port: each sees its channel close and shuts down gracefully."""
+    with server_process(tmp_path / "log", "--workers", "2", "--store", "none") as server:
+        poll_until(
+            lambda: len({e["worker"] for e in server.events() if e["event"] == "listening"}) == 2
+        )
+        pids = [e["pid"] for e in server.events() if e["event"] == "worker_started"]
+        server.process.kill()
+        server.wait()
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        poll_until(lambda: all(gone(pid) for pid in pids), what="the workers gone")
+        events = server.events()
+        assert sorted(e["worker"] for e in events if e["event"] == "supervisor_gone") == [1, 2]
+        assert sum(e["event"] == "shutdown_complete" for e in events) == 2
