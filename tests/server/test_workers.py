@@ -288,7 +288,8 @@ def test_workers_of_a_killed_supervisor_shut_down(tmp_path: Path) -> None:
     behind holding the port: each sees its channel close and shuts down gracefully."""
     with server_process(tmp_path / "log", "--workers", "2", "--store", "none") as server:
         poll_until(
-            lambda: len({e["worker"] for e in server.events() if e["event"] == "listening"}) == 2
+            # Both workers listening and reporting (the supervisor's own is worker 0).
+            lambda: {1, 2} <= {e["worker"] for e in server.events() if e["event"] == "listening"}
         )
         pids = [e["pid"] for e in server.events() if e["event"] == "worker_started"]
         server.process.kill()

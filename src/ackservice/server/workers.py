@@ -468,10 +468,12 @@ async def report_to_supervisor(
     every ``role.heartbeat`` seconds, from the event loop (a stuck loop stops them); call
     ``on_supervisor_gone()`` once the supervisor is gone (its end of the channel closed)."""
     channel = trio.socket.from_stdlib_socket(socket.socket(fileno=role.channel_fd))
+    # Started before the first send: a supervisor killed just now makes it fail (EPIPE),
+    # and that must end in a graceful shutdown, not a start that never completed.
+    task_status.started()
     with channel:
         try:
             await channel.send(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
-            task_status.started()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_for_close, channel, nursery.cancel_scope)
                 while True:
