@@ -29,6 +29,7 @@ import trio
 from rel_checker import History, Recorded, message_key, read_records
 
 from ackservice.client import client_tls_context
+from ackservice.client.tls import close_stream
 from ackservice.protocol import (
     Ack,
     MessageFramer,
@@ -537,6 +538,7 @@ class WireTap(trio.abc.HalfCloseableStream):
 
     Over TLS (``stream`` a ``trio.SSLStream``) it observes the plaintext, and a reset cuts
     the plaintext: the bytes up to the cut go out as whole records, then the reset.
+    Closing it sends close_notify first, as the client does on its own TLS connections.
     """
 
     def __init__(
@@ -606,4 +608,6 @@ class WireTap(trio.abc.HalfCloseableStream):
         return data
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        # Over TLS, close_notify first, as the client closes its own TLS streams (it closes
+        # others, such as this tap, forcefully: without close_notify).
+        await close_stream(self._stream)
