@@ -335,15 +335,17 @@ async def test_tls_connections_reset_mid_handshake_record_and_message(
 # -- a half-close by close_notify --------------------------------------------------------------
 
 
-async def exchange_then_close_notify(
-    port: int, context: ssl.SSLContext, pieces: list[bytes]
+async def exchange_then_end(
+    port: int, context: ssl.SSLContext, pieces: list[bytes], *, close_notify: bool
 ) -> tuple[bytes, bool, str]:
     """Over a TLS client made of ``ssl.MemoryBIO`` (Trio's ``SSLStream`` cannot half-close):
-    handshake, send ``pieces`` one record each, send close_notify and go on reading.
+    handshake, send ``pieces`` one record each, then end the sending side, with
+    close_notify or (as the kernel does for a killed process) with a bare FIN, and go on
+    reading.
 
     Returns:
-        every byte of plaintext read, whether the server's close_notify ended it, and the
-        local address.
+        every byte of plaintext read, whether the server's close_notify ended it (rather
+        than a bare end of the TCP stream), and the local address.
     """
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -374,9 +376,12 @@ async def exchange_then_close_notify(
         for piece in pieces:
             tls.write(piece)
             await flush()
-        with contextlib.suppress(ssl.SSLWantReadError):  # the server's is still to come
-            tls.unwrap()  # our close_notify
-        await flush()
+        if close_notify:
+            with contextlib.suppress(ssl.SSLWantReadError):  # the server's is still to come
+                tls.unwrap()
+            await flush()
+        else:
+            await tcp.send_eof()
         replies = bytearray()
         while True:
             try:
@@ -386,6 +391,8 @@ async def exchange_then_close_notify(
                 continue
             except ssl.SSLZeroReturnError:
                 data = b""
+            except ssl.SSLEOFError:
+                return bytes(replies), False, local
             if not data:
                 return bytes(replies), True, local
             replies += data
@@ -413,8 +420,8 @@ async def test_close_notify_half_close_answers_the_unterminated_final_message(
     pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
 
     with trio.fail_after(20):
-        replies, clean_end, local = await exchange_then_close_notify(
-            server.port, server.client_tls, pieces
+        replies, clean_end, local = await exchange_then_end(
+            server.port, server.client_tls, pieces, close_notify=True
         )
     assert replies == reference_replies(stream, DEFAULT_MAX_MESSAGE_BYTES)
     assert clean_end
@@ -436,3 +443,51 @@ async def test_close_notify_half_close_answers_the_unterminated_final_message(
     verdict.assert_valid()
     assert verdict.acked == len(payloads)
     report(records=len(pieces), **verdict.summary())
+
+
+@pytest.mark.slow
+async def test_tls_client_killed_mid_line_leaves_no_torn_message(
+    start_server: StartServer, report: Report, tls_files: TLSFiles
+) -> None:
+    """A TLS client that stops in the middle of a line and ends TCP without close_notify
+    (what the kernel does for a killed process) gets an ACK for each message it completed,
+    and its cut line is not taken as a message: unlike a FIN over plain TCP (finding 3),
+    a TLS stream without close_notify is known to be cut short. Nothing torn recorded,
+    nothing lost; the server logs the truncation, no traceback."""
+    server = await start_server(recording=True, tls=tls_files)
+    assert server.client_tls is not None
+    filler = filler_block()
+    rng = random.Random(23)
+    payloads = [
+        make_payload(f"k-{i}", rng.randint(100, 3000), filler, rng.randrange(1 << 20))
+        for i in range(50)
+    ]
+    whole = b"".join(map(message_line, payloads))
+    cut = len(whole) - len(payloads[-1]) // 2  # inside the last payload, after its id
+    stream = whole[:cut]
+    pieces = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
+
+    with trio.fail_after(20):
+        replies, _, local = await exchange_then_end(
+            server.port, server.client_tls, pieces, close_notify=False
+        )
+    complete = stream[: stream.rindex(b"\n") + 1]
+    assert replies == reference_replies(complete, DEFAULT_MAX_MESSAGE_BYTES)
+    history = History()
+    for seq, payload in enumerate(payloads, 1):
+        history.written(message_key(payload, local, seq), payload)
+    for line in replies.splitlines():
+        reply = parse_reply(line)
+        assert isinstance(reply, Ack)
+        history.acked(
+            message_key(payloads[reply.seq - 1], local, reply.seq), reply.nbytes, reply.crc32
+        )
+    await server.wait_for_event("connection_closed", count=2)
+    [closed] = server.events_named("connection_closed")[1:]
+    assert closed["reason"] == "tls-truncated"
+    assert closed["messages"] == len(payloads) - 1
+    await server.assert_healthy()
+    verdict = check(history, server.records())
+    verdict.assert_valid()
+    assert verdict.acked == len(payloads) - 1
+    report(**verdict.summary())
