@@ -1,7 +1,8 @@
 """Scenario 22, the reliability scenarios that make sense over TLS: SIGTERM under load, the
-chaos proxy slicing TLS records, resets mid-handshake, mid-record and mid-message, and a
-half-close by close_notify. The server is the recording server with the real CLI's TLS flags
-and the certificates of tests/tls_support.py; every run is judged by the checker (lost 0)."""
+chaos proxy slicing TLS records, resets mid-handshake, mid-record and mid-message, a
+half-close by close_notify, a client cut off mid-line without close_notify, and stalled
+handshakes. The server is the recording server with the real CLI's TLS flags and the
+certificates of tests/tls_support.py; every run is judged by the checker (lost 0)."""
 
 from __future__ import annotations
 
@@ -491,3 +492,94 @@ async def test_tls_client_killed_mid_line_leaves_no_torn_message(
     verdict.assert_valid()
     assert verdict.acked == len(payloads) - 1
     report(**verdict.summary())
+
+
+# -- slowloris in the handshake ------------------------------------------------------------------
+
+HANDSHAKE_TIMEOUT = 1.0
+STALLED = 20
+
+
+async def client_hello(context: ssl.SSLContext) -> bytes:
+    """The first flight a client with ``context`` sends: its ClientHello record."""
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.slow
+async def test_stalled_handshakes_are_dropped_at_the_handshake_timeout(
+    start_server: StartServer, report: Report, tls_files: TLSFiles
+) -> None:
+    """With ``--tls-handshake-timeout 1`` (and the idle timeout at 30 s), 20 connections
+    that trickle their ClientHello a byte per 0.1 s and 20 that send nothing are each
+    dropped between 1 and 2 s after connecting (``tls-handshake-timeout``), not held for
+    the idle timeout, while 4 TLS clients beside them send 200 messages each: all
+    acknowledged and verified, lost 0."""
+    server = await start_server(
+        recording=True,
+        tls=tls_files,
+        flags=["--tls-handshake-timeout", str(HANDSHAKE_TIMEOUT), "--idle-timeout", "30"],
+    )
+    assert server.client_tls is not None
+    hello = await client_hello(server.client_tls)
+    filler = filler_block()
+    history = History()
+    dropped_after: list[float] = []
+
+    async def stalled(trickle: bool) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        connected_at = trio.current_time()
+        async with stream:
+            try:
+                if trickle:
+                    for byte in hello:  # 517 bytes: 50 s at this pace
+                        await stream.send_all(bytes([byte]))
+                        await trio.sleep(0.1)
+                else:
+                    assert await stream.receive_some(1024) == b""
+            except trio.BrokenResourceError:
+                pass  # the server closed it with our bytes unread: a reset
+            dropped_after.append(trio.current_time() - connected_at)
+
+    async def normal(client: int) -> None:
+        rng = random.Random(client)
+        payloads = [
+            make_payload(f"n{client}-{i}", rng.randint(16, 400), filler, rng.randrange(1 << 20))
+            for i in range(200)
+        ]
+
+        async def connect() -> trio.abc.Stream:
+            return WireTap(await open_stream(server.port, server.client_tls), history)
+
+        async with open_client("127.0.0.1", server.port, connect=connect, window=4) as api:
+            receipts = [receipt async for receipt in api.send_many(payloads)]
+        assert all(receipt.acked for receipt in receipts)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for index in range(STALLED):
+                nursery.start_soon(stalled, index % 2 == 0)
+            for client in range(4):
+                nursery.start_soon(normal, client)
+
+    assert len(dropped_after) == STALLED
+    assert max(dropped_after) < HANDSHAKE_TIMEOUT + 1.0
+    await server.assert_healthy()
+    closed = server.events_named("connection_closed")
+    ends = server_ends(closed)
+    assert ends == {"tls-handshake-timeout": STALLED, "eof": 4}, ends
+    # The server's own count: not before the timeout.
+    held = [e["duration"] for e in closed if e["reason"] == "tls-handshake-timeout"]
+    assert min(held) >= HANDSHAKE_TIMEOUT
+    verdict = check(history, server.records())
+    verdict.assert_valid()
+    assert verdict.acked == 4 * 200
+    report(
+        stalled=STALLED,
+        held_s=f"{min(held):.3f} to {max(held):.3f}",
+        dropped_after_s=f"{min(dropped_after):.2f} to {max(dropped_after):.2f}",
+        **verdict.summary(),
+    )
