@@ -147,6 +147,10 @@ async def test_tls_records_sliced_by_a_chaotic_network(
             proxy_port,
             connect=connect,
             window=rng.randint(1, 64),
+            # A record (up to 16 KiB: a whole window) is answered only once all of it has
+            # come through the proxy, a few bytes at a time, shared with every other client:
+            # at the full scale that took over the default 10 s.
+            ack_timeout=60.0,
             retries=10,
             backoff_base=0.02,
             backoff_cap=0.2,
