@@ -32,6 +32,7 @@ from ackservice.errors import Reject
 from ackservice.logconfig import configure_logging
 from ackservice.server import MessageContext, MessageHook
 from ackservice.server.cli import build_parser, config_from_args, serve_until_signalled
+from ackservice.server.tls import server_tls_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rel_checker import Recorded, payload_id
@@ -81,8 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     record_fd = os.open(args.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     reject = None if args.reject_prefix is None else args.reject_prefix.encode()
     hook = recording_hook(record_fd, args.boot, args.hook_delay, reject)
+    tls = None
+    if args.tls_cert is not None:  # the real CLI's TLS flags, served the same way
+        tls = server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
     try:
-        return trio.run(functools.partial(serve_until_signalled, config, on_message=hook))
+        return trio.run(functools.partial(serve_until_signalled, config, on_message=hook, tls=tls))
     except OSError as exc:
         print(f"recording_server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED

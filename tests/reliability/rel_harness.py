@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import psutil
 import trio
 from rel_checker import History, Recorded, message_key, read_records
 
+from ackservice.client import client_tls_context
+from ackservice.client.tls import close_stream
 from ackservice.protocol import (
     Ack,
     MessageFramer,
@@ -37,6 +40,7 @@ from ackservice.protocol import (
     too_large_line,
 )
 from support import LineReader
+from tls_support import TLSFiles
 
 RECORDING_SERVER = Path(__file__).with_name("recording_server.py")
 
@@ -63,10 +67,37 @@ def pick(quick: T, full: T) -> T:
     return full if FULL else quick
 
 
+ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+"""A test client's connection: plain TCP, or TLS over it (see ``open_stream``)."""
+
+
 def loopback_address(sock: trio.socket.SocketType) -> str:
     """``host:port`` of a socket's own end, as the server names its peers."""
     host, port = sock.getsockname()[:2]
     return f"{host}:{port}"
+
+
+def socket_of(stream: ClientStream) -> trio.socket.SocketType:
+    """The TCP socket under a client's connection, TLS or not."""
+    if isinstance(stream, trio.SSLStream):
+        return stream.transport_stream.socket
+    return stream.socket
+
+
+async def open_stream(port: int, tls: ssl.SSLContext | None = None) -> ClientStream:
+    """A connection to 127.0.0.1:``port``; with ``tls``, a ``trio.SSLStream`` over it, its
+    handshake done (``https_compatible=False``: closing sends close_notify, and a server
+    that closes without one is a truncation, not an end)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if tls is None:
+        return stream
+    tls_stream = trio.SSLStream(stream, tls, server_hostname="127.0.0.1")
+    try:
+        await tls_stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tls_stream)
+        raise
+    return tls_stream
 
 
 def reset_socket(sock: trio.socket.SocketType) -> None:
@@ -120,6 +151,10 @@ class ServerUnderTest:
         boot: this run's number in a record file shared across restarts.
         hook_delay: (recording) seconds the application takes per message.
         reject_prefix: (recording) the application refuses payloads that start so.
+        tls: serve TLS only, with the server certificate of these files (``--tls-cert``,
+            ``--tls-key``); ``client_tls`` is then the context its clients connect with.
+        mutual_tls: (with ``tls``) also require a client certificate signed by the files'
+            CA (``--tls-client-ca``); ``client_tls`` presents one.
     """
 
     def __init__(
@@ -134,6 +169,8 @@ class ServerUnderTest:
         log_level: str = "info",
         hook_delay: float = 0.0,
         reject_prefix: str | None = None,
+        tls: TLSFiles | None = None,
+        mutual_tls: bool = False,
     ) -> None:
         self.recording = recording
         self.record_path = workdir / "records"
@@ -155,6 +192,14 @@ class ServerUnderTest:
             command += ["-m", "ackservice.server"]
         command += ["--port", str(port), "--log-format", "json", "--log-level", log_level]
         command += list(flags)
+        self.client_tls: ssl.SSLContext | None = None
+        if tls is not None:
+            command += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
+            if mutual_tls:
+                command += ["--tls-client-ca", str(tls.ca)]
+            client_cert = tls.client_cert if mutual_tls else None
+            client_key = tls.client_key if mutual_tls else None
+            self.client_tls = client_tls_context(tls.ca, client_cert, client_key)
         self._log_file = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACKSERVICE_")}
         self.process = subprocess.Popen(
@@ -190,7 +235,7 @@ class ServerUnderTest:
         """One connection with one message, closed and logged, so lazily created state
         (and descriptors) exist before the baselines are taken."""
         closed_before = self.count_events("connection_closed")
-        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        stream = await open_stream(self.port, self.client_tls)
         async with stream:
             await stream.send_all(b"@%s%d|warm up\n" % (WARMUP_PREFIX.encode(), time.time_ns()))
             line = await LineReader(stream).line()
@@ -382,7 +427,8 @@ async def pipelined_client(
     window: int = 64,
     half_close: bool = True,
     pause: float = 0.0,
-    stream: trio.SocketStream | None = None,
+    stream: ClientStream | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> ClientRun:
     """Send ``payloads`` on one connection, at most ``window`` unanswered, and check every
     reply as it comes: seq in order, ACK length and CRC-32 those of the message sent.
@@ -390,11 +436,16 @@ async def pipelined_client(
     Every message written and every ACK read goes into ``history``. Returns when the
     server ends the connection (after a half-close by this client once everything is
     sent and answered, if ``half_close``), by ``ERR 0``, EOF or a reset. ``pause`` paces
-    a streaming client: seconds to wait after each write.
+    a streaming client: seconds to wait after each write. With ``tls`` the connection is
+    TLS (``open_stream``), and every reply is read through it; ``half_close`` is then not
+    possible (Trio's ``SSLStream`` has no ``send_eof``).
     """
     if stream is None:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-    run = ClientRun(local=loopback_address(stream.socket))
+        stream = await open_stream(port, tls)
+    if half_close and isinstance(stream, trio.SSLStream):
+        await trio.aclose_forcefully(stream)
+        raise ValueError("a TLS connection cannot half-close here: pass half_close=False")
+    run = ClientRun(local=loopback_address(socket_of(stream)))
     in_flight: deque[tuple[str, bytes, float]] = deque()
     room = trio.Semaphore(window)
     source = iter(payloads)
@@ -426,7 +477,7 @@ async def pipelined_client(
             if pause:
                 await trio.sleep(pause)
         if half_close:
-            await stream.send_eof()
+            await stream.send_eof()  # not TLS: refused above
 
     async def read() -> None:
         reader = LineReader(stream)
@@ -483,15 +534,19 @@ class WireTap(trio.abc.HalfCloseableStream):
     With ``reset_after`` it also plays the network failing: once that many bytes have been
     written it writes up to that byte (often mid-message) and resets the connection
     (SO_LINGER 0, so the server sees a reset, not an end of stream).
+
+    Over TLS (``stream`` a ``trio.SSLStream``) it observes the plaintext, and a reset cuts
+    the plaintext: the bytes up to the cut go out as whole records, then the reset.
+    Closing it sends close_notify first, as the client does on its own TLS connections.
     """
 
     def __init__(
-        self, stream: trio.SocketStream, history: History, reset_after: int | None = None
+        self, stream: ClientStream, history: History, reset_after: int | None = None
     ) -> None:
         self._stream = stream
         self._history = history
         self._reset_after = reset_after
-        self._local = loopback_address(stream.socket)
+        self._local = loopback_address(socket_of(stream))
         self._out = MessageFramer(1 << 30)
         self._in = MessageFramer(4096)
         self._keys: list[str] = []
@@ -537,12 +592,13 @@ class WireTap(trio.abc.HalfCloseableStream):
     def reset(self) -> None:
         self._reset_after = None
         self.was_reset = True
-        reset_socket(self._stream.socket)
+        reset_socket(socket_of(self._stream))
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        assert not isinstance(self._stream, trio.SSLStream), "TLS here cannot half-close"
         await self._stream.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
@@ -551,4 +607,6 @@ class WireTap(trio.abc.HalfCloseableStream):
         return data
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        # Over TLS, close_notify first, as the client closes its own TLS streams (it closes
+        # others, such as this tap, forcefully: without close_notify).
+        await close_stream(self._stream)

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 
@@ -54,9 +55,10 @@ async def streaming_clients(
     *,
     window: int = WINDOW,
     at_least: float,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Start ``count`` paced streaming clients; return once each has had an ACK and
-    ``at_least`` seconds have passed."""
+    """Start ``count`` paced streaming clients (over TLS with ``tls``); return once each has
+    had an ACK and ``at_least`` seconds have passed."""
     filler = filler_block()
     histories = [History() for _ in range(count)]
 
@@ -67,6 +69,8 @@ async def streaming_clients(
             histories[client],
             window=window,
             pause=PAUSE,
+            half_close=tls is None,  # never reached: they stream until the shutdown
+            tls=tls,
         )
         history.merge(histories[client])
         runs.append(run)

@@ -12,7 +12,10 @@ to everything read are encrypted and leave in one ``write``.
 The connection loop sees decrypted bytes and nothing else: the handshake (bounded by the
 handshake timeout), a client's close_notify (end of stream, answered like a half-close:
 every reply, then our own close_notify), and a closing ``ERR 0`` line (encrypted, then
-close_notify, then the drain) all happen here.
+close_notify, then the drain) all happen here. A TCP stream that ends without close_notify
+was cut short (a killed client, or someone in between): the messages it completed are
+answered, but it is not an end of stream, so an unterminated last line is not taken as a
+message (``tls-truncated``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TLSTransport(SocketTransport):
         "_peer_ended",
         "_records",
         "_tls",
+        "_truncated",
         "_unsent",
         "identity",
         "needs_handshake",
@@ -80,7 +84,8 @@ class TLSTransport(SocketTransport):
         self.identity: str | None = None
         self._established = False
         self._notified = False  # our close_notify was sent
-        self._peer_ended = False  # the client's close_notify, or the end of the TCP stream
+        self._peer_ended = False  # the client's close_notify
+        self._truncated = False  # the end of the TCP stream, without close_notify
         self._unsent = b""  # encrypted replies the socket did not take yet
         self._records = RecordBoundaries()  # in what was fed to OpenSSL
 
@@ -147,7 +152,7 @@ class TLSTransport(SocketTransport):
                     else:
                         # A client that closes TCP without close_notify: what it sent in
                         # complete records is still answered (its replies may not reach it).
-                        self._peer_ended = True
+                        self._truncated = True
             # More bytes waiting than the incomplete last record holds: a record is complete.
             # (Nothing decrypted is ever left inside OpenSSL: a read takes a whole record.)
             if incoming.pending > records.tail:
@@ -156,6 +161,14 @@ class TLSTransport(SocketTransport):
                     return data
             if self._peer_ended:
                 return b""
+            if self._truncated:
+                # Not b"": that would make an unterminated last line a message, and TLS
+                # knows this stream was cut (in a line, perhaps), unlike plain TCP's FIN.
+                raise TLSFailure(
+                    "tls-truncated",
+                    "the client closed the connection without close_notify; "
+                    "an unterminated last line, if any, was dropped",
+                )
             if raw is None or not self.may_have_more:
                 return None
 
