@@ -396,8 +396,24 @@ async def connect_and_send(port: int, context: ssl.SSLContext) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def wait_for_event(logs: EventList, name: str) -> dict[str, Any]:
-    with trio.fail_after(5):
+async def wait_for_event(logs: EventList, name: str, within: float = 5) -> dict[str, Any]:
+    with trio.fail_after(within):
         while not events_named(logs, name):  # noqa: ASYNC110 - the server logs in its task
             await trio.sleep(0.01)
     return events_named(logs, name)[0]
+
+
+async def test_a_tls_client_that_never_reads_is_dropped_after_the_send_timeout(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    """Encrypted replies the client leaves unread wait in the server only for the send
+    timeout, as over plain TCP."""
+    server = await start(nursery, tls_files, send_timeout=0.5)
+    client = await BioClient.connect(server.port, client_context(tls_files))
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with trio.move_on_after(10), contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for _ in range(100):  # the server stops reading once its writes block
+            # ~300 kB of replies to each 16 kB of input
+            await client.sendall(client.encrypt(b"\n" * 16000))
+    closed = await wait_for_event(logs, "connection_closed", within=10)
+    assert closed["reason"] == "send-timeout"
