@@ -37,6 +37,11 @@ __all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats"]
 
 log = structlog.get_logger(__name__)
 
+# Refused connections being told why at once, at most. Each holds a descriptor for up to a
+# TLS handshake and a drain, and refusals count against no connection limit: beyond this, a
+# flood of refused clients (one address over --max-connections-per-ip, say) is closed without
+# a word, rather than using up the descriptors the served clients need.
+_MAX_REFUSING = 64
 # Given to each connection's task: without a name, Trio builds one string per task.
 _TASK_NAME = "ackservice connection"
 
@@ -117,6 +122,8 @@ class AckHandler:
         self._refusals = WarningLimiter()  # a flood of refused clients is not a flood of lines
         self._refusals_flush_scheduled = False
         self._refusals_flush_scope: trio.CancelScope | None = None
+        # Refused connections still being told why (a TLS handshake, the line, the drain).
+        self._refusing: set[Transport] = set()
 
     @property
     def shutting_down(self) -> bool:
@@ -133,6 +140,8 @@ class AckHandler:
         self._shutting_down = True
         for connection in self._connections:
             connection.wake_for_shutdown()
+        for refused in self._refusing:
+            refused.wake()  # a refusal's handshake must not hold the shutdown up
         if self._refusals_flush_scope is not None:
             self._refusals_flush_scope.cancel()  # not to hold the shutdown up
         self._refusals.flush()
@@ -145,12 +154,15 @@ class AckHandler:
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
         try:
             client_ip = _peer_ip(stream)
-            transport = self._stream_transport(stream)
             refusal = self._refusal(client_ip)
             if refusal is not None:
                 self._log_refusal(refusal, None)
-                await self._refuse(transport, refusal)
+                if self._must_shed():
+                    await trio.aclose_forcefully(stream)
+                    return
+                await self._refuse(self._stream_transport(stream), refusal)
                 return
+            transport = self._stream_transport(stream)
             connection = Connection(self, conn_id, peer, transport, self._ip_to_count(client_ip))
             self._connection_started(connection)
             await connection.run()
@@ -171,6 +183,12 @@ class AckHandler:
         tokens = structlog.contextvars.bind_contextvars(conn_id=conn_id, peer=peer)
         try:
             client_ip = address[0] if isinstance(address, tuple) else None
+            refusal = self._refusal(client_ip)
+            if refusal is not None:
+                self._log_refusal(refusal, nursery)
+                if self._must_shed():
+                    sock.close()
+                    return
             transport: Transport
             if self.tls is None:
                 transport = SocketTransport(self._readiness_hub(), sock=sock)
@@ -181,9 +199,8 @@ class AckHandler:
                     sock=sock,
                     drain_timeout=self.config.drain_timeout,
                 )
-            refusal = self._refusal(client_ip)
             if refusal is not None:
-                self._log_refusal(refusal, nursery)
+                self._refusing.add(transport)
                 nursery.start_soon(self._refuse, transport, refusal)
                 return
             connection = Connection(self, conn_id, peer, transport, self._ip_to_count(client_ip))
@@ -260,13 +277,22 @@ class AckHandler:
             self.stats.refused_busy += 1
             return ErrorCode.BUSY, "server at its connection limit, retry later"
         per_ip = self._per_ip
-        if per_ip is not None and per_ip.get(client_ip or "", 0) >= config.max_connections_per_ip:
+        counted = self._ip_to_count(client_ip)
+        if per_ip is not None and per_ip.get(counted or "", 0) >= config.max_connections_per_ip:
             self.stats.refused_busy += 1
             return ErrorCode.BUSY, "too many connections from your address, retry later"
         return None
 
+    def _must_shed(self) -> bool:
+        """Whether a refused connection is closed without a word (see _MAX_REFUSING); never
+        at shutdown, when descriptors are no longer needed for anyone else."""
+        return not self._shutting_down and len(self._refusing) >= _MAX_REFUSING
+
     def _ip_to_count(self, client_ip: str | None) -> str | None:
-        return client_ip if self._per_ip is not None else None
+        if self._per_ip is None or client_ip is None:
+            return None
+        # An IPv4 client reaching an IPv6 socket is the same client as over IPv4.
+        return client_ip.removeprefix("::ffff:") if "." in client_ip else client_ip
 
     def _connection_started(self, connection: Connection) -> None:
         self._connections.add(connection)
@@ -307,11 +333,13 @@ class AckHandler:
         """Tell a refused client why (through TLS on a TLS port) and close."""
         code, detail = refusal
         config = self.config
+        self._refusing.add(transport)
         try:
             if transport.needs_handshake:
                 try:
-                    deadline = trio.current_time() + config.tls_handshake_timeout
-                    if not await transport.handshake(deadline):
+                    # A refusal is worth a short wait, not a connection slot's.
+                    timeout = min(config.tls_handshake_timeout, config.drain_timeout)
+                    if not await transport.handshake(trio.current_time() + timeout):
                         return
                 except TLSFailure:
                     return
@@ -319,6 +347,7 @@ class AckHandler:
         except OSError:
             pass  # the client is gone: nobody to tell
         finally:
+            self._refusing.discard(transport)
             await transport.aclose(at_eof=False)
 
 

@@ -53,6 +53,7 @@ class TLSTransport(SocketTransport):
     __slots__ = (
         "_drain_timeout",
         "_established",
+        "_failure",
         "_incoming",
         "_notified",
         "_outgoing",
@@ -61,6 +62,7 @@ class TLSTransport(SocketTransport):
         "_tls",
         "_truncated",
         "_unsent",
+        "_woken",
         "identity",
         "needs_handshake",
     )
@@ -75,7 +77,7 @@ class TLSTransport(SocketTransport):
         stream: trio.SocketStream | None = None,
     ) -> None:
         super().__init__(hub, sock=sock, stream=stream)
-        self._first_read = False  # the plain port's ClientHello check: not here
+        self._first = None  # the plain port's ClientHello check: not here
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
@@ -87,6 +89,8 @@ class TLSTransport(SocketTransport):
         self._peer_ended = False  # the client's close_notify
         self._truncated = False  # the end of the TCP stream, without close_notify
         self._unsent = b""  # encrypted replies the socket did not take yet
+        self._failure: TLSFailure | None = None  # raised once the data before it is answered
+        self._woken = False  # wake() was called: a handshake in progress gives up
         self._records = RecordBoundaries()  # in what was fed to OpenSSL
 
     async def handshake(self, deadline: float) -> bool:
@@ -115,6 +119,8 @@ class TLSTransport(SocketTransport):
                     continue
                 if trio.current_time() >= deadline:
                     raise _handshake_timeout() from None
+                if self._woken:
+                    return False  # the server is shutting down
                 if not await self.wait_readable(deadline):
                     if trio.current_time() >= deadline:
                         raise _handshake_timeout() from None
@@ -157,8 +163,12 @@ class TLSTransport(SocketTransport):
             # (Nothing decrypted is ever left inside OpenSSL: a read takes a whole record.)
             if incoming.pending > records.tail:
                 data = self._decrypt()
+                if self._outgoing.pending:  # OpenSSL answered the client (an alert, a key update)
+                    self._send_aside()
                 if data:
                     return data
+            if self._failure is not None:
+                raise self._failure
             if self._peer_ended:
                 return b""
             if self._truncated:
@@ -177,6 +187,8 @@ class TLSTransport(SocketTransport):
         else 0, and ``send_rest`` sends the records still waiting."""
         self._tls.write(data)
         records = self._outgoing.read()
+        if self._unsent:  # records OpenSSL wrote while reading go first
+            records, self._unsent = self._unsent + records, b""
         try:
             sent = os.write(self._fd, records)
         except BlockingIOError:
@@ -193,8 +205,13 @@ class TLSTransport(SocketTransport):
     def as_stream(self) -> trio.abc.Stream:
         return _TLSGoodbye(self, SocketTransport.as_stream(self))
 
+    def wake(self) -> None:
+        self._woken = True
+        super().wake()
+
     async def aclose(self, *, at_eof: bool) -> None:
-        if self._established and not self._notified:
+        # Not after a record that went only in part (a send timeout): it would be garbage.
+        if self._established and not self._notified and not self._unsent:
             # Best effort, without waiting: the client has had every reply already.
             with contextlib.suppress(OSError):
                 os.write(self._fd, self.close_notify())
@@ -220,7 +237,7 @@ class TLSTransport(SocketTransport):
         tls = self._tls
         incoming = self._incoming
         records = self._records
-        chunks = []
+        chunks: list[bytes] = []
         while incoming.pending > records.tail:
             try:
                 chunk = tls.read(_RECORD_PLAINTEXT_MAX)
@@ -229,7 +246,11 @@ class TLSTransport(SocketTransport):
             except ssl.SSLZeroReturnError:
                 chunk = b""
             except ssl.SSLError as exc:
-                raise TLSFailure("tls-error", describe_ssl_error(exc)) from None
+                failure = TLSFailure("tls-error", describe_ssl_error(exc))
+                if not chunks:
+                    raise failure from None
+                self._failure = failure  # after the messages that came before it
+                break
             if not chunk:  # how Python reports the client's close_notify: its half-close
                 self._peer_ended = True
                 break
@@ -237,6 +258,19 @@ class TLSTransport(SocketTransport):
         if not chunks:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _send_aside(self) -> None:
+        """Send what OpenSSL wrote while reading (an alert refusing renegotiation, the answer
+        to a key update) now, not with the next reply, which may never come."""
+        records = self._outgoing.read()
+        if self._unsent:
+            self._unsent += records  # behind replies still waiting: in order
+            return
+        try:
+            sent = os.write(self._fd, records)
+        except BlockingIOError:
+            sent = 0
+        self._unsent = records[sent:]
 
     async def _flush_handshake(self, deadline: float) -> None:
         records = self._outgoing.read()

@@ -49,6 +49,8 @@ __all__ = [
     "send_with_progress",
 ]
 
+# The bytes that tell a TLS ClientHello from a message (tls.looks_like_client_hello).
+_HELLO_BYTES: Final = 6
 # One read takes up to this much; the replies to everything in it leave in one write (unless
 # they are many: see connection.py, REPLY_PIECE_BYTES).
 RECEIVE_SIZE: Final = 65536
@@ -135,7 +137,7 @@ class SocketTransport:
         stream: that ``SocketStream``, if any.
     """
 
-    __slots__ = ("_ended", "_fd", "_first_read", "_hub", "_sock", "_stream", "may_have_more")
+    __slots__ = ("_ended", "_fd", "_first", "_hub", "_sock", "_stream", "may_have_more")
 
     needs_handshake = False
     identity: str | None = None
@@ -160,12 +162,36 @@ class SocketTransport:
         # only fail with EAGAIN; the hub's next edge says when to read. A plain attribute,
         # not a property: it is read once per message in request/response.
         self.may_have_more = True
-        self._first_read = True  # checked for a TLS client on this plain port
+        # The connection's first bytes, held until they show whether a TLS client reached
+        # this plain port; None once that is known.
+        self._first: bytes | None = b""
         self._ended = hub.ended_fds
         hub.register(self._fd)
 
     async def handshake(self, deadline: float) -> bool:
         return True
+
+    def _first_bytes(self, data: bytes) -> bytes | None:
+        """The connection's first input, once it shows it is not a TLS ClientHello (which
+        takes 6 bytes to tell: a start of one is held back, and None returned, until then)."""
+        assert self._first is not None
+        data = self._first + data
+        if (
+            len(data) < _HELLO_BYTES
+            and data != self._first  # not the end of the stream
+            and data[0] == 0x16
+            and (len(data) < 2 or data[1] == 0x03)
+        ):
+            self._first = data  # perhaps a split ClientHello: wait for the rest
+            return None
+        self._first = None
+        if looks_like_client_hello(data):
+            raise TLSFailure(
+                "tls-on-plain-port",
+                "the client began a TLS handshake on a port without TLS; "
+                "connect without TLS, or serve TLS with --tls-cert",
+            )
+        return data
 
     def read_nowait(self) -> bytes | None:
         if not self.may_have_more:
@@ -179,14 +205,8 @@ class SocketTransport:
         # (one edge for both): then keep reading until the end is seen.
         if len(data) < RECEIVE_SIZE and data and self._fd not in self._ended:
             self.may_have_more = False
-        if self._first_read:
-            self._first_read = False
-            if looks_like_client_hello(data):
-                raise TLSFailure(
-                    "tls-on-plain-port",
-                    "the client began a TLS handshake on a port without TLS; "
-                    "connect without TLS, or serve TLS with --tls-cert",
-                )
+        if self._first is not None:
+            return self._first_bytes(data)
         return data
 
     def wait_readable(self, deadline: float) -> Awaitable[int]:
