@@ -106,6 +106,7 @@ class BioClient:
         self.outgoing = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
         self.closed_cleanly = False
+        self.alert: str | None = None
 
     @classmethod
     async def connect(cls, port: int, context: ssl.SSLContext) -> BioClient:
@@ -159,6 +160,9 @@ class BioClient:
                     break
                 except ssl.SSLZeroReturnError:
                     chunk = b""
+                except ssl.SSLError as exc:  # the server's alert
+                    self.alert = exc.reason
+                    return received
                 if not chunk:
                     self.closed_cleanly = True
                     return received
@@ -417,3 +421,61 @@ async def test_a_tls_client_that_never_reads_is_dropped_after_the_send_timeout(
             await client.sendall(client.encrypt(b"\n" * 16000))
     closed = await wait_for_event(logs, "connection_closed", within=10)
     assert closed["reason"] == "send-timeout"
+
+
+async def test_a_record_that_does_not_decrypt_ends_the_connection_with_the_alert(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    """A complete message and a forged record in one read: OpenSSL encrypts nothing after
+    the failure, so the message is not acknowledged (the client will resend it); the client
+    is told why with the alert, and the server logs one line."""
+    server = await start(nursery, tls_files)
+    client = await BioClient.connect(server.port, client_context(tls_files))
+    good = client.encrypt(b"ok\n")
+    forged = bytes([23, 3, 3, 0, 20]) + b"\x00" * 20  # an application record, bad tag
+    await client.sendall(good + forged)
+    with trio.fail_after(5):
+        replies = await client.read_all()
+    assert replies == b""
+    assert client.alert == "SSLV3_ALERT_BAD_RECORD_MAC"
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["reason"] == "tls-error"
+
+
+async def test_a_split_client_hello_on_a_plain_port_is_still_recognised(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    server = await start(nursery, tls_files, tls=False)
+    hello = ssl.create_default_context().wrap_bio(
+        ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="localhost"
+    )
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello.do_handshake()
+    client_hello = outgoing.read()
+    stream = await plain(server.port)
+    await stream.send_all(client_hello[:3])
+    await trio.sleep(0.05)  # a read of its own on the server
+    await stream.send_all(client_hello[3:])
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b""  # closed, no ACK for the bytes
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["reason"] == "tls-on-plain-port"
+    assert closed["messages"] == 0
+
+
+async def test_shutdown_does_not_wait_for_a_stalled_handshake(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    """Neither an admitted connection nor a refused one (over the per-address limit) that
+    stalls in its handshake holds a graceful shutdown up."""
+    server = await start(nursery, tls_files, max_connections_per_ip=1, tls_handshake_timeout=30)
+    stalled = []
+    for _ in range(2):  # the first is admitted, the second refused
+        sock = trio.socket.socket()
+        _OPENED.append(sock)
+        await sock.connect(("127.0.0.1", server.port))
+        stalled.append(sock)
+    await wait_for_event(logs, "connection_refused")
+    with trio.fail_after(5):
+        server.shutdown()
+        await wait_for_event(logs, "shutdown_complete")

@@ -53,7 +53,6 @@ class TLSTransport(SocketTransport):
     __slots__ = (
         "_drain_timeout",
         "_established",
-        "_failure",
         "_incoming",
         "_notified",
         "_outgoing",
@@ -89,7 +88,6 @@ class TLSTransport(SocketTransport):
         self._peer_ended = False  # the client's close_notify
         self._truncated = False  # the end of the TCP stream, without close_notify
         self._unsent = b""  # encrypted replies the socket did not take yet
-        self._failure: TLSFailure | None = None  # raised once the data before it is answered
         self._woken = False  # wake() was called: a handshake in progress gives up
         self._records = RecordBoundaries()  # in what was fed to OpenSSL
 
@@ -167,8 +165,6 @@ class TLSTransport(SocketTransport):
                     self._send_aside()
                 if data:
                     return data
-            if self._failure is not None:
-                raise self._failure
             if self._peer_ended:
                 return b""
             if self._truncated:
@@ -246,11 +242,10 @@ class TLSTransport(SocketTransport):
             except ssl.SSLZeroReturnError:
                 chunk = b""
             except ssl.SSLError as exc:
-                failure = TLSFailure("tls-error", describe_ssl_error(exc))
-                if not chunks:
-                    raise failure from None
-                self._failure = failure  # after the messages that came before it
-                break
+                # OpenSSL refuses to encrypt anything after this, so messages decrypted
+                # before it in this read cannot be acknowledged: the client resends them.
+                # The alert OpenSSL wrote goes out with the close (aclose).
+                raise TLSFailure("tls-error", describe_ssl_error(exc)) from None
             if not chunk:  # how Python reports the client's close_notify: its half-close
                 self._peer_ended = True
                 break
