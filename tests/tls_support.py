@@ -1,19 +1,21 @@
-"""Real certificates for the TLS tests, and TLS servers to test clients against.
+"""Real certificates for the TLS tests, and the embedding path's TLS server.
 
 ``write_tls_files(directory)`` makes, with trustme, a CA, a server certificate for
 ``127.0.0.1``, ``::1`` and ``localhost``, a client certificate, and an unrelated second CA
 with a client certificate of its own, all as PEM files; the ``tls_files`` fixture (in
-tests/conftest.py) writes them once per test session. ``server_tls_context`` turns them into
-a server context, with or without client-certificate checking (mutual TLS).
+tests/conftest.py) writes them once per test session. The library's
+``ackservice.server.server_tls_context(files.server_cert, files.server_key, files.ca)``
+turns them into a server context (without the CA: no client certificate required).
 
-Two servers for tests of clients:
+Tests of clients run against two servers:
 
-- ``serve_ack_tls``: the library's ``AckHandler`` behind ``trio.serve_ssl_over_tcp``,
-  the embedding API's TLS, which takes any stream.
-- ``AlertingTLSServer``: a small ack server doing TLS with ``ssl.MemoryBIO`` that, unlike
-  Trio's ``SSLStream``, sends the alert OpenSSL writes when the handshake fails
-  (``certificate required``, ``unknown ca``) before closing, as a TLS server should. Trio's
-  ``SSLStream`` drops it, so its clients see only a truncated connection.
+- the server users run: ``serve(config, tls=context)`` (``start_server(tls=...)`` in
+  tests/client/conftest.py). It sends OpenSSL's alert when a handshake fails
+  (``certificate required``, ``unknown ca``), and close_notify when it closes.
+- ``serve_ack_tls`` (here): the library's ``AckHandler`` behind
+  ``trio.serve_ssl_over_tcp``, the embedding API's TLS, which takes any stream. Trio's
+  ``SSLStream`` does not send the alert when its handshake fails, so its clients see only a
+  truncated connection: the case of a server that refuses without saying why.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from pathlib import Path
 import trio
 import trustme
 
-from ackservice.protocol import MessageFramer, Oversized, ack_line
 from ackservice.server import AckHandler, ServerConfig
 
 SERVER_NAMES = ("127.0.0.1", "::1", "localhost")
@@ -90,18 +91,6 @@ def write_tls_files(directory: Path) -> TLSFiles:
     return files
 
 
-def server_tls_context(files: TLSFiles, *, client_ca: Path | None = None) -> ssl.SSLContext:
-    """A server context presenting ``files.server_cert``; with ``client_ca``, a client
-    certificate signed by that CA is required (mutual TLS)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(files.server_cert, files.server_key)
-    if client_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=client_ca)
-    return context
-
-
 async def serve_ack_tls(
     nursery: trio.Nursery, context: ssl.SSLContext, handler: AckHandler | None = None
 ) -> int:
@@ -111,83 +100,3 @@ async def serve_ack_tls(
         functools.partial(trio.serve_ssl_over_tcp, handler, 0, context, host="127.0.0.1")
     )
     return int(listeners[0].transport_listener.socket.getsockname()[1])
-
-
-class AlertingTLSServer:
-    """An ack server over TLS that sends its alert when a handshake fails (see above).
-
-    Attributes:
-        connections: connections accepted.
-        handshake_failures: OpenSSL's reasons for the handshakes it refused, in order.
-        clean_ends: connections the client ended with close_notify.
-        ended: set when the first connection has ended.
-    """
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-        self.connections = 0
-        self.handshake_failures: list[str] = []
-        self.clean_ends = 0
-        self.ended = trio.Event()
-
-    async def start(self, nursery: trio.Nursery) -> int:
-        """Listen on 127.0.0.1 in ``nursery``; the port."""
-        listeners: list[trio.SocketListener] = await nursery.start(
-            functools.partial(trio.serve_tcp, self.handle, 0, host="127.0.0.1")
-        )
-        return int(listeners[0].socket.getsockname()[1])
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        self.connections += 1
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
-
-        async def flush() -> None:
-            if data := outgoing.read():
-                await stream.send_all(data)
-
-        async def fill() -> None:
-            data = await stream.receive_some(65536)
-            if data:
-                incoming.write(data)
-            else:
-                incoming.write_eof()
-
-        try:
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    await flush()
-                    await fill()
-                except ssl.SSLError as exc:
-                    self.handshake_failures.append(exc.reason or str(exc))
-                    await flush()  # the alert: what Trio's SSLStream leaves unsent
-                    return
-            await flush()
-            framer = MessageFramer()
-            seq = 0
-            while True:
-                try:
-                    data = tls.read(65536)
-                except ssl.SSLWantReadError:
-                    await flush()
-                    await fill()
-                    continue
-                if not data:  # close_notify (a bare TCP close raises SSLEOFError instead)
-                    self.clean_ends += 1
-                    return
-                replies = []
-                for frame in framer.feed(data):
-                    assert not isinstance(frame, Oversized)
-                    seq += 1
-                    replies.append(ack_line(seq, frame))
-                if replies:
-                    tls.write(b"".join(replies))
-                    await flush()
-        except (ssl.SSLError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
-            self.ended.set()

@@ -17,12 +17,15 @@ from ackservice.bench.cli import main
 from ackservice.bench.load import run_load
 from ackservice.bench.spec import LoadSpec, TLSSpec
 from ackservice.errors import ConnectError
-from tls_support import TLSFiles, serve_ack_tls, server_tls_context
+from ackservice.server import server_tls_context
+from tls_support import TLSFiles, serve_ack_tls
 
 
 @pytest.fixture
 async def tls_port(nursery: trio.Nursery, tls_files: TLSFiles) -> int:
-    return await serve_ack_tls(nursery, server_tls_context(tls_files))
+    return await serve_ack_tls(
+        nursery, server_tls_context(tls_files.server_cert, tls_files.server_key)
+    )
 
 
 @pytest.mark.parametrize(

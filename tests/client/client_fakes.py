@@ -19,7 +19,7 @@ from ackservice.server import Server
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 """A fake server's per-connection behaviour."""
 StartServer = Callable[..., Awaitable[Server]]
-"""The ``start_server`` fixture: ``await start_server(on_message=None)``."""
+"""The ``start_server`` fixture: ``await start_server(on_message=None, tls=None)``."""
 StartFake = Callable[[Handler], Awaitable[int]]
 """The ``start_fake`` fixture: ``port = await start_fake(handler)``."""
 RunClient = Callable[..., Awaitable[subprocess.CompletedProcess[bytes]]]

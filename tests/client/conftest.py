@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -21,11 +22,14 @@ PROCESS_TIMEOUT = 60
 
 @pytest.fixture
 async def start_server(nursery: trio.Nursery) -> StartServer:
-    """Start the real server on a free loopback port, optionally with an application hook."""
+    """Start the real server on a free loopback port, optionally with an application hook,
+    and over TLS with a context from ``ackservice.server.server_tls_context``."""
 
-    async def start(on_message: MessageHook | None = None) -> Server:
+    async def start(
+        on_message: MessageHook | None = None, tls: ssl.SSLContext | None = None
+    ) -> Server:
         server: Server = await nursery.start(
-            functools.partial(serve, ServerConfig(port=0), on_message=on_message)
+            functools.partial(serve, ServerConfig(port=0), on_message=on_message, tls=tls)
         )
         return server
 

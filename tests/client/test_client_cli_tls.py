@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from client_fakes import RunClient, StartFake
+from client_fakes import RunClient, StartFake, StartServer
 from test_client_cli_faults import STARTUP_SLACK, assert_one_line_error
 
 from ackservice.client.cli import main
 from ackservice.protocol import err_line
-from tls_support import AlertingTLSServer, TLSFiles, serve_ack_tls, server_tls_context
+from ackservice.server import server_tls_context
+from tls_support import TLSFiles, serve_ack_tls
 
 
 def reply_lines(run: subprocess.CompletedProcess[bytes]) -> list[str]:
@@ -24,7 +25,9 @@ def reply_lines(run: subprocess.CompletedProcess[bytes]) -> list[str]:
 @pytest.fixture
 async def tls_port(nursery: trio.Nursery, tls_files: TLSFiles) -> int:
     """The library's AckHandler over TLS (trio.serve_ssl_over_tcp)."""
-    return await serve_ack_tls(nursery, server_tls_context(tls_files))
+    return await serve_ack_tls(
+        nursery, server_tls_context(tls_files.server_cert, tls_files.server_key)
+    )
 
 
 async def test_arguments_over_tls(
@@ -106,18 +109,20 @@ async def test_wrong_server_name_exits_3_with_a_json_error(
     ],
 )
 async def test_mutual_tls(
-    nursery: trio.Nursery,
+    start_server: StartServer,
     tls_files: TLSFiles,
     run_client: RunClient,
     certificate: str,
     exit_code: int,
     complaint: str | None,
 ) -> None:
-    """A server that requires a client certificate from its CA acknowledges a client with
+    """The server, requiring a client certificate from its CA, acknowledges a client with
     one (``--tls-cert``/``--tls-key``); without one, or with one from another CA, the
     client reports the server's alert in one line and exits 3 after a single connection."""
-    server = AlertingTLSServer(server_tls_context(tls_files, client_ca=tls_files.ca))
-    port = await server.start(nursery)
+    server = await start_server(
+        tls=server_tls_context(tls_files.server_cert, tls_files.server_key, tls_files.ca)
+    )
+    port = server.port
     cert_flags = {
         "good": ["--tls-cert", str(tls_files.client_cert), "--tls-key", str(tls_files.client_key)],
         "none": [],
@@ -135,7 +140,7 @@ async def test_mutual_tls(
     else:
         line = assert_one_line_error(run, complaint, "--tls-cert")
         assert "reset" not in line
-        assert server.connections == 1
+        assert server.handler.stats.connections == 1
 
 
 async def test_tls_client_on_a_plain_port_exits_3(

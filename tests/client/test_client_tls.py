@@ -1,14 +1,18 @@
-"""The library over TLS, with real certificates (trustme) and real TLS servers on loopback:
-a verified round trip, and every TLS failure final, clear and never retried."""
+"""The library over TLS, with real certificates (trustme) and real TLS servers on loopback
+(the server users run, and the library's AckHandler behind Trio's SSLStream): a verified
+round trip, and every TLS failure final, clear and never retried."""
 
 from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 import trio
-from client_fakes import StartFake
+from client_fakes import StartFake, StartServer
+from structlog.testing import capture_logs
 
 from ackservice.client import (
     Ack,
@@ -21,7 +25,8 @@ from ackservice.client import (
     open_client,
 )
 from ackservice.protocol import err_line
-from tls_support import AlertingTLSServer, TLSFiles, serve_ack_tls, server_tls_context
+from ackservice.server import Server, server_tls_context
+from tls_support import TLSFiles, serve_ack_tls
 
 # Retries that would show within a test's time if anything were retried by mistake.
 FAST_RETRY = {"retry_for": 5.0, "backoff_base": 0.01, "backoff_cap": 0.05}
@@ -30,15 +35,27 @@ FAST_RETRY = {"retry_for": 5.0, "backoff_base": 0.01, "backoff_cap": 0.05}
 @pytest.fixture
 async def tls_port(nursery: trio.Nursery, tls_files: TLSFiles) -> int:
     """The library's AckHandler over TLS (trio.serve_ssl_over_tcp)."""
-    return await serve_ack_tls(nursery, server_tls_context(tls_files))
+    return await serve_ack_tls(
+        nursery, server_tls_context(tls_files.server_cert, tls_files.server_key)
+    )
 
 
 @pytest.fixture
-async def alerting(nursery: trio.Nursery, tls_files: TLSFiles) -> tuple[AlertingTLSServer, int]:
-    """A TLS server requiring a client certificate from ``tls_files.ca``, which sends its
+async def mutual_server(start_server: StartServer, tls_files: TLSFiles) -> Server:
+    """The real server requiring a client certificate from ``tls_files.ca``; it sends its
     alert when it refuses one."""
-    server = AlertingTLSServer(server_tls_context(tls_files, client_ca=tls_files.ca))
-    return server, await server.start(nursery)
+    return await start_server(
+        tls=server_tls_context(tls_files.server_cert, tls_files.server_key, tls_files.ca)
+    )
+
+
+async def wait_for_events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The captured events called ``name``, once there is one (the server logs in its own
+    task, a few ms after the client is done)."""
+    with trio.fail_after(5):
+        while not (events := [e for e in logs if e["event"] == name]):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    return events
 
 
 async def test_round_trip_over_tls(tls_port: int, tls_files: TLSFiles) -> None:
@@ -66,12 +83,12 @@ async def test_server_name_is_what_the_certificate_must_carry(
 
 
 async def test_unknown_ca_fails_at_connect_without_retrying(
-    nursery: trio.Nursery, tls_files: TLSFiles
+    start_server: StartServer, tls_files: TLSFiles
 ) -> None:
     """A server certificate from a CA the client does not trust: ``TLSError`` from
     ``open_client`` on the first attempt, saying what failed and what to check."""
-    server = AlertingTLSServer(server_tls_context(tls_files))
-    port = await server.start(nursery)
+    server = await start_server(tls=server_tls_context(tls_files.server_cert, tls_files.server_key))
+    port = server.port
     with pytest.raises(TLSError) as caught:
         async with open_client(
             "127.0.0.1", port, tls=client_tls_context(ca=tls_files.other_ca), **FAST_RETRY
@@ -84,7 +101,7 @@ async def test_unknown_ca_fails_at_connect_without_retrying(
     assert "\n" not in message
     assert caught.value.reason == "CERTIFICATE_VERIFY_FAILED"
     assert isinstance(caught.value, ConnectError)
-    assert server.connections == 1
+    assert server.handler.stats.connections == 1
 
 
 async def test_wrong_server_name_fails_at_connect(tls_port: int, tls_files: TLSFiles) -> None:
@@ -105,7 +122,9 @@ async def test_mutual_tls_accepts_a_client_certificate_from_its_ca(
 ) -> None:
     """A server requiring client certificates acknowledges a client that has one, given as
     separate files or as one combined file."""
-    port = await serve_ack_tls(nursery, server_tls_context(tls_files, client_ca=tls_files.ca))
+    port = await serve_ack_tls(
+        nursery, server_tls_context(tls_files.server_cert, tls_files.server_key, tls_files.ca)
+    )
     for context in (
         client_tls_context(ca=tls_files.ca, cert=tls_files.client_cert, key=tls_files.client_key),
         client_tls_context(ca=tls_files.ca, cert=tls_files.client_combined),
@@ -122,7 +141,7 @@ async def test_mutual_tls_accepts_a_client_certificate_from_its_ca(
     ],
 )
 async def test_refused_client_certificate_is_final_and_names_the_alert(
-    alerting: tuple[AlertingTLSServer, int],
+    mutual_server: Server,
     tls_files: TLSFiles,
     with_certificate: bool,
     alert: str,
@@ -131,7 +150,7 @@ async def test_refused_client_certificate_is_final_and_names_the_alert(
     """With TLS 1.3 the server checks the client certificate after the client's handshake
     completed, so its alert arrives with the first read: every message fails with a
     ``TLSError`` naming the alert (not a reset), and the client does not reconnect."""
-    server, port = alerting
+    port = mutual_server.port
     cert = tls_files.other_client_cert if with_certificate else None
     key = tls_files.other_client_key if with_certificate else None
     context = client_tls_context(ca=tls_files.ca, cert=cert, key=key)
@@ -144,7 +163,7 @@ async def test_refused_client_certificate_is_final_and_names_the_alert(
     assert message.startswith(f"127.0.0.1:{port} refused the TLS connection: {alert};")
     assert "--tls-cert" in message
     assert caught.value.reason == reason
-    assert server.connections == client.stats.connections == 1
+    assert mutual_server.handler.stats.connections == client.stats.connections == 1
 
 
 @pytest.mark.parametrize(
@@ -203,11 +222,13 @@ async def test_final_connection_errors_are_not_retried(start_fake: StartFake, co
 async def test_truncation_after_the_handshake_is_retried_and_explained(
     nursery: trio.Nursery, tls_files: TLSFiles
 ) -> None:
-    """Trio's own SSLStream refuses a missing client certificate without sending the
-    alert: the client sees a TLS connection closed without close_notify, the same as a
-    crashed server, so it retries; when the budget runs out the error says what it saw
-    and points at the client certificate."""
-    port = await serve_ack_tls(nursery, server_tls_context(tls_files, client_ca=tls_files.ca))
+    """A server that refuses a missing client certificate without sending the alert (Trio's
+    own SSLStream, here behind the library's AckHandler): the client sees a TLS connection
+    closed without close_notify, the same as a crashed server, so it retries; when the
+    budget runs out the error says what it saw and points at the client certificate."""
+    port = await serve_ack_tls(
+        nursery, server_tls_context(tls_files.server_cert, tls_files.server_key, tls_files.ca)
+    )
     context = client_tls_context(ca=tls_files.ca)
     async with open_client(
         "127.0.0.1", port, tls=context, retry_for=0.3, backoff_base=0.01, backoff_cap=0.05
@@ -221,24 +242,27 @@ async def test_truncation_after_the_handshake_is_retried_and_explained(
 
 
 async def test_client_ends_a_tls_connection_with_close_notify(
-    nursery: trio.Nursery, tls_files: TLSFiles
+    start_server: StartServer, tls_files: TLSFiles
 ) -> None:
     """Leaving ``open_client`` sends close_notify: the server reads a clean end of the
-    stream, not a truncation."""
-    server = AlertingTLSServer(server_tls_context(tls_files))
-    port = await server.start(nursery)
-    async with open_client("127.0.0.1", port, tls=client_tls_context(ca=tls_files.ca)) as client:
-        await client.send(b"bye")
-    with trio.fail_after(5):
-        await server.ended.wait()
-    assert server.clean_ends == 1
+    stream (``eof``), not a truncation (``tls-truncated``)."""
+    server = await start_server(tls=server_tls_context(tls_files.server_cert, tls_files.server_key))
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        context = client_tls_context(ca=tls_files.ca)
+        async with open_client("127.0.0.1", server.port, tls=context) as client:
+            await client.send(b"bye")
+        (closed,) = await wait_for_events(logs, "connection_closed")
+    assert closed["reason"] == "eof"
+    assert closed["acked"] == 1
 
 
 async def test_tls_runs_over_the_stream_connect_opens(
     start_fake: StartFake, nursery: trio.Nursery, tls_files: TLSFiles
 ) -> None:
     """With ``connect=``, TLS wraps whatever stream the opener returns."""
-    port = await serve_ack_tls(nursery, server_tls_context(tls_files))
+    port = await serve_ack_tls(
+        nursery, server_tls_context(tls_files.server_cert, tls_files.server_key)
+    )
     opened = 0
 
     async def connect() -> trio.abc.Stream:

@@ -12,9 +12,10 @@ do. Where each failure surfaces (measured with Trio's ``SSLStream`` over loopbac
   already completed when the server checks the certificate, so its alert
   (``certificate required``, ``unknown ca``) arrives on the first ``receive_some`` after the
   handshake, as a ``BrokenResourceError`` caused by an ``ssl.SSLError`` (with TLS 1.2, in
-  ``do_handshake``). A server that closes without sending the alert (Trio's own
-  ``SSLStream`` does not flush it when its handshake fails) looks like any truncated
-  connection: the client cannot tell it from a crash, so that one is retried.
+  ``do_handshake``). ackservice's server sends that alert. A server that closes without
+  sending it (Trio's own ``SSLStream`` does not flush it when its handshake fails) looks
+  like any truncated connection: the client cannot tell it from a crash, so that one is
+  retried.
 """
 
 from __future__ import annotations
