@@ -479,3 +479,34 @@ async def test_shutdown_does_not_wait_for_a_stalled_handshake(
     with trio.fail_after(5):
         server.shutdown()
         await wait_for_event(logs, "shutdown_complete")
+
+
+async def test_refused_clients_cannot_hold_many_descriptors(
+    nursery: trio.Nursery, tls_files: TLSFiles
+) -> None:
+    """Refusals count against no connection limit, so how many are being told at once is
+    bounded (64): beyond that a refused connection is closed at once, without a handshake."""
+    server = await start(nursery, tls_files, max_connections_per_ip=1, drain_timeout=5)
+    admitted = await connect(server.port, client_context(tls_files))
+    flood = []
+    for _ in range(70):  # silent: each refusal would wait for a handshake
+        sock = trio.socket.socket()
+        _OPENED.append(sock)
+        await sock.connect(("127.0.0.1", server.port))
+        flood.append(sock)
+
+    ended: list[bool] = []
+
+    async def closed_soon(sock: trio.socket.SocketType) -> None:
+        with trio.move_on_after(1):
+            try:
+                ended.append(await sock.recv(100) == b"")
+            except ConnectionResetError:
+                ended.append(True)
+
+    async with trio.open_nursery() as watching:
+        for sock in flood:
+            watching.start_soon(closed_soon, sock)
+    assert sum(ended) == 70 - 64
+    await admitted.send_all(b"still served\n")
+    assert await LineReader(admitted).line() == ack_line(1, b"still served")[:-1]
