@@ -73,6 +73,15 @@ def server_tls_context(
     _readable(cert, "--tls-cert")
     if key is not None:
         _readable(key, "--tls-key")
+    # OpenSSL says "PEM lib" for either of these: say which.
+    cert_text = Path(cert).read_bytes()
+    if b"-----BEGIN CERTIFICATE-----" not in cert_text:
+        raise TLSConfigError(f"no PEM certificate in --tls-cert {str(cert)!r}")
+    if key is None and b"PRIVATE KEY-----" not in cert_text:
+        raise TLSConfigError(
+            f"no private key in --tls-cert {str(cert)!r}: give it with --tls-key "
+            "(or put it in the certificate file)"
+        )
     try:
         context.load_cert_chain(cert, key)
     except ssl.SSLError as exc:
