@@ -14,6 +14,7 @@ import itertools
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 import trio
@@ -37,11 +38,24 @@ __all__ = ["AckHandler", "MessageContext", "MessageHook", "ServerStats"]
 
 log = structlog.get_logger(__name__)
 
-# Refused connections being told why at once, at most. Each holds a descriptor for up to a
-# TLS handshake and a drain, and refusals count against no connection limit: beyond this, a
-# flood of refused clients (one address over --max-connections-per-ip, say) is closed without
-# a word, rather than using up the descriptors the served clients need.
+# Refused connections being told why at once, at most, when the refusal is about the client
+# (--allow, --max-connections-per-ip). Each holds a descriptor for up to a TLS handshake and a
+# drain, and one client could open them without end: beyond this, such refusals are closed
+# without a word, rather than use up the descriptors the served clients need. (Refusals for
+# the server's own state, at its connection limit or shutting down, are bounded by the
+# listen queue and keep being told.)
 _MAX_REFUSING = 64
+
+
+class _Refusal(NamedTuple):
+    """Why a connection is refused: the ``ERR 0`` code and detail it is told."""
+
+    code: str
+    detail: str
+    one_client: bool = False
+    """Refused for who the client is, not for the server's state (see _MAX_REFUSING)."""
+
+
 # Given to each connection's task: without a name, Trio builds one string per task.
 _TASK_NAME = "ackservice connection"
 
@@ -157,7 +171,7 @@ class AckHandler:
             refusal = self._refusal(client_ip)
             if refusal is not None:
                 self._log_refusal(refusal, None)
-                if self._must_shed():
+                if self._must_shed(refusal):
                     await trio.aclose_forcefully(stream)
                     return
                 await self._refuse(self._stream_transport(stream), refusal)
@@ -186,7 +200,7 @@ class AckHandler:
             refusal = self._refusal(client_ip)
             if refusal is not None:
                 self._log_refusal(refusal, nursery)
-                if self._must_shed():
+                if self._must_shed(refusal):
                     sock.close()
                     return
             transport: Transport
@@ -264,29 +278,34 @@ class AckHandler:
             stream = trio.SSLStream(stream, self.tls, server_side=True)
         return StreamTransport(stream)
 
-    def _refusal(self, client_ip: str | None) -> tuple[str, str] | None:
+    def _refusal(self, client_ip: str | None) -> _Refusal | None:
         """Why a connection from ``client_ip`` is refused now (code, detail), if it is."""
         config = self.config
         if self._shutting_down:
             self.stats.refused_shutting_down += 1
-            return ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later"
+            return _Refusal(ErrorCode.SHUTTING_DOWN, "server is shutting down, retry later")
         if config.allow and client_ip is not None and not _allowed(client_ip, config.allow):
             self.stats.refused_forbidden += 1
-            return ErrorCode.FORBIDDEN, "this server does not serve your address"
+            return _Refusal(
+                ErrorCode.FORBIDDEN, "this server does not serve your address", one_client=True
+            )
         if len(self._connections) >= config.max_connections:
             self.stats.refused_busy += 1
-            return ErrorCode.BUSY, "server at its connection limit, retry later"
+            return _Refusal(ErrorCode.BUSY, "server at its connection limit, retry later")
         per_ip = self._per_ip
         counted = self._ip_to_count(client_ip)
         if per_ip is not None and per_ip.get(counted or "", 0) >= config.max_connections_per_ip:
             self.stats.refused_busy += 1
-            return ErrorCode.BUSY, "too many connections from your address, retry later"
+            return _Refusal(
+                ErrorCode.BUSY,
+                "too many connections from your address, retry later",
+                one_client=True,
+            )
         return None
 
-    def _must_shed(self) -> bool:
-        """Whether a refused connection is closed without a word (see _MAX_REFUSING); never
-        at shutdown, when descriptors are no longer needed for anyone else."""
-        return not self._shutting_down and len(self._refusing) >= _MAX_REFUSING
+    def _must_shed(self, refusal: _Refusal) -> bool:
+        """Whether a refused connection is closed without a word (see _MAX_REFUSING)."""
+        return refusal.one_client and len(self._refusing) >= _MAX_REFUSING
 
     def _ip_to_count(self, client_ip: str | None) -> str | None:
         if self._per_ip is None or client_ip is None:
@@ -305,10 +324,10 @@ class AckHandler:
         """Log how many refusals were counted but not logged (``warnings_suppressed``)."""
         self._refusals.flush()
 
-    def _log_refusal(self, refusal: tuple[str, str], nursery: trio.Nursery | None) -> None:
+    def _log_refusal(self, refusal: _Refusal, nursery: trio.Nursery | None) -> None:
         """A ``connection_refused`` warning, at most a few a second; the rest are counted and
         the count logged within a second (by a short task in ``nursery``, if given)."""
-        code, detail = refusal
+        code, detail = refusal.code, refusal.detail
         self._refusals.warn(log.warning, "connection_refused", reason=code, detail=detail)
         if (
             nursery is not None
@@ -329,9 +348,9 @@ class AckHandler:
             finally:
                 self._refusals_flush_scheduled = False
 
-    async def _refuse(self, transport: Transport, refusal: tuple[str, str]) -> None:
+    async def _refuse(self, transport: Transport, refusal: _Refusal) -> None:
         """Tell a refused client why (through TLS on a TLS port) and close."""
-        code, detail = refusal
+        code, detail = refusal.code, refusal.detail
         config = self.config
         self._refusing.add(transport)
         try:
