@@ -21,6 +21,7 @@ from test_committing import ListStore, connect  # type: ignore[import-not-found]
 from ackservice.server import AckHandler, ServerConfig
 from ackservice.server.metrics import snapshot
 from ackservice.server.monitoring import (
+    MAX_CLIENTS,
     MAX_REQUEST_BYTES,
     REQUEST_TIMEOUT,
     BadRequest,
@@ -102,6 +103,30 @@ async def test_a_silent_client_is_dropped_and_does_not_block_scrapes(
             assert trio.current_time() - started < REQUEST_TIMEOUT
             assert await silent.receive_some() == b""  # closed by the server
             assert trio.current_time() - started >= REQUEST_TIMEOUT
+        nursery.cancel_scope.cancel()
+
+
+async def test_silent_clients_cannot_shut_the_health_check_out() -> None:
+    """With every slot held by clients that never send, a health check still gets its
+    answer: it takes the place of the oldest silent client."""
+    app = MonitoringApp(lambda: b"metrics\n", lambda: True, lambda: True)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            serve_monitoring, await trio.open_tcp_listeners(0, host="127.0.0.1"), app
+        )
+        port = listeners[0].socket.getsockname()[1]
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(MAX_CLIENTS)]
+        await trio.sleep(0.1)  # all of them accepted and waiting for their request heads
+        with trio.fail_after(2):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as checker:
+                await checker.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = b""
+                while chunk := await checker.receive_some():
+                    response += chunk
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert await silent[0].receive_some() == b""  # the oldest made room
+        for stream in silent:
+            await stream.aclose()
         nursery.cancel_scope.cancel()
 
 

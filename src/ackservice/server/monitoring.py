@@ -5,7 +5,9 @@ web framework would be most of the process); what they need is to be robust agai
 clients a port on a network meets: a request head is bounded (8 KiB, as nginx's default
 ``client_header_buffer_size`` is 1 KiB and its large buffers 8 KiB), a client has 5 s to send
 it (one that connects and never sends is dropped, as Prometheus itself times scrapes out
-after 10 s), at most 16 clients are served at once (the others are closed at once), and every
+after 10 s), at most 16 clients are served at once (beyond that, a newcomer takes the place of
+the oldest client still silent, so idle connections cannot shut the health check out; if all
+16 are being answered, the newcomer is closed at once), and every
 response closes its connection (no keep-alive state to get wrong). Request parsing is plain
 synchronous code (``parse_request_head``); the Trio side only moves bytes.
 """
@@ -159,12 +161,18 @@ class _Clients:
     def __init__(self, app: MonitoringApp) -> None:
         self._app = app
         self._active = 0
+        # The scopes of the clients still waiting for their request head, oldest first.
+        self._silent: dict[trio.CancelScope, None] = {}
 
     async def serve_one(self, stream: trio.SocketStream) -> None:
         """Answer one request and close; never raises into the accept loop."""
         if self._active >= MAX_CLIENTS:
-            await trio.aclose_forcefully(stream)
-            return
+            if not self._silent:
+                await trio.aclose_forcefully(stream)
+                return
+            oldest = next(iter(self._silent))
+            del self._silent[oldest]
+            oldest.cancel()  # dropped, as at its request timeout
         self._active += 1
         try:
             await self._answer(stream)
@@ -179,7 +187,8 @@ class _Clients:
     async def _answer(self, stream: trio.SocketStream) -> None:
         request = None
         data = b""
-        with trio.move_on_after(REQUEST_TIMEOUT):
+        with trio.move_on_after(REQUEST_TIMEOUT) as waiting:
+            self._silent[waiting] = None
             try:
                 while request is None:
                     chunk = await stream.receive_some(MAX_REQUEST_BYTES)
@@ -192,6 +201,8 @@ class _Clients:
                 with trio.fail_after(_SEND_TIMEOUT):
                     await stream.send_all(response.encode())
                 return
+            finally:
+                self._silent.pop(waiting, None)
         if request is None:
             return  # connected and never sent a whole request: dropped
         method, path = request
