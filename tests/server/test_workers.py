@@ -306,3 +306,37 @@ def test_workers_of_a_killed_supervisor_shut_down(tmp_path: Path) -> None:
         events = server.events()
         assert sorted(e["worker"] for e in events if e["event"] == "supervisor_gone") == [1, 2]
         assert sum(e["event"] == "shutdown_complete" for e in events) == 2
+
+
+def test_sighup_during_start_up_does_not_kill_a_starting_worker(tmp_path: Path) -> None:
+    """SIGHUP (logrotate) while the workers are still starting: a worker with no handler
+    yet is not sent it (the default action would kill it, and with it the service's
+    start-up); it gets it once ready, and the service serves."""
+    log_file = tmp_path / "service.log"
+    with server_process(
+        tmp_path / "log",
+        "--workers",
+        "2",
+        "--store",
+        "none",
+        "--log-file",
+        str(log_file),
+        started_event="worker_started",
+    ) as server:
+        # worker_started is logged as the process is spawned: it is still importing.
+        server.signal(signal.SIGHUP)
+        server.wait_for_event("signal_forwarded")
+        poll_until(
+            lambda: {1, 2} <= {e["worker"] for e in server.events() if e["event"] == "listening"},
+            what="both workers serving",
+        )
+        assert server.process.poll() is None
+        assert not [e for e in server.events() if e["event"] == "worker_exited"]
+        # Deferred, not dropped: each worker reopens its log file once it is ready (the
+        # writer thread's event names no worker: the supervisor's and two more).
+        poll_until(
+            lambda: sum(e["event"] == "log_file_reopened" for e in server.events()) == 3,
+            what="both workers reopened the log file",
+        )
+        server.signal(signal.SIGTERM)
+        assert server.wait(10) == 0

@@ -17,7 +17,8 @@ for all, and the port stays reserved while a worker restarts) and then only watc
 - SIGTERM/SIGINT: ``STOPPING=1``, SIGTERM to every worker (each answers what it read, says
   ``ERR 0 shutting-down`` and exits 0 within ``--shutdown-grace``), exit 0 once all exited
   0; a second signal is passed on (each worker then exits at once) and the exit code is 130;
-- SIGHUP is passed on (every process reopens its ``--log-file``);
+- SIGHUP is passed on (every process reopens its ``--log-file``); to a worker still
+  starting (no handler yet: SIGHUP would kill it) once it says it is ready;
 - ``READY=1`` (systemd) once every worker serves; ``/metrics``, ``/healthz`` and ``/readyz``
   are served by the supervisor alone, from the workers' latest counts, labelled ``worker``.
 
@@ -125,6 +126,8 @@ class _Slot:
     snapshot: Snapshot | None = None
     restarts: int = 0
     exit_code: int | None = None
+    hangup_pending: bool = False
+    """A SIGHUP arrived while the worker was starting: passed on once it is ready."""
 
 
 class StartFailed(Exception):
@@ -214,7 +217,7 @@ class _Supervisor:
         """Act on ``signum``: pass SIGHUP on; stop the workers gracefully, then at once."""
         if signum == signal.SIGHUP:
             reopen_log_file()
-            self._signal_workers(signal.SIGHUP)
+            self._pass_on_hangup()
             log.info("signal_forwarded", signal=signum.name)
             return
         if self.stopping:
@@ -227,6 +230,22 @@ class _Supervisor:
         self.settings.notifier.notify(stopping=1, status=f"shutting down {len(self.slots)} workers")
         self._signal_workers(signal.SIGTERM)
         nursery.start_soon(self._kill_stragglers, nursery.cancel_scope)
+
+    def _pass_on_hangup(self) -> None:
+        """SIGHUP to every worker that is ready; the others get it once they are.
+
+        A starting worker has no handler for SIGHUP yet (it says ``ready`` from inside its
+        signal receiver), and the default action would kill it: during the service's
+        start-up that stops the whole service. It may still have opened the old log file,
+        so it is not skipped, only deferred.
+        """
+        for slot in self.slots:
+            if slot.process is None or slot.process.returncode is not None:
+                continue
+            if slot.ready:
+                slot.process.send_signal(signal.SIGHUP)
+            else:
+                slot.hangup_pending = True
 
     def _signal_workers(self, signum: signal.Signals) -> None:
         for slot in self.slots:
@@ -297,6 +316,7 @@ class _Supervisor:
         finally:
             theirs.close()
         slot.process, slot.ready, slot.exit_code = process, False, None
+        slot.hangup_pending = False  # a new process opens the log file afresh
         slot.last_heard = trio.current_time() + _START_ALLOWANCE
         log.info("worker_started", worker=slot.worker_id, pid=process.pid)
         channel = trio.socket.from_stdlib_socket(ours)
@@ -343,6 +363,9 @@ class _Supervisor:
                     slot.snapshot = message["snapshot"]
                 if message.get("ready") and not slot.ready:
                     slot.ready = slot.ever_ready = True
+                    if slot.hangup_pending and slot.process is not None:
+                        slot.hangup_pending = False
+                        slot.process.send_signal(signal.SIGHUP)
                     if all(other.ready for other in self.slots):
                         self._all_ready.set()
 
