@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,3 +341,31 @@ def test_sighup_during_start_up_does_not_kill_a_starting_worker(tmp_path: Path) 
         )
         server.signal(signal.SIGTERM)
         assert server.wait(10) == 0
+
+
+def test_a_paused_supervisor_does_not_kill_healthy_workers(tmp_path: Path) -> None:
+    """A supervisor paused (SIGSTOP, a stalled VM) for longer than --worker-timeout finds,
+    when it resumes, the heartbeats its workers sent meanwhile: it reads them before
+    judging anyone silent, and kills no worker."""
+    with server_process(
+        tmp_path / "log", "--workers", "2", "--worker-timeout", "1", "--store", "none"
+    ) as server:
+        poll_until(lambda: len([e for e in server.events() if e["event"] == "listening"]) == 3)
+        pids = {e["worker"]: e["pid"] for e in server.events() if e["event"] == "worker_started"}
+        server.signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.15)  # the pause itself: over --worker-timeout, heartbeats queue up
+        finally:
+            server.signal(signal.SIGCONT)
+        # A SIGHUP after the resume, passed on to every worker (each logs signal_ignored):
+        # by then the supervisor has long run its heartbeat checks.
+        server.signal(signal.SIGHUP)
+
+        def settled() -> bool:
+            events = [e["event"] for e in server.events()]
+            return events.count("signal_ignored") == 2 or "worker_unresponsive" in events
+
+        poll_until(settled, timeout=5, what="every worker got the SIGHUP")
+        events = server.events()
+        assert not [e for e in events if e["event"] in ("worker_unresponsive", "worker_exited")]
+        assert {e["worker"]: e["pid"] for e in events if e["event"] == "worker_started"} == pids

@@ -323,7 +323,7 @@ class _Supervisor:
         try:
             async with trio.open_nursery() as watching:
                 watching.start_soon(self._listen, slot, channel)
-                watching.start_soon(self._watch_heartbeat, slot, process)
+                watching.start_soon(self._watch_heartbeat, slot, process, ours)
                 code = await process.wait()
                 watching.cancel_scope.cancel()
         finally:
@@ -369,11 +369,13 @@ class _Supervisor:
                     if all(other.ready for other in self.slots):
                         self._all_ready.set()
 
-    async def _watch_heartbeat(self, slot: _Slot, process: trio.Process) -> None:
+    async def _watch_heartbeat(
+        self, slot: _Slot, process: trio.Process, channel: socket.socket
+    ) -> None:
         timeout = self.settings.worker_timeout
         while True:
             silent_for = trio.current_time() - slot.last_heard
-            if silent_for > timeout and not self.stopping:
+            if silent_for > timeout and not self.stopping and not _has_queued_data(channel):
                 log.error(
                     "worker_unresponsive",
                     worker=slot.worker_id,
@@ -470,6 +472,20 @@ class _SupervisorCollector:
 
     def describe(self) -> list[Any]:
         return []
+
+
+def _has_queued_data(channel: socket.socket) -> bool:
+    """Whether the worker's lines wait unread on ``channel``.
+
+    A supervisor that was itself paused (SIGSTOP, a stalled VM) past ``--worker-timeout``
+    wakes with its heartbeat checks and the heartbeats queued meanwhile ready in the same
+    batch, and a check may run before ``_listen`` has read them: a worker is silent only if
+    nothing is waiting either (``_listen`` then reads it and updates ``last_heard``).
+    """
+    try:
+        return bool(channel.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing queued; anything else: no heartbeat either
+        return False
 
 
 def _format(address: tuple[Any, ...]) -> tuple[str, int]:
