@@ -4,6 +4,7 @@ supervisor serves the module's tests, in order; the last one stops it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -13,9 +14,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
 from test_metrics import scrape, value  # type: ignore[import-not-found]
 
 from ackservice.server.cli import _workers
@@ -369,3 +373,67 @@ def test_a_paused_supervisor_does_not_kill_healthy_workers(tmp_path: Path) -> No
         events = server.events()
         assert not [e for e in events if e["event"] in ("worker_unresponsive", "worker_exited")]
         assert {e["worker"]: e["pid"] for e in events if e["event"] == "worker_started"} == pids
+
+
+@pytest.mark.parametrize("failure", ["metrics port in use", "port file is a directory"])
+def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) -> None:
+    """A start-up error of --workers is one line on stderr and exit 1, as without workers,
+    not a traceback of the exception group trio wraps a nursery's errors in; a metrics port
+    in use is found before any worker starts."""
+    from test_systemd import run_cli  # type: ignore[import-not-found]
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        if failure == "metrics port in use":
+            args = ["--metrics-port", str(taken.getsockname()[1])]
+            expected = "cannot serve metrics on 127.0.0.1:"
+        else:
+            args = ["--port-file", str(tmp_path)]
+            expected = f"cannot write --port-file {str(tmp_path)!r}: Is a directory"
+        done = run_cli(tmp_path, ["--workers", "2", *args], {})
+    assert done.returncode == 1
+    not_logs = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert len(not_logs) == 1, done.stderr
+    assert not_logs[0].startswith("ackservice.server: error: ")
+    assert expected in not_logs[0]
+    if failure == "metrics port in use":
+        assert "worker_started" not in done.stderr
+
+
+@pytest.mark.parametrize("failing", ["socketpair", "open_process"])
+async def test_a_worker_that_cannot_be_started_is_retried_after_a_backoff(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, failing: str
+) -> None:
+    """Out of file descriptors (EMFILE) when starting a worker: logged as
+    worker_start_failed and tried again after the usual backoff (0.1 s, then doubling),
+    with no descriptor left open; it does not end the supervisor (it is not the settings'
+    fault, unlike a worker that exits before serving)."""
+    from ackservice.server import workers
+
+    def out_of_descriptors(*args: object, **kwargs: object) -> NoReturn:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def no_process(*args: object, **kwargs: object) -> NoReturn:
+        out_of_descriptors()
+
+    if failing == "socketpair":
+        monkeypatch.setattr(workers.socket, "socketpair", out_of_descriptors)
+    else:
+        monkeypatch.setattr(trio.lowlevel, "open_process", no_process)
+    settings = workers.SupervisorSettings(
+        workers=1,
+        worker_argv=[sys.executable, "-c", "pass"],
+        environ={},
+        host="127.0.0.1",
+        port=0,
+        worker_timeout=1.0,
+        shutdown_grace=1.0,
+    )
+    supervisor = workers._Supervisor(settings)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with capture_logs() as logs, trio.move_on_after(0.35):  # tries at 0, 0.1 and 0.3 s
+        await supervisor._keep_running(supervisor.slots[0], trio.CancelScope())
+    failures = [e for e in logs if e["event"] == "worker_start_failed"]
+    assert len(failures) == 3
+    assert failures[0]["error"] == "Too many open files"
+    assert not supervisor.stopping
+    assert len(os.listdir("/proc/self/fd")) == descriptors

@@ -183,12 +183,21 @@ class _Supervisor:
             self._addresses = [_format(sock.getsockname()) for sock in reserved]
         signals_to_watch = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         try:
+            metrics_listeners: list[trio.SocketListener] = []
+            if settings.metrics_port is not None:
+                # Bound before the nursery and before any worker starts: a port in use is a
+                # plain MetricsPortError (one line from the CLI) with no worker to clean up.
+                from .monitoring import open_monitoring_listeners
+
+                metrics_listeners = await open_monitoring_listeners(
+                    settings.metrics_host, settings.metrics_port
+                )
             with trio.open_signal_receiver(*signals_to_watch) as signals:
                 async with trio.open_nursery() as nursery:
+                    if metrics_listeners:
+                        await nursery.start(self._serve_metrics, metrics_listeners)
                     for slot in self.slots:
                         nursery.start_soon(self._keep_running, slot, nursery.cancel_scope)
-                    if settings.metrics_port is not None:
-                        await nursery.start(self._serve_metrics)
                     nursery.start_soon(self._announce_ready)
                     task_status.started(self._addresses)
                     # Until _kill_stragglers (started by the first stop signal) ends it all,
@@ -277,7 +286,7 @@ class _Supervisor:
             code = await self._run_worker(slot)
             if self.stopping:
                 return
-            if not slot.ever_ready and not self._all_ready.is_set():
+            if code is not None and not slot.ever_ready and not self._all_ready.is_set():
                 # It never served, and the server has not started: the settings (or the
                 # store) are wrong, and every restart would fail the same way.
                 self._start_failed = code
@@ -292,11 +301,16 @@ class _Supervisor:
             backoff = min(backoff * 2, _BACKOFF_MAX)
             slot.restarts += 1
 
-    async def _run_worker(self, slot: _Slot) -> int:
-        """Start the worker of ``slot``, watch it until it exits; its exit code."""
+    async def _run_worker(self, slot: _Slot) -> int | None:
+        """Start the worker of ``slot``, watch it until it exits; its exit code, or None if
+        it could not be started (logged; the caller backs off and tries again)."""
         settings = self.settings
         heartbeat = min(1.0, settings.worker_timeout / 4)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            _log_start_failed(slot, exc)
+            return None
         env = dict(settings.environ)
         role = {"id": slot.worker_id, "fd": theirs.fileno(), "port": self._port}
         env[WORKER_ENV] = json.dumps({**role, "heartbeat": heartbeat})
@@ -313,6 +327,12 @@ class _Supervisor:
                 start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
                 stdin=subprocess.DEVNULL,
             )
+        except BaseException as exc:
+            ours.close()
+            if isinstance(exc, OSError):
+                _log_start_failed(slot, exc)
+                return None
+            raise
         finally:
             theirs.close()
         slot.process, slot.ready, slot.exit_code = process, False, None
@@ -414,21 +434,16 @@ class _Supervisor:
         ]
 
     async def _serve_metrics(
-        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]],
     ) -> None:
         from prometheus_client import generate_latest
 
         from .metrics import AckServiceCollector, metrics_registry
-        from .monitoring import (
-            MonitoringApp,
-            format_address,
-            open_monitoring_listeners,
-            serve_monitoring,
-        )
+        from .monitoring import MonitoringApp, format_address, serve_monitoring
 
-        settings = self.settings
-        assert settings.metrics_port is not None
-        listeners = await open_monitoring_listeners(settings.metrics_host, settings.metrics_port)
         log.info(
             "metrics_listening",
             addresses=[format_address(listener.socket.getsockname()) for listener in listeners],
@@ -472,6 +487,17 @@ class _SupervisorCollector:
 
     def describe(self) -> list[Any]:
         return []
+
+
+def _log_start_failed(slot: _Slot, exc: OSError) -> None:
+    """Log that the worker of ``slot`` could not be started (out of file descriptors or
+    processes): not the settings' fault, so not the end of the supervisor either."""
+    log.error(
+        "worker_start_failed",
+        worker=slot.worker_id,
+        error=exc.strerror or str(exc),
+        hint="tried again after a backoff",
+    )
 
 
 def _has_queued_data(channel: socket.socket) -> bool:
