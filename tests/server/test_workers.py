@@ -24,7 +24,7 @@ from test_metrics import scrape, value  # type: ignore[import-not-found]
 
 from ackservice.server.cli import _workers
 from ackservice.server.workers import cpu_count
-from support import ServerProcess, poll_until, server_process
+from support import ServerProcess, poll_until, server_process, wait_until
 
 
 class Supervised:
@@ -437,3 +437,48 @@ async def test_a_worker_that_cannot_be_started_is_retried_after_a_backoff(
     assert failures[0]["error"] == "Too many open files"
     assert not supervisor.stopping
     assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def _fake_worker_supervisor(script: str) -> Any:
+    """A one-worker supervisor (not started) whose worker runs ``script`` (Python), with the
+    channel to the supervisor as ``channel``."""
+    from ackservice.server import workers
+
+    prelude = (
+        "import json, os, signal, socket, sys, time\n"
+        "role = json.loads(os.environ['_ACKSERVICE_WORKER'])\n"
+        "channel = socket.socket(fileno=role['fd'])\n"
+    )
+    settings = workers.SupervisorSettings(
+        workers=1,
+        worker_argv=[sys.executable, "-c", prelude + script],
+        environ=dict(os.environ),
+        host="127.0.0.1",
+        port=0,
+        worker_timeout=5.0,
+        shutdown_grace=1.0,
+    )
+    return workers._Supervisor(settings)
+
+
+async def test_a_dead_workers_figures_are_not_reported(nursery: trio.Nursery) -> None:
+    """Once a worker exits, its last heartbeat's figures are dropped: /metrics and /readyz
+    must not go on reporting a dead worker's connections and store."""
+    supervisor = _fake_worker_supervisor(
+        'channel.sendall(b\'{"snapshot": {"store": null}}\\n\')\ntime.sleep(10)\n'
+    )
+    slot = supervisor.slots[0]
+    exited = trio.Event()
+
+    async def run_worker() -> None:
+        await supervisor._run_worker(slot)
+        exited.set()
+
+    nursery.start_soon(run_worker)
+    await wait_until(lambda: slot.snapshot is not None)
+    assert supervisor.snapshots() == [("1", {"store": None})]
+    slot.process.kill()
+    with trio.fail_after(5):
+        await exited.wait()
+    assert slot.snapshot is None
+    assert supervisor.snapshots() == []

@@ -352,7 +352,9 @@ class _Supervisor:
                 if process.returncode is None:  # cancelled: never leave a worker behind
                     process.kill()
                     await process.wait()
-            slot.process, slot.ready = None, False
+            # Its last figures go too: /metrics and /readyz must not report a dead worker's
+            # connections or store as current.
+            slot.process, slot.ready, slot.snapshot = None, False, None
             self._exited.set()
             self._exited = trio.Event()
         slot.exit_code = code
