@@ -482,3 +482,21 @@ async def test_a_dead_workers_figures_are_not_reported(nursery: trio.Nursery) ->
         await exited.wait()
     assert slot.snapshot is None
     assert supervisor.snapshots() == []
+
+
+@pytest.mark.parametrize(
+    ("worker_script", "start_failed"),
+    [("sys.exit(3)", 3), ("os.kill(os.getpid(), signal.SIGKILL)", None)],
+)
+async def test_only_an_exit_code_before_serving_means_the_settings_are_wrong(
+    worker_script: str, start_failed: int | None
+) -> None:
+    """A worker that exits with a code > 0 before any worker served stops the supervisor
+    (its settings or store are wrong); one killed by a signal before serving (the OOM
+    killer, an operator) is restarted after the backoff like any other."""
+    supervisor = _fake_worker_supervisor(worker_script)
+    with capture_logs() as logs, trio.move_on_after(0.5):
+        await supervisor._keep_running(supervisor.slots[0], trio.CancelScope())
+    assert supervisor._start_failed == start_failed
+    restarts = sum(e["event"] == "worker_restarting" for e in logs)
+    assert restarts == 0 if start_failed else restarts >= 1

@@ -286,9 +286,16 @@ class _Supervisor:
             code = await self._run_worker(slot)
             if self.stopping:
                 return
-            if code is not None and not slot.ever_ready and not self._all_ready.is_set():
+            if (
+                code is not None
+                and code > 0
+                and not slot.ever_ready
+                and not self._all_ready.is_set()
+            ):
                 # It never served, and the server has not started: the settings (or the
-                # store) are wrong, and every restart would fail the same way.
+                # store) are wrong, and every restart would fail the same way. Only an exit
+                # code says so: a death by signal (the OOM killer, an operator's kill) is
+                # the process's fate, not the settings', and a restart may well serve.
                 self._start_failed = code
                 self.stopping = True
                 self._signal_workers(signal.SIGTERM)
