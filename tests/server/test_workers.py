@@ -500,3 +500,43 @@ async def test_only_an_exit_code_before_serving_means_the_settings_are_wrong(
     assert supervisor._start_failed == start_failed
     restarts = sum(e["event"] == "worker_restarting" for e in logs)
     assert restarts == 0 if start_failed else restarts >= 1
+
+
+def test_sigterm_while_workers_start_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM while the workers are still starting (no handler yet: the signal ends them)
+    is a clean stop: exit 0, as when they serve."""
+    with server_process(
+        tmp_path / "log", "--workers", "2", "--store", "none", started_event="worker_started"
+    ) as server:
+        server.signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+
+
+def test_sigterm_while_a_worker_restarts_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM while a killed worker waits out its restart backoff (or its replacement is
+    still starting): that slot has nothing to stop, so the supervisor still exits 0 once the
+    serving worker exited 0; its earlier death by SIGKILL is not the shutdown's result."""
+    with server_process(tmp_path / "log", "--workers", "2", "--store", "none") as server:
+
+        def started() -> dict[int, int]:
+            return {
+                e["worker"]: e["pid"] for e in server.events() if e["event"] == "worker_started"
+            }
+
+        # Both serving (the supervisor's own listening event): worker 2 must drain.
+        poll_until(
+            lambda: any(e["event"] == "listening" and e["worker"] == 0 for e in server.events()),
+            what="both workers serving",
+        )
+        killed = started()[1]
+        os.kill(killed, signal.SIGKILL)
+        poll_until(
+            lambda: any(
+                e.get("pid") == killed and e["event"] == "worker_exited" for e in server.events()
+            ),
+            what="the killed worker's exit",
+        )
+        server.signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+        stopped = [e for e in server.events() if e["event"] == "supervisor_stopped"]
+        assert stopped[0]["worker_exit_codes"][1] == 0  # worker 2 drained and exited 0

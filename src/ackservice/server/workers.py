@@ -15,8 +15,10 @@ for all, and the port stays reserved while a worker restarts) and then only watc
 - a worker that exits is restarted, after a backoff that doubles (0.1 s to 10 s) while
   workers keep dying young, logged as ``worker_exited`` and ``worker_started``;
 - SIGTERM/SIGINT: ``STOPPING=1``, SIGTERM to every worker (each answers what it read, says
-  ``ERR 0 shutting-down`` and exits 0 within ``--shutdown-grace``), exit 0 once all exited
-  0; a second signal is passed on (each worker then exits at once) and the exit code is 130;
+  ``ERR 0 shutting-down`` and exits 0 within ``--shutdown-grace``), exit 0 once every
+  worker that served exited 0 (one still starting may end by the SIGTERM itself; one in a
+  restart backoff is not restarted); a second signal is passed on (each worker then exits
+  at once) and the exit code is 130;
 - SIGHUP is passed on (every process reopens its ``--log-file``); to a worker still
   starting (no handler yet: SIGHUP would kill it) once it says it is ready;
 - ``READY=1`` (systemd) once every worker serves; ``/metrics``, ``/healthz`` and ``/readyz``
@@ -128,6 +130,22 @@ class _Slot:
     exit_code: int | None = None
     hangup_pending: bool = False
     """A SIGHUP arrived while the worker was starting: passed on once it is ready."""
+    serving_at_stop: bool = False
+    """Its worker was ready at the first stop signal: it must then exit 0."""
+    running_at_stop: bool = False
+    """A worker ran (ready or still starting) at the first stop signal; if not, the slot
+    was waiting out a restart backoff and has nothing left to stop."""
+
+    def stopped_cleanly(self, code: int | None) -> bool:
+        """Whether ``code`` (its worker's exit status, None if it never ran) is a clean end
+        to the graceful shutdown for this slot."""
+        if self.serving_at_stop:
+            return code == 0
+        if not self.running_at_stop:
+            return True
+        # Still starting: until its signal receiver is installed, SIGTERM's default action
+        # ends it, and it had nothing to drain.
+        return code in (0, -signal.SIGTERM)
 
 
 class StartFailed(Exception):
@@ -218,7 +236,8 @@ class _Supervisor:
         )
         if self.forced:
             return EXIT_FORCED
-        return EXIT_OK if all(code == 0 for code in codes) else 1
+        clean = all(slot.stopped_cleanly(slot.exit_code) for slot in self.slots)
+        return EXIT_OK if clean else 1
 
     # --- signals ---------------------------------------------------------------------
 
@@ -236,6 +255,9 @@ class _Supervisor:
             return
         log.info("signal_received", signal=signum.name)
         self.stopping = True
+        for slot in self.slots:
+            slot.serving_at_stop = slot.ready
+            slot.running_at_stop = slot.process is not None
         self.settings.notifier.notify(stopping=1, status=f"shutting down {len(self.slots)} workers")
         self._signal_workers(signal.SIGTERM)
         nursery.start_soon(self._kill_stragglers, nursery.cancel_scope)
@@ -344,6 +366,11 @@ class _Supervisor:
             theirs.close()
         slot.process, slot.ready, slot.exit_code = process, False, None
         slot.hangup_pending = False  # a new process opens the log file afresh
+        if self.stopping:
+            # Started while the stop signal arrived (open_process runs in a thread): it
+            # missed the SIGTERM sent to the others.
+            slot.running_at_stop = True
+            process.send_signal(signal.SIGTERM)
         slot.last_heard = trio.current_time() + _START_ALLOWANCE
         log.info("worker_started", worker=slot.worker_id, pid=process.pid)
         channel = trio.socket.from_stdlib_socket(ours)
@@ -370,7 +397,7 @@ class _Supervisor:
             fields["signal"] = signal.Signals(-code).name
         else:
             fields["exit_code"] = code
-        if self.stopping and code == 0:
+        if self.stopping and slot.stopped_cleanly(code):
             log.info("worker_exited", **fields)
         else:
             log.warning("worker_exited", **fields)
