@@ -425,6 +425,17 @@ def test_port_file_is_replaced_whole(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["port"]
 
 
+def test_port_file_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
+    """A --port-file that turns out unwritable once listening (a directory) is one line
+    and exit 1, not a traceback of the exception group trio wraps it in."""
+    result = run_server_cli("--port", "0", "--store", "none", "--port-file", str(tmp_path))
+    assert result.returncode == 1
+    not_logs = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert not_logs == [
+        f"ackservice.server: error: cannot write --port-file {str(tmp_path)!r}: Is a directory"
+    ], result.stderr
+
+
 def test_port_file_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     """A --port-file that could never be written is refused before the server starts."""
     result = run_server_cli("--port", "0", "--port-file", str(tmp_path / "nope" / "port"))

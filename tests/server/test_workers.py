@@ -4,22 +4,27 @@ supervisor serves the module's tests, in order; the last one stops it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
 from test_metrics import scrape, value  # type: ignore[import-not-found]
 
 from ackservice.server.cli import _workers
 from ackservice.server.workers import cpu_count
-from support import ServerProcess, poll_until, server_process
+from support import ServerProcess, poll_until, server_process, wait_until
 
 
 class Supervised:
@@ -306,3 +311,232 @@ def test_workers_of_a_killed_supervisor_shut_down(tmp_path: Path) -> None:
         events = server.events()
         assert sorted(e["worker"] for e in events if e["event"] == "supervisor_gone") == [1, 2]
         assert sum(e["event"] == "shutdown_complete" for e in events) == 2
+
+
+def test_sighup_during_start_up_does_not_kill_a_starting_worker(tmp_path: Path) -> None:
+    """SIGHUP (logrotate) while the workers are still starting: a worker with no handler
+    yet is not sent it (the default action would kill it, and with it the service's
+    start-up); it gets it once ready, and the service serves."""
+    log_file = tmp_path / "service.log"
+    with server_process(
+        tmp_path / "log",
+        "--workers",
+        "2",
+        "--store",
+        "none",
+        "--log-file",
+        str(log_file),
+        started_event="worker_started",
+    ) as server:
+        # worker_started is logged as the process is spawned: it is still importing.
+        server.signal(signal.SIGHUP)
+        server.wait_for_event("signal_forwarded")
+        poll_until(
+            lambda: {1, 2} <= {e["worker"] for e in server.events() if e["event"] == "listening"},
+            what="both workers serving",
+        )
+        assert server.process.poll() is None
+        assert not [e for e in server.events() if e["event"] == "worker_exited"]
+        # Deferred, not dropped: each worker reopens its log file once it is ready (the
+        # writer thread's event names no worker: the supervisor's and two more).
+        poll_until(
+            lambda: sum(e["event"] == "log_file_reopened" for e in server.events()) == 3,
+            what="both workers reopened the log file",
+        )
+        server.signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+
+
+def test_a_paused_supervisor_does_not_kill_healthy_workers(tmp_path: Path) -> None:
+    """A supervisor paused (SIGSTOP, a stalled VM) for longer than --worker-timeout finds,
+    when it resumes, the heartbeats its workers sent meanwhile: it reads them before
+    judging anyone silent, and kills no worker."""
+    with server_process(
+        tmp_path / "log", "--workers", "2", "--worker-timeout", "1", "--store", "none"
+    ) as server:
+        poll_until(lambda: len([e for e in server.events() if e["event"] == "listening"]) == 3)
+        pids = {e["worker"]: e["pid"] for e in server.events() if e["event"] == "worker_started"}
+        server.signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.15)  # the pause itself: over --worker-timeout, heartbeats queue up
+        finally:
+            server.signal(signal.SIGCONT)
+        # A SIGHUP after the resume, passed on to every worker (each logs signal_ignored):
+        # by then the supervisor has long run its heartbeat checks.
+        server.signal(signal.SIGHUP)
+
+        def settled() -> bool:
+            events = [e["event"] for e in server.events()]
+            return events.count("signal_ignored") == 2 or "worker_unresponsive" in events
+
+        poll_until(settled, timeout=5, what="every worker got the SIGHUP")
+        events = server.events()
+        assert not [e for e in events if e["event"] in ("worker_unresponsive", "worker_exited")]
+        assert {e["worker"]: e["pid"] for e in events if e["event"] == "worker_started"} == pids
+
+
+@pytest.mark.parametrize("failure", ["metrics port in use", "port file is a directory"])
+def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) -> None:
+    """A start-up error of --workers is one line on stderr and exit 1, as without workers,
+    not a traceback of the exception group trio wraps a nursery's errors in; a metrics port
+    in use is found before any worker starts."""
+    from test_systemd import run_cli  # type: ignore[import-not-found]
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        if failure == "metrics port in use":
+            args = ["--metrics-port", str(taken.getsockname()[1])]
+            expected = "cannot serve metrics on 127.0.0.1:"
+        else:
+            args = ["--port-file", str(tmp_path)]
+            expected = f"cannot write --port-file {str(tmp_path)!r}: Is a directory"
+        done = run_cli(tmp_path, ["--workers", "2", *args], {})
+    assert done.returncode == 1
+    not_logs = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert len(not_logs) == 1, done.stderr
+    assert not_logs[0].startswith("ackservice.server: error: ")
+    assert expected in not_logs[0]
+    if failure == "metrics port in use":
+        assert "worker_started" not in done.stderr
+
+
+@pytest.mark.parametrize("failing", ["socketpair", "open_process"])
+async def test_a_worker_that_cannot_be_started_is_retried_after_a_backoff(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, failing: str
+) -> None:
+    """Out of file descriptors (EMFILE) when starting a worker: logged as
+    worker_start_failed and tried again after the usual backoff (0.1 s, then doubling),
+    with no descriptor left open; it does not end the supervisor (it is not the settings'
+    fault, unlike a worker that exits before serving)."""
+    from ackservice.server import workers
+
+    def out_of_descriptors(*args: object, **kwargs: object) -> NoReturn:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def no_process(*args: object, **kwargs: object) -> NoReturn:
+        out_of_descriptors()
+
+    if failing == "socketpair":
+        monkeypatch.setattr(workers.socket, "socketpair", out_of_descriptors)
+    else:
+        monkeypatch.setattr(trio.lowlevel, "open_process", no_process)
+    settings = workers.SupervisorSettings(
+        workers=1,
+        worker_argv=[sys.executable, "-c", "pass"],
+        environ={},
+        host="127.0.0.1",
+        port=0,
+        worker_timeout=1.0,
+        shutdown_grace=1.0,
+    )
+    supervisor = workers._Supervisor(settings)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with capture_logs() as logs, trio.move_on_after(0.35):  # tries at 0, 0.1 and 0.3 s
+        await supervisor._keep_running(supervisor.slots[0], trio.CancelScope())
+    failures = [e for e in logs if e["event"] == "worker_start_failed"]
+    assert len(failures) == 3
+    assert failures[0]["error"] == "Too many open files"
+    assert not supervisor.stopping
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def _fake_worker_supervisor(script: str) -> Any:
+    """A one-worker supervisor (not started) whose worker runs ``script`` (Python), with the
+    channel to the supervisor as ``channel``."""
+    from ackservice.server import workers
+
+    prelude = (
+        "import json, os, signal, socket, sys, time\n"
+        "role = json.loads(os.environ['_ACKSERVICE_WORKER'])\n"
+        "channel = socket.socket(fileno=role['fd'])\n"
+    )
+    settings = workers.SupervisorSettings(
+        workers=1,
+        worker_argv=[sys.executable, "-c", prelude + script],
+        environ=dict(os.environ),
+        host="127.0.0.1",
+        port=0,
+        worker_timeout=5.0,
+        shutdown_grace=1.0,
+    )
+    return workers._Supervisor(settings)
+
+
+async def test_a_dead_workers_figures_are_not_reported(nursery: trio.Nursery) -> None:
+    """Once a worker exits, its last heartbeat's figures are dropped: /metrics and /readyz
+    must not go on reporting a dead worker's connections and store."""
+    supervisor = _fake_worker_supervisor(
+        'channel.sendall(b\'{"snapshot": {"store": null}}\\n\')\ntime.sleep(10)\n'
+    )
+    slot = supervisor.slots[0]
+    exited = trio.Event()
+
+    async def run_worker() -> None:
+        await supervisor._run_worker(slot)
+        exited.set()
+
+    nursery.start_soon(run_worker)
+    await wait_until(lambda: slot.snapshot is not None)
+    assert supervisor.snapshots() == [("1", {"store": None})]
+    slot.process.kill()
+    with trio.fail_after(5):
+        await exited.wait()
+    assert slot.snapshot is None
+    assert supervisor.snapshots() == []
+
+
+@pytest.mark.parametrize(
+    ("worker_script", "start_failed"),
+    [("sys.exit(3)", 3), ("os.kill(os.getpid(), signal.SIGKILL)", None)],
+)
+async def test_only_an_exit_code_before_serving_means_the_settings_are_wrong(
+    worker_script: str, start_failed: int | None
+) -> None:
+    """A worker that exits with a code > 0 before any worker served stops the supervisor
+    (its settings or store are wrong); one killed by a signal before serving (the OOM
+    killer, an operator) is restarted after the backoff like any other."""
+    supervisor = _fake_worker_supervisor(worker_script)
+    with capture_logs() as logs, trio.move_on_after(0.5):
+        await supervisor._keep_running(supervisor.slots[0], trio.CancelScope())
+    assert supervisor._start_failed == start_failed
+    restarts = sum(e["event"] == "worker_restarting" for e in logs)
+    assert restarts == 0 if start_failed else restarts >= 1
+
+
+def test_sigterm_while_workers_start_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM while the workers are still starting (no handler yet: the signal ends them)
+    is a clean stop: exit 0, as when they serve."""
+    with server_process(
+        tmp_path / "log", "--workers", "2", "--store", "none", started_event="worker_started"
+    ) as server:
+        server.signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+
+
+def test_sigterm_while_a_worker_restarts_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM while a killed worker waits out its restart backoff (or its replacement is
+    still starting): that slot has nothing to stop, so the supervisor still exits 0 once the
+    serving worker exited 0; its earlier death by SIGKILL is not the shutdown's result."""
+    with server_process(tmp_path / "log", "--workers", "2", "--store", "none") as server:
+
+        def started() -> dict[int, int]:
+            return {
+                e["worker"]: e["pid"] for e in server.events() if e["event"] == "worker_started"
+            }
+
+        # Both serving (the supervisor's own listening event): worker 2 must drain.
+        poll_until(
+            lambda: any(e["event"] == "listening" and e["worker"] == 0 for e in server.events()),
+            what="both workers serving",
+        )
+        killed = started()[1]
+        os.kill(killed, signal.SIGKILL)
+        poll_until(
+            lambda: any(
+                e.get("pid") == killed and e["event"] == "worker_exited" for e in server.events()
+            ),
+            what="the killed worker's exit",
+        )
+        server.signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+        stopped = [e for e in server.events() if e["event"] == "supervisor_stopped"]
+        assert stopped[0]["worker_exit_codes"][1] == 0  # worker 2 drained and exited 0

@@ -359,6 +359,49 @@ async def test_abandoned_commit_rolls_back_before_the_next_one(tmp_path: Path) -
     assert integrity(path) == "ok"
 
 
+@contextlib.contextmanager
+def writer_lock_held(path: Path) -> Iterator[None]:
+    """The store's writer lock file (``PATH.lock``) held by this process, as another
+    server's writer (or a stuck one) would hold it."""
+    import fcntl
+
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def test_a_held_lock_file_is_unavailable_and_closing_does_not_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process holds the writers' lock file, a commit is refused as
+    unavailable after the busy timeout, one cut off by the server's store timeout stops
+    waiting, and closing the store (the graceful shutdown) returns at once rather than
+    waiting for the lock; once the lock is free a batch goes in."""
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    try:
+        with writer_lock_held(path):
+            with trio.fail_after(2), pytest.raises(StoreUnavailable, match="database is locked"):
+                await store.store(batch_of([b"refused"]))
+            with trio.move_on_after(0.1) as timeout:
+                await store.store(batch_of([b"cut off"]))
+            assert timeout.cancelled_caught
+            with trio.fail_after(1):
+                await store.aclose()
+        reopened = await SQLiteStore.open(path)
+        try:
+            await reopened.store(batch_of([b"accepted"]))
+        finally:
+            await reopened.aclose()
+    finally:
+        await store.aclose()  # again: closing twice is harmless
+    assert [m.payload for m in await read_all(path)] == [b"accepted"]
+
+
 async def test_follow_sees_messages_committed_later(tmp_path: Path) -> None:
     """A following reader yields what was there, then what other connections commit while
     it waits, without ending."""

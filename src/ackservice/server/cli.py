@@ -21,7 +21,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
@@ -297,19 +297,20 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return _supervise(args, argv, environ, activated, notifier)
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
     try:
-        return trio.run(
-            functools.partial(
-                _open_store_and_serve,
-                config,
-                args.store,
-                args.port_file,
-                activated,
-                notifier,
-                metrics=(args.metrics_host, args.metrics_port),
-                role=role,
-                tls=tls,
+        with _single_errors_unwrapped():
+            return trio.run(
+                functools.partial(
+                    _open_store_and_serve,
+                    config,
+                    args.store,
+                    args.port_file,
+                    activated,
+                    notifier,
+                    metrics=(args.metrics_host, args.metrics_port),
+                    role=role,
+                    tls=tls,
+                )
             )
-        )
     except (StoreError, PortFileError, MetricsPortError) as exc:
         print(f"ackservice.server: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
@@ -345,7 +346,8 @@ def _supervise(
         port_file=args.port_file,
     )
     try:
-        return trio.run(supervise, settings)
+        with _single_errors_unwrapped():
+            return trio.run(supervise, settings)
     except StartFailed as exc:
         print(f"ackservice.server: error: {exc} (its log says why)", file=sys.stderr)
         return exc.code if exc.code > 0 else EXIT_START_FAILED
@@ -360,6 +362,26 @@ def _supervise(
         if args.port_file is not None:
             with contextlib.suppress(OSError):
                 os.unlink(args.port_file)
+
+
+@contextlib.contextmanager
+def _single_errors_unwrapped() -> Iterator[None]:
+    """Re-raise an exception group holding one exception (through nested groups of one) as
+    that exception.
+
+    Trio raises what fails inside a nursery (writing the port file once listening, the
+    supervisor's tasks) wrapped in an ``ExceptionGroup``, which ``except OSError`` and the
+    like never match: the one-line start-up errors became tracebacks.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if error is group:
+            raise
+        raise error from error.__cause__  # keeps its own cause; the group adds nothing
 
 
 def _workers(text: str) -> int:

@@ -15,9 +15,12 @@ for all, and the port stays reserved while a worker restarts) and then only watc
 - a worker that exits is restarted, after a backoff that doubles (0.1 s to 10 s) while
   workers keep dying young, logged as ``worker_exited`` and ``worker_started``;
 - SIGTERM/SIGINT: ``STOPPING=1``, SIGTERM to every worker (each answers what it read, says
-  ``ERR 0 shutting-down`` and exits 0 within ``--shutdown-grace``), exit 0 once all exited
-  0; a second signal is passed on (each worker then exits at once) and the exit code is 130;
-- SIGHUP is passed on (every process reopens its ``--log-file``);
+  ``ERR 0 shutting-down`` and exits 0 within ``--shutdown-grace``), exit 0 once every
+  worker that served exited 0 (one still starting may end by the SIGTERM itself; one in a
+  restart backoff is not restarted); a second signal is passed on (each worker then exits
+  at once) and the exit code is 130;
+- SIGHUP is passed on (every process reopens its ``--log-file``); to a worker still
+  starting (no handler yet: SIGHUP would kill it) once it says it is ready;
 - ``READY=1`` (systemd) once every worker serves; ``/metrics``, ``/healthz`` and ``/readyz``
   are served by the supervisor alone, from the workers' latest counts, labelled ``worker``.
 
@@ -125,6 +128,24 @@ class _Slot:
     snapshot: Snapshot | None = None
     restarts: int = 0
     exit_code: int | None = None
+    hangup_pending: bool = False
+    """A SIGHUP arrived while the worker was starting: passed on once it is ready."""
+    serving_at_stop: bool = False
+    """Its worker was ready at the first stop signal: it must then exit 0."""
+    running_at_stop: bool = False
+    """A worker ran (ready or still starting) at the first stop signal; if not, the slot
+    was waiting out a restart backoff and has nothing left to stop."""
+
+    def stopped_cleanly(self, code: int | None) -> bool:
+        """Whether ``code`` (its worker's exit status, None if it never ran) is a clean end
+        to the graceful shutdown for this slot."""
+        if self.serving_at_stop:
+            return code == 0
+        if not self.running_at_stop:
+            return True
+        # Still starting: until its signal receiver is installed, SIGTERM's default action
+        # ends it, and it had nothing to drain.
+        return code in (0, -signal.SIGTERM)
 
 
 class StartFailed(Exception):
@@ -180,12 +201,21 @@ class _Supervisor:
             self._addresses = [_format(sock.getsockname()) for sock in reserved]
         signals_to_watch = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         try:
+            metrics_listeners: list[trio.SocketListener] = []
+            if settings.metrics_port is not None:
+                # Bound before the nursery and before any worker starts: a port in use is a
+                # plain MetricsPortError (one line from the CLI) with no worker to clean up.
+                from .monitoring import open_monitoring_listeners
+
+                metrics_listeners = await open_monitoring_listeners(
+                    settings.metrics_host, settings.metrics_port
+                )
             with trio.open_signal_receiver(*signals_to_watch) as signals:
                 async with trio.open_nursery() as nursery:
+                    if metrics_listeners:
+                        await nursery.start(self._serve_metrics, metrics_listeners)
                     for slot in self.slots:
                         nursery.start_soon(self._keep_running, slot, nursery.cancel_scope)
-                    if settings.metrics_port is not None:
-                        await nursery.start(self._serve_metrics)
                     nursery.start_soon(self._announce_ready)
                     task_status.started(self._addresses)
                     # Until _kill_stragglers (started by the first stop signal) ends it all,
@@ -206,7 +236,8 @@ class _Supervisor:
         )
         if self.forced:
             return EXIT_FORCED
-        return EXIT_OK if all(code == 0 for code in codes) else 1
+        clean = all(slot.stopped_cleanly(slot.exit_code) for slot in self.slots)
+        return EXIT_OK if clean else 1
 
     # --- signals ---------------------------------------------------------------------
 
@@ -214,7 +245,7 @@ class _Supervisor:
         """Act on ``signum``: pass SIGHUP on; stop the workers gracefully, then at once."""
         if signum == signal.SIGHUP:
             reopen_log_file()
-            self._signal_workers(signal.SIGHUP)
+            self._pass_on_hangup()
             log.info("signal_forwarded", signal=signum.name)
             return
         if self.stopping:
@@ -224,9 +255,28 @@ class _Supervisor:
             return
         log.info("signal_received", signal=signum.name)
         self.stopping = True
+        for slot in self.slots:
+            slot.serving_at_stop = slot.ready
+            slot.running_at_stop = slot.process is not None
         self.settings.notifier.notify(stopping=1, status=f"shutting down {len(self.slots)} workers")
         self._signal_workers(signal.SIGTERM)
         nursery.start_soon(self._kill_stragglers, nursery.cancel_scope)
+
+    def _pass_on_hangup(self) -> None:
+        """SIGHUP to every worker that is ready; the others get it once they are.
+
+        A starting worker has no handler for SIGHUP yet (it says ``ready`` from inside its
+        signal receiver), and the default action would kill it: during the service's
+        start-up that stops the whole service. It may still have opened the old log file,
+        so it is not skipped, only deferred.
+        """
+        for slot in self.slots:
+            if slot.process is None or slot.process.returncode is not None:
+                continue
+            if slot.ready:
+                slot.process.send_signal(signal.SIGHUP)
+            else:
+                slot.hangup_pending = True
 
     def _signal_workers(self, signum: signal.Signals) -> None:
         for slot in self.slots:
@@ -258,9 +308,16 @@ class _Supervisor:
             code = await self._run_worker(slot)
             if self.stopping:
                 return
-            if not slot.ever_ready and not self._all_ready.is_set():
+            if (
+                code is not None
+                and code > 0
+                and not slot.ever_ready
+                and not self._all_ready.is_set()
+            ):
                 # It never served, and the server has not started: the settings (or the
-                # store) are wrong, and every restart would fail the same way.
+                # store) are wrong, and every restart would fail the same way. Only an exit
+                # code says so: a death by signal (the OOM killer, an operator's kill) is
+                # the process's fate, not the settings', and a restart may well serve.
                 self._start_failed = code
                 self.stopping = True
                 self._signal_workers(signal.SIGTERM)
@@ -273,11 +330,16 @@ class _Supervisor:
             backoff = min(backoff * 2, _BACKOFF_MAX)
             slot.restarts += 1
 
-    async def _run_worker(self, slot: _Slot) -> int:
-        """Start the worker of ``slot``, watch it until it exits; its exit code."""
+    async def _run_worker(self, slot: _Slot) -> int | None:
+        """Start the worker of ``slot``, watch it until it exits; its exit code, or None if
+        it could not be started (logged; the caller backs off and tries again)."""
         settings = self.settings
         heartbeat = min(1.0, settings.worker_timeout / 4)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            _log_start_failed(slot, exc)
+            return None
         env = dict(settings.environ)
         role = {"id": slot.worker_id, "fd": theirs.fileno(), "port": self._port}
         env[WORKER_ENV] = json.dumps({**role, "heartbeat": heartbeat})
@@ -294,16 +356,28 @@ class _Supervisor:
                 start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
                 stdin=subprocess.DEVNULL,
             )
+        except BaseException as exc:
+            ours.close()
+            if isinstance(exc, OSError):
+                _log_start_failed(slot, exc)
+                return None
+            raise
         finally:
             theirs.close()
         slot.process, slot.ready, slot.exit_code = process, False, None
+        slot.hangup_pending = False  # a new process opens the log file afresh
+        if self.stopping:
+            # Started while the stop signal arrived (open_process runs in a thread): it
+            # missed the SIGTERM sent to the others.
+            slot.running_at_stop = True
+            process.send_signal(signal.SIGTERM)
         slot.last_heard = trio.current_time() + _START_ALLOWANCE
         log.info("worker_started", worker=slot.worker_id, pid=process.pid)
         channel = trio.socket.from_stdlib_socket(ours)
         try:
             async with trio.open_nursery() as watching:
                 watching.start_soon(self._listen, slot, channel)
-                watching.start_soon(self._watch_heartbeat, slot, process)
+                watching.start_soon(self._watch_heartbeat, slot, process, ours)
                 code = await process.wait()
                 watching.cancel_scope.cancel()
         finally:
@@ -312,7 +386,9 @@ class _Supervisor:
                 if process.returncode is None:  # cancelled: never leave a worker behind
                     process.kill()
                     await process.wait()
-            slot.process, slot.ready = None, False
+            # Its last figures go too: /metrics and /readyz must not report a dead worker's
+            # connections or store as current.
+            slot.process, slot.ready, slot.snapshot = None, False, None
             self._exited.set()
             self._exited = trio.Event()
         slot.exit_code = code
@@ -321,7 +397,7 @@ class _Supervisor:
             fields["signal"] = signal.Signals(-code).name
         else:
             fields["exit_code"] = code
-        if self.stopping and code == 0:
+        if self.stopping and slot.stopped_cleanly(code):
             log.info("worker_exited", **fields)
         else:
             log.warning("worker_exited", **fields)
@@ -343,14 +419,19 @@ class _Supervisor:
                     slot.snapshot = message["snapshot"]
                 if message.get("ready") and not slot.ready:
                     slot.ready = slot.ever_ready = True
+                    if slot.hangup_pending and slot.process is not None:
+                        slot.hangup_pending = False
+                        slot.process.send_signal(signal.SIGHUP)
                     if all(other.ready for other in self.slots):
                         self._all_ready.set()
 
-    async def _watch_heartbeat(self, slot: _Slot, process: trio.Process) -> None:
+    async def _watch_heartbeat(
+        self, slot: _Slot, process: trio.Process, channel: socket.socket
+    ) -> None:
         timeout = self.settings.worker_timeout
         while True:
             silent_for = trio.current_time() - slot.last_heard
-            if silent_for > timeout and not self.stopping:
+            if silent_for > timeout and not self.stopping and not _has_queued_data(channel):
                 log.error(
                     "worker_unresponsive",
                     worker=slot.worker_id,
@@ -389,21 +470,16 @@ class _Supervisor:
         ]
 
     async def _serve_metrics(
-        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]]
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]],
     ) -> None:
         from prometheus_client import generate_latest
 
         from .metrics import AckServiceCollector, metrics_registry
-        from .monitoring import (
-            MonitoringApp,
-            format_address,
-            open_monitoring_listeners,
-            serve_monitoring,
-        )
+        from .monitoring import MonitoringApp, format_address, serve_monitoring
 
-        settings = self.settings
-        assert settings.metrics_port is not None
-        listeners = await open_monitoring_listeners(settings.metrics_host, settings.metrics_port)
         log.info(
             "metrics_listening",
             addresses=[format_address(listener.socket.getsockname()) for listener in listeners],
@@ -447,6 +523,31 @@ class _SupervisorCollector:
 
     def describe(self) -> list[Any]:
         return []
+
+
+def _log_start_failed(slot: _Slot, exc: OSError) -> None:
+    """Log that the worker of ``slot`` could not be started (out of file descriptors or
+    processes): not the settings' fault, so not the end of the supervisor either."""
+    log.error(
+        "worker_start_failed",
+        worker=slot.worker_id,
+        error=exc.strerror or str(exc),
+        hint="tried again after a backoff",
+    )
+
+
+def _has_queued_data(channel: socket.socket) -> bool:
+    """Whether the worker's lines wait unread on ``channel``.
+
+    A supervisor that was itself paused (SIGSTOP, a stalled VM) past ``--worker-timeout``
+    wakes with its heartbeat checks and the heartbeats queued meanwhile ready in the same
+    batch, and a check may run before ``_listen`` has read them: a worker is silent only if
+    nothing is waiting either (``_listen`` then reads it and updates ``last_heard``).
+    """
+    try:
+        return bool(channel.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing queued; anything else: no heartbeat either
+        return False
 
 
 def _format(address: tuple[Any, ...]) -> tuple[str, int]:
