@@ -519,58 +519,44 @@ def _chunk_rows(batch: Sequence[Message], next_id: int) -> tuple[list[tuple[obje
         crc32s.byteswap()
     payloads = list(map(_payload_of, batch))
     rows: list[tuple[object, ...]] = []
-    append = rows.append
+
+    def add_run(head: Message, start: int, end: int) -> None:
+        """One row for ``batch[start:end]``, a run of ``head``'s connection and read."""
+        rows.append(
+            (
+                next_id + start,
+                end - start,
+                head.received_at,
+                head.peer,
+                head.conn_id,
+                head.seq,
+                head.identity,
+                lengths[start:end].tobytes(),
+                crc32s[start:end].tobytes(),
+                b"".join(payloads[start:end]),
+            )
+        )
+
     head = batch[0]
     start = 0
     expected = head.seq + 1
-    conn_id, peer, identity, received_at = head.conn_id, head.peer, head.identity, head.received_at
     for index in range(1, len(batch)):
         m = batch[index]
         if (
             m.seq == expected
-            and m.conn_id == conn_id
-            and m.received_at == received_at
-            and m.peer == peer
-            and m.identity == identity
+            and m.conn_id == head.conn_id
+            and m.received_at == head.received_at
+            and m.peer == head.peer
+            and m.identity == head.identity
         ):
             expected += 1
             continue
-        count = index - start
-        append(
-            (
-                next_id,
-                count,
-                received_at,
-                peer,
-                conn_id,
-                head.seq,
-                identity,
-                lengths[start:index].tobytes(),
-                crc32s[start:index].tobytes(),
-                b"".join(payloads[start:index]),
-            )
-        )
-        next_id += count
+        add_run(head, start, index)
         head = m
         start = index
         expected = m.seq + 1
-        conn_id, peer, identity, received_at = m.conn_id, m.peer, m.identity, m.received_at
-    end = len(batch)
-    append(
-        (
-            next_id,
-            end - start,
-            received_at,
-            peer,
-            conn_id,
-            head.seq,
-            identity,
-            lengths[start:end].tobytes(),
-            crc32s[start:end].tobytes(),
-            b"".join(payloads[start:end]),
-        )
-    )
-    return rows, next_id + end - start
+    add_run(head, start, len(batch))
+    return rows, next_id + len(batch)
 
 
 def _begin_immediate(connection: sqlite3.Connection, abandoned: threading.Event) -> None:
