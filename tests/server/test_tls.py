@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import (
+    AckHandler,
     MessageContext,
     Server,
     ServerConfig,
@@ -510,3 +511,21 @@ async def test_refused_clients_cannot_hold_many_descriptors(
     assert sum(ended) == 70 - 64
     await admitted.send_all(b"still served\n")
     assert await LineReader(admitted).line() == ack_line(1, b"still served")[:-1]
+
+
+async def test_a_shutdown_before_the_handshake_began_does_not_wait_for_it(
+    tls_files: TLSFiles, logs: EventList
+) -> None:
+    """Admitted, then the shutdown begins before the connection's task first runs: nothing
+    was waiting to be woken, and the handshake must not be begun at all."""
+    handler = AckHandler(
+        ServerConfig(), tls=server_tls_context(tls_files.server_cert, tls_files.server_key)
+    )
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with theirs, trio.fail_after(2):  # the handshake timeout is 10 s
+        async with trio.open_nursery() as nursery:
+            handler.start_socket(nursery, ours, ("127.0.0.1", 1))
+            handler.begin_shutdown()
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["reason"] == "shutting-down"

@@ -204,11 +204,17 @@ class Connection:
         try:
             transport = self._transport
             if transport.needs_handshake:
-                self._waiting = True  # a shutdown wakes the handshake too
-                try:
-                    established = await transport.handshake(started + config.tls_handshake_timeout)
-                finally:
-                    self._waiting = False
+                # A shutdown wakes the handshake too; one that began before this task ran
+                # is seen here (nothing could wake a handshake not yet waiting).
+                established = False
+                if not self._owner.shutting_down:
+                    self._waiting = True
+                    try:
+                        established = await transport.handshake(
+                            started + config.tls_handshake_timeout
+                        )
+                    finally:
+                        self._waiting = False
                 self.identity = transport.identity
                 if self.identity is not None:
                     identity_token = structlog.contextvars.bind_contextvars(identity=self.identity)
