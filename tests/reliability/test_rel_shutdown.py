@@ -11,6 +11,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -81,6 +82,30 @@ async def streaming_clients(
     await poll_until(lambda: all(h.acks for h in histories), 0.05)
 
 
+def assert_drained_cleanly(
+    server: ServerUnderTest, code: int, runs: list[ClientRun], history: History, connections: int
+) -> Any:
+    """What a graceful shutdown under load must leave: exit 0, not forced, no problem in the
+    log, every client told ``shutting-down`` after exactly the replies the server counted
+    for it, and the checker's verdict valid (lost 0); the verdict, for the report."""
+    assert code == 0
+    [complete] = server.events_named("shutdown_complete")
+    assert complete["forced"] is False
+    assert not server.log_problems()
+    assert len(runs) == connections
+    assert {run.end for run in runs} == {"shutting-down"}
+    answered_by_peer = {
+        event["peer"]: event["messages"]
+        for event in server.events_named("connection_closed")
+        if event["reason"] == "shutting-down"
+    }
+    for run in runs:
+        assert run.acked + run.refused == answered_by_peer[run.local]
+    verdict = check(history, server.records())
+    verdict.assert_valid()
+    return verdict
+
+
 def signal_then_probe(pid: int, port: int) -> tuple[float, list[bytes]]:
     """Send SIGTERM, then connect every 2 ms until a connection is refused; return the
     seconds from the signal to the refusal, and what each connection accepted meanwhile
@@ -142,22 +167,8 @@ async def test_sigterm_with_200_streaming_connections(
 
     assert refused_after < REFUSAL_BOUND, f"refused only after {refused_after * 1000:.0f} ms"
     assert all(t == b"reset" or t.startswith(b"ERR 0 shutting-down") for t in told), told
-    assert code == 0
     assert exited_after < GRACE
-    [complete] = server.events_named("shutdown_complete")
-    assert complete["forced"] is False
-    assert not server.log_problems()
-    assert len(runs) == CONNECTIONS
-    assert {run.end for run in runs} == {"shutting-down"}
-    answered_by_peer = {
-        event["peer"]: event["messages"]
-        for event in server.events_named("connection_closed")
-        if event["reason"] == "shutting-down"
-    }
-    for run in runs:
-        assert run.acked + run.refused == answered_by_peer[run.local]
-    verdict = check(history, server.records())
-    verdict.assert_valid()
+    verdict = assert_drained_cleanly(server, code, runs, history, CONNECTIONS)
     report(
         connections=CONNECTIONS,
         refused_after_ms=round(refused_after * 1000, 1),
