@@ -28,7 +28,7 @@ import psutil
 import trio
 from rel_checker import History, Recorded, message_key, read_records
 
-from ackservice.client import client_tls_context
+from ackservice.client import ClientStats, client_tls_context, open_client
 from ackservice.client.tls import close_stream
 from ackservice.protocol import (
     Ack,
@@ -610,3 +610,19 @@ class WireTap(trio.abc.HalfCloseableStream):
         # Over TLS, close_notify first, as the client closes its own TLS streams (it closes
         # others, such as this tap, forcefully: without close_notify).
         await close_stream(self._stream)
+
+
+async def deliver_all(
+    port: int,
+    payloads: list[bytes],
+    connect: Callable[[], Any],
+    **settings: Any,
+) -> ClientStats:
+    """Send ``payloads`` with the library client over ``connect``'s streams (a tap, a proxy,
+    TLS) and require every one acknowledged, in order; the client's totals (connections,
+    resends). ``settings`` go to ``open_client`` (window, retries, backoff, timeouts)."""
+    async with open_client("127.0.0.1", port, connect=connect, **settings) as client:
+        receipts = [receipt async for receipt in client.send_many(payloads)]
+    assert [receipt.payload for receipt in receipts] == payloads
+    assert all(receipt.acked for receipt in receipts)
+    return client.stats
