@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import platform
 import zlib
 
 import pytest
@@ -20,6 +21,7 @@ from ackservice.protocol import (
     ProtocolError,
     ack_line,
     ack_lines,
+    crc32,
     crc32_hex,
     err_line,
     escape_controls,
@@ -318,3 +320,24 @@ def test_message_line_refuses_newlines() -> None:
     """A payload with a newline cannot be one message."""
     with pytest.raises(ValueError, match="newline"):
         message_line(b"two\nlines")
+
+
+@given(st.binary(max_size=4096), st.integers(0, 2**32 - 1), st.integers(0, 64))
+def test_crc32_is_zlibs_for_any_bytes_running_value_and_view(
+    data: bytes, start: int, offset: int
+) -> None:
+    """The protocol's CRC-32 (ISA-L's where installed) is zlib's, as every client computes it:
+    whole, continued from a running value, and over a memoryview slice (the server's uses)."""
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(data, start) == zlib.crc32(data, start)
+    assert crc32(memoryview(data)[offset:]) == zlib.crc32(data[offset:])
+
+
+@pytest.mark.skipif(
+    platform.machine() not in {"x86_64", "AMD64", "aarch64", "arm64"},
+    reason="the isal dependency is only declared where it has wheels",
+)
+def test_crc32_is_isals_where_the_dependency_is_declared() -> None:
+    """The fast CRC is really in use where pyproject.toml installs it (a broken import would
+    fall back to zlib silently, and only the benchmarks would notice)."""
+    assert crc32.__module__.startswith("isal")

@@ -15,12 +15,19 @@ is dropped. Server to client, one line per message, in order::
 from __future__ import annotations
 
 import unicodedata
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 from .errors import ProtocolError
+
+try:
+    # ISA-L's CRC-32 (PCLMULQDQ): the same function as zlib's, measured 4x faster on a 64-byte
+    # message (37 vs 154 ns) and 10x on 16 KiB, where zlib's was a fifth of the server's CPU
+    # per pipelined ACK (docs/benchmarks.md, "CRC-32").
+    from isal.isal_zlib import crc32
+except ImportError:  # a platform without its wheels (the dependency is not required there)
+    from zlib import crc32
 
 __all__ = [
     "ACK_FORMAT",
@@ -37,6 +44,7 @@ __all__ = [
     "Reply",
     "ack_line",
     "ack_lines",
+    "crc32",
     "crc32_hex",
     "err_line",
     "escape_controls",
@@ -228,7 +236,7 @@ class Ack:
 
     def matches(self, payload: bytes) -> bool:
         """Whether this acknowledgment proves that ``payload`` arrived intact."""
-        return self.nbytes == len(payload) and self.crc32 == zlib.crc32(payload)
+        return self.nbytes == len(payload) and self.crc32 == crc32(payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,17 +259,16 @@ Reply = Ack | Err
 
 def crc32_hex(payload: bytes) -> str:
     """The checksum as it appears on the wire: zlib's CRC-32 as 8 lowercase hex digits."""
-    return f"{zlib.crc32(payload):08x}"
+    return f"{crc32(payload):08x}"
 
 
 def ack_line(seq: int, payload: bytes) -> bytes:
     """The ``ACK`` line for message ``seq`` carrying ``payload``."""
-    return ACK_FORMAT % (seq, len(payload), zlib.crc32(payload))
+    return ACK_FORMAT % (seq, len(payload), crc32(payload))
 
 
 def ack_lines(first_seq: int, payloads: Iterable[bytes]) -> bytes:
     """The ``ACK`` lines for consecutive messages, joined for a single write."""
-    crc32 = zlib.crc32
     return b"".join(
         [
             ACK_FORMAT % (seq, len(payload), crc32(payload))

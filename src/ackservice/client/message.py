@@ -3,13 +3,12 @@ and the internal record of a message on its way."""
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import trio
 
 from ..errors import AckServiceError
-from ..protocol import Ack, Err, message_line
+from ..protocol import Ack, Err, crc32, message_line
 
 __all__ = ["ClientStats", "Outgoing", "Receipt"]
 
@@ -89,7 +88,7 @@ class Outgoing:
     def __init__(self, index: int, payload: bytes) -> None:
         self.index = index
         self.payload = payload
-        self.crc32 = zlib.crc32(payload)
+        self.crc32 = crc32(payload)
         self.attempts = 0
         self.sent_at = 0.0
         self.replied_at = 0.0

@@ -3,7 +3,7 @@
 Sans-IO like ``ackservice.protocol``, and equivalent to running ``MessageFramer`` and
 answering each message with ``ack_line`` (or a too-large ``ERR``): a hypothesis property in
 the tests holds the two to identical output for any input and any chunking. It exists for
-speed and memory. An ACK needs only a message's length and CRC-32, and ``zlib.crc32`` takes a
+speed and memory. An ACK needs only a message's length and CRC-32, and ``crc32`` takes a
 running value, so a message split across reads is checksummed piece by piece and never
 buffered: the state per connection is a few integers, whatever the message size.
 """
@@ -11,9 +11,8 @@ buffered: the state per connection is a few integers, whatever the message size.
 from __future__ import annotations
 
 from typing import Final
-from zlib import crc32
 
-from ..protocol import ACK_FORMAT, too_large_line
+from ..protocol import ACK_FORMAT, crc32, too_large_line
 from .ack_block import ack_block
 
 __all__ = ["Acknowledger"]

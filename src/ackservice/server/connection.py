@@ -25,7 +25,6 @@ import errno
 import functools
 import logging
 import time
-import zlib
 from collections.abc import Sequence
 from typing import Final, Protocol
 
@@ -39,6 +38,7 @@ from ..protocol import (
     MessageFramer,
     Oversized,
     ack_lines,
+    crc32,
     err_line,
     too_large_line,
 )
@@ -416,7 +416,6 @@ class Connection:
             self.messages += len(frames)
             return self._answer_unkept(first_seq, frames)
         received_at = time.time()
-        crc32 = zlib.crc32
         messages = []
         nbytes = 0
         peer, conn_id, identity = self.peer, self.conn_id, self.identity
@@ -485,7 +484,7 @@ class Connection:
             else:
                 assert isinstance(frame, bytes)
                 log.debug("message_acked", seq=seq, nbytes=len(frame))
-                replies.append(ACK_FORMAT % (seq, len(frame), zlib.crc32(frame)))
+                replies.append(ACK_FORMAT % (seq, len(frame), crc32(frame)))
         return b"".join(replies)
 
     @staticmethod

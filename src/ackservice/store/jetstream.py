@@ -43,7 +43,6 @@ import json
 import secrets
 import threading
 import time
-import zlib
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -55,6 +54,7 @@ import trio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from ..protocol import crc32
 from .base import Message, StoredMessage, StoreError, StoreStats, StoreUnavailable
 from .url import JetStreamURL
 
@@ -734,7 +734,7 @@ def _stored(
         peer=headers.get(_HEADER_PREFIX + "Peer", ""),
         conn_id=number("Conn-Id", 0),
         seq=number("Seq", 0),
-        crc32=number("Crc32", zlib.crc32(payload)),
+        crc32=number("Crc32", crc32(payload)),
         payload=payload,
         identity=headers.get(_HEADER_PREFIX + "Identity"),
     )
