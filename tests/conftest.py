@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -39,6 +40,16 @@ def quiet_structlog() -> Iterator[None]:
     structlog.configure(processors=[_drop])
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def info_level() -> None:
+    """Log at info, the CLI's default: without per-message debug events a connection answers
+    from lengths and checksums (the Acknowledger), and request/response messages in the
+    readiness hub's dispatcher, which the debug level of the other tests never reaches."""
+    structlog.configure(
+        processors=[_drop], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
+    )
 
 
 @pytest.fixture

@@ -220,6 +220,7 @@ async def test_out_of_descriptors_is_logged_rarely_and_survived(
 # loop that the memory-stream tests cover; these check them over real sockets, real clock.
 
 
+@pytest.mark.usefixtures("info_level")
 async def test_idle_timeout_over_tcp_ignores_trickled_bytes(
     nursery: trio.Nursery, connect: Connect
 ) -> None:
@@ -244,6 +245,7 @@ async def test_idle_timeout_over_tcp_ignores_trickled_bytes(
     assert 0.55 <= trio.current_time() - last_complete < 3
 
 
+@pytest.mark.usefixtures("info_level")
 async def test_active_connection_outlives_many_idle_periods(
     nursery: trio.Nursery, connect: Connect
 ) -> None:
@@ -256,6 +258,24 @@ async def test_active_connection_outlives_many_idle_periods(
         await stream.send_all(b"tick\n")
         assert (await reader.line()).startswith(b"ACK %d " % seq)
         await trio.sleep(0.1)
+
+
+@pytest.mark.usefixtures("info_level")
+async def test_request_response_then_half_close_ends_the_connection(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """Messages answered one at a time (in the readiness hub's dispatcher, the connection's
+    task still waiting), then the client's half-close: the connection ends at once. The
+    end of stream's wake-up must read, not take the socket as drained by the last answer."""
+    server = await start(nursery)
+    stream = await connect(server.port)
+    reader = LineReader(stream)
+    for seq in range(1, 6):
+        await stream.send_all(b"message %d\n" % seq)
+        assert await reader.line() == ack_line(seq, b"message %d" % seq)[:-1]
+    await stream.send_eof()
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b""
 
 
 async def test_client_not_reading_over_tcp_is_dropped_after_send_timeout(

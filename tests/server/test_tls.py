@@ -145,6 +145,16 @@ class BioClient:
             self.tls.unwrap()
         return self.outgoing.read()
 
+    async def read_line(self) -> bytes:
+        """The next reply line (with its newline), when the server sends one at a time."""
+        received = b""
+        with trio.fail_after(5):
+            while not received.endswith(b"\n"):
+                self.incoming.write(await self.sock.recv(65536))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    received += self.tls.read(65536)
+        return received
+
     async def read_all(self) -> bytes:
         """Everything the server sends until its close_notify (``closed_cleanly``) or the
         end of the TCP stream."""
@@ -170,6 +180,7 @@ class BioClient:
                 received += chunk
 
 
+@pytest.mark.usefixtures("info_level")
 async def test_round_trip(nursery: trio.Nursery, tls_files: TLSFiles) -> None:
     server = await start(nursery, tls_files)
     stream = await connect(server.port, client_context(tls_files))
@@ -182,6 +193,7 @@ async def test_round_trip(nursery: trio.Nursery, tls_files: TLSFiles) -> None:
     await stream.aclose()
 
 
+@pytest.mark.usefixtures("info_level")
 async def test_close_notify_is_a_half_close_answered_in_full(
     nursery: trio.Nursery, tls_files: TLSFiles
 ) -> None:
@@ -193,6 +205,41 @@ async def test_close_notify_is_a_half_close_answered_in_full(
     with trio.fail_after(5):
         replies = await client.read_all()
     assert replies == ack_line(1, b"one") + ack_line(2, b"two") + ack_line(3, b"last")
+    assert client.closed_cleanly
+
+
+@pytest.mark.usefixtures("info_level")
+async def test_close_notify_after_a_whole_message_is_seen(
+    nursery: trio.Nursery, tls_files: TLSFiles
+) -> None:
+    """One whole message and close_notify in one read: the message is answered and the
+    close_notify is not left unread (no TCP end of stream follows it, so no edge would
+    wake the connection again: the readiness hub's answerer must leave it to the task)."""
+    server = await start(nursery, tls_files)
+    client = await BioClient.connect(server.port, client_context(tls_files))
+    await client.sendall(client.encrypt(b"one\n"))
+    assert await client.read_line() == ack_line(1, b"one")  # the connection now waits
+    await client.sendall(client.encrypt(b"two\n") + client.close_notify())
+    with trio.fail_after(5):
+        replies = await client.read_all()
+    assert replies == ack_line(2, b"two")
+    assert client.closed_cleanly
+
+
+@pytest.mark.usefixtures("info_level")
+async def test_request_response_then_close_notify(
+    nursery: trio.Nursery, tls_files: TLSFiles
+) -> None:
+    """Messages answered one at a time (in the readiness hub's dispatcher), then
+    close_notify alone, TCP still open: the server's close_notify answers it."""
+    server = await start(nursery, tls_files)
+    client = await BioClient.connect(server.port, client_context(tls_files))
+    for seq in range(1, 6):
+        await client.sendall(client.encrypt(b"message %d\n" % seq))
+        assert await client.read_line() == ack_line(seq, b"message %d" % seq)
+    await client.sendall(client.close_notify())
+    with trio.fail_after(5):
+        assert await client.read_all() == b""
     assert client.closed_cleanly
 
 

@@ -52,16 +52,9 @@ class Acknowledger:
         """Take the next chunk of the stream; return the replies for the messages it ends."""
         if type(data) is not bytes:
             data = bytes(data)
-        last = len(data) - 1
-        if (
-            data.find(b"\n") == last >= 0
-            and not (self._length or self._held_cr or self._discarding)
-            and last <= self._max
-        ):
-            # The request/response case: the chunk is exactly one whole message.
-            length = last - 1 if last and data[last - 1] == _CR else last
-            self.seq += 1
-            return ACK_FORMAT % (self.seq, length, crc32(memoryview(data)[:length]))
+        reply = self.answer_whole(data)
+        if reply is not None:
+            return reply
         start = 0
         if self._discarding:
             start = data.find(b"\n") + 1
@@ -85,6 +78,21 @@ class Acknowledger:
             replies.append(self._cut_if_too_long())
         # A newline was found, so there is a reply; usually only one (no copy then).
         return replies[0] if len(replies) == 1 else b"".join(replies)
+
+    def answer_whole(self, data: bytes) -> bytes | None:
+        """The ACK for ``data`` if it is exactly one whole message within the limit, with
+        nothing before it pending (a request/response client's read); else None, and nothing
+        is fed. It cannot be a too-large ``ERR``."""
+        last = len(data) - 1
+        if (
+            data.find(b"\n") == last >= 0
+            and not (self._length or self._held_cr or self._discarding)
+            and last <= self._max
+        ):
+            length = last - 1 if last and data[last - 1] == _CR else last
+            self.seq += 1
+            return ACK_FORMAT % (self.seq, length, crc32(memoryview(data)[:length]))
+        return None
 
     def state(self) -> tuple[int, int, int, bool, bool, int]:
         """A snapshot for ``restore``: a few integers, cheap enough to take per read."""

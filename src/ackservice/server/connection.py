@@ -26,7 +26,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import structlog
 import trio
@@ -111,6 +111,11 @@ class _Ending(enum.Enum):
     """Shutdown before the TLS handshake completed: the client cannot be told."""
 
 
+class _UnsentReplies(NamedTuple):
+    replies: bytes
+    sent: int
+
+
 class Connection:
     """The state of one served connection; ``run`` serves it and logs its summary."""
 
@@ -119,6 +124,7 @@ class Connection:
         "_committer",
         "_debug",
         "_framer",
+        "_held",
         "_last_message",
         "_owner",
         "_piece_bytes",
@@ -171,6 +177,9 @@ class Connection:
         else:
             self._acknowledger = Acknowledger(limit)
         self._waiting = False
+        # What answer_waiting read or could not finish, for the task: input to answer, replies
+        # partly sent, or the exception to raise.
+        self._held: bytes | _UnsentReplies | Exception | None = None
         self._last_message = 0.0
         # Input answered at a time; lowered for a client whose replies outgrow its input
         # (tiny messages), raised again when they no longer do.
@@ -287,11 +296,16 @@ class Connection:
         send_timeout = owner.config.send_timeout
         committer = self._committer
         acknowledge = self._acknowledger is not None
+        if acknowledge:
+            transport.answer_while_waiting(self)
         count_from = _MIN_PIECE
         while True:
             if committer is not None and not committer.has_room():
                 await committer.wait_for_room()  # the store is behind: read nothing more yet
-            data = transport.read_nowait()
+            if self._held is None:
+                data = transport.read_nowait()
+            else:
+                data = await self._take_held()
             if data is None:
                 if owner.shutting_down:
                     return _Ending.SHUTDOWN
@@ -336,6 +350,57 @@ class Connection:
                 return _Ending.SHUTDOWN
             if transport.may_have_more:
                 await trio.lowlevel.checkpoint()  # let other connections run first
+
+    def answer_waiting(self) -> float | None:
+        """The readiness hub's answerer (``readiness.Answerer``): a request/response
+        client's message read, acknowledged and answered in the hub's dispatcher while this
+        connection's task goes on waiting, which saves its wake-up. Anything else ends the
+        wait, with what was read or went wrong held for the task (``_take_held``).
+
+        Nothing is logged here (the dispatcher has none of the connection's log context):
+        the one message answered cannot be too large.
+        """
+        transport = self._transport
+        try:
+            if self._owner.shutting_down:
+                return None
+            data = transport.read_arrived()
+            if data is None:  # nothing complete yet (part of a TLS record)
+                transport.may_have_more = True
+                return self._last_message + self._owner.config.idle_timeout
+            acknowledger = self._acknowledger
+            assert acknowledger is not None
+            reply = acknowledger.answer_whole(data) if not transport.may_have_more else None
+            if reply is None:  # not one whole message, or more to read: the task's work
+                self._held = data
+                return None
+            self.bytes_received += len(data)
+            self.messages = acknowledger.seq
+            self._last_message = trio.current_time()
+            sent = transport.try_send(reply)
+            if sent < len(reply):
+                self._held = _UnsentReplies(reply, sent)
+                return None
+            transport.may_have_more = True  # still waiting: the next wake-up is an edge
+        except Exception as exc:  # the task's to handle, as if it had read and written
+            self._held = exc
+            return None
+        return self._last_message + self._owner.config.idle_timeout
+
+    async def _take_held(self) -> bytes | None:
+        """What ``answer_waiting`` left: input to answer, or None once its replies are sent.
+
+        Raises:
+            Exception: what reading or writing raised there.
+        """
+        held, self._held = self._held, None
+        if isinstance(held, Exception):
+            raise held
+        if isinstance(held, _UnsentReplies):
+            send_timeout = self._owner.config.send_timeout
+            await self._transport.send_rest(held.replies, held.sent, send_timeout)
+            return None  # that read drained the socket: wait for more
+        return held
 
     async def _answer_in_pieces(self, data: bytes) -> None:
         """Answer ``data`` a piece at a time, writing each piece's replies before the next

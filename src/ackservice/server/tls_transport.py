@@ -248,6 +248,8 @@ class TLSTransport(SocketTransport):
                 raise TLSFailure("tls-error", describe_ssl_error(exc)) from None
             if not chunk:  # how Python reports the client's close_notify: its half-close
                 self._peer_ended = True
+                # Read again without waiting (no edge may ever come): that read says so.
+                self.may_have_more = True
                 break
             chunks.append(chunk)
         if not chunks:

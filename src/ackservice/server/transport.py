@@ -29,7 +29,7 @@ from typing import Final, Protocol
 
 import trio
 
-from .readiness import ReadinessHub
+from .readiness import Answerer, ReadinessHub
 from .tls import TLSFailure, describe_ssl_error, looks_like_client_hello, peer_identity
 
 try:
@@ -85,11 +85,10 @@ class Transport(Protocol):
         """
         ...
 
-    @property
-    def may_have_more(self) -> bool:
-        """Whether more input may be waiting without a wait (the last read filled its
-        buffer): the loop then lets other connections run before reading again."""
-        ...
+    may_have_more: bool
+    """Whether more input may be waiting without a wait (the last read filled its buffer):
+    the loop then lets other connections run before reading again. True while waiting (the
+    wake is an edge, or a timeout): an answerer that keeps the wait going sets it again."""
 
     def read_nowait(self) -> bytes | None:
         """Input available now (``b""``: end of stream), or ``None`` if the loop must wait."""
@@ -98,6 +97,16 @@ class Transport(Protocol):
     def wait_readable(self, deadline: float) -> Awaitable[int]:
         """Wait for input; a true value when there may be some, a false one when ``deadline``
         (Trio clock) passed or ``wake`` was called first."""
+        ...
+
+    def answer_while_waiting(self, answerer: Answerer) -> None:
+        """Let ``answerer`` answer input that arrives during ``wait_readable`` without ending
+        the wait, where the transport can (``ReadinessHub.set_answerer``); it reads with
+        ``read_arrived``. Transports that cannot ignore this."""
+        ...
+
+    def read_arrived(self) -> bytes | None:
+        """``read_nowait`` for an ``answerer``, when input was reported during a wait."""
         ...
 
     def wake(self) -> None:
@@ -213,6 +222,13 @@ class SocketTransport:
         self.may_have_more = True
         return self._hub.wait_readable(self._fd, deadline)
 
+    def answer_while_waiting(self, answerer: Answerer) -> None:
+        self._hub.set_answerer(self._fd, answerer)
+
+    def read_arrived(self) -> bytes | None:
+        self.may_have_more = True  # the edge that was reported
+        return self.read_nowait()
+
     def wake(self) -> None:
         self._hub.wake(self._fd)
 
@@ -298,15 +314,14 @@ class StreamTransport:
     under the handshake timeout, and its client certificate's subject as ``identity``.
     """
 
-    __slots__ = ("_received", "_scope", "_stream", "identity", "needs_handshake")
-
-    # Every read is a receive_some, itself a checkpoint: no extra yield is needed.
-    may_have_more: Final = False
+    __slots__ = ("_received", "_scope", "_stream", "identity", "may_have_more", "needs_handshake")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._received: bytes | None = None
         self._scope: trio.CancelScope | None = None
+        # Every read is a receive_some, itself a checkpoint: no extra yield is needed.
+        self.may_have_more = False
         self.needs_handshake = isinstance(stream, trio.SSLStream)
         self.identity: str | None = None
 
@@ -343,6 +358,12 @@ class StreamTransport:
             self._received = bytes(await self._stream.receive_some(RECEIVE_SIZE))
         self._scope = None
         return 1 if self._received is not None else 0
+
+    def answer_while_waiting(self, answerer: Answerer) -> None:
+        pass  # every wait is a receive_some: what arrives ends it
+
+    def read_arrived(self) -> bytes | None:
+        return self.read_nowait()
 
     def wake(self) -> None:
         if self._scope is not None:
