@@ -188,3 +188,92 @@ def test_reopen_without_a_log_file_says_so(log_pipe: LogPipe) -> None:
     """No --log-file: nothing to reopen (the CLI then logs SIGHUP as ignored)."""
     configure_logging("info", "json", stream=log_pipe.stream)
     assert not reopen_log_file()
+
+
+def test_bytes_and_text_lines_reach_every_output(log_pipe: LogPipe, tmp_path: Path) -> None:
+    """The sink takes rendered lines as bytes (JSON: written as they are) and as str (the
+    console's: encoded for the stream); both reach standard error and the log file, whole
+    and in order, each ended by one newline."""
+    path = tmp_path / "server.log"
+    sink = logconfig._LogSink(
+        [
+            logconfig._Output(os.dup(log_pipe.stream.fileno())),
+            logconfig._Output(logconfig.open_log_file(path), path),
+        ],
+        "utf-8",
+        max_queued_events=100,
+    )
+    sink.put(b'{"event":"caf\xc3\xa9"}')
+    sink.put("plain text line é")
+    sink.put(b'{"event":"last"}')
+    sink.stop(2.0)
+    expected = '{"event":"café"}\nplain text line é\n{"event":"last"}\n'.encode()
+    assert os.read(log_pipe.read_fd, 1 << 16) == expected
+    assert path.read_bytes() == expected
+    assert sink.dropped == 0
+
+
+def test_bytes_lines_that_cannot_be_written_are_counted() -> None:
+    """Bytes lines count as str ones do: beyond the queue's bound, and on a failing output
+    (``/dev/full``), each line lost is counted once."""
+    sink = logconfig._LogSink(
+        [logconfig._Output(logconfig.open_log_file(Path("/dev/full")), Path("/dev/full"))],
+        "utf-8",
+        max_queued_events=10,
+    )
+    # Usually 20 are dropped at once (the writer lets lines gather for ~10 ms before it
+    # writes), and 10 when their write fails; however the threads interleave, all 30 count.
+    for n in range(30):
+        sink.put(b'{"event":"lost","n":%d}' % n)
+    sink.stop(2.0)
+    assert sink.dropped == 30
+
+
+def test_json_lines_are_utf8_whatever_the_streams_encoding(log_pipe: LogPipe) -> None:
+    """JSON is UTF-8: non-ASCII text in events and in Trio's records is written so (not
+    escaped per the stream's encoding, which would make invalid JSON), even to an ASCII
+    stream."""
+    ascii_stream = os.fdopen(os.dup(log_pipe.stream.fileno()), "w", encoding="ascii")
+    try:
+        configure_logging("info", "json", stream=ascii_stream)
+        structlog.get_logger().info("café", peer="naïve")
+        logging.getLogger("trio").warning("réseau %s", "coupé")
+        events = log_pipe.read_events(until=lambda events: len(events) == 2)
+    finally:
+        flush_logging(2.0)
+        ascii_stream.close()
+    assert [(e["event"], e.get("peer")) for e in events] == [
+        ("café", "naïve"),
+        ("réseau coupé", None),
+    ]
+
+
+def test_json_lines_are_compact(log_pipe: LogPipe) -> None:
+    """One JSON object per line, with orjson's compact separators; the fields in structlog's
+    order (the event's own, then the context's, then level and timestamp)."""
+    configure_logging("info", "json", stream=log_pipe.stream)
+    with structlog.contextvars.bound_contextvars(conn_id=7):
+        structlog.get_logger().info("connection_closed", reason="eof", duration=0.25)
+    flush_logging(2.0)
+    (line,) = os.read(log_pipe.read_fd, 1 << 16).splitlines()
+    timestamp = json.loads(line)["timestamp"]
+    assert line == (
+        b'{"reason":"eof","duration":0.25,"event":"connection_closed","conn_id":7,'
+        b'"level":"info","timestamp":"%s"}' % timestamp.encode()
+    )
+
+
+def test_exceptions_become_one_field(log_pipe: LogPipe) -> None:
+    """``log.exception`` (and ``exc_info``) renders the traceback as one ``exception`` string,
+    so the event stays one line; events without one get no such field."""
+    configure_logging("info", "json", stream=log_pipe.stream)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        structlog.get_logger().exception("connection_failed")
+    structlog.get_logger().info("after")
+    events = log_pipe.read_events(until="after")
+    assert events[0]["event"] == "connection_failed"
+    assert "ValueError: boom" in events[0]["exception"]
+    assert "exc_info" not in events[0]
+    assert "exception" not in events[1]
