@@ -109,27 +109,29 @@ class TLSTransport(SocketTransport):
                 raise TLSFailure(
                     "tls-handshake-failed", "the client closed the connection during the handshake"
                 )
-            try:
-                tls.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._flush_handshake(deadline)
-                if self.may_have_more:
-                    continue
+            # Only with new bytes: without them OpenSSL can only say it wants more, and
+            # saying so (an exception) costs more than not asking.
+            if raw is not None:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await self._flush_handshake(deadline)
+                    if self.may_have_more:
+                        continue
+                except ssl.SSLError as exc:
+                    # Tell the client why (the alert OpenSSL wrote), without waiting for it.
+                    with contextlib.suppress(OSError):
+                        os.write(self._fd, self._outgoing.read())
+                    raise TLSFailure("tls-handshake-failed", describe_ssl_error(exc)) from None
+            if trio.current_time() >= deadline:
+                raise _handshake_timeout() from None
+            if self._woken:
+                return False  # the server is shutting down
+            if not await self.wait_readable(deadline):
                 if trio.current_time() >= deadline:
                     raise _handshake_timeout() from None
-                if self._woken:
-                    return False  # the server is shutting down
-                if not await self.wait_readable(deadline):
-                    if trio.current_time() >= deadline:
-                        raise _handshake_timeout() from None
-                    return False  # woken: the server is shutting down
-                continue
-            except ssl.SSLError as exc:
-                # Tell the client why (the alert OpenSSL wrote), without waiting for it.
-                with contextlib.suppress(OSError):
-                    os.write(self._fd, self._outgoing.read())
-                raise TLSFailure("tls-handshake-failed", describe_ssl_error(exc)) from None
-            break
+                return False  # woken: the server is shutting down
         self._established = True
         await self._flush_handshake(deadline)  # the last flight, the session tickets
         self.identity = peer_identity(tls.getpeercert())
