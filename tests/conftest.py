@@ -52,6 +52,15 @@ def info_level() -> None:
     )
 
 
+@pytest.fixture(params=["debug", "info"])
+def either_level(request: pytest.FixtureRequest) -> str:
+    """Run the test at debug level (the framer, every message through the task) and at info
+    level (the acknowledger, and the readiness hub's dispatcher answering whole reads)."""
+    if request.param == "info":
+        request.getfixturevalue("info_level")
+    return str(request.param)
+
+
 @pytest.fixture
 def accept_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Servers started in this test accept no connection: they stay in the listen queue."""

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, Server, ServerConfig, serve
 from ackservice.server import listener as listener_module
+from ackservice.server.connection import Connection
 from ackservice.server.sockets import listen_addresses, parse_hosts
 from support import Connect, LineReader, wait_until
 
@@ -52,6 +53,7 @@ async def test_serve_reports_the_bound_port(nursery: trio.Nursery) -> None:
         assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
 
 
+@pytest.mark.usefixtures("either_level")
 async def test_many_clients_pipelining_get_correct_in_order_acks(nursery: trio.Nursery) -> None:
     """200 concurrent clients, each pipelining 500 messages of mixed sizes, all get correct
     ACKs in order."""
@@ -101,6 +103,7 @@ async def test_final_line_survives_unread_client_input(
     assert await reader.at_eof()
 
 
+@pytest.mark.usefixtures("either_level")
 async def test_graceful_shutdown_refuses_new_connections(
     nursery: trio.Nursery, connect: Connect
 ) -> None:
@@ -158,6 +161,7 @@ async def test_handler_embeds_in_trio_serve_tcp(nursery: trio.Nursery, connect: 
     assert_keepalive(accepted[0].socket, idle=300, interval=100)
 
 
+@pytest.mark.usefixtures("either_level")
 async def test_reset_by_peer_ends_only_that_connection(
     nursery: trio.Nursery, connect: Connect
 ) -> None:
@@ -278,6 +282,42 @@ async def test_request_response_then_half_close_ends_the_connection(
         assert await stream.receive_some(100) == b""
 
 
+@pytest.mark.usefixtures("info_level")
+async def test_pipelined_batches_are_answered_in_the_dispatcher(
+    nursery: trio.Nursery, connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client sending batches of messages, each after the replies to the last: every
+    batch read while the connection waits is answered by the readiness hub's dispatcher
+    (its replies written after the other ready sockets were read), correct and in order,
+    including lines with a carriage return and empty ones."""
+    written_later = 0
+    send_later = Connection.send_later
+
+    def counting_send_later(self: Connection) -> None:
+        nonlocal written_later
+        written_later += 1
+        send_later(self)
+
+    monkeypatch.setattr(Connection, "send_later", counting_send_later)
+    server = await start(nursery)
+    stream = await connect(server.port)
+    reader = LineReader(stream)
+    seq = 0
+    for batch in range(20):
+        payloads = [b"batch %d message %d" % (batch, i) for i in range(50)] + [b"", b"cr"]
+        await stream.send_all(b"".join(p + b"\n" for p in payloads[:-1]) + b"cr\r\n")
+        replies = await reader.lines(len(payloads))
+        assert replies == [ack_line(seq + k, p)[:-1] for k, p in enumerate(payloads, 1)]
+        seq += len(payloads)
+    assert written_later >= 10  # the first batch may be read by the task itself
+    await stream.send_eof()
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b""
+    await wait_until(lambda: server.handler.stats.active == 0)
+    assert server.handler.stats.acked == seq
+
+
+@pytest.mark.usefixtures("either_level")
 async def test_client_not_reading_over_tcp_is_dropped_after_send_timeout(
     nursery: trio.Nursery,
 ) -> None:

@@ -270,3 +270,36 @@ async def test_timers_of_forgotten_sockets_do_not_pile_up(
                 await hub.wait_readable(fd, trio.current_time() + 300)
             hub.unregister(fd)
         assert len(hub._timers) <= 1001
+
+
+async def test_more_ready_sockets_than_one_round_takes_are_all_woken(
+    hub: ReadinessHub, nursery: trio.Nursery
+) -> None:
+    """More sockets ready at once than the dispatcher takes per round (it yields between
+    rounds, so no round holds the other tasks up for long): every waiter is woken."""
+    count = 3 * readiness._DISPATCH_BATCH + 5
+    pairs = [socket.socketpair() for _ in range(count)]
+    woken = 0
+    all_woken = trio.Event()
+
+    async def wait(sock: socket.socket) -> None:
+        nonlocal woken
+        hub.register(sock.fileno())
+        assert await hub.wait_readable(sock.fileno()) & select.EPOLLIN
+        woken += 1
+        if woken == count:
+            all_woken.set()
+        hub.unregister(sock.fileno())
+
+    try:
+        for ours, _ in pairs:
+            nursery.start_soon(wait, ours)
+        await trio.testing.wait_all_tasks_blocked()
+        for _, theirs in pairs:
+            theirs.send(b"x")
+        with trio.fail_after(5):
+            await all_woken.wait()
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()

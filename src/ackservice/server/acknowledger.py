@@ -94,6 +94,11 @@ class Acknowledger:
             return ACK_FORMAT % (self.seq, length, crc32(memoryview(data)[:length]))
         return None
 
+    @property
+    def at_message_start(self) -> bool:
+        """Whether nothing of an incomplete message is pending (the next byte starts one)."""
+        return not (self._length or self._held_cr or self._discarding)
+
     def state(self) -> tuple[int, int, int, bool, bool, int]:
         """A snapshot for ``restore``: a few integers, cheap enough to take per read."""
         return (

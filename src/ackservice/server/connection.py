@@ -49,6 +49,7 @@ from .closing import close_with_error
 from .committing import Committer
 from .config import ServerConfig
 from .ratelimit import WarningLimiter
+from .readiness import Answerer
 from .tls import TLSFailure
 from .transport import RECEIVE_SIZE, Transport
 
@@ -314,7 +315,7 @@ class Connection:
                     ready = await transport.wait_readable(self._last_message + idle_timeout)
                 finally:
                     self._waiting = False
-                if not ready:
+                if not ready and self._held is None:  # (held: send_later woke it, to finish)
                     if owner.shutting_down:
                         return _Ending.SHUTDOWN
                     if trio.current_time() >= self._last_message + idle_timeout:
@@ -351,14 +352,17 @@ class Connection:
             if transport.may_have_more:
                 await trio.lowlevel.checkpoint()  # let other connections run first
 
-    def answer_waiting(self) -> float | None:
-        """The readiness hub's answerer (``readiness.Answerer``): a request/response
-        client's message read, acknowledged and answered in the hub's dispatcher while this
-        connection's task goes on waiting, which saves its wake-up. Anything else ends the
-        wait, with what was read or went wrong held for the task (``_take_held``).
+    def answer_waiting(self, later: list[Answerer]) -> float | None:
+        """The readiness hub's answerer (``readiness.Answerer``): a read of whole messages
+        acknowledged and answered in the hub's dispatcher while this connection's task goes
+        on waiting, which saves its wake-up. One message (request/response) is answered at
+        once; several (a pipelining client) after every other ready socket was read
+        (``send_later``), as the task does. Anything else ends the wait, with what was read
+        or went wrong held for the task (``_take_held``): more input than one read took,
+        a partial line, the end of the stream.
 
-        Nothing is logged here (the dispatcher has none of the connection's log context):
-        the one message answered cannot be too large.
+        Nothing is logged here (the dispatcher has none of the connection's log context), so
+        only whole lines within the size limit are answered here: none can be too large.
         """
         transport = self._transport
         try:
@@ -371,9 +375,23 @@ class Connection:
             acknowledger = self._acknowledger
             assert acknowledger is not None
             reply = acknowledger.answer_whole(data) if not transport.may_have_more else None
-            if reply is None:  # not one whole message, or more to read: the task's work
-                self._held = data
-                return None
+            if reply is None:
+                if (
+                    transport.may_have_more
+                    or data[-1:] != b"\n"
+                    or len(data) > self._owner.config.max_message_bytes
+                    or not acknowledger.at_message_start
+                ):
+                    self._held = data  # the task's work
+                    return None
+                replies = self._acknowledge(data)  # whole lines, none too large
+                if replies is None:  # too many replies at once: the task answers in pieces
+                    self._held = data
+                    return None
+                self._held = _UnsentReplies(replies, 0)
+                later.append(self)
+                transport.may_have_more = True  # still waiting: the next wake-up is an edge
+                return self._last_message + self._owner.config.idle_timeout
             self.bytes_received += len(data)
             self.messages = acknowledger.seq
             self._last_message = trio.current_time()
@@ -386,6 +404,25 @@ class Connection:
             self._held = exc
             return None
         return self._last_message + self._owner.config.idle_timeout
+
+    def send_later(self) -> None:
+        """Write the replies ``answer_waiting`` put off; what the socket does not take now,
+        or an error, is left to the task, woken for it."""
+        held = self._held
+        if not isinstance(held, _UnsentReplies):
+            return  # the task took it already
+        transport = self._transport
+        try:
+            sent = transport.try_send(held.replies)
+        except Exception as exc:  # the task's to handle, as if it had written
+            self._held = exc
+            transport.wake()
+            return
+        if sent < len(held.replies):
+            self._held = _UnsentReplies(held.replies, sent)
+            transport.wake()
+            return
+        self._held = None
 
     async def _take_held(self) -> bytes | None:
         """What ``answer_waiting`` left: input to answer, or None once its replies are sent.
