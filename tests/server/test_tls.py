@@ -28,6 +28,7 @@ from ackservice.server import (
     serve,
     server_tls_context,
 )
+from ackservice.server.tls_transport import TLSTransport
 from ackservice.store import open_reader, open_store
 from support import LineReader
 from tls_support import CLIENT_COMMON_NAME, TLSFiles
@@ -456,10 +457,20 @@ async def wait_for_event(logs: EventList, name: str, within: float = 5) -> dict[
 
 
 async def test_a_tls_client_that_never_reads_is_dropped_after_the_send_timeout(
-    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Encrypted replies the client leaves unread wait in the server only for the send
-    timeout, as over plain TCP."""
+    timeout, as over plain TCP; and no close_notify follows the record that went only in
+    part (the client would take it for the rest of that record)."""
+    close_notifies = 0
+    close_notify = TLSTransport.close_notify
+
+    def counting_close_notify(self: TLSTransport) -> bytes:
+        nonlocal close_notifies
+        close_notifies += 1
+        return close_notify(self)
+
+    monkeypatch.setattr(TLSTransport, "close_notify", counting_close_notify)
     server = await start(nursery, tls_files, send_timeout=0.5)
     client = await BioClient.connect(server.port, client_context(tls_files))
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -469,6 +480,7 @@ async def test_a_tls_client_that_never_reads_is_dropped_after_the_send_timeout(
             await client.sendall(client.encrypt(b"\n" * 16000))
     closed = await wait_for_event(logs, "connection_closed", within=10)
     assert closed["reason"] == "send-timeout"
+    assert close_notifies == 0
 
 
 async def test_a_record_that_does_not_decrypt_ends_the_connection_with_the_alert(

@@ -264,7 +264,10 @@ class ReadinessHub:
                                 if answerer is not None:
                                     deadline = answerer.answer_waiting(later)
                                     if deadline is not None:  # answered: the wait goes on
-                                        deadlines[fd] = deadline  # a later timer re-arms
+                                        # Not needed for correctness (a timer finding the
+                                        # wait's deadline passed would wake it for nothing,
+                                        # once per idle period), but that wake-up is saved.
+                                        deadlines[fd] = deadline
                                         continue
                             if task is None:
                                 pending[fd] = pending.get(fd, 0) | events

@@ -166,6 +166,10 @@ class TLSTransport(SocketTransport):
                 if self._outgoing.pending:  # OpenSSL answered the client (an alert, a key update)
                     self._send_aside()
                 if data:
+                    if incoming.pending > records.tail:
+                        # _decrypt stopped before a complete record: read on without waiting
+                        # (no edge may come for bytes already read).
+                        self.may_have_more = True
                     return data
             if self._peer_ended:
                 return b""
@@ -197,8 +201,11 @@ class TLSTransport(SocketTransport):
         return 0
 
     async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
-        records, self._unsent = self._unsent, b""
-        await send_with_progress(self._fd, records, 0, stall_timeout)
+        # What is left is in _unsent (try_send kept the encrypted records), not data[sent:].
+        # Kept there until it all went: after a send timeout, aclose must see that a record
+        # went only in part, and send no close_notify after it.
+        await send_with_progress(self._fd, self._unsent, 0, stall_timeout)
+        self._unsent = b""
 
     def as_stream(self) -> trio.abc.Stream:
         return _TLSGoodbye(self, SocketTransport.as_stream(self))
