@@ -190,7 +190,10 @@ class _Supervisor:
         settings = self.settings
         reserved: list[trio.socket.SocketType] = []
         if settings.activated:
+            # Served instead of --host/--port: the port too is theirs (it is what `listening`
+            # reports), never the --port default.
             self._addresses = [_format(a.sock.getsockname()) for a in settings.activated]
+            self._port = self._addresses[0][1]
         else:
             # Never listening: the port is ours while workers come and go, and the kernel
             # queues no connection here.
