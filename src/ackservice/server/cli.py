@@ -1,7 +1,8 @@
 """``python -m ackservice.server``: run the server as a daemon.
 
 Exit codes: 0 after a graceful shutdown, 1 when the server cannot start (the address is in
-use, cannot be resolved, the store or log file cannot be opened, ...), 2 for a bad setting (a
+use, cannot be resolved, the store or log file cannot be opened, with ``--workers`` a worker
+failed ``--worker-start-attempts`` starts in a row, ...), 2 for a bad setting (a
 TLS certificate or key that cannot be used, malformed socket-activation variables), 130 when a
 second signal forced an immediate exit.
 
@@ -39,7 +40,7 @@ from .monitoring import MetricsPortError, format_address, open_monitoring_listen
 from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
 from .systemd import ActivatedSocket, Notifier, take_listen_fds
 from .tls import TLSConfigError, server_tls_context
-from .workers import WorkerRole, cpu_count
+from .workers import DEFAULT_WORKER_START_ATTEMPTS, WorkerRole, cpu_count
 
 # The most --workers: past any core count this server will meet.
 _MAX_WORKERS = 1024
@@ -232,6 +233,13 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         default_text="10",
     )
     add(
+        "--worker-start-attempts",
+        _cli.int_in_range(1, 1000),
+        DEFAULT_WORKER_START_ATTEMPTS,
+        "with --workers: failed starts in a row of one worker (it exits or is killed before "
+        "it is ready) after which the supervisor stops the others and exits non-zero",
+    )
+    add(
         "--metrics-port",
         _cli.int_in_range(0, 65535),
         None,
@@ -357,6 +365,7 @@ def _supervise(
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         port_file=args.port_file,
+        worker_start_attempts=args.worker_start_attempts,
     )
     try:
         with _single_errors_unwrapped():
