@@ -83,8 +83,9 @@ _EXIT_MARGIN: Final = 5.0
 DEFAULT_WORKER_START_ATTEMPTS: Final = 5
 """Failed starts in a row of one worker (it exits or is killed before it is ready) after
 which the supervisor gives up. Five is systemd's own ``StartLimitBurst=`` default; with the
-backoff (0.1 + 0.2 + 0.4 + 0.8 s between them) they take a few seconds: enough for a passing
-hitch, and soon enough that the service manager, which sees the exit, decides what next."""
+restart backoff before each (from 0.1 s, doubling) they take a few seconds: enough for a
+passing hitch, and soon enough that the service manager, which sees the exit, decides what
+next."""
 
 EXIT_OK: Final = 0
 EXIT_FORCED: Final = 130
