@@ -113,6 +113,70 @@ def test_socket_activated_server_notifies_ready_and_stopping(
         assert inherited.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_host_and_port_beside_activated_sockets_are_ignored_with_one_warning(
+    tmp_path: Path, workers: str
+) -> None:
+    """--port (flag) and ACKSERVICE_HOST (variable) given while systemd passes a socket: the
+    server serves the socket, logs one listen_address_ignored warning naming what it ignored
+    and what it serves, and every `listening` event (the supervisor's too) reports the
+    socket's real port, not --port's."""
+    with socket.create_server(("127.0.0.1", 0)) as inherited:
+        port = inherited.getsockname()[1]
+        fd = inherited.fileno()
+        with server_process(
+            tmp_path / "log",
+            "--workers",
+            workers,
+            "--store",
+            "none",
+            "--port",
+            "9876",  # after server_process's --port 0: the last one counts
+            prefix=[sys.executable, "-c", _ACTIVATE, str(fd)],
+            pass_fds=[fd],
+            env={"LISTEN_FDS": "1", "ACKSERVICE_HOST": "127.0.0.1"},
+        ) as server:
+            expected_listening = {"0"} if workers == "1" else {"0", "1", "2"}
+
+            def listening() -> list[dict[str, object]]:
+                return [e for e in server.events() if e["event"] == "listening"]
+
+            poll_until(
+                lambda: {str(e.get("worker", 0)) for e in listening()} == expected_listening,
+                what="every process listening",
+            )
+            assert {e["port"] for e in listening()} == {port}
+            assert all(e["addresses"] == [f"127.0.0.1:{port}"] for e in listening())
+            warnings = [e for e in server.events() if e["event"] == "listen_address_ignored"]
+            assert len(warnings) == 1
+            assert warnings[0]["level"] == "warning"
+            assert warnings[0]["ignored"] == {"host": "127.0.0.1", "port": 9876}
+            assert warnings[0]["serving"] == [f"127.0.0.1:{port}"]
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"hello\n")
+                assert client.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
+            server.signal(signal.SIGTERM)
+            assert server.wait() == 0
+
+
+def test_activated_sockets_alone_log_no_address_warning() -> None:
+    """Neither --host nor --port given (nor their variables): socket activation is no reason
+    to warn; a setting from either source is."""
+    from ackservice.server.cli import _warn_address_ignored, build_parser
+    from ackservice.server.systemd import ActivatedSocket
+
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as sock:
+        activated = [ActivatedSocket(sock, "ack")]
+        port = sock.getsockname()[1]
+        with capture_logs() as logs:
+            _warn_address_ignored(build_parser({}).parse_args([]), activated)
+        assert logs == []
+        with capture_logs() as logs:
+            args = build_parser({"ACKSERVICE_PORT": "9876"}).parse_args([])
+            _warn_address_ignored(args, activated)
+        assert [(e["ignored"], e["serving"]) for e in logs] == [({"port": 9876}, [f"[::1]:{port}"])]
+
+
 def test_log_file_is_reopened_on_sighup(tmp_path: Path) -> None:
     """With --log-file, lines go to stderr and the file; after logrotate renames the file,
     SIGHUP makes the server write a new one (saying log_file_reopened). A

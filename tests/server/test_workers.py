@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -399,6 +400,53 @@ def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) 
         assert "worker_started" not in done.stderr
 
 
+def test_a_worker_that_never_starts_again_stops_the_supervisor(tmp_path: Path) -> None:
+    """Once the service served, a worker whose replacements all fail at start-up (here its
+    store's directory became a file) is not retried forever: after
+    --worker-start-attempts failed starts in a row (ACKSERVICE_WORKER_START_ATTEMPTS=3), the
+    supervisor logs worker_start_abandoned, lets the serving worker drain and exit 0, and
+    exits with the failed worker's code (1), so that systemd's Restart= takes over."""
+    store_directory = tmp_path / "store"
+    with server_process(
+        tmp_path / "log",
+        "--workers",
+        "2",
+        "--store",
+        f"sqlite:{store_directory / 'acks.db'}",
+        env={"ACKSERVICE_WORKER_START_ATTEMPTS": "3"},
+    ) as server:
+
+        def events(name: str) -> list[dict[str, Any]]:
+            # Each failed worker, and the supervisor at the end, say why in one plain line.
+            lines = server.log_path.read_text().splitlines()
+            parsed = [json.loads(line) for line in lines if line.startswith("{")]
+            return [e for e in parsed if e["event"] == name]
+
+        poll_until(lambda: any(e["worker"] == 0 for e in events("listening")), what="ready")
+        # The serving workers keep their open database; a new one cannot create the directory.
+        store_directory.rename(tmp_path / "moved")
+        store_directory.write_text("not a directory")
+        doomed = {e["worker"]: e["pid"] for e in events("worker_started")}[1]
+        os.kill(doomed, signal.SIGKILL)
+        assert server.wait(10) == 1
+        (abandoned,) = events("worker_start_abandoned")
+        assert abandoned["level"] == "error"
+        assert abandoned["worker"] == 1
+        assert abandoned["attempts"] == 3
+        assert abandoned["exit_code"] == 1
+        failed_starts = [e for e in events("worker_exited") if e["worker"] == 1][1:]
+        assert [e.get("exit_code") for e in failed_starts] == [1, 1, 1]
+        # Worker 2 served throughout: stopped gracefully, not killed.
+        assert [e.get("exit_code") for e in events("worker_exited") if e["worker"] == 2] == [0]
+        assert events("shutdown_complete")
+        errors = [line for line in server.log_path.read_text().splitlines() if line[:1] != "{"]
+        assert errors[-1] == (
+            "ackservice.server: error: worker 1 failed to start 3 times in a row "
+            "(last: exit code 1) (its log says why)"
+        )
+        assert errors[0].startswith("ackservice.server: error: cannot create the directory")
+
+
 @pytest.mark.parametrize("failing", ["socketpair", "open_process"])
 async def test_a_worker_that_cannot_be_started_is_retried_after_a_backoff(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, failing: str
@@ -497,9 +545,42 @@ async def test_only_an_exit_code_before_serving_means_the_settings_are_wrong(
     supervisor = _fake_worker_supervisor(worker_script)
     with capture_logs() as logs, trio.move_on_after(0.5):
         await supervisor._keep_running(supervisor.slots[0], trio.CancelScope())
-    assert supervisor._start_failed == start_failed
+    failed = supervisor._start_failed
+    assert (failed.code if failed else None) == start_failed
     restarts = sum(e["event"] == "worker_restarting" for e in logs)
     assert restarts == 0 if start_failed else restarts >= 1
+
+
+@pytest.mark.parametrize(
+    ("worker_script", "gives_up"),
+    [
+        ("os.kill(os.getpid(), signal.SIGKILL)", True),
+        ("channel.sendall(b'{\"ready\": true}\\n')\ntime.sleep(0.1)\nsys.exit(3)", False),
+    ],
+    ids=["killed-at-each-start", "ready-then-dies"],
+)
+async def test_only_failed_starts_in_a_row_stop_the_supervisor(
+    worker_script: str, *, gives_up: bool
+) -> None:
+    """A worker that never says it is ready (here killed by a signal at each start, which
+    alone does not mean the settings are wrong) is given up after worker_start_attempts
+    starts in a row: worker_start_abandoned, and the supervisor stops. One that is ready
+    each time before it dies is restarted with the backoff, however often."""
+    supervisor = _fake_worker_supervisor(worker_script)
+    supervisor.settings.worker_start_attempts = 2
+    with capture_logs() as logs, trio.move_on_after(2):
+        await supervisor._keep_running(supervisor.slots[0], trio.CancelScope())
+    starts = sum(e["event"] == "worker_started" for e in logs)
+    abandoned = [e for e in logs if e["event"] == "worker_start_abandoned"]
+    if gives_up:
+        assert starts == 2
+        assert [(e["attempts"], e["signal"]) for e in abandoned] == [(2, "SIGKILL")]
+        assert supervisor.stopping
+        assert supervisor._start_failed.code == -signal.SIGKILL
+    else:
+        assert starts >= 3
+        assert not abandoned
+        assert supervisor._start_failed is None
 
 
 def test_sigterm_while_workers_start_exits_zero(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """``python -m ackservice.server``: run the server as a daemon.
 
 Exit codes: 0 after a graceful shutdown, 1 when the server cannot start (the address is in
-use, cannot be resolved, the store or log file cannot be opened, ...), 2 for a bad setting (a
+use, cannot be resolved, the store or log file cannot be opened, with ``--workers`` a worker
+failed ``--worker-start-attempts`` starts in a row, ...), 2 for a bad setting (a
 TLS certificate or key that cannot be used, malformed socket-activation variables), 130 when a
 second signal forced an immediate exit.
 
@@ -39,7 +40,7 @@ from .monitoring import MetricsPortError, format_address, open_monitoring_listen
 from .sockets import EVERY_INTERFACE, open_listeners, parse_hosts
 from .systemd import ActivatedSocket, Notifier, take_listen_fds
 from .tls import TLSConfigError, server_tls_context
-from .workers import WorkerRole, cpu_count
+from .workers import DEFAULT_WORKER_START_ATTEMPTS, WorkerRole, cpu_count
 
 # The most --workers: past any core count this server will meet.
 _MAX_WORKERS = 1024
@@ -77,16 +78,26 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add = parser.add_setting
+    # --host and --port default to None, as the client's --port does: given (by flag or
+    # variable) or not matters when systemd passes the sockets (_warn_address_ignored).
     add(
         "--host",
         _hosts,
-        defaults.host,
+        None,
         f"address to listen on; several: repeat the flag or separate them with commas; "
         f"{EVERY_INTERFACE}: every interface, IPv4 and IPv6 (0.0.0.0: IPv4 only, ::: IPv6 "
-        "only); IPv6 addresses may be bracketed, [::1]",
+        "only); IPv6 addresses may be bracketed, [::1]; ignored (with a warning) when "
+        "systemd passes the sockets",
         repeatable=True,
+        default_text=defaults.host,
     )
-    add("--port", _int_setting("port"), defaults.port, "TCP port; 0 picks a free one")
+    add(
+        "--port",
+        _int_setting("port"),
+        None,
+        "TCP port; 0 picks a free one; ignored (with a warning) when systemd passes the sockets",
+        default_text=str(defaults.port),
+    )
     add(
         "--max-message-bytes",
         _int_setting("max_message_bytes"),
@@ -222,6 +233,13 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         default_text="10",
     )
     add(
+        "--worker-start-attempts",
+        _cli.int_in_range(1, 1000),
+        DEFAULT_WORKER_START_ATTEMPTS,
+        "with --workers: failed starts in a row of one worker (it exits or is killed before "
+        "it is ready) after which the supervisor stops the others and exits non-zero",
+    )
+    add(
         "--metrics-port",
         _cli.int_in_range(0, 65535),
         None,
@@ -290,6 +308,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             file=sys.stderr,
         )
         return EXIT_START_FAILED
+    if activated and role is None:  # a worker: its supervisor has said it
+        _warn_address_ignored(args, activated)
     if role is not None:
         # Every event of this process says which worker it is (tasks copy this context).
         structlog.contextvars.bind_contextvars(worker=role.worker_id)
@@ -331,12 +351,13 @@ def _supervise(
 
     # The supervisor's own events say worker 0; those about a worker name it.
     structlog.contextvars.bind_contextvars(worker=0)
+    host, port = _host_and_port(args)
     settings = SupervisorSettings(
         workers=args.workers,
         worker_argv=worker_argv(argv),
         environ=dict(os.environ if environ is None else environ),
-        host=args.host if isinstance(args.host, str) else ",".join(args.host),
-        port=args.port,
+        host=host,
+        port=port,
         worker_timeout=args.worker_timeout,
         shutdown_grace=args.shutdown_grace,
         activated=activated,
@@ -344,6 +365,7 @@ def _supervise(
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         port_file=args.port_file,
+        worker_start_attempts=args.worker_start_attempts,
     )
     try:
         with _single_errors_unwrapped():
@@ -526,9 +548,10 @@ def write_port_file(path: Path, addresses: Sequence[tuple[str, int]]) -> None:
 
 def config_from_args(args: argparse.Namespace, *, max_connections: int) -> ServerConfig:
     """The ``ServerConfig`` that parsed command-line settings describe."""
+    host, port = _host_and_port(args)
     return ServerConfig(
-        host=args.host if isinstance(args.host, str) else ",".join(args.host),
-        port=args.port,
+        host=host,
+        port=port,
         max_message_bytes=args.max_message_bytes,
         max_connections=max_connections,
         idle_timeout=args.idle_timeout,
@@ -541,6 +564,38 @@ def config_from_args(args: argparse.Namespace, *, max_connections: int) -> Serve
         tls_handshake_timeout=args.tls_handshake_timeout,
         allow=_flatten_networks(args.allow),
         max_connections_per_ip=args.max_connections_per_ip,
+    )
+
+
+def _host_and_port(args: argparse.Namespace) -> tuple[str, int]:
+    """``--host`` (one comma-separated text, however given) and ``--port``, or their
+    defaults when neither flag nor variable set them."""
+    defaults = ServerConfig()
+    if args.host is None:
+        host = defaults.host
+    else:
+        host = args.host if isinstance(args.host, str) else ",".join(args.host)
+    return host, defaults.port if args.port is None else args.port
+
+
+def _warn_address_ignored(args: argparse.Namespace, activated: Sequence[ActivatedSocket]) -> None:
+    """One warning when ``--host`` or ``--port`` (or their variables) was set although the
+    service manager passed the sockets: they are ignored, not an error, since a unit often
+    keeps its ``--port`` when a ``.socket`` unit is added, and failing would stop a service
+    that can serve."""
+    ignored: dict[str, object] = {}
+    if args.host is not None:
+        ignored["host"] = args.host if isinstance(args.host, str) else ",".join(args.host)
+    if args.port is not None:
+        ignored["port"] = args.port
+    if not ignored:
+        return
+    log.warning(
+        "listen_address_ignored",
+        ignored=ignored,
+        serving=[format_address(inherited.sock.getsockname()) for inherited in activated],
+        reason="the service manager passed the listening sockets (LISTEN_FDS)",
+        hint="remove --host and --port (ACKSERVICE_HOST, ACKSERVICE_PORT) from the unit",
     )
 
 

@@ -13,7 +13,10 @@ for all, and the port stays reserved while a worker restarts) and then only watc
   ``/metrics``); a worker silent for ``--worker-timeout`` (stopped, stuck in a loop) is killed
   and replaced: the kernel would otherwise go on queueing half of the new connections for it;
 - a worker that exits is restarted, after a backoff that doubles (0.1 s to 10 s) while
-  workers keep dying young, logged as ``worker_exited`` and ``worker_started``;
+  workers keep dying young, logged as ``worker_exited`` and ``worker_started``; a worker that
+  fails ``--worker-start-attempts`` starts in a row (it never says it is ready) ends the
+  supervisor (``worker_start_abandoned``): the others drain, and the service manager's
+  ``Restart=`` takes over;
 - SIGTERM/SIGINT: ``STOPPING=1``, SIGTERM to every worker (each answers what it read, says
   ``ERR 0 shutting-down`` and exits 0 within ``--shutdown-grace``), exit 0 once every
   worker that served exited 0 (one still starting may end by the SIGTERM itself; one in a
@@ -51,7 +54,15 @@ if TYPE_CHECKING:
     # Imported when metrics are served: prometheus-client costs every process ~20 ms to load.
     from .metrics import Snapshot
 
-__all__ = ["WORKER_ENV", "SupervisorSettings", "WorkerRole", "cpu_count", "supervise"]
+__all__ = [
+    "DEFAULT_WORKER_START_ATTEMPTS",
+    "WORKER_ENV",
+    "StartFailed",
+    "SupervisorSettings",
+    "WorkerRole",
+    "cpu_count",
+    "supervise",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +79,13 @@ _START_ALLOWANCE: Final = 30.0
 # After the graceful shutdown's grace period, how long the supervisor still waits for its
 # workers before killing them (they cancel what is left and log their totals).
 _EXIT_MARGIN: Final = 5.0
+
+DEFAULT_WORKER_START_ATTEMPTS: Final = 5
+"""Failed starts in a row of one worker (it exits or is killed before it is ready) after
+which the supervisor gives up. Five is systemd's own ``StartLimitBurst=`` default; with the
+restart backoff before each (from 0.1 s, doubling) they take a few seconds: enough for a
+passing hitch, and soon enough that the service manager, which sees the exit, decides what
+next."""
 
 EXIT_OK: Final = 0
 EXIT_FORCED: Final = 130
@@ -114,6 +132,7 @@ class SupervisorSettings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     port_file: Path | None = None
+    worker_start_attempts: int = DEFAULT_WORKER_START_ATTEMPTS
 
 
 @dataclass(slots=True)
@@ -127,6 +146,8 @@ class _Slot:
     last_heard: float = 0.0
     snapshot: Snapshot | None = None
     restarts: int = 0
+    unready_starts: int = 0
+    """Starts in a row whose worker has not said it is ready (yet): 0 once one does."""
     exit_code: int | None = None
     hangup_pending: bool = False
     """A SIGHUP arrived while the worker was starting: passed on once it is ready."""
@@ -149,10 +170,16 @@ class _Slot:
 
 
 class StartFailed(Exception):
-    """A worker exited before it ever served: the settings or the store are wrong."""
+    """A worker cannot start: it exited before any worker served (the settings or the store
+    are wrong), or failed ``worker_start_attempts`` starts in a row.
 
-    def __init__(self, code: int) -> None:
-        super().__init__(f"a worker exited with code {code} before serving")
+    Attributes:
+        code: the failed worker's last exit code; 0 or below when it had none (killed by a
+            signal, or never spawned).
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
         self.code = code
 
 
@@ -165,7 +192,8 @@ async def supervise(
 
     Raises:
         OSError: the port could not be reserved.
-        StartFailed: a worker exited before it served.
+        StartFailed: a worker exited before any worker served, or failed
+            ``settings.worker_start_attempts`` starts in a row.
     """
     supervisor = _Supervisor(settings)
     return await supervisor.run(task_status)
@@ -180,7 +208,7 @@ class _Supervisor:
         self._all_ready = trio.Event()
         self._exited = trio.Event()
         """Set (and replaced) each time a worker exits."""
-        self._start_failed: int | None = None
+        self._start_failed: StartFailed | None = None
         self._port = settings.port
         self._addresses: list[tuple[str, int]] = []
 
@@ -190,7 +218,10 @@ class _Supervisor:
         settings = self.settings
         reserved: list[trio.socket.SocketType] = []
         if settings.activated:
+            # Served instead of --host/--port: the port too is theirs (it is what `listening`
+            # reports), never the --port default.
             self._addresses = [_format(a.sock.getsockname()) for a in settings.activated]
+            self._port = self._addresses[0][1]
         else:
             # Never listening: the port is ours while workers come and go, and the kernel
             # queues no connection here.
@@ -226,7 +257,7 @@ class _Supervisor:
             for sock in reserved:
                 sock.close()
         if self._start_failed is not None:
-            raise StartFailed(self._start_failed)
+            raise self._start_failed
         codes = [slot.exit_code for slot in self.slots]
         log.info(
             "supervisor_stopped",
@@ -254,13 +285,18 @@ class _Supervisor:
             self._signal_workers(signal.SIGTERM)  # their second signal: exit at once
             return
         log.info("signal_received", signal=signum.name)
+        self._begin_stop()
+        nursery.start_soon(self._kill_stragglers, nursery.cancel_scope)
+
+    def _begin_stop(self) -> None:
+        """Start the graceful shutdown: SIGTERM to every worker (the caller then bounds it
+        with ``_kill_stragglers``)."""
         self.stopping = True
         for slot in self.slots:
             slot.serving_at_stop = slot.ready
             slot.running_at_stop = slot.process is not None
         self.settings.notifier.notify(stopping=1, status=f"shutting down {len(self.slots)} workers")
         self._signal_workers(signal.SIGTERM)
-        nursery.start_soon(self._kill_stragglers, nursery.cancel_scope)
 
     def _pass_on_hangup(self) -> None:
         """SIGHUP to every worker that is ready; the others get it once they are.
@@ -305,6 +341,7 @@ class _Supervisor:
         backoff = _BACKOFF_FIRST
         while not self.stopping:
             started = trio.current_time()
+            slot.unready_starts += 1  # _listen sets it back to 0 once the worker is ready
             code = await self._run_worker(slot)
             if self.stopping:
                 return
@@ -318,10 +355,15 @@ class _Supervisor:
                 # store) are wrong, and every restart would fail the same way. Only an exit
                 # code says so: a death by signal (the OOM killer, an operator's kill) is
                 # the process's fate, not the settings', and a restart may well serve.
-                self._start_failed = code
+                self._start_failed = StartFailed(
+                    f"a worker exited with code {code} before serving", code
+                )
                 self.stopping = True
                 self._signal_workers(signal.SIGTERM)
                 everything.cancel()
+                return
+            if slot.unready_starts >= self.settings.worker_start_attempts:
+                await self._give_up(slot, code, everything)
                 return
             if trio.current_time() - started >= _HEALTHY_RUN:
                 backoff = _BACKOFF_FIRST
@@ -329,6 +371,35 @@ class _Supervisor:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
             slot.restarts += 1
+
+    async def _give_up(self, slot: _Slot, code: int | None, everything: trio.CancelScope) -> None:
+        """End the supervisor: the worker of ``slot`` failed its last
+        ``worker_start_attempts`` starts. Retrying forever would hide a service that is
+        short of a worker (or of all of them) from the service manager, whose ``Restart=``
+        and start limits are made for this; the workers still serving drain first."""
+        ending: dict[str, object]
+        if code is None:
+            ending, last = {"error": "could not be spawned"}, "not spawned"
+        elif code < 0:
+            name = signal.Signals(-code).name
+            ending, last = {"signal": name}, f"killed by {name}"
+        else:
+            ending, last = {"exit_code": code}, f"exit code {code}"
+        log.error(
+            "worker_start_abandoned",
+            worker=slot.worker_id,
+            attempts=slot.unready_starts,
+            **ending,
+            hint="its own log lines say why; the other workers drain, the supervisor exits "
+            "non-zero and the service manager decides (Restart=)",
+        )
+        self._start_failed = StartFailed(
+            f"worker {slot.worker_id} failed to start {slot.unready_starts} times in a row "
+            f"(last: {last})",
+            0 if code is None else code,
+        )
+        self._begin_stop()
+        await self._kill_stragglers(everything)
 
     async def _run_worker(self, slot: _Slot) -> int | None:
         """Start the worker of ``slot``, watch it until it exits; its exit code, or None if
@@ -419,6 +490,7 @@ class _Supervisor:
                     slot.snapshot = message["snapshot"]
                 if message.get("ready") and not slot.ready:
                     slot.ready = slot.ever_ready = True
+                    slot.unready_starts = 0
                     if slot.hangup_pending and slot.process is not None:
                         slot.hangup_pending = False
                         slot.process.send_signal(signal.SIGHUP)
