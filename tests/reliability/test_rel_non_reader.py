@@ -72,6 +72,7 @@ async def never_reading_client(port: int, messages: int, tag: str, history: Hist
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("recording", [True, False], ids=["hook", "no-hook"])
 async def test_client_that_never_reads_is_dropped_after_the_send_timeout(
     start_server: StartServer, report: Report, recording: bool

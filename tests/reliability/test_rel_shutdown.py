@@ -140,6 +140,7 @@ def told_before_the_end(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 async def test_sigterm_with_200_streaming_connections(
     start_server: StartServer, report: Report
 ) -> None:

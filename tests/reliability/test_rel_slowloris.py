@@ -74,6 +74,7 @@ async def unloaded_round_trips(server: ServerUnderTest, history: History, tag: s
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 async def test_slow_connections_are_closed_at_the_idle_timeout(
     start_server: StartServer, report: Report
 ) -> None:
