@@ -194,6 +194,7 @@ def _pipeline(port: int, result: dict[str, Any]) -> None:
         result["last"].append(last)
 
 
+@pytest.mark.timing  # its clients must read ~10k ACKs within the 1 s drain timeout
 def test_sigterm_drains_every_worker_and_exits_zero(supervised: Supervised) -> None:
     """SIGTERM to the supervisor: every worker answers what it read, says ERR 0
     shutting-down and exits 0; the supervisor exits 0; every ACKed message is in the store
