@@ -272,7 +272,11 @@ class ServerUnderTest:
         return status
 
     def log_lines(self) -> list[str]:
-        return self.log_path.read_text(errors="replace").splitlines()
+        """The complete lines of the server's log so far. An unterminated last line is still
+        being written (the log writer thread may be mid-write as this reads: a write is not
+        atomic for a reader of a regular file), not a crash: it is left for the next read."""
+        text = self.log_path.read_text(errors="replace")
+        return text[: text.rfind("\n") + 1].splitlines()
 
     def events(self) -> list[dict[str, Any]]:
         """The JSON log events so far (lines that are not JSON are skipped here; see
