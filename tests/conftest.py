@@ -11,7 +11,7 @@ import trio
 
 from ackservice.server import Server
 from support import Connect
-from tls_support import TLSFiles, write_tls_files
+from tls_support import OPENED_SOCKETS, TLSFiles, write_tls_files
 
 
 @pytest.fixture
@@ -69,6 +69,15 @@ def accept_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
         await trio.sleep_forever()
 
     monkeypatch.setattr(Server, "_accept_loop", never_accept)
+
+
+@pytest.fixture
+async def close_tls_test_sockets() -> AsyncIterator[None]:
+    """Close the client sockets a TLS test opened (tls_support.OPENED_SOCKETS); Trio
+    sockets are closed in the Trio run, hence an async fixture, for async test modules."""
+    yield
+    while OPENED_SOCKETS:
+        OPENED_SOCKETS.pop().close()
 
 
 @pytest.fixture(scope="session")

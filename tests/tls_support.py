@@ -16,11 +16,17 @@ Tests of clients run against two servers:
   ``trio.serve_ssl_over_tcp``, the embedding API's TLS, which takes any stream. Trio's
   ``SSLStream`` does not send the alert when its handshake fails, so its clients see only a
   truncated connection: the case of a server that refuses without saying why.
+
+``BioClient`` is a TLS client over memory BIOs, for tests that choose exactly which bytes go
+out when (close_notify as a half-close, records in slices), and ``client_context`` the
+client side of ``write_tls_files``'s CA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,3 +106,99 @@ async def serve_ack_tls(
         functools.partial(trio.serve_ssl_over_tcp, handler, 0, context, host="127.0.0.1")
     )
     return int(listeners[0].transport_listener.socket.getsockname()[1])
+
+
+OPENED_SOCKETS: list[trio.socket.SocketType] = []
+"""Client sockets the TLS tests opened; closed after each test (conftest.py)."""
+
+
+def client_context(
+    files: TLSFiles, *, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=files.ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+class BioClient:
+    """A TLS client over a blocking-free Trio socket with memory BIOs, so a test controls
+    exactly which bytes go out when: close_notify as a half-close, records in slices."""
+
+    def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+        self.closed_cleanly = False
+        self.alert: str | None = None
+
+    @classmethod
+    async def connect(cls, port: int, context: ssl.SSLContext) -> BioClient:
+        sock = trio.socket.socket()
+        OPENED_SOCKETS.append(sock)
+        await sock.connect(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = cls(sock, context)
+        while True:
+            try:
+                client.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await client.flush()
+                client.incoming.write(await sock.recv(65536))
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            await self.sendall(data)
+
+    async def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[await self.sock.send(view) :]
+
+    def encrypt(self, data: bytes) -> bytes:
+        self.tls.write(data)
+        return self.outgoing.read()
+
+    def close_notify(self) -> bytes:
+        with contextlib.suppress(ssl.SSLWantReadError):  # the server's comes later
+            self.tls.unwrap()
+        return self.outgoing.read()
+
+    async def read_line(self) -> bytes:
+        """The next reply line (with its newline), when the server sends one at a time."""
+        received = b""
+        with trio.fail_after(5):
+            while not received.endswith(b"\n"):
+                self.incoming.write(await self.sock.recv(65536))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    received += self.tls.read(65536)
+        return received
+
+    async def read_all(self) -> bytes:
+        """Everything the server sends until its close_notify (``closed_cleanly``) or the
+        end of the TCP stream."""
+        received = b""
+        while True:
+            data = await self.sock.recv(65536)
+            if not data:
+                return received
+            self.incoming.write(data)
+            while True:
+                try:
+                    chunk = self.tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    chunk = b""
+                except ssl.SSLError as exc:  # the server's alert
+                    self.alert = exc.reason
+                    return received
+                if not chunk:
+                    self.closed_cleanly = True
+                    return received
+                received += chunk

@@ -24,7 +24,9 @@ from ackservice.server.readiness import Answerer
 from ackservice.server.tls_transport import TLSTransport
 from ackservice.server.transport import SocketTransport
 from support import Connect, LineReader, wait_until
-from tls_support import TLSFiles
+from tls_support import BioClient, TLSFiles, client_context
+
+pytestmark = pytest.mark.usefixtures("close_tls_test_sockets")
 
 EventList = list[dict[str, Any]]
 HUB_TASK = "ackservice readiness hub"
@@ -263,9 +265,7 @@ async def test_a_split_client_hello_on_a_plain_port_at_info_level(
 # TLS ----------------------------------------------------------------------------------
 
 
-async def bio_client(port: int, files: TLSFiles) -> Any:
-    from test_tls import BioClient, client_context  # type: ignore[import-not-found]
-
+async def bio_client(port: int, files: TLSFiles) -> BioClient:
     return await BioClient.connect(port, client_context(files))
 
 

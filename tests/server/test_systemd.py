@@ -9,42 +9,23 @@ import signal
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+import systemd_support
 from ackservice.server.systemd import Notifier, take_listen_fds
 from support import poll_until, server_process
-
-# Plays systemd's exec step: the inherited socket becomes descriptor 3 and LISTEN_PID the
-# pid of the process that will serve (this one, as it execs the server).
-_ACTIVATE = """
-import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[2], sys.argv[2:])
-"""
+from systemd_support import notify_fields, socket_activated
 
 
 @pytest.fixture
 def notify_socket() -> Iterator[tuple[socket.socket, str]]:
-    """A datagram socket in the abstract namespace, as systemd's NOTIFY_SOCKET, and its
-    ``@name``."""
-    name = f"ackservice-test-{uuid.uuid4().hex}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + name)
-        sock.settimeout(15)
-        yield sock, "@" + name
-
-
-def _fields(datagram: bytes) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in datagram.decode().splitlines())
+    """systemd's NOTIFY_SOCKET and its ``@name``."""
+    with systemd_support.notify_socket() as notify:
+        yield notify
 
 
 def test_notifier_sends_key_value_lines_to_an_abstract_socket(
@@ -53,7 +34,7 @@ def test_notifier_sends_key_value_lines_to_an_abstract_socket(
     """notify(ready=1, status=...) is one datagram READY=1 / STATUS=... to the @ name."""
     sock, name = notify_socket
     assert Notifier(name).notify(ready=1, status="serving on 127.0.0.1:1")
-    assert _fields(sock.recv(4096)) == {"READY": "1", "STATUS": "serving on 127.0.0.1:1"}
+    assert notify_fields(sock.recv(4096)) == {"READY": "1", "STATUS": "serving on 127.0.0.1:1"}
 
 
 def test_notifier_to_a_missing_socket_logs_once_and_goes_on(tmp_path: Path) -> None:
@@ -92,21 +73,20 @@ def test_socket_activated_server_notifies_ready_and_stopping(
             "127.0.0.1",
             "--store",
             "none",
-            prefix=[sys.executable, "-c", _ACTIVATE, str(fd)],
-            pass_fds=[fd],
+            **socket_activated(fd),
             env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "ack", "NOTIFY_SOCKET": notify_name},
         ) as server:
             assert server.port == port
             listening = server.wait_for_event("listening")
             assert listening["socket_activation"] is True
             assert listening["fd_names"] == ["ack"]
-            ready = _fields(notify.recv(4096))
+            ready = notify_fields(notify.recv(4096))
             assert ready == {"READY": "1", "STATUS": f"serving on 127.0.0.1:{port}"}
             with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
                 client.sendall(b"hello\n")
                 assert client.makefile("rb").readline() == b"ACK 1 5 3610a686\n"
             server.signal(signal.SIGTERM)
-            stopping = _fields(notify.recv(4096))
+            stopping = notify_fields(notify.recv(4096))
             assert stopping["STOPPING"] == "1"
             assert server.wait() == 0
         # systemd keeps the socket: still listening after the server is gone.
@@ -132,8 +112,7 @@ def test_host_and_port_beside_activated_sockets_are_ignored_with_one_warning(
             "none",
             "--port",
             "9876",  # after server_process's --port 0: the last one counts
-            prefix=[sys.executable, "-c", _ACTIVATE, str(fd)],
-            pass_fds=[fd],
+            **socket_activated(fd),
             env={"LISTEN_FDS": "1", "ACKSERVICE_HOST": "127.0.0.1"},
         ) as server:
             expected_listening = {"0"} if workers == "1" else {"0", "1", "2"}

@@ -10,7 +10,7 @@ import ipaddress
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from ackservice.server import (
 from ackservice.server.tls_transport import TLSTransport
 from ackservice.store import open_reader, open_store
 from support import LineReader
-from tls_support import CLIENT_COMMON_NAME, TLSFiles
+from tls_support import CLIENT_COMMON_NAME, OPENED_SOCKETS, BioClient, TLSFiles, client_context
+
+pytestmark = pytest.mark.usefixtures("close_tls_test_sockets")
 
 EventList = list[dict[str, Any]]
 
@@ -42,19 +44,9 @@ def logs() -> Iterator[EventList]:
         yield entries
 
 
-_OPENED: list[trio.socket.SocketType] = []
-
-
-@pytest.fixture(autouse=True)
-async def close_what_tests_opened() -> AsyncIterator[None]:
-    yield
-    while _OPENED:
-        _OPENED.pop().close()
-
-
 async def plain(port: int) -> trio.SocketStream:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    _OPENED.append(stream.socket)
+    OPENED_SOCKETS.append(stream.socket)
     return stream
 
 
@@ -80,105 +72,13 @@ async def start(
     )
 
 
-def client_context(
-    files: TLSFiles, *, cert: Path | None = None, key: Path | None = None
-) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=files.ca)
-    if cert is not None:
-        context.load_cert_chain(cert, key)
-    return context
-
-
 async def connect(port: int, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
     stream = await trio.open_ssl_over_tcp_stream(
         "127.0.0.1", port, ssl_context=context, https_compatible=False
     )
-    _OPENED.append(stream.transport_stream.socket)
+    OPENED_SOCKETS.append(stream.transport_stream.socket)
     await stream.do_handshake()
     return stream
-
-
-class BioClient:
-    """A TLS client over a blocking-free Trio socket with memory BIOs, so a test controls
-    exactly which bytes go out when: close_notify as a half-close, records in slices."""
-
-    def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext) -> None:
-        self.sock = sock
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
-        self.closed_cleanly = False
-        self.alert: str | None = None
-
-    @classmethod
-    async def connect(cls, port: int, context: ssl.SSLContext) -> BioClient:
-        sock = trio.socket.socket()
-        _OPENED.append(sock)
-        await sock.connect(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = cls(sock, context)
-        while True:
-            try:
-                client.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await client.flush()
-                client.incoming.write(await sock.recv(65536))
-        await client.flush()
-        return client
-
-    async def flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            await self.sendall(data)
-
-    async def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[await self.sock.send(view) :]
-
-    def encrypt(self, data: bytes) -> bytes:
-        self.tls.write(data)
-        return self.outgoing.read()
-
-    def close_notify(self) -> bytes:
-        with contextlib.suppress(ssl.SSLWantReadError):  # the server's comes later
-            self.tls.unwrap()
-        return self.outgoing.read()
-
-    async def read_line(self) -> bytes:
-        """The next reply line (with its newline), when the server sends one at a time."""
-        received = b""
-        with trio.fail_after(5):
-            while not received.endswith(b"\n"):
-                self.incoming.write(await self.sock.recv(65536))
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    received += self.tls.read(65536)
-        return received
-
-    async def read_all(self) -> bytes:
-        """Everything the server sends until its close_notify (``closed_cleanly``) or the
-        end of the TCP stream."""
-        received = b""
-        while True:
-            data = await self.sock.recv(65536)
-            if not data:
-                return received
-            self.incoming.write(data)
-            while True:
-                try:
-                    chunk = self.tls.read(65536)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    chunk = b""
-                except ssl.SSLError as exc:  # the server's alert
-                    self.alert = exc.reason
-                    return received
-                if not chunk:
-                    self.closed_cleanly = True
-                    return received
-                received += chunk
 
 
 @pytest.mark.usefixtures("info_level")
@@ -288,7 +188,7 @@ async def test_a_stalled_handshake_is_dropped(
 ) -> None:
     server = await start(nursery, tls_files, tls_handshake_timeout=0.2)
     sock = trio.socket.socket()
-    _OPENED.append(sock)
+    OPENED_SOCKETS.append(sock)
     await sock.connect(("127.0.0.1", server.port))
     with trio.fail_after(5):
         assert await sock.recv(100) == b""  # closed, without a word in plaintext
@@ -532,7 +432,7 @@ async def test_shutdown_does_not_wait_for_a_stalled_handshake(
     stalled = []
     for _ in range(2):  # the first is admitted, the second refused
         sock = trio.socket.socket()
-        _OPENED.append(sock)
+        OPENED_SOCKETS.append(sock)
         await sock.connect(("127.0.0.1", server.port))
         stalled.append(sock)
     await wait_for_event(logs, "connection_refused")
@@ -551,7 +451,7 @@ async def test_refused_clients_cannot_hold_many_descriptors(
     flood = []
     for _ in range(70):  # silent: each refusal would wait for a handshake
         sock = trio.socket.socket()
-        _OPENED.append(sock)
+        OPENED_SOCKETS.append(sock)
         await sock.connect(("127.0.0.1", server.port))
         flood.append(sock)
 

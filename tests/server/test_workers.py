@@ -26,6 +26,7 @@ from test_metrics import scrape, value  # type: ignore[import-not-found]
 from ackservice.server.cli import _workers
 from ackservice.server.workers import cpu_count
 from support import ServerProcess, poll_until, server_process, wait_until
+from systemd_support import notify_fields, notify_socket, socket_activated
 
 
 class Supervised:
@@ -246,15 +247,7 @@ def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
     """Under systemd with --workers 2: the inherited socket is handed to both workers, the
     supervisor (the main process) sends READY=1 once both serve and STOPPING=1 on SIGTERM; a
     second SIGTERM during the drain exits at once with 130."""
-    from test_systemd import _ACTIVATE, _fields  # type: ignore[import-not-found]
-
-    name = f"ackservice-test-{os.getpid()}-workers"
-    with (
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
-        socket.create_server(("127.0.0.1", 0)) as inherited,
-    ):
-        notify.bind("\0" + name)
-        notify.settimeout(15)
+    with notify_socket() as (notify, name), socket.create_server(("127.0.0.1", 0)) as inherited:
         fd = inherited.fileno()
         with server_process(
             tmp_path / "log",
@@ -264,11 +257,10 @@ def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
             "none",
             "--drain-timeout",
             "10",
-            prefix=[sys.executable, "-c", _ACTIVATE, str(fd)],
-            pass_fds=[fd],
-            env={"LISTEN_FDS": "1", "NOTIFY_SOCKET": "@" + name},
+            **socket_activated(fd),
+            env={"LISTEN_FDS": "1", "NOTIFY_SOCKET": name},
         ) as server:
-            ready = _fields(notify.recv(4096))
+            ready = notify_fields(notify.recv(4096))
             assert ready["READY"] == "1"
             assert ready["STATUS"].startswith("2 workers serving on 127.0.0.1:")
 
@@ -284,7 +276,7 @@ def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
                 replies = client.makefile("rb")
                 assert replies.readline().startswith(b"ACK 1")
                 server.signal(signal.SIGTERM)
-                assert _fields(notify.recv(4096))["STOPPING"] == "1"
+                assert notify_fields(notify.recv(4096))["STOPPING"] == "1"
                 assert replies.readline().startswith(b"ERR 0 shutting-down")
                 server.signal(signal.SIGTERM)
                 assert server.wait(10) == 130
