@@ -15,7 +15,8 @@ A waiting connection may also leave an ``Answerer`` (``set_answerer``): when its
 becomes readable, the dispatcher calls it in place of waking the task, and the task goes on
 waiting if it answered. A request/response client's message is then read, acknowledged and
 answered without a task switch (Trio's reschedule, run-loop step and coroutine resume are
-~3 µs of a ~15 µs round trip); anything else wakes the task as before.
+~3 µs of a ~15 µs round trip), and a pipelining client's read too, its replies written once
+every socket of the round was read (``send_later``); anything else wakes the task as before.
 
 Edge-triggered rules the callers must follow: wait only after a read came back short or with
 ``EAGAIN``, and when the events include ``EPOLLRDHUP``/``EPOLLHUP``/``EPOLLERR`` keep reading
