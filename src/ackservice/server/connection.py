@@ -25,7 +25,8 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import count, repeat
 from typing import Final, NamedTuple, Protocol
 
 import structlog
@@ -518,16 +519,23 @@ class Connection:
             self.messages += len(frames)
             return self._answer_unkept(first_seq, frames)
         received_at = time.time()
-        messages = []
-        nbytes = 0
-        peer, conn_id, identity = self.peer, self.conn_id, self.identity
-        for seq, frame in enumerate(frames, first_seq):
-            if frame is not OVERSIZED:
-                payload: bytes = frame  # type: ignore[assignment]
-                messages.append(
-                    Message(payload, crc32(payload), received_at, peer, conn_id, seq, identity)
-                )
-                nbytes += len(payload)
+        whole = OVERSIZED not in frames
+        if whole:
+            payloads: list[bytes] = frames  # type: ignore[assignment]
+            crc32s = list(map(crc32, payloads))
+            messages = _messages(payloads, crc32s, received_at, self, first_seq)
+            nbytes = sum(map(len, payloads))
+        else:
+            messages = []
+            nbytes = 0
+            peer, conn_id, identity = self.peer, self.conn_id, self.identity
+            for seq, frame in enumerate(frames, first_seq):
+                if frame is not OVERSIZED:
+                    payload: bytes = frame  # type: ignore[assignment]
+                    messages.append(
+                        Message(payload, crc32(payload), received_at, peer, conn_id, seq, identity)
+                    )
+                    nbytes += len(payload)
         pending = nbytes + len(messages) * _MESSAGE_OVERHEAD_BYTES
         verdicts = await committer.commit(messages, pending, self._limiter()) if messages else None
         # Counted once answered, with their errors in the same step: a metrics scrape during
@@ -537,11 +545,10 @@ class Connection:
         self._last_message = trio.current_time()
         if self._debug:
             self._log_acked(messages, verdicts)
-        if verdicts is None and len(messages) == len(frames):
+        if verdicts is None and whole:
             if len(messages) == 1:
-                return ACK_FORMAT % (first_seq, nbytes, messages[0].crc32)
-            lengths = [len(message.payload) for message in messages]
-            return ack_block(first_seq, lengths, [message.crc32 for message in messages])
+                return ACK_FORMAT % (first_seq, nbytes, crc32s[0])
+            return ack_block(first_seq, list(map(len, payloads)), crc32s)
         replies = []
         stored = iter(messages)
         verdict_of = iter(verdicts) if verdicts is not None else None
@@ -611,6 +618,35 @@ class Connection:
         if self._warnings is None:
             self._warnings = WarningLimiter()
         return self._warnings
+
+
+_new_message: Callable[[tuple[object, ...]], Message] = functools.partial(tuple.__new__, Message)
+
+
+def _messages(
+    payloads: list[bytes],
+    crc32s: list[int],
+    received_at: float,
+    connection: Connection,
+    first_seq: int,
+) -> list[Message]:
+    """One ``Message`` per payload, made without a Python-level call per message (the
+    named tuple's own constructor is a Python function): pipelined into SQLite, the
+    server's CPU per ACK went from 3.26 to 3.03 µs (docs/benchmarks.md)."""
+    return list(
+        map(
+            _new_message,
+            zip(
+                payloads,
+                crc32s,
+                repeat(received_at),
+                repeat(connection.peer),
+                repeat(connection.conn_id),
+                count(first_seq),
+                repeat(connection.identity),
+            ),
+        )
+    )
 
 
 def _debug_enabled() -> bool:
