@@ -7,6 +7,7 @@ import errno
 import os
 import sqlite3
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -400,6 +401,36 @@ async def test_a_held_lock_file_is_unavailable_and_closing_does_not_wait_for_it(
     finally:
         await store.aclose()  # again: closing twice is harmless
     assert [m.payload for m in await read_all(path)] == [b"accepted"]
+
+
+async def test_the_busy_timeout_covers_both_locks_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that waited for the writers' lock file and then for SQLite's own write
+    lock (another connection, a prune, holds it) is refused once ``BUSY_TIMEOUT`` passed
+    in all, not after waiting that long for each lock in turn."""
+    import fcntl
+
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 1.0)
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
+    release = threading.Timer(0.8, os.close, (lock_fd,))  # closing drops the flock
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        release.start()
+        started = time.monotonic()
+        with trio.fail_after(5), pytest.raises(StoreUnavailable, match="database is locked"):
+            await store.store(batch_of([b"refused"]))
+        waited = time.monotonic() - started
+        # One deadline: ~1.0 s. Two (the lock file's, then SQLite's): at least 1.8 s.
+        assert 0.9 < waited < 1.6, waited
+    finally:
+        release.join()
+        blocker.close()
+        await store.aclose()
 
 
 async def test_follow_sees_messages_committed_later(tmp_path: Path) -> None:

@@ -443,7 +443,7 @@ def _insert(
     if not _take_writer_lock(writer_lock, abandoned, deadline):
         return  # abandoned while waiting: the caller has already answered "unavailable"
     try:
-        _insert_locked(connection, batch, abandoned)
+        _insert_locked(connection, batch, abandoned, deadline)
     finally:
         fcntl.flock(writer_lock, fcntl.LOCK_UN)
 
@@ -477,10 +477,13 @@ def _take_writer_lock(writer_lock: int, abandoned: threading.Event, deadline: fl
 
 
 def _insert_locked(
-    connection: sqlite3.Connection, batch: Sequence[Message], abandoned: threading.Event
+    connection: sqlite3.Connection,
+    batch: Sequence[Message],
+    abandoned: threading.Event,
+    deadline: float,
 ) -> None:
     try:
-        _begin_immediate(connection, abandoned)
+        _begin_immediate(connection, abandoned, deadline)
         if abandoned.is_set():
             _roll_back(connection)
             return
@@ -559,11 +562,12 @@ def _chunk_rows(batch: Sequence[Message], next_id: int) -> tuple[list[tuple[obje
     return rows, next_id + len(batch)
 
 
-def _begin_immediate(connection: sqlite3.Connection, abandoned: threading.Event) -> None:
-    """Take the write lock, waiting up to ``BUSY_TIMEOUT`` for another writer, in short
-    steps so that a call the server gave up on stops waiting (SQLite's own busy wait
-    cannot be interrupted)."""
-    deadline = time.monotonic() + BUSY_TIMEOUT
+def _begin_immediate(
+    connection: sqlite3.Connection, abandoned: threading.Event, deadline: float
+) -> None:
+    """Take the write lock, waiting until ``deadline`` (the one the lock file's wait had:
+    ``BUSY_TIMEOUT`` in all, not twice) for another writer, in short steps so that a call
+    the server gave up on stops waiting (SQLite's own busy wait cannot be interrupted)."""
     while True:
         try:
             connection.execute("BEGIN IMMEDIATE")
