@@ -6,7 +6,8 @@ Each batch shape runs for about S seconds (default 3) against a fresh store file
 (default: a temporary directory under the working directory, so on the disk the server would
 use, not a tmpfs). A shape is ``CONNS x PER_READ``: the batch holds, for each of CONNS
 connections, one read's worth of PER_READ consecutive messages, as the server hands them
-over. ``1 x 1`` shows the cost of one durable commit (an fsync of the WAL); ``64 x 1`` a
+over. ``1 x 1`` shows the cost of one durable commit (an fsync of the WAL; the first line, a
+bare ``fdatasync`` loop, is the disk's own floor under it); ``64 x 1`` a
 request/response round over 64 connections; ``16 x 64`` pipelining clients. CPU is
 ``time.process_time`` (every thread of the process) per message stored. A measurement, not a
 test: the figures depend on the disk and the CPU.
@@ -15,6 +16,8 @@ test: the figures depend on the disk and the CPU.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 import zlib
@@ -63,9 +66,29 @@ async def measure(
     return commits, commits * conns * per_read, elapsed, cpu
 
 
+def fsync_floor(path: Path, seconds: float) -> tuple[float, float]:
+    """The disk's own limit under the 1x1 shape: 8 KiB appended and ``fdatasync``ed, in a
+    loop; returns syncs per second and the median wait in milliseconds."""
+    waits = []
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            os.write(descriptor, b"x" * 8192)
+            started = time.perf_counter()
+            os.fdatasync(descriptor)
+            waits.append(time.perf_counter() - started)
+    finally:
+        os.close(descriptor)
+        path.unlink()
+    return len(waits) / seconds, statistics.median(waits) * 1e3
+
+
 async def run(directory: Path, seconds: float) -> None:
     """Measure every shape and print one row each."""
     print(f"store files in {directory}, ~{seconds:g} s per shape, 64-byte messages")
+    syncs, wait_ms = fsync_floor(directory / "fsync-floor", seconds)
+    print(f"the disk: {syncs:.0f} fdatasyncs/s of 8 KiB appends, median {wait_ms:.2f} ms each")
     print(
         f"{'shape':>9} {'commits':>8} {'messages':>9} {'commits/s':>10} {'messages/s':>11}"
         f" {'CPU us/msg':>11}"
