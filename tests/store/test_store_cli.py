@@ -257,6 +257,23 @@ def test_missing_store_is_one_line_and_exit_1(
     assert not path.exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["export", "--after", str(2**63)], ["prune", "--before", "99999999999999999999"]],
+)
+def test_an_id_past_64_bits_is_a_usage_error(tmp_path: Path, command: list[str]) -> None:
+    """An id no store can hold is refused as bad input (exit 2, one line), not handed to
+    SQLite, which raised OverflowError: a traceback, exit 1."""
+    url = make_store(tmp_path / "store.db", [b"kept"])
+    result = subprocess.run(
+        _module(*command, "--store", url), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "expected an integer from" in result.stderr
+    assert "9223372036854775807" in result.stderr
+
+
 def test_a_payload_with_a_newline_is_refused_in_lines_format(
     tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

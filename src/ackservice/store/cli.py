@@ -64,6 +64,10 @@ FOLLOW_FLUSH_INTERVAL: Final = 0.2
 
 _DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
+# The largest message id: SQLite's INTEGER is signed 64-bit, and a larger --after or
+# --before reached the database as an OverflowError traceback instead of a usage error.
+MAX_ID: Final = 2**63 - 1
+
 _DESCRIPTION = """\
 Read back, count and prune the messages a store keeps.
 """
@@ -116,7 +120,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     export.set_defaults(command_parser=export)
     export.add_argument(
         "--after",
-        type=_cli._argparse_type(_cli.non_negative_int),
+        type=_cli._argparse_type(_cli.int_in_range(0, MAX_ID)),
         default=0,
         metavar="ID",
         help="start after this id, e.g. the last one processed (default: 0, from the start)",
@@ -149,7 +153,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--before",
-        type=_cli._argparse_type(_cli.positive_int),
+        type=_cli._argparse_type(_cli.int_in_range(1, MAX_ID)),
         metavar="ID",
         help="delete the messages with an id below ID",
     )
