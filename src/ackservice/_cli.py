@@ -94,9 +94,10 @@ def port_number(text: str) -> int:
 
 def server_port(text: str) -> int:
     """A TCP port to connect to, 1 to 65535."""
-    value = port_number(text)
-    if value == 0:
-        raise ValueError("expected a port from 1 to 65535, got '0'")
+    value = _int(text)
+    if not 1 <= value <= 65535:
+        # Not port_number's message: "from 0" for -1 would invite a 0 that is refused next.
+        raise ValueError(f"expected a port from 1 to 65535, got {text!r}")
     return value
 
 

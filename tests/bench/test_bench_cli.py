@@ -200,6 +200,22 @@ def test_bad_settings_exit_2_with_one_line(
     assert complaint in err
 
 
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--port", "-1"], "argument --port: expected a port from 1 to 65535, got '-1'"),
+        (["--warmup", "-1"], "argument --warmup: expected a number of seconds from 0 to 3600"),
+    ],
+)
+def test_a_refused_value_is_told_the_range_allowed(args: list[str], complaint: str) -> None:
+    """The complaint names what is accepted: -1 for --port was told "from 0 to 65535" (0 is
+    refused next), -1 for --warmup "a positive number" (0, no warm-up, is allowed)."""
+    done = run_bench(*args)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert complaint in done.stderr
+
+
 def test_every_setting_has_an_environment_variable_and_flags_win() -> None:
     """Each setting reads ACKSERVICE_BENCH_*; a flag overrides its variable; switches take
     1/true/yes/on; --server-arg's variable is split like a shell line."""

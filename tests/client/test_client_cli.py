@@ -154,6 +154,28 @@ def test_usage_errors_exit_2_with_one_line(
     assert complaint in line
 
 
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--port", "-1"], "argument --port: expected a port from 1 to 65535, got '-1'"),
+        (
+            ["--retry-for", "-1"],
+            "argument --retry-for: expected a number of seconds from 0 to 1000000000, got '-1'",
+        ),
+    ],
+)
+async def test_a_refused_value_is_told_the_range_allowed(
+    run_client: RunClient, args: list[str], complaint: str
+) -> None:
+    """The complaint names what is accepted: -1 for --port was told "from 0 to 65535" (0 is
+    refused next), -1 for --retry-for "a positive number" (0, never retry, is allowed)."""
+    run = await run_client(*args, "x")
+    assert run.returncode == 2
+    assert run.stderr.decode().splitlines() == [
+        f"python -m ackservice.client: error: {complaint} (see --help)"
+    ]
+
+
 async def test_ctrl_c_stops_piped_input_with_a_summary(server: Server) -> None:
     """Interrupted while waiting for more input: the summary so far, exit 130, no hang on
     the thread still blocked reading stdin."""

@@ -102,11 +102,15 @@ def run_seconds(text: str) -> float:
 def warmup_seconds(text: str) -> float:
     """A duration >= 0, at most an hour."""
     try:
-        if float(text) == 0:
-            return 0.0
+        value = float(text)
     except ValueError:
-        pass  # run_seconds explains what was expected
-    return run_seconds(text)
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    # Says "from 0": "a positive number" for -1 hid that 0 (no warm-up) is allowed.
+    if not 0 <= value <= MAX_RUN_SECONDS:  # also refuses nan
+        raise ValueError(
+            f"expected a number of seconds from 0 to {MAX_RUN_SECONDS:g}, got {text!r}"
+        )
+    return 0.0 if value == 0 else value
 
 
 def messages_per_second(text: str) -> float:

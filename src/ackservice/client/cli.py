@@ -585,9 +585,10 @@ def _non_negative_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"expected a number of seconds, got {text!r}") from None
-    if value > 1e9:
-        raise ValueError(f"expected at most 1000000000 seconds, got {text!r}")
-    return 0.0 if value == 0 else _cli.seconds(text)
+    # Says "from 0": "a positive number" for -1 hid that 0 (never retry) is allowed.
+    if not 0 <= value <= 1e9:  # also refuses nan
+        raise ValueError(f"expected a number of seconds from 0 to 1000000000, got {text!r}")
+    return 0.0 if value == 0 else value
 
 
 def _file_path(text: str) -> str:
