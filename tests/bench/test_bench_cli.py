@@ -205,6 +205,15 @@ def test_bad_settings_exit_2_with_one_line(
     [
         (["--port", "-1"], "argument --port: expected a port from 1 to 65535, got '-1'"),
         (["--warmup", "-1"], "argument --warmup: expected a number of seconds from 0 to 3600"),
+        # Unbounded before: 1e30 meant waiting forever for a silent server.
+        (
+            ["--timeout", "1e30"],
+            "argument --timeout: expected a number of seconds above 0 and at most 86400",
+        ),
+        (
+            ["--connect-timeout", "1e30"],
+            "argument --connect-timeout: expected a number of seconds above 0 and at most 3600",
+        ),
     ],
 )
 def test_a_refused_value_is_told_the_range_allowed(args: list[str], complaint: str) -> None:

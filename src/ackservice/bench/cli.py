@@ -189,8 +189,20 @@ def build_parser(environ: dict[str, str] | None = None) -> _BenchParser:
         1,
         "spread the connections over this many processes",
     )
-    add("--timeout", _cli.seconds, 10.0, "seconds a message may wait for its reply")
-    add("--connect-timeout", _cli.seconds, 5.0, "seconds a connection attempt may take")
+    # The client's bounds for the same waits: a typo such as 1e30 is refused instead of
+    # meaning "wait forever" for a server that stopped answering.
+    add(
+        "--timeout",
+        _cli.seconds_up_to(86400),
+        10.0,
+        "seconds a message may wait for its reply",
+    )
+    add(
+        "--connect-timeout",
+        _cli.seconds_up_to(3600),
+        5.0,
+        "seconds a connection attempt may take",
+    )
     parser.add_switch(
         "--tls", "connect over TLS, verifying the server's certificate against the system's CAs"
     )
