@@ -4,6 +4,7 @@ piped stdin, ``--json`` and ``--quiet``; usage errors through ``main()`` directl
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -173,6 +174,29 @@ async def test_a_refused_value_is_told_the_range_allowed(
     assert run.returncode == 2
     assert run.stderr.decode().splitlines() == [
         f"python -m ackservice.client: error: {complaint} (see --help)"
+    ]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+async def test_output_that_cannot_be_written_is_not_blamed_on_the_input(server: Server) -> None:
+    """Replies that cannot be written (a full disk: /dev/full) are one line naming the
+    output, exit 1; they were reported as "cannot read standard input"."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with trio.fail_after(30):
+            run = await trio.run_process(
+                [sys.executable, "-m", "ackservice.client", "--port", str(server.port), "hello"],
+                stdout=full,
+                capture_stderr=True,
+                check=False,
+                env=client_env(),
+            )
+    finally:
+        os.close(full)
+    assert run.returncode == 1
+    assert run.stderr.decode().splitlines() == [
+        "python -m ackservice.client: error: cannot write the output: No space left on device; "
+        "check where standard output goes"
     ]
 
 

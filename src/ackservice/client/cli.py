@@ -47,7 +47,7 @@ from .config import ClientConfig
 from .connection import Client, open_client
 from .message import Receipt
 from .output import Reporter, Tally, error_json
-from .stdin import LineReader, read_lines
+from .stdin import LineReader, StdinError, read_lines
 from .tls import context_from_flags
 
 __all__ = [
@@ -417,8 +417,14 @@ class _Run:
             # Whoever read our stdout stopped (``| head``): nothing more can be shown there.
             _silence_stdout()
             self._fail("standard output was closed")
-        except OSError as exc:
+        except StdinError as exc:
             self._fail(f"cannot read standard input: {exc.strerror or exc}")
+        except OSError as exc:
+            # Not input: the replies' own writes (stdout on a full disk, an I/O error) were
+            # reported as "cannot read standard input" before, sending the user to the wrong end.
+            self._fail(
+                f"cannot write the output: {exc.strerror or exc}; check where standard output goes"
+            )
 
     def _fail(self, text: str) -> None:
         if self.tally.unacked and self.client is not None:

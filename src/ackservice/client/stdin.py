@@ -21,10 +21,15 @@ import trio
 
 from ..protocol import MessageFramer, Oversized
 
-__all__ = ["READ_SIZE", "LineReader", "read_lines"]
+__all__ = ["READ_SIZE", "LineReader", "StdinError", "read_lines"]
 
 # One thread round-trip per 64 KiB: thousands of short lines per call.
 READ_SIZE = 65536
+
+
+class StdinError(OSError):
+    """Reading standard input failed: an ``OSError`` the CLI can tell apart from a failed
+    write of its output (both reach it from the same task)."""
 
 
 class LineReader:
@@ -44,7 +49,7 @@ class LineReader:
         """The next lines available (at least one), or ``[]`` at end of input.
 
         Raises:
-            OSError: reading the descriptor failed.
+            StdinError: reading the descriptor failed.
         """
         while not self._at_eof:
             # abandon_on_cancel: Ctrl-C must not wait for the user to type another line.
@@ -55,7 +60,10 @@ class LineReader:
 
     def _read_lines(self) -> list[bytes | Oversized]:
         """Runs in the worker thread: one read, split into complete lines."""
-        data = os.read(self._fd, READ_SIZE)
+        try:
+            data = os.read(self._fd, READ_SIZE)
+        except OSError as exc:
+            raise StdinError(exc.errno, exc.strerror) from exc
         if data:
             return self._framer.feed(data)
         self._at_eof = True
