@@ -317,6 +317,31 @@ def test_closed_stdout_ends_quietly_with_141(tmp_path: Path) -> None:
     assert stderr == b""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("command", [["stats"], ["export"], ["export", "--follow"]])
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A standard output that cannot be written (a full disk: /dev/full) ends the command
+    with one line naming it and exit 1, as a store failure does; it was an OSError traceback
+    (and --follow's flush task's, an exception group)."""
+    url = make_store(tmp_path / "store.db", [b"kept"])
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            _module(*command, "--store", url),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        "python -m ackservice.store: error: cannot write standard output: "
+        "No space left on device; check where it goes"
+    ]
+
+
 def test_follow_then_ctrl_c_exits_130(tmp_path: Path) -> None:
     """``export --follow`` writes messages stored after it started, and Ctrl-C ends it with
     exit code 130 and no traceback."""

@@ -10,7 +10,8 @@ Subcommands:
 
 Any store ``--store`` names works (``sqlite:PATH``, ``nats://HOST:PORT/STREAM``).
 
-Exit codes: 0 done; 1 the store failed (no such store, unreachable, a read error);
+Exit codes: 0 done; 1 the store failed (no such store, unreachable, a read error) or
+standard output could not be written (a full disk);
 2 usage error; 130 interrupted (Ctrl-C); 141 whoever read standard output stopped
 (``export | head``). 141 is what a shell reports for ``cat`` or ``seq`` killed by SIGPIPE
 in the same place, so ``set -o pipefail`` scripts see the same thing as with those tools;
@@ -73,8 +74,9 @@ Read back, count and prune the messages a store keeps.
 """
 
 _EPILOG = """\
-exit codes: 0 done; 1 the store failed; 2 usage error; 130 interrupted;
-141 standard output was closed by its reader (export | head).
+exit codes: 0 done; 1 the store failed, or standard output could not be written;
+2 usage error; 130 interrupted; 141 standard output was closed by its reader
+(export | head).
 """
 
 
@@ -221,7 +223,7 @@ class _Run:
     def __init__(self, url: str, description: str, out: BinaryIO) -> None:
         self.url = url
         self.description = description
-        self.out = out
+        self.out = _Output(out)
         self.code = EXIT_OK
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -235,7 +237,7 @@ class _Run:
                 nursery.start_soon(self._cancel_on_interrupt, interrupts)
                 await self._guarded(body)
                 nursery.cancel_scope.cancel()
-        if self.code == EXIT_OUTPUT_CLOSED:
+        if self.code == EXIT_OUTPUT_CLOSED or self.out.failed:
             _silence_stdout()
         return self.code
 
@@ -293,6 +295,10 @@ class _Run:
             except BrokenPipeError:
                 self._output_closed()
                 return
+            except _OutputFailed as exc:
+                self._fail(str(exc))
+                self._scope.cancel()
+                return
 
     async def stats(self, as_json: bool) -> None:
         """Print the count, bytes and the first and last message."""
@@ -335,6 +341,42 @@ class _Run:
             deleted = await reader.prune(before_id=before, older_than=older_than)
         noun = "message" if deleted == 1 else "messages"
         self.out.write(f"deleted {deleted} {noun}\n".encode())
+
+
+class _OutputFailed(AckServiceError):
+    """Standard output could not be written (a full disk, an I/O error)."""
+
+
+class _Output:
+    """Standard output whose failed writes are an ``_OutputFailed`` (one line, exit 1)
+    rather than an ``OSError`` traceback; a closed pipe stays a ``BrokenPipeError``, the
+    reader's choice (exit 141)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self.failed = False
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._out.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise self._failure(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._out.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise self._failure(exc) from exc
+
+    def _failure(self, exc: OSError) -> _OutputFailed:
+        self.failed = True  # what is still buffered must not fail again at exit
+        return _OutputFailed(
+            f"cannot write standard output: {exc.strerror or exc}; check where it goes"
+        )
 
 
 class _NewlineInPayload(AckServiceError):
