@@ -369,27 +369,33 @@ def test_a_paused_supervisor_does_not_kill_healthy_workers(tmp_path: Path) -> No
         assert {e["worker"]: e["pid"] for e in events if e["event"] == "worker_started"} == pids
 
 
-@pytest.mark.parametrize("failure", ["metrics port in use", "port file is a directory"])
+@pytest.mark.parametrize(
+    "failure", ["metrics port in use", "port file is a directory", "store is a directory"]
+)
 def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) -> None:
     """A start-up error of --workers is one line on stderr and exit 1, as without workers,
-    not a traceback of the exception group trio wraps a nursery's errors in; a metrics port
-    in use is found before any worker starts."""
+    not a traceback of the exception group trio wraps a nursery's errors in (nor one line from
+    each worker); a metrics port in use and an unusable store file are found before any
+    worker starts."""
     from test_systemd import run_cli  # type: ignore[import-not-found]
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         if failure == "metrics port in use":
             args = ["--metrics-port", str(taken.getsockname()[1])]
             expected = "cannot serve metrics on 127.0.0.1:"
-        else:
+        elif failure == "port file is a directory":
             args = ["--port-file", str(tmp_path)]
             expected = f"cannot write --port-file {str(tmp_path)!r}: Is a directory"
+        else:
+            args = ["--store", f"sqlite:{tmp_path}"]
+            expected = f"cannot open store {tmp_path}: "
         done = run_cli(tmp_path, ["--workers", "2", *args], {})
     assert done.returncode == 1
     not_logs = [line for line in done.stderr.splitlines() if not line.startswith("{")]
     assert len(not_logs) == 1, done.stderr
     assert not_logs[0].startswith("ackservice.server: error: ")
     assert expected in not_logs[0]
-    if failure == "metrics port in use":
+    if failure != "port file is a directory":  # found before any worker starts
         assert "worker_started" not in done.stderr
 
 

@@ -33,6 +33,7 @@ from .. import __version__, _cli
 from ..logconfig import configure_logging, reopen_log_file
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
+from ..store.url import SQLiteURL
 from .config import LIMITS, ServerConfig
 from .hook import MessageHook
 from .listener import Server, serve
@@ -351,6 +352,13 @@ def _supervise(
 
     # The supervisor's own events say worker 0; those about a worker name it.
     structlog.contextvars.bind_contextvars(worker=0)
+    # Opened here first, as the TLS files are: a store file that cannot be used is one
+    # line, not one from each worker and then the supervisor's.
+    try:
+        trio.run(_check_sqlite_store_opens, args.store)
+    except StoreError as exc:
+        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
     host, port = _host_and_port(args)
     settings = SupervisorSettings(
         workers=args.workers,
@@ -384,6 +392,14 @@ def _supervise(
         if args.port_file is not None:
             with contextlib.suppress(OSError):
                 os.unlink(args.port_file)
+
+
+async def _check_sqlite_store_opens(url: str) -> None:
+    """Open and close the store ``url`` names if it is a SQLite file (creating it, as the
+    workers would); a NATS store is left to the workers, which start without it."""
+    if isinstance(parse_store_url(url), SQLiteURL):
+        async with open_store(url):
+            pass
 
 
 @contextlib.contextmanager
