@@ -112,6 +112,12 @@ def configure_logging(
     """
     global _sink, _exit_flush_registered
     out = sys.stderr if stream is None else stream
+    if out is None:
+        # Python leaves sys.stderr None when the program starts with descriptor 2 closed
+        # (``2>&-``, a service manager's "closed" standard error): lines go to the log file
+        # alone, or nowhere, rather than the first log call failing. Opened now, /dev/null
+        # also takes descriptor 2, so no socket opened later becomes "standard error".
+        out = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process's life
     is_tty = out.isatty()
     use_console = fmt == "console" or (fmt == "auto" and is_tty)
     levelno = logging.getLevelNamesMapping()[level.upper()]

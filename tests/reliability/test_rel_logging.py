@@ -10,6 +10,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from rel_checker import History, check, read_records
 from rel_harness import RECORDING_SERVER, START_TIMEOUT, pick, pipelined_client
 
 from conftest import Report, StartServer
-from support import small_tmpfs
+from support import server_process, small_tmpfs
 
 # Connections that each send one message: two info events each (connection_opened,
 # connection_closed), so 6,000 of them overflow the writer's 10,000-event queue.
@@ -390,3 +391,20 @@ async def test_client_cli_with_its_log_reader_gone(start_server: StartServer) ->
     assert result.returncode == 0
     closed = await server.wait_for_event("connection_closed", count=2)  # after the warm-up
     assert closed["messages"] == 3
+
+
+def test_server_started_with_standard_error_closed(tmp_path: Path) -> None:
+    """Started with descriptor 2 closed (``2>&-``; Python then sets sys.stderr to None), the
+    server logs to its --log-file, acknowledges, and exits 0 on SIGTERM (previously the
+    logging set-up failed on sys.stderr being None: exit 1 before listening, without a word)."""
+    log_path = tmp_path / "server.log"
+    close_stderr = ["sh", "-c", 'exec "$@" 2>&-', "sh"]
+    with server_process(
+        log_path, "--store", "none", "--log-file", str(log_path), prefix=close_stderr
+    ) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(b"@closed-stderr|hello\n")
+            assert client.makefile("rb").readline().startswith(b"ACK 1 ")
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        assert server.wait_for_event("shutdown_complete")["acked"] == 1
