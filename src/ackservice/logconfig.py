@@ -29,6 +29,7 @@ import datetime
 import itertools
 import json
 import logging
+import math
 import os
 import select
 import sys
@@ -324,16 +325,23 @@ _COMPACT_SEPARATORS = (",", ":")
 
 def _render_json_stdlib(event_dict: EventDict) -> str:
     """The stdlib's rendering of ``event_dict`` (ASCII: other characters are escaped)."""
+    # allow_nan=False: json.dumps would write NaN and Infinity, which are not JSON, and a
+    # log shipper rejects the whole line; such floats become null, as orjson renders them.
     try:
-        return json.dumps(event_dict, default=_json_fallback, separators=_COMPACT_SEPARATORS)
+        return json.dumps(
+            event_dict, default=_json_fallback, separators=_COMPACT_SEPARATORS, allow_nan=False
+        )
     except Exception:
         # Keys json cannot encode either (a tuple), a reference cycle, a __repr__ or
-        # __structlog__ that raises: every field that is not a plain value is its repr().
+        # __structlog__ that raises, a float that is not finite: every field that is not a
+        # plain value is its repr().
         fields = {str(key): _plain_or_repr(value) for key, value in event_dict.items()}
-        return json.dumps(fields, separators=_COMPACT_SEPARATORS)
+        return json.dumps(fields, separators=_COMPACT_SEPARATORS, allow_nan=False)
 
 
 def _plain_or_repr(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if value is None or isinstance(value, str | int | float | bool):
         return value
     try:

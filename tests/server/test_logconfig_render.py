@@ -84,13 +84,33 @@ def _rendered(**fields: Any) -> dict[str, Any]:
     line = _render_json(None, "info", {"event": "something", **fields})
     assert isinstance(line, bytes)
     assert b"\n" not in line
-    parsed: dict[str, Any] = json.loads(line)
+    parsed: dict[str, Any] = json.loads(line, parse_constant=_not_json)
     return parsed
+
+
+def _not_json(constant: str) -> None:
+    """json.loads takes NaN, Infinity and -Infinity; JSON has no such values (RFC 8259)."""
+    raise AssertionError(f"{constant} in a log line: not JSON")
 
 
 def test_integers_beyond_64_bits_render_exactly() -> None:
     """orjson refuses integers beyond 64 bits; the stdlib renders the event instead."""
     assert _rendered(n=2**70, m=-(2**64)) == {"event": "something", "n": 2**70, "m": -(2**64)}
+
+
+def test_floats_json_has_no_form_for_are_null_whoever_renders() -> None:
+    """NaN and the infinities are null (orjson's rendering) also in an event the stdlib
+    renders (beside an integer beyond 64 bits, or without orjson), where json.dumps wrote
+    NaN and Infinity: not JSON, so the whole line was lost to a strict log shipper."""
+    expected = {"event": "something", "n": 2**70, "nan": None, "inf": None, "minus": None}
+    assert _rendered(n=2**70, nan=float("nan"), inf=float("inf"), minus=float("-inf")) == expected
+    assert _rendered(nan=float("nan")) == {"event": "something", "nan": None}
+
+
+def test_without_orjson_non_finite_floats_are_null(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where orjson is not installed every event is the stdlib's: NaN still renders as null."""
+    monkeypatch.setattr(logconfig, "orjson", None)
+    assert _rendered(nan=float("nan"), n=1) == {"event": "something", "nan": None, "n": 1}
 
 
 def test_non_str_keys_render() -> None:
