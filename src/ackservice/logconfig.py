@@ -4,15 +4,17 @@ Library code only calls ``structlog.get_logger()``: an application that embeds a
 keeps whatever logging configuration it already has (structlog's library/application split).
 
 Log output never reaches the event loop's thread as a write: events are rendered where they
-are logged (as before), then handed to a bounded queue that one writer thread empties onto
-the stream's file descriptor. A stream that blocks (a pipe nobody reads) or fails (a reader
-that exited, a full disk) therefore cannot stall or end the program: when the queue is full
-the event is dropped and counted, a failed write is counted and the next one tried, and the
-count is reported (``log_events_dropped``) once output works again.
+are logged (as before), then handed to a bounded queue per output (standard error, the log
+file) that its own writer thread empties onto the output's file descriptor. A stream that
+blocks (a pipe nobody reads) or fails (a reader that exited, a full disk) therefore cannot
+stall or end the program, nor silence the other output: when a queue is full the event is
+dropped (for that output) and counted, a failed write is counted and the next one tried, and
+the count is reported (``log_events_dropped``) once output works again.
 
-With a log file (``--log-file``) every line goes to standard error and to the file; the file is
-reopened by the writer thread when asked (``reopen_log_file``, the CLI's SIGHUP), so that
-logrotate can move it away and the next line starts the new one.
+With a log file (``--log-file``) every line goes to standard error and to the file, neither
+waiting for the other; the file is reopened by its writer thread when asked
+(``reopen_log_file``, the CLI's SIGHUP), so that logrotate can move it away and the next line
+starts the new one.
 
 Rendering is the part of logging the event loop's thread pays for, twice per connection
 (``connection_opened``, ``connection_closed``), so JSON lines are rendered by orjson and
@@ -55,10 +57,10 @@ __all__ = [
     "reopen_log_file",
 ]
 
-# Events waiting for the writer thread, beyond which new ones are dropped. Log lines are
-# typically 150 to 400 bytes, so this holds a few MB at most, and several seconds of the
-# busiest info-level logging (a connection_opened/connection_closed pair per connection at
-# ~1,000 connections/s) while the output is slow.
+# Events waiting for an output's writer thread, beyond which new ones are dropped (for that
+# output). Log lines are typically 150 to 400 bytes, so this holds a few MB at most, and
+# several seconds of the busiest info-level logging (a connection_opened/connection_closed
+# pair per connection at ~1,000 connections/s) while the output is slow.
 DEFAULT_MAX_QUEUED_EVENTS = 10_000
 
 # How long process exit waits for queued events to be written. Bounded, because the output
@@ -69,7 +71,7 @@ DEFAULT_EXIT_FLUSH_SECONDS = 1.0
 # when logging is busy, without building huge buffers.
 _MAX_BATCH_LINES = 256
 
-# How long the writer thread lets lines gather once woken: log lines reach the output at
+# How long a writer thread lets lines gather once woken: log lines reach the output at
 # most this much later, and the writer runs at most 100 times a second however busy logging is.
 _BATCH_DELAY = 0.01
 
@@ -362,9 +364,11 @@ def _file_descriptor(stream: TextIO) -> int | None:
 
 
 class _Output:
-    """One descriptor the writer writes every line to, and the state of its last write."""
+    """One descriptor lines are written to, with its own queue and writer thread: an output
+    that blocks (standard error a pipe nobody reads, a log file on a hung NFS server) holds
+    up no other, so the log file still gets every line while standard error is stalled."""
 
-    __slots__ = ("fd", "path", "torn")
+    __slots__ = ("dropped", "fd", "lines", "path", "reopen_requested", "reported", "torn", "wakeup")
 
     def __init__(self, fd: int, path: Path | None = None) -> None:
         self.fd = fd
@@ -372,11 +376,26 @@ class _Output:
         """The file's path, for reopening; None for standard error."""
         self.torn = False
         """A failed write left a partial line on this output."""
+        # A deque, not queue.Queue: append() and popleft() are atomic and take no lock, and
+        # the writer is woken only when it sleeps (see _LogSink._run), not at every event.
+        # The bound is enforced by the producers (len() before append()), exactly for one
+        # producer and to within a line per racing thread otherwise.
+        # Lines are bytes (JSON, already UTF-8) or str (the console's, encoded when written).
+        self.lines: collections.deque[bytes | str] = collections.deque()
+        self.wakeup = threading.Event()
+        self.dropped = 0
+        """Lines meant for this output and lost (queue full, or their write failed)."""
+        self.reported = 0
+        self.reopen_requested = False
+
+    @property
+    def name(self) -> str:
+        return "stderr" if self.path is None else str(self.path)
 
 
 class _LogSink:
-    """The bounded queue of rendered lines and the one thread that writes them to every
-    output (standard error, and the log file if any)."""
+    """The rendered lines, queued for every output (standard error, and the log file if
+    any), each written by its own thread."""
 
     def __init__(self, outputs: list[_Output], encoding: str, max_queued_events: int) -> None:
         # The sink owns its descriptors (standard error's is a duplicate): if the stream is
@@ -385,70 +404,79 @@ class _LogSink:
         self.outputs = outputs
         self._encoding = encoding
         self._max_queued = max_queued_events
-        # A deque, not queue.Queue: append() and popleft() are atomic and take no lock, and
-        # the writer is woken only when it sleeps (see _run), not at every event. The bound
-        # is enforced by the producers (len() before append()), exactly for one producer
-        # and to within a line per racing thread otherwise.
-        # Lines are bytes (JSON, already UTF-8) or str (the console's, encoded when written).
-        self._lines: collections.deque[bytes | str] = collections.deque()
-        self._wakeup = threading.Event()
         self._count_lock = threading.Lock()
-        self.dropped = 0
-        self._reported = 0
-        self._reopen_requested = False
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="ackservice-log-writer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(output,), name="ackservice-log-writer", daemon=True
+            )
+            for output in outputs
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._writer_idents = {thread.ident for thread in self._threads}
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost, counted once for each output that lost them."""
+        return sum(output.dropped for output in self.outputs)
 
     def put(self, line: bytes | str) -> None:
-        """Queue a rendered line (without its newline) for writing; drop (and count) it if
-        the queue is full."""
-        # The writer's own drop report always goes in (one line per batch written): were it
-        # dropped, the count it carries would be lost with it.
-        if len(self._lines) >= self._max_queued and threading.get_ident() != self._thread.ident:
-            self._count_dropped(1)
-            return
-        self._lines.append(line)
-        if not self._wakeup.is_set():  # a plain attribute read: the common case is cheap
-            self._wakeup.set()
+        """Queue a rendered line (without its newline) for writing to every output; drop
+        (and count) it for an output whose queue is full."""
+        # The writers' own events (drop reports) always go in: were a report dropped, the
+        # count it carries would be lost with it.
+        from_writer = threading.get_ident() in self._writer_idents
+        for output in self.outputs:
+            if len(output.lines) >= self._max_queued and not from_writer:
+                self._count_dropped(output, 1)
+                continue
+            output.lines.append(line)
+            if not output.wakeup.is_set():  # a plain attribute read: the common case is cheap
+                output.wakeup.set()
 
     def request_reopen(self) -> None:
-        """Have the writer reopen the log file before it writes anything more."""
-        self._reopen_requested = True
-        self._wakeup.set()
+        """Have the log file's writer reopen it before it writes anything more."""
+        for output in self.outputs:
+            if output.path is not None:
+                output.reopen_requested = True
+                output.wakeup.set()
 
     def stop(self, timeout: float) -> None:
-        """Let the writer write what is queued (and a final drop report), for at most
-        ``timeout`` seconds; a writer stuck on a blocked output is abandoned (a daemon
+        """Let the writers write what is queued (and a final drop report), for at most
+        ``timeout`` seconds in all; a writer stuck on a blocked output is abandoned (a daemon
         thread, blocked in os.write without holding any Python lock, so exit proceeds)."""
         self._stopped = True
-        self._wakeup.set()
-        self._thread.join(timeout)
+        for output in self.outputs:
+            output.wakeup.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _count_dropped(self, count: int) -> None:
+    def _count_dropped(self, output: _Output, count: int) -> None:
         with self._count_lock:
-            self.dropped += count
+            output.dropped += count
 
-    def _run(self) -> None:
+    def _run(self, output: _Output) -> None:
         try:
-            self._write_until_stopped()
+            self._write_until_stopped(output)
         finally:
-            for output in self.outputs:
-                os.close(output.fd)
+            os.close(output.fd)
 
-    def _write_until_stopped(self) -> None:
+    def _write_until_stopped(self, output: _Output) -> None:
+        lines, wakeup = output.lines, output.wakeup
         while True:
-            if self._reopen_requested:
-                self._reopen_requested = False
-                self._reopen()
-            if not self._lines:
+            if output.reopen_requested:
+                output.reopen_requested = False
+                self._reopen(output)
+            if not lines:
                 if self._stopped:  # everything queued has been written or dropped
                     return
                 # Cleared before the last look at the queue, so a line queued in between
                 # sets it again and the wait returns at once: no wake-up is lost.
-                self._wakeup.clear()
-                if not self._lines and not self._stopped and not self._reopen_requested:
-                    self._wakeup.wait()
+                wakeup.clear()
+                if not lines and not self._stopped and not output.reopen_requested:
+                    wakeup.wait()
                 continue
             if not self._stopped:
                 # Let lines gather: at most one wake-up per _BATCH_DELAY under load rather
@@ -456,45 +484,45 @@ class _LogSink:
                 # GIL hand-off and a context switch (measured: +50% CPU per connection).
                 time.sleep(_BATCH_DELAY)
             written = True
-            for _ in range(0, len(self._lines), _MAX_BATCH_LINES):
-                count = min(_MAX_BATCH_LINES, len(self._lines))
-                batch = [self._lines.popleft() for _ in range(count)]
-                written = self._write(batch) and written
+            for _ in range(0, len(lines), _MAX_BATCH_LINES):
+                count = min(_MAX_BATCH_LINES, len(lines))
+                batch = [lines.popleft() for _ in range(count)]
+                written = self._write(output, batch) and written
             # Output works again (everything queued went out): time to say what was lost.
-            if written and self.dropped > self._reported:
-                self._report_dropped()
+            if written and output.dropped > output.reported:
+                self._report_dropped(output)
 
-    def _report_dropped(self) -> None:
-        # Logged like any other event, so it is rendered the same way; it goes through the
-        # queue (the writer is this thread), past its bound (see put).
-        count = self.dropped - self._reported
-        self._reported += count
-        structlog.get_logger(__name__).warning("log_events_dropped", count=count)
+    def _report_dropped(self, output: _Output) -> None:
+        # Logged like any other event, so it is rendered the same way and reaches every
+        # output; it goes through the queues (put), past their bound.
+        count = output.dropped - output.reported
+        output.reported += count
+        structlog.get_logger(__name__).warning(
+            "log_events_dropped", count=count, output=output.name
+        )
 
-    def _reopen(self) -> None:
-        """Open the log file's path anew and write there from now on (in this thread, so no
-        line is ever written to a descriptor being closed); keep the old one on failure."""
+    def _reopen(self, output: _Output) -> None:
+        """Open the log file's path anew and write there from now on (in its writer's thread,
+        so no line is ever written to a descriptor being closed); keep the old one on failure."""
+        assert output.path is not None
         event = structlog.get_logger(__name__)
-        for output in self.outputs:
-            if output.path is None:
-                continue
-            try:
-                fd = open_log_file(output.path)
-            except OSError as exc:
-                event.warning(
-                    "log_file_reopen_failed",
-                    path=str(output.path),
-                    error=exc.strerror or str(exc),
-                    hint="lines go on to the file that was open",
-                )
-                continue
-            os.close(output.fd)
-            output.fd, output.torn = fd, False
-            event.info("log_file_reopened", path=str(output.path))
+        try:
+            fd = open_log_file(output.path)
+        except OSError as exc:
+            event.warning(
+                "log_file_reopen_failed",
+                path=str(output.path),
+                error=exc.strerror or str(exc),
+                hint="lines go on to the file that was open",
+            )
+            return
+        os.close(output.fd)
+        output.fd, output.torn = fd, False
+        event.info("log_file_reopened", path=str(output.path))
 
-    def _write(self, lines: list[bytes | str]) -> bool:
-        """Write ``lines`` to every output; count the ones not written whole to some output
-        as dropped (once, however many outputs failed). True if all went everywhere."""
+    def _write(self, output: _Output, lines: list[bytes | str]) -> bool:
+        """Write ``lines`` to ``output``; count the ones not written whole as dropped. True
+        if all were."""
         if not lines:
             return True
         encoding = self._encoding
@@ -504,9 +532,9 @@ class _LogSink:
             else f"{line}\n".encode(encoding, "backslashreplace")
             for line in lines
         ]
-        lost = max(self._write_to(output, chunks) for output in self.outputs)
+        lost = self._write_to(output, chunks)
         if lost:
-            self._count_dropped(lost)
+            self._count_dropped(output, lost)
         return not lost
 
     def _write_to(self, output: _Output, chunks: list[bytes]) -> int:

@@ -25,7 +25,7 @@ from rel_checker import History, check, read_records
 from rel_harness import RECORDING_SERVER, START_TIMEOUT, pick, pipelined_client
 
 from conftest import Report, StartServer
-from support import server_process, small_tmpfs
+from support import poll_until, server_process, small_tmpfs
 
 # Connections that each send one message: two info events each (connection_opened,
 # connection_closed), so 6,000 of them overflow the writer's 10,000-event queue.
@@ -408,3 +408,50 @@ def test_server_started_with_standard_error_closed(tmp_path: Path) -> None:
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
         assert server.wait_for_event("shutdown_complete")["acked"] == 1
+
+
+def test_log_file_gets_every_line_while_standard_error_is_stalled(tmp_path: Path) -> None:
+    """Standard error a pipe nobody reads, with --log-file: the file still gets every event,
+    SIGHUP still reopens it (logrotate), and SIGTERM ends the server with exit 0. Previously one
+    writer thread served both outputs, so once the pipe was full (~64 KiB) it blocked there and
+    the file got nothing more: not the connections, the reopen, nor shutdown_complete."""
+    log_path = tmp_path / "server.log"
+    port_file = tmp_path / "port"
+    read_fd, write_fd = os.pipe()  # nobody reads read_fd: the stall
+    command = [sys.executable, "-m", "ackservice.server", "--store", "none", "--port", "0"]
+    command += ["--log-format", "json", "--log-file", str(log_path), "--port-file", str(port_file)]
+    server = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_fd
+    )
+    os.close(write_fd)
+
+    def events(path: Path) -> list[dict[str, Any]]:
+        return parse_events(path.read_bytes()) if path.exists() else []
+
+    def closed_connections(path: Path) -> int:
+        return sum(e["event"] == "connection_closed" for e in events(path))
+
+    try:
+        poll_until(lambda: port_file.exists() and port_file.read_text().endswith("\n"), 15)
+        port = int(port_file.read_text().split()[0].rsplit(":", 1)[1])
+        # ~250 bytes per event, 2 per connection: 400 connections overfill a 64 KiB pipe.
+        connections = 400
+        for number in range(connections):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"@stalled-%d|hello\n" % number)
+                assert client.makefile("rb").readline().startswith(b"ACK 1 ")
+        poll_until(lambda: closed_connections(log_path) == connections, 15, "every event")
+
+        log_path.rename(tmp_path / "server.log.1")
+        server.send_signal(signal.SIGHUP)
+        poll_until(
+            lambda: any(e["event"] == "log_file_reopened" for e in events(log_path)), 15, "reopen"
+        )
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0
+        assert [e for e in events(log_path) if e["event"] == "shutdown_complete"]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+        os.close(read_fd)
