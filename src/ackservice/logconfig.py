@@ -368,7 +368,17 @@ class _Output:
     that blocks (standard error a pipe nobody reads, a log file on a hung NFS server) holds
     up no other, so the log file still gets every line while standard error is stalled."""
 
-    __slots__ = ("dropped", "fd", "lines", "path", "reopen_requested", "reported", "torn", "wakeup")
+    __slots__ = (
+        "dropped",
+        "failing",
+        "fd",
+        "lines",
+        "path",
+        "reopen_requested",
+        "reported",
+        "torn",
+        "wakeup",
+    )
 
     def __init__(self, fd: int, path: Path | None = None) -> None:
         self.fd = fd
@@ -376,6 +386,8 @@ class _Output:
         """The file's path, for reopening; None for standard error."""
         self.torn = False
         """A failed write left a partial line on this output."""
+        self.failing = False
+        """The last write failed (``log_output_failed`` was logged)."""
         # A deque, not queue.Queue: append() and popleft() are atomic and take no lock, and
         # the writer is woken only when it sleeps (see _LogSink._run), not at every event.
         # The bound is enforced by the producers (len() before append()), exactly for one
@@ -551,13 +563,29 @@ class _LogSink:
                         done += os.write(output.fd, data[done:end])
                     except BlockingIOError:  # someone made the descriptor non-blocking
                         select.select([], [output.fd], [], 1.0)
-        except Exception:  # whatever the output does (EPIPE, ENOSPC, EIO), never fail the program
+        except Exception as exc:  # whatever the output does (EPIPE, ENOSPC, EIO), never fail
             ends = itertools.accumulate(len(chunk) for chunk in [first, *chunks[1:]])
             if done:
                 output.torn = data[done - 1] != ord("\n")
+            self._report_failure(output, exc)
             return sum(1 for end in ends if end > done)
-        output.torn = False
+        output.torn = output.failing = False
         return 0
+
+    def _report_failure(self, output: _Output, exc: Exception) -> None:
+        # Said at once and once per outage, so that the other output (standard error, for a
+        # log file on a full disk) tells why lines are missing while it lasts, not only when
+        # it is over (log_events_dropped, after the next write that succeeds).
+        if output.failing:
+            return
+        output.failing = True
+        error = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+        structlog.get_logger(__name__).warning(
+            "log_output_failed",
+            output=output.name,
+            error=error,
+            hint="its lines are dropped and counted until a write succeeds",
+        )
 
 
 def _atomic_pieces(chunks: list[bytes]) -> list[int]:

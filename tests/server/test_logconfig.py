@@ -152,6 +152,23 @@ def test_a_log_file_on_a_full_disk_does_not_stop_standard_error(log_pipe: LogPip
     poll_until(lambda: log_events_dropped() >= 20)
 
 
+def test_a_failing_output_is_reported_at_once_and_once(log_pipe: LogPipe) -> None:
+    """A log file whose writes fail (``/dev/full``) is named on standard error as soon as a
+    write fails (``log_output_failed``, with the error), once however many writes fail after
+    it: the operator learns why the file has gaps while it lasts, without a flood."""
+    configure_logging("info", "json", stream=log_pipe.stream, log_file=Path("/dev/full"))
+    log = structlog.get_logger()
+    log.info("first")
+    events = log_pipe.read_events(until="log_output_failed")
+    for n in range(3):  # later batches, each of which fails too
+        log.info("line", n=n)
+        events += log_pipe.read_events(until="line")
+    failures = [e for e in events if e["event"] == "log_output_failed"]
+    assert [(e["output"], e["error"]) for e in failures] == [
+        ("/dev/full", "No space left on device")
+    ]
+
+
 def test_reopen_moves_to_a_new_file_and_survives_a_failure(
     log_pipe: LogPipe, tmp_path: Path
 ) -> None:
