@@ -439,8 +439,11 @@ class _LogSink:
         # The writers' own events (drop reports) always go in: were a report dropped, the
         # count it carries would be lost with it.
         from_writer = threading.get_ident() in self._writer_idents
+        # After stop() the writers finish with what they hold: a line queued then might never
+        # be written, so it is counted instead (flush_logging's promise), not lost unseen.
+        stopped = self._stopped and not from_writer
         for output in self.outputs:
-            if len(output.lines) >= self._max_queued and not from_writer:
+            if stopped or (len(output.lines) >= self._max_queued and not from_writer):
                 self._count_dropped(output, 1)
                 continue
             output.lines.append(line)

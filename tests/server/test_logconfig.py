@@ -132,6 +132,16 @@ def test_exit_flush_is_bounded_on_a_stuck_output(log_pipe: LogPipe) -> None:
     assert 0.15 < time.monotonic() - started < 1.0
 
 
+def test_events_after_the_exit_flush_are_counted(log_pipe: LogPipe) -> None:
+    """flush_logging stops the writer: an event logged after it (another atexit handler, a
+    thread still running) cannot be written, and is counted rather than queued for nobody."""
+    configure_logging("info", "json", stream=log_pipe.stream)
+    structlog.get_logger().info("before")
+    flush_logging(2.0)
+    structlog.get_logger().info("after")
+    assert log_events_dropped() == 1
+
+
 def test_dropped_count_is_zero_when_logging_was_never_configured(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
