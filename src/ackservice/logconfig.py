@@ -424,9 +424,10 @@ class _LogSink:
             )
             for output in outputs
         ]
+        self._writer_idents: set[int | None] = set()
         for thread in self._threads:
             thread.start()
-        self._writer_idents = {thread.ident for thread in self._threads}
+            self._writer_idents.add(thread.ident)
 
     @property
     def dropped(self) -> int:
@@ -438,12 +439,12 @@ class _LogSink:
         (and count) it for an output whose queue is full."""
         # The writers' own events (drop reports) always go in: were a report dropped, the
         # count it carries would be lost with it.
-        from_writer = threading.get_ident() in self._writer_idents
         # After stop() the writers finish with what they hold: a line queued then might never
         # be written, so it is counted instead (flush_logging's promise), not lost unseen.
-        stopped = self._stopped and not from_writer
         for output in self.outputs:
-            if stopped or (len(output.lines) >= self._max_queued and not from_writer):
+            if (self._stopped or len(output.lines) >= self._max_queued) and (
+                threading.get_ident() not in self._writer_idents
+            ):
                 self._count_dropped(output, 1)
                 continue
             output.lines.append(line)
