@@ -129,7 +129,7 @@ def configure_logging(
     # The stdlib bridge (ProcessorFormatter) wants a str from its last processor.
     record_renderer: structlog.types.Processor
     if use_console:
-        renderer = record_renderer = structlog.dev.ConsoleRenderer(colors=is_tty)
+        renderer = record_renderer = _never_failing(structlog.dev.ConsoleRenderer(colors=is_tty))
         exception_formatter: list[structlog.types.Processor] = []
     else:
         renderer, record_renderer = _render_json, _render_json_str
@@ -221,6 +221,22 @@ def flush_logging(timeout: float = DEFAULT_EXIT_FLUSH_SECONDS) -> None:
     (registered to run at process exit). Later events are dropped and counted."""
     if _sink is not None:
         _sink.stop(timeout)
+
+
+def _never_failing(render: Callable[..., Any]) -> structlog.types.Processor:
+    """``render`` (the console's), except that a field it cannot show (a ``__repr__`` that
+    raises) is shown as ``_plain_or_repr`` makes it, as the JSON renderer does: a log call
+    must not fail because of what it logs."""
+
+    def render_or_plain(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Any:
+        try:
+            # A copy: the renderer pops the fields it shows, and the retry needs them all.
+            return render(logger, method_name, dict(event_dict))
+        except Exception:
+            plain = {str(key): _plain_or_repr(value) for key, value in event_dict.items()}
+            return render(logger, method_name, plain)
+
+    return render_or_plain
 
 
 def _format_exc_info(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:

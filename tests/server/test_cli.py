@@ -310,6 +310,27 @@ def test_console_format_is_human_readable() -> None:
         structlog.reset_defaults()
 
 
+def test_console_format_never_fails_the_log_call() -> None:
+    """A value whose repr() raises fails neither the log call nor the line (as in JSON lines):
+    the console shows the rest and says the value has no repr."""
+
+    class Broken:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    out = io.StringIO()
+    configure_logging("info", "console", stream=out)
+    try:
+        structlog.get_logger().info("hook_event", value=Broken(), port=9876)
+        line = out.getvalue()
+        assert "hook_event" in line
+        assert "port=9876" in line
+        assert "<Broken without a repr>" in line
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+
+
 def _base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ACKSERVICE_")}
 
