@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from ackservice.store import Message, StoredMessage, StoreError, StoreUnavailable
+from ackservice.store import Message, StoredMessage, StoreError, StoreUnavailable, open_store
 from ackservice.store.jetstream import JetStreamReader, JetStreamStore
 from ackservice.store.url import JetStreamURL, parse_store_url
 from nats_support import NatsServer, create_stream, free_port, stream_info
@@ -266,3 +266,22 @@ async def test_cancelled_store_call_returns_at_once(
         os.kill(nats_server.process.pid, signal.SIGCONT)
     with trio.fail_after(10):
         await store.store(make_batch(2, first_seq=11))
+
+
+async def test_the_pubacks_wait_follows_the_servers_store_timeout(
+    nats_server: NatsServer,
+) -> None:
+    """Opened as the server opens it, with its ``--store-timeout`` (here 8 s), a batch
+    waits that long for its PubAck: the store's own 5 s default must not answer
+    ``unavailable`` first, which made any --store-timeout above 5 s a dead setting."""
+    assert nats_server.process is not None
+    async with open_store(f"{nats_server.url}/ACKS", commit_timeout=8.0) as store:
+        assert store is not None
+        await store.store(make_batch(1))
+        os.kill(nats_server.process.pid, signal.SIGSTOP)
+        try:
+            with trio.move_on_after(5.5) as still_waiting:
+                await store.store(make_batch(1, first_seq=2))
+            assert still_waiting.cancelled_caught
+        finally:
+            os.kill(nats_server.process.pid, signal.SIGCONT)

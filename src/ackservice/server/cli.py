@@ -499,7 +499,7 @@ async def _open_store_and_serve(
     role: WorkerRole | None,
     tls: ssl.SSLContext | None,
 ) -> int:
-    async with open_store(store_url) as store:
+    async with open_store(store_url, commit_timeout=config.store_timeout) as store:
         if role is not None:
             port_file = None  # the supervisor's to write
             metrics = (metrics[0], None)  # the supervisor serves it for all workers

@@ -325,7 +325,9 @@ class JetStreamStore:
                 has conflicting settings.
         """
         runner = _AsyncioThread(f"ackservice-jetstream-{url.stream}")
-        connection = _Connection(url, api_timeout=max(ack_timeout, 2.0))
+        # Stream checks at start-up are bounded on their own: a long --store-timeout (up to
+        # a day) must not mean waiting that long for a stream check that hangs.
+        connection = _Connection(url, api_timeout=min(max(ack_timeout, 2.0), 5.0))
         store = cls(url, runner, connection, ack_timeout=ack_timeout)
         # Resolved once the store is ready, or fails to be, or connect_wait passed without a
         # connection (the background task then carries on connecting).

@@ -12,8 +12,14 @@ __all__ = ["open_reader", "open_store"]
 
 
 @asynccontextmanager
-async def open_store(url: str) -> AsyncIterator[Store | None]:
+async def open_store(
+    url: str, *, commit_timeout: float | None = None
+) -> AsyncIterator[Store | None]:
     """Open the store ``url`` names for writing (``None`` for ``none``); close it on exit.
+
+    ``commit_timeout`` is how long one commit may take (the server's ``--store-timeout``): a
+    JetStream store waits that long for a batch's PubAck (default 5 s), so that the server's
+    timeout, not a shorter one of the store's own, decides when a batch is unavailable.
 
     Raises:
         StoreError: the URL is malformed, or the store cannot be used as configured (a path
@@ -32,7 +38,10 @@ async def open_store(url: str) -> AsyncIterator[Store | None]:
         assert isinstance(parsed, JetStreamURL)
         from .jetstream import JetStreamStore
 
-        store = await JetStreamStore.open(parsed)
+        if commit_timeout is None:
+            store = await JetStreamStore.open(parsed)
+        else:
+            store = await JetStreamStore.open(parsed, ack_timeout=commit_timeout)
     try:
         yield store
     finally:
