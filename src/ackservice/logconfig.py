@@ -9,7 +9,14 @@ file) that its own writer thread empties onto the output's file descriptor. A st
 blocks (a pipe nobody reads) or fails (a reader that exited, a full disk) therefore cannot
 stall or end the program, nor silence the other output: when a queue is full the event is
 dropped (for that output) and counted, a failed write is counted and the next one tried, and
-the count is reported (``log_events_dropped``) once output works again.
+the count is reported (``log_events_dropped``) once output works again. The first event an
+output's full queue drops is announced at once to the other outputs (``log_output_stalled``):
+a pipe nobody reads never makes a write fail, so nothing else would say so while it lasts.
+
+At exit the writers get a bounded time; an output that did not drain by then (that pipe) is
+given up, what it still held is counted as dropped, and the outputs that did drain get a last
+``log_events_dropped`` for it, with ``at_exit``: ``shutdown_complete`` was logged before the
+loss was known.
 
 With a log file (``--log-file``) every line goes to standard error and to the file, neither
 waiting for the other; the file is reopened by its writer thread when asked
@@ -27,6 +34,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import contextvars
 import datetime
 import itertools
 import json
@@ -66,6 +74,11 @@ DEFAULT_MAX_QUEUED_EVENTS = 10_000
 # How long process exit waits for queued events to be written. Bounded, because the output
 # may never drain (a pipe nobody reads): exit must not hang on it.
 DEFAULT_EXIT_FLUSH_SECONDS = 1.0
+
+# Of that time, what is kept back (at most) for writing the last line about an output that did
+# not drain to the outputs that did: a line to a working file takes far less, but the writer
+# thread still has to be scheduled on a busy machine.
+_EXIT_REPORT_SECONDS = 0.25
 
 # One write() carries at most this many queued lines: fewer system calls than one per event
 # when logging is busy, without building huge buffers.
@@ -385,13 +398,17 @@ class _Output:
     up no other, so the log file still gets every line while standard error is stalled."""
 
     __slots__ = (
+        "abandoned",
+        "drained",
         "dropped",
         "failing",
         "fd",
+        "in_flight",
         "lines",
         "path",
         "reopen_requested",
         "reported",
+        "stalled",
         "torn",
         "wakeup",
     )
@@ -415,6 +432,15 @@ class _Output:
         """Lines meant for this output and lost (queue full, or their write failed)."""
         self.reported = 0
         self.reopen_requested = False
+        self.stalled = False
+        """Its queue overflowed since it last caught up (``log_output_stalled`` was said)."""
+        self.drained = threading.Event()
+        """Set by the writer once it has written everything queued after ``stop()``."""
+        self.abandoned = False
+        """``stop()`` gave up waiting for it; what it held was counted as dropped."""
+        self.in_flight: tuple[list[int], int] = ([], 0)
+        """The batch being written: where each of its lines ends, and the bytes written so
+        far; one tuple, replaced whole, so that ``stop()`` never reads half an update."""
 
     @property
     def name(self) -> str:
@@ -434,6 +460,8 @@ class _LogSink:
         self._max_queued = max_queued_events
         self._count_lock = threading.Lock()
         self._stopped = False
+        self._closing = False
+        """``stop()`` is done waiting: writers write what they hold and finish."""
         self._threads = [
             threading.Thread(
                 target=self._run, args=(output,), name="ackservice-log-writer", daemon=True
@@ -457,11 +485,12 @@ class _LogSink:
         # count it carries would be lost with it.
         # After stop() the writers finish with what they hold: a line queued then might never
         # be written, so it is counted instead (flush_logging's promise), not lost unseen.
+        # An output given up at exit takes nobody's lines, its writer's own reports included.
         for output in self.outputs:
             if (self._stopped or len(output.lines) >= self._max_queued) and (
-                threading.get_ident() not in self._writer_idents
+                output.abandoned or threading.get_ident() not in self._writer_idents
             ):
-                self._count_dropped(output, 1)
+                self._drop(output)
                 continue
             output.lines.append(line)
             if not output.wakeup.is_set():  # a plain attribute read: the common case is cheap
@@ -477,17 +506,105 @@ class _LogSink:
     def stop(self, timeout: float) -> None:
         """Let the writers write what is queued (and a final drop report), for at most
         ``timeout`` seconds in all; a writer stuck on a blocked output is abandoned (a daemon
-        thread, blocked in os.write without holding any Python lock, so exit proceeds)."""
+        thread, blocked in os.write without holding any Python lock, so exit proceeds).
+
+        What an abandoned output still held (queued, or in the write it is stuck in) is
+        counted as dropped, and reported to the outputs that drained (``log_events_dropped``
+        with ``at_exit``). Called again (the client CLI flushes before its summary, then at
+        exit), it waits for no output it gave up on before.
+        """
+        deadline = time.monotonic() + timeout
         self._stopped = True
         for output in self.outputs:
             output.wakeup.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        waited_for = [output for output in self.outputs if not output.abandoned]
+        give_up_at = deadline - min(_EXIT_REPORT_SECONDS, timeout / 4)
+        for output in waited_for:
+            output.drained.wait(max(0.0, give_up_at - time.monotonic()))
+        stalled = [output for output in waited_for if not output.drained.is_set()]
+        drained = [output for output in waited_for if output.drained.is_set()]
+        for output in stalled:
+            self._report_lost_at_exit(output, self._abandon(output), drained)
+        self._closing = True
+        for output in self.outputs:
+            output.wakeup.set()
+        for output, thread in zip(self.outputs, self._threads, strict=True):
+            if not output.abandoned:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _count_dropped(self, output: _Output, count: int) -> None:
+    def _abandon(self, output: _Output) -> int:
+        """Give ``output`` up: count what it holds as dropped (the rest of the batch its
+        writer is stuck in, and its queue), and have its writer write nothing more; how many."""
         with self._count_lock:
-            output.dropped += count
+            output.abandoned = True
+            line_ends, written = output.in_flight
+            lost = sum(1 for end in line_ends if end > written)
+            while output.lines:
+                output.lines.popleft()
+                lost += 1
+            output.dropped += lost
+        return lost
+
+    def _report_lost_at_exit(self, output: _Output, lost: int, to: list[_Output]) -> None:
+        # A log_events_dropped like the others (its count: every drop not yet reported, which
+        # for an output that never recovered includes the earlier ones), so that the reports'
+        # counts still add up to the total; at_exit tells the part lost now.
+        if not to:
+            return
+        with self._count_lock:
+            count = output.dropped - output.reported
+            output.reported += count
+        if count:
+            self._tell(
+                to,
+                "warning",
+                "log_events_dropped",
+                count=count,
+                output=output.name,
+                at_exit=lost,
+                hint="the output did not drain within the exit flush time",
+            )
+
+    def _drop(self, output: _Output) -> None:
+        """Count a line ``output`` could not queue; on its queue's first overflow since it
+        last caught up, say so to the other outputs."""
+        with self._count_lock:
+            output.dropped += 1
+            newly_stalled = not (output.stalled or self._stopped)
+            output.stalled = True
+        if newly_stalled:
+            # To the others only, past their bound (once per outage): queued to the stalled
+            # output it would wait behind the very backlog it is about, or be dropped and
+            # counted by its own report.
+            others = [other for other in self.outputs if other is not output]
+            self._tell(
+                others,
+                "warning",
+                "log_output_stalled",
+                output=output.name,
+                queued=len(output.lines),
+                hint="its lines are dropped and counted until it drains (log_events_dropped)",
+            )
+
+    def _tell(self, outputs: list[_Output], level: str, event: str, **fields: Any) -> None:
+        """Log ``event`` to ``outputs`` alone, rendered as every other event is."""
+        if not outputs:
+            return
+        try:
+            line = _render_event(level, event, **fields)
+        except Exception:  # called from put(): a log call never fails, the count still stands
+            return
+        if line is None:  # below the configured level
+            return
+        for output in outputs:
+            if not output.abandoned:
+                output.lines.append(line)
+                output.wakeup.set()
+
+    def _count_unwritten(self, output: _Output, count: int) -> None:
+        with self._count_lock:
+            if not output.abandoned:  # if it is, _abandon counted them already
+                output.dropped += count
 
     def _run(self, output: _Output) -> None:
         try:
@@ -497,17 +614,21 @@ class _LogSink:
 
     def _write_until_stopped(self, output: _Output) -> None:
         lines, wakeup = output.lines, output.wakeup
-        while True:
+        while not output.abandoned:
             if output.reopen_requested:
                 output.reopen_requested = False
                 self._reopen(output)
             if not lines:
                 if self._stopped:  # everything queued has been written or dropped
-                    return
+                    output.drained.set()
+                    # Not finished yet: stop() may still have a line for this output about
+                    # another one that did not drain.
+                    if self._closing:
+                        return
                 # Cleared before the last look at the queue, so a line queued in between
                 # sets it again and the wait returns at once: no wake-up is lost.
                 wakeup.clear()
-                if not lines and not self._stopped and not output.reopen_requested:
+                if not lines and not self._closing and not output.reopen_requested:
                     wakeup.wait()
                 continue
             if not self._stopped:
@@ -520,15 +641,19 @@ class _LogSink:
                 count = min(_MAX_BATCH_LINES, len(lines))
                 batch = [lines.popleft() for _ in range(count)]
                 written = self._write(output, batch) and written
-            # Output works again (everything queued went out): time to say what was lost.
-            if written and output.dropped > output.reported:
+            # Output works again (everything queued went out): time to say what was lost
+            # (unless stop() gave it up meanwhile, and reported it to the others).
+            if written and output.dropped > output.reported and not output.abandoned:
                 self._report_dropped(output)
 
     def _report_dropped(self, output: _Output) -> None:
         # Logged like any other event, so it is rendered the same way and reaches every
         # output; it goes through the queues (put), past their bound.
-        count = output.dropped - output.reported
-        output.reported += count
+        with self._count_lock:
+            count = output.dropped - output.reported
+            output.reported += count
+            # Caught up: the outage is over, and the next overflow is announced anew.
+            output.stalled = False
         structlog.get_logger(__name__).warning(
             "log_events_dropped", count=count, output=output.name
         )
@@ -566,7 +691,7 @@ class _LogSink:
         ]
         lost = self._write_to(output, chunks)
         if lost:
-            self._count_dropped(output, lost)
+            self._count_unwritten(output, lost)
         return not lost
 
     def _write_to(self, output: _Output, chunks: list[bytes]) -> int:
@@ -575,20 +700,27 @@ class _LogSink:
         if output.torn:  # end the partial line a failed write left, so this one stands alone
             first = b"\n" + first
         data = memoryview(b"".join([first, *chunks[1:]]))
+        line_ends = list(itertools.accumulate(len(chunk) for chunk in [first, *chunks[1:]]))
         done = 0
+        # What stop() counts as lost if it gives this output up while the write is stuck.
+        output.in_flight = (line_ends, done)
         try:
             for end in _atomic_pieces([first, *chunks[1:]]):
+                if output.abandoned:  # given up at exit: what is left was counted
+                    return sum(1 for line_end in line_ends if line_end > done)
                 while done < end:
                     try:
                         done += os.write(output.fd, data[done:end])
                     except BlockingIOError:  # someone made the descriptor non-blocking
                         select.select([], [output.fd], [], 1.0)
+                    output.in_flight = (line_ends, done)
         except Exception as exc:  # whatever the output does (EPIPE, ENOSPC, EIO), never fail
-            ends = itertools.accumulate(len(chunk) for chunk in [first, *chunks[1:]])
             if done:
                 output.torn = data[done - 1] != ord("\n")
             self._report_failure(output, exc)
-            return sum(1 for end in ends if end > done)
+            return sum(1 for line_end in line_ends if line_end > done)
+        finally:
+            output.in_flight = ([], 0)
         output.torn = output.failing = False
         return 0
 
@@ -596,7 +728,7 @@ class _LogSink:
         # Said at once and once per outage, so that the other output (standard error, for a
         # log file on a full disk) tells why lines are missing while it lasts, not only when
         # it is over (log_events_dropped, after the next write that succeeds).
-        if output.failing:
+        if output.failing or output.abandoned:  # abandoned: its loss is reported already
             return
         output.failing = True
         error = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
@@ -606,6 +738,24 @@ class _LogSink:
             error=error,
             hint="its lines are dropped and counted until a write succeeds",
         )
+
+
+def _render_event(level: str, event: str, **fields: Any) -> bytes | str | None:
+    """``event`` rendered by the configured processors, as any event logged now would be,
+    but handed back rather than queued (the sink decides which outputs get it); None when
+    ``level`` is filtered out."""
+    rendered: list[bytes | str] = []
+    config = structlog.get_config()
+    logger = structlog.wrap_logger(
+        _QueueLogger(rendered.append),
+        processors=config["processors"],
+        wrapper_class=config["wrapper_class"],
+        context_class=config["context_class"],
+    )
+    # An empty context: the event is about logging, not about the connection whose event
+    # happened to find the queue full.
+    contextvars.Context().run(getattr(logger, level), event, **fields)
+    return rendered[0] if rendered else None
 
 
 def _atomic_pieces(chunks: list[bytes]) -> list[int]:
@@ -625,17 +775,17 @@ def _atomic_pieces(chunks: list[bytes]) -> list[int]:
 
 class _QueueLogger:
     """The structlog logger at the end of the processor chain: hands the rendered line to
-    the sink (every level ends up here, the level is already in the line)."""
+    ``put`` (the sink's; every level ends up here, the level is already in the line)."""
 
-    def __init__(self, sink: _LogSink) -> None:
-        self.msg = self.debug = self.info = self.warning = self.warn = sink.put
-        self.error = self.err = self.critical = self.fatal = self.exception = sink.put
-        self.failure = self.log = sink.put
+    def __init__(self, put: Callable[[bytes | str], None]) -> None:
+        self.msg = self.debug = self.info = self.warning = self.warn = put
+        self.error = self.err = self.critical = self.fatal = self.exception = put
+        self.failure = self.log = put
 
 
 class _QueueLoggerFactory:
     def __init__(self, sink: _LogSink) -> None:
-        self._logger = _QueueLogger(sink)
+        self._logger = _QueueLogger(sink.put)
 
     def __call__(self, *args: Any) -> _QueueLogger:
         return self._logger

@@ -455,3 +455,70 @@ def test_log_file_gets_every_line_while_standard_error_is_stalled(tmp_path: Path
             server.kill()
             server.wait(10)
         os.close(read_fd)
+
+
+def test_a_stalled_standard_error_is_told_to_the_log_file_and_its_exit_loss_counted(
+    tmp_path: Path,
+) -> None:
+    """Standard error a pipe nobody reads, with --log-file, at debug level (an event per
+    message): once standard error's queue overflows, the file says so at once
+    (``log_output_stalled``, once); at exit, standard error still cannot drain, and the file's
+    last line is a ``log_events_dropped`` for it (``at_exit``: lines given up then). Every
+    event meant for standard error is in it or counted in the file's reports for it.
+    Previously the overflow went unsaid while it lasted, and what the pipe still held at exit
+    was neither written nor counted anywhere."""
+    log_path = tmp_path / "server.log"
+    port_file = tmp_path / "port"
+    read_fd, write_fd = os.pipe()  # nobody reads read_fd until the server has exited
+    command = [sys.executable, "-m", "ackservice.server", "--store", "none", "--port", "0"]
+    command += ["--log-format", "json", "--log-level", "debug", "--log-file", str(log_path)]
+    command += ["--port-file", str(port_file)]
+    server = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_fd
+    )
+    os.close(write_fd)
+
+    def events() -> list[dict[str, Any]]:
+        return parse_events(log_path.read_bytes()) if log_path.exists() else []
+
+    def stalls() -> list[dict[str, Any]]:
+        return [e for e in events() if e["event"] == "log_output_stalled"]
+
+    try:
+        poll_until(lambda: port_file.exists() and port_file.read_text().endswith("\n"), 15)
+        port = int(port_file.read_text().split()[0].rsplit(":", 1)[1])
+        # 15,000 message_acked events overfill standard error's 10,000-line queue; sent in
+        # steps answered before the next, so that the file's writer keeps up.
+        step = 1_000
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            replies = client.makefile("rb")
+            for first in range(0, 15_000, step):
+                client.sendall(b"".join(b"@m%d|x\n" % n for n in range(first, first + step)))
+                for _ in range(step):
+                    assert replies.readline().startswith(b"ACK ")
+        poll_until(lambda: bool(stalls()), 15, "log_output_stalled")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0
+        stderr = bytearray()
+        os.set_blocking(read_fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_fd, 1 << 20):
+                stderr += chunk
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+        os.close(read_fd)
+
+    logged = events()
+    assert [(e["output"], e["level"]) for e in stalls()] == [("stderr", "warning")]
+    *meant_for_both, final = [e for e in logged if e["event"] != "log_output_stalled"]
+    assert (final["event"], final["output"]) == ("log_events_dropped", "stderr")
+    assert final["at_exit"] > 0
+    assert [e for e in meant_for_both if e["event"] == "shutdown_complete"]
+    # The file lost nothing: everything meant for standard error is there, or counted.
+    assert not [e for e in meant_for_both if e["event"] == "log_events_dropped"]
+    on_stderr = parse_events(bytes(stderr))
+    assert not torn_lines(bytes(stderr))
+    assert not [e for e in on_stderr if e["event"] == "log_output_stalled"]
+    assert len(on_stderr) + final["count"] == len(meant_for_both)
