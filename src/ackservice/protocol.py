@@ -138,6 +138,11 @@ class MessageFramer:
         """Bytes of an incomplete message held until its newline arrives."""
         return self._held
 
+    @property
+    def at_message_start(self) -> bool:
+        """Whether nothing of an incomplete message is pending (the next byte starts one)."""
+        return not self._parts and not self._discarding
+
     def feed(self, data: bytes | bytearray) -> list[bytes | Oversized]:
         """Take the next chunk of the stream; return the messages it completed."""
         if type(data) is not bytes:

@@ -13,6 +13,13 @@ message's latency.
 A connection reads nothing more until its messages are answered, and all connections wait
 before reading while the bytes waiting for a commit exceed a bound: a slow store slows the
 clients down instead of filling the server's memory.
+
+A parcel may also come without a waiting task: the readiness hub's dispatcher reads a
+connection's request and queues it (``enqueue``) while the connection's task goes on
+waiting, so that a message that commits wakes no task at all. Such a parcel has an
+``owner``, told when its verdicts are in (``answered``, called by the leader, which may
+write the ACKs there and then) or when it is its turn to lead (``lead``: the owner wakes
+its task, which then calls ``lead`` here).
 """
 
 from __future__ import annotations
@@ -28,7 +35,14 @@ import trio
 from ..store.base import Failed, Message, Store, StoreUnavailable, Unavailable, Verdict
 from .ratelimit import WarningLimiter
 
-__all__ = ["COMMIT_SECONDS_BUCKETS", "Committer", "GroupCommitter", "LatencyHistogram"]
+__all__ = [
+    "COMMIT_SECONDS_BUCKETS",
+    "Committer",
+    "GroupCommitter",
+    "LatencyHistogram",
+    "Parcel",
+    "ParcelOwner",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -57,17 +71,34 @@ class Committer(Protocol):
         ...
 
 
-class _Parcel:
+class ParcelOwner(Protocol):
+    """Who queued a parcel without a task waiting for it (``GroupCommitter.enqueue``)."""
+
+    def answered(self, parcel: Parcel) -> None:
+        """``parcel.verdicts`` are in (called in the leader's task; must not raise)."""
+        ...
+
+    def lead(self, parcel: Parcel) -> bool:
+        """It is ``parcel``'s turn to lead: have a task call ``GroupCommitter.lead(parcel)``.
+        False if nobody can any more (the connection is gone): the parcel is dropped."""
+        ...
+
+
+class Parcel:
     """One connection's messages waiting for a commit, and then their verdicts."""
 
-    __slots__ = ("messages", "nbytes", "task", "verdicts")
+    __slots__ = ("messages", "nbytes", "owner", "task", "verdicts")
 
-    def __init__(self, messages: list[Message], nbytes: int) -> None:
+    def __init__(
+        self, messages: list[Message], nbytes: int, owner: ParcelOwner | None = None
+    ) -> None:
         self.messages = messages
         self.nbytes = nbytes
         self.verdicts: Sequence[Verdict] | None = None
         self.task: trio.lowlevel.Task | None = None
         """The connection's task while it waits, to be rescheduled when answered."""
+        self.owner = owner
+        """Told instead, for a parcel queued without a task (see ``enqueue``)."""
 
 
 COMMIT_SECONDS_BUCKETS: Final = (
@@ -132,7 +163,7 @@ class GroupCommitter:
         self.store = store
         self._timeout = timeout
         self._max_pending_bytes = max_pending_bytes
-        self._queue: list[_Parcel] = []
+        self._queue: list[Parcel] = []
         self._pending_bytes = 0
         self._leading = False
         self._room = trio.Event()
@@ -167,7 +198,7 @@ class GroupCommitter:
     async def commit(
         self, messages: list[Message], nbytes: int, warnings: WarningLimiter | None = None
     ) -> Sequence[Verdict] | None:
-        parcel = _Parcel(messages, nbytes)
+        parcel = Parcel(messages, nbytes)
         self._queue.append(parcel)
         self._pending_bytes += nbytes
         if self._leading:
@@ -182,9 +213,47 @@ class GroupCommitter:
             await trio.lowlevel.checkpoint_if_cancelled()
         return await self._lead(parcel)
 
-    async def _lead(self, own: _Parcel) -> Sequence[Verdict] | None:
+    def enqueue(self, messages: list[Message], nbytes: int, owner: ParcelOwner) -> Parcel:
+        """Queue ``messages`` for the next commit without a task waiting for them; ``owner``
+        is told when they are answered, or when to lead (see the module docstring).
+
+        If no commit is running, the caller must lead at once (``leading`` is then its
+        parcel's): it is not told through ``owner.lead``, as it is the one asking.
+        """
+        parcel = Parcel(messages, nbytes, owner)
+        self._queue.append(parcel)
+        self._pending_bytes += nbytes
+        if self._leading:
+            gathered = self._gathered
+            if gathered is not None and len(self._queue) >= self._expected:
+                gathered.set()
+        else:
+            self._leading = True  # the caller's task leads, once it runs
+            self.leading = parcel
+        return parcel
+
+    leading: Parcel | None = None
+    """A queued parcel whose owner was told to lead and has not begun yet."""
+
+    async def lead(self, parcel: Parcel) -> Sequence[Verdict] | None:
+        """Lead the commit ``parcel``'s owner was told to lead; its verdicts."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return await self._lead(parcel)
+
+    def withdraw(self, parcel: Parcel) -> None:
+        """Take back a parcel queued by ``enqueue`` whose connection is gone, unless a commit
+        took it already (its owner is then answered, and writes nothing)."""
+        if parcel in self._queue:
+            self._queue.remove(parcel)
+            self._release(parcel.nbytes)
+        if self.leading is parcel:  # it was to lead: someone else must
+            self.leading = None
+            self._hand_on()
+
+    async def _lead(self, own: Parcel) -> Sequence[Verdict] | None:
         """Commit everything queued (``own`` included), then hand the lead on."""
         self._leading = True
+        self.leading = None
         try:
             await self._gather()
             parcels, self._queue = self._queue, []
@@ -197,12 +266,32 @@ class GroupCommitter:
             # queued behind it.
             self._expected = len(parcels) + len(self._queue)
         finally:
-            self._leading = False
-            if self._queue:
-                successor = self._queue[0]
-                self._leading = True  # until the successor runs: newcomers queue behind it
-                _wake(successor, _LEAD)
+            self._hand_on()
         return own.verdicts
+
+    def _hand_on(self) -> None:
+        """Make the oldest queued parcel's connection the next leader, if any is queued;
+        newcomers queue behind it until it runs."""
+        self._leading = False
+        while self._queue:
+            successor = self._queue[0]
+            self._leading = True
+            if successor.owner is None:
+                _wake(successor, _LEAD)
+                return
+            self.leading = successor
+            if successor.owner.lead(successor):
+                return
+            # Its connection is gone: nothing can be answered, and it asked for nothing yet.
+            self.leading = None
+            self._queue.pop(0)
+            self._release(successor.nbytes)
+            self._leading = False
+
+    def _release(self, nbytes: int) -> None:
+        self._pending_bytes -= nbytes
+        if self.has_room():
+            self._room.set()
 
     async def _gather(self) -> None:
         """Wait, briefly, for the connections just answered to send again.
@@ -224,7 +313,7 @@ class GroupCommitter:
                 await self._gathered.wait()
         self._gathered = None
 
-    async def _commit(self, parcels: list[_Parcel], leader: _Parcel) -> None:
+    async def _commit(self, parcels: list[Parcel], leader: Parcel) -> None:
         """Store the parcels' messages as one batch and answer every parcel, even when
         cancelled (then with ``unavailable``)."""
         batch = parcels[0].messages if len(parcels) == 1 else _joined(parcels)
@@ -242,8 +331,15 @@ class GroupCommitter:
                 parcel.verdicts = None if verdicts is None else verdicts[start:end]
                 start = end
                 self._pending_bytes -= parcel.nbytes
-                if parcel is not leader:
+                if parcel is leader:
+                    continue
+                if parcel.owner is None:
                     _wake(parcel, _ANSWERED)
+                    continue
+                try:
+                    parcel.owner.answered(parcel)
+                except Exception:  # a bug there must not leave the other parcels unanswered
+                    log.exception("parcel_owner_failed")
             if self.has_room():
                 self._room.set()
 
@@ -305,13 +401,13 @@ class _Outage:
         self.messages = 0
 
 
-def _wake(parcel: _Parcel, to_lead: bool) -> None:
+def _wake(parcel: Parcel, to_lead: bool) -> None:
     task, parcel.task = parcel.task, None
     assert task is not None
     trio.lowlevel.reschedule(task, outcome.Value(to_lead))  # an outcome is unwrapped once
 
 
-def _joined(parcels: list[_Parcel]) -> list[Message]:
+def _joined(parcels: list[Parcel]) -> list[Message]:
     batch: list[Message] = []
     for parcel in parcels:
         batch += parcel.messages

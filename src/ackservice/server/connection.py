@@ -47,7 +47,7 @@ from ..store.base import Failed, Message, Rejected, Unavailable, Verdict
 from .ack_block import ack_block
 from .acknowledger import Acknowledger
 from .closing import close_with_error
-from .committing import Committer
+from .committing import Committer, GroupCommitter, Parcel
 from .config import ServerConfig
 from .ratelimit import WarningLimiter
 from .readiness import Answerer
@@ -118,6 +118,41 @@ class _UnsentReplies(NamedTuple):
     sent: int
 
 
+class _QueuedRead:
+    """A read the dispatcher queued for a commit (``_queue_waiting``) while the connection's
+    task went on waiting, until it is answered."""
+
+    __slots__ = ("closed", "crc32s", "first_seq", "parcel", "payloads", "unread_edge", "waiter")
+
+    def __init__(
+        self, parcel: Parcel, first_seq: int, payloads: list[bytes], crc32s: list[int]
+    ) -> None:
+        self.parcel = parcel
+        self.first_seq = first_seq
+        self.payloads = payloads
+        self.crc32s = crc32s
+        self.unread_edge = False
+        """Input arrived meanwhile and was left unread: its edge will not come again."""
+        self.waiter: trio.lowlevel.Task | None = None
+        """The connection's task, when it waits for the answer (``_wait_queued``)."""
+        self.closed = False
+        """The connection is gone: its socket (and its number) may already be another's."""
+
+
+class _QueueTurn(enum.Enum):
+    """What ``_held`` tells the task about its queued read."""
+
+    LEAD = enum.auto()
+    """Its turn to lead the commit (``GroupCommitter.lead``)."""
+    ANSWERED = enum.auto()
+    """Answered, with verdicts to reply to (and log) in the task."""
+
+
+def _abort_queued_wait(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+    # A forced exit: the read stays queued and is answered to nobody (see _QueuedRead.closed).
+    return trio.lowlevel.Abort.SUCCEEDED
+
+
 class Connection:
     """The state of one served connection; ``run`` serves it and logs its summary."""
 
@@ -130,6 +165,7 @@ class Connection:
         "_last_message",
         "_owner",
         "_piece_bytes",
+        "_queued",
         "_told",
         "_transport",
         "_waiting",
@@ -181,7 +217,9 @@ class Connection:
         self._waiting = False
         # What answer_waiting read or could not finish, for the task: input to answer, replies
         # partly sent, or the exception to raise.
-        self._held: bytes | _UnsentReplies | Exception | None = None
+        self._held: bytes | _UnsentReplies | Exception | _QueueTurn | None = None
+        # A read the dispatcher queued for a commit, until answered (stores only).
+        self._queued: _QueuedRead | None = None
         self._last_message = 0.0
         # Input answered at a time; lowered for a client whose replies outgrow its input
         # (tiny messages), raised again when they no longer do.
@@ -270,6 +308,7 @@ class Connection:
             # A bug here must end this connection only, never the accept loop.
             log.exception("connection_failed")
         finally:
+            self._withdraw_queued()
             try:
                 # Raises Cancelled when cancelled from outside; the totals still count.
                 await self._transport.aclose(at_eof=at_eof)
@@ -298,16 +337,20 @@ class Connection:
         send_timeout = owner.config.send_timeout
         committer = self._committer
         acknowledge = self._acknowledger is not None
-        if acknowledge:
+        if acknowledge or (isinstance(committer, GroupCommitter) and not self._debug):
             transport.answer_while_waiting(self)
         count_from = _MIN_PIECE
         while True:
-            if committer is not None and not committer.has_room():
-                await committer.wait_for_room()  # the store is behind: read nothing more yet
+            if committer is not None and self._held is None and not committer.has_room():
+                # The store is behind: read nothing more yet. (Not with something held: it
+                # may be this connection's turn to lead the commit that makes room.)
+                await committer.wait_for_room()
             if self._held is None:
                 data = transport.read_nowait()
             else:
                 data = await self._take_held()
+                if data is None and self._held is None:
+                    data = transport.read_nowait()  # what came meanwhile, if any
             if data is None:
                 if owner.shutting_down:
                     return _Ending.SHUTDOWN
@@ -316,6 +359,10 @@ class Connection:
                     ready = await transport.wait_readable(self._last_message + idle_timeout)
                 finally:
                     self._waiting = False
+                if self._queued is not None and self._held is None:
+                    # Woken (shutdown, the end of the stream, a timer) while a read waits for
+                    # its commit: answer it first, whatever comes next.
+                    await self._wait_queued()
                 if not ready and self._held is None:  # (held: send_later woke it, to finish)
                     if owner.shutting_down:
                         return _Ending.SHUTDOWN
@@ -369,12 +416,13 @@ class Connection:
         try:
             if self._owner.shutting_down:
                 return None
+            if self._acknowledger is None:
+                return self._queue_waiting()
             data = transport.read_arrived()
             if data is None:  # nothing complete yet (part of a TLS record)
                 transport.may_have_more = True
                 return self._last_message + self._owner.config.idle_timeout
             acknowledger = self._acknowledger
-            assert acknowledger is not None
             reply = acknowledger.answer_whole(data) if not transport.may_have_more else None
             if reply is None:
                 if (
@@ -425,6 +473,142 @@ class Connection:
             return
         self._held = None
 
+    def _queue_waiting(self) -> float | None:
+        """``answer_waiting`` with a store: a read of whole messages is queued for the next
+        commit (``GroupCommitter.enqueue``) while the task goes on waiting; the commit's
+        leader writes the ACKs (``answered``), so the task never wakes for a message that
+        commits. Anything else wakes the task as in ``answer_waiting``: input it must frame
+        itself, no room in the store's queue, this read's turn to lead the commit."""
+        transport = self._transport
+        config = self._owner.config
+        queued = self._queued
+        if queued is not None:  # one read at a time waits for a commit
+            queued.unread_edge = True
+            return self._last_message + config.idle_timeout
+        committer = self._committer
+        assert isinstance(committer, GroupCommitter)
+        if not committer.has_room():
+            transport.may_have_more = True  # this edge is spent: the task reads, in time
+            return None
+        data = transport.read_arrived()
+        if data is None:  # nothing complete yet (part of a TLS record)
+            transport.may_have_more = True
+            return self._last_message + config.idle_timeout
+        framer = self._framer
+        assert framer is not None
+        if (
+            transport.may_have_more
+            or data[-1:] != b"\n"
+            or len(data) > config.max_message_bytes
+            or not framer.at_message_start
+            or (len(data) > _MIN_PIECE and data.count(b"\n") > _MAX_MESSAGES_PER_PIECE)
+        ):
+            self._held = data  # the task's work
+            return None
+        payloads: list[bytes] = framer.feed(data)  # type: ignore[assignment]  # whole lines
+        self.bytes_received += len(data)
+        first_seq = self.messages + 1
+        crc32s = list(map(crc32, payloads))
+        messages = _messages(payloads, crc32s, time.time(), self, first_seq)
+        pending = sum(map(len, payloads)) + len(messages) * _MESSAGE_OVERHEAD_BYTES
+        parcel = committer.enqueue(messages, pending, self)
+        self._queued = _QueuedRead(parcel, first_seq, payloads, crc32s)
+        self._last_message = trio.current_time()  # waiting for a store is not idling
+        transport.may_have_more = True  # still waiting: the next wake-up is an edge
+        if committer.leading is parcel:
+            self._held = _QueueTurn.LEAD
+            return None
+        return self._last_message + config.idle_timeout
+
+    def answered(self, parcel: Parcel) -> None:
+        """The commit holding the queued read is done (``ParcelOwner``; called in the
+        leader's task): write the ACKs now, or leave the task what needs it (verdicts to
+        log, replies the socket did not take, an error)."""
+        queued = self._queued
+        if queued is None or queued.parcel is not parcel or queued.closed:
+            return
+        transport = self._transport
+        if parcel.verdicts is not None or queued.waiter is not None:
+            self._held = _QueueTurn.ANSWERED
+            self._wake_for_queued(queued)
+            return
+        self._queued = None
+        payloads = queued.payloads
+        self.messages += len(payloads)
+        self._last_message = trio.current_time()
+        if len(payloads) == 1:
+            replies = ACK_FORMAT % (queued.first_seq, len(payloads[0]), queued.crc32s[0])
+        else:
+            replies = ack_block(queued.first_seq, list(map(len, payloads)), queued.crc32s)
+        try:
+            sent = transport.try_send(replies)
+        except Exception as exc:  # the task's to handle, as if it had written
+            self._held = exc
+            transport.wake()
+            return
+        if sent < len(replies):
+            self._held = _UnsentReplies(replies, sent)
+            transport.wake()
+        elif queued.unread_edge:
+            transport.may_have_more = True
+            transport.wake()  # the task reads what came meanwhile
+
+    def lead(self, parcel: Parcel) -> bool:
+        """The queued read's turn to lead the commit (``ParcelOwner``): wake the task."""
+        queued = self._queued
+        if queued is None or queued.parcel is not parcel or queued.closed:
+            return False
+        self._held = _QueueTurn.LEAD
+        self._wake_for_queued(queued)
+        return True
+
+    def _wake_for_queued(self, queued: _QueuedRead) -> None:
+        if queued.waiter is not None:
+            trio.lowlevel.reschedule(queued.waiter)
+        else:
+            self._transport.wake()
+
+    async def _wait_queued(self) -> None:
+        """Wait until the queued read is answered, or is to lead its commit."""
+        queued = self._queued
+        assert queued is not None
+        queued.waiter = trio.lowlevel.current_task()
+        try:
+            await trio.lowlevel.wait_task_rescheduled(_abort_queued_wait)
+        finally:
+            queued.waiter = None
+
+    async def _answer_queued(self, turn: _QueueTurn) -> None:
+        """Reply to the queued read, after leading its commit if it is its turn."""
+        queued = self._queued
+        assert queued is not None
+        parcel = queued.parcel
+        if turn is _QueueTurn.LEAD:
+            committer = self._committer
+            assert isinstance(committer, GroupCommitter)
+            verdicts = await committer.lead(parcel)
+        else:
+            verdicts = parcel.verdicts
+        self._queued = None
+        replies = self._after_commit(
+            queued.first_seq, queued.payloads, parcel.messages, verdicts, queued.crc32s
+        )
+        transport = self._transport
+        sent = transport.try_send(replies)
+        if sent < len(replies):
+            await transport.send_rest(replies, sent, self._owner.config.send_timeout)
+        if queued.unread_edge:
+            transport.may_have_more = True
+
+    def _withdraw_queued(self) -> None:
+        """The connection is closing: a read still queued is answered to nobody."""
+        queued = self._queued
+        if queued is not None:
+            queued.closed = True
+            committer = self._committer
+            assert isinstance(committer, GroupCommitter)
+            committer.withdraw(queued.parcel)
+
     async def _take_held(self) -> bytes | None:
         """What ``answer_waiting`` left: input to answer, or None once its replies are sent.
 
@@ -434,6 +618,9 @@ class Connection:
         held, self._held = self._held, None
         if isinstance(held, Exception):
             raise held
+        if isinstance(held, _QueueTurn):
+            await self._answer_queued(held)
+            return None
         if isinstance(held, _UnsentReplies):
             send_timeout = self._owner.config.send_timeout
             await self._transport.send_rest(held.replies, held.sent, send_timeout)
@@ -519,8 +706,8 @@ class Connection:
             self.messages += len(frames)
             return self._answer_unkept(first_seq, frames)
         received_at = time.time()
-        whole = OVERSIZED not in frames
-        if whole:
+        crc32s: list[int] | None = None  # when every frame is a message
+        if OVERSIZED not in frames:
             payloads: list[bytes] = frames  # type: ignore[assignment]
             crc32s = list(map(crc32, payloads))
             messages = _messages(payloads, crc32s, received_at, self, first_seq)
@@ -538,6 +725,18 @@ class Connection:
                     nbytes += len(payload)
         pending = nbytes + len(messages) * _MESSAGE_OVERHEAD_BYTES
         verdicts = await committer.commit(messages, pending, self._limiter()) if messages else None
+        return self._after_commit(first_seq, frames, messages, verdicts, crc32s)
+
+    def _after_commit(
+        self,
+        first_seq: int,
+        frames: Sequence[bytes | Oversized],
+        messages: list[Message],
+        verdicts: Sequence[Verdict] | None,
+        crc32s: list[int] | None,
+    ) -> bytes:
+        """Count a read's messages answered; their replies (``crc32s``: every frame is one
+        of the messages, in order, with these CRCs)."""
         # Counted once answered, with their errors in the same step: a metrics scrape during
         # the commit must never see them acked and then some of them not (a counter going down).
         self.messages += len(frames)
@@ -545,9 +744,10 @@ class Connection:
         self._last_message = trio.current_time()
         if self._debug:
             self._log_acked(messages, verdicts)
-        if verdicts is None and whole:
+        if verdicts is None and crc32s is not None:
             if len(messages) == 1:
-                return ACK_FORMAT % (first_seq, nbytes, crc32s[0])
+                return ACK_FORMAT % (first_seq, len(messages[0].payload), crc32s[0])
+            payloads: list[bytes] = frames  # type: ignore[assignment]
             return ack_block(first_seq, list(map(len, payloads)), crc32s)
         replies = []
         stored = iter(messages)
