@@ -25,22 +25,30 @@ from pathlib import Path
 
 import trio
 
-from ackservice.store.base import Message
+from ackservice.store.batch import MessageBatch, MessageRun
 from ackservice.store.sqlite import SQLiteStore
 
 SHAPES = ((1, 1), (64, 1), (16, 64), (16, 256))
 PAYLOAD = b"x" * 64
 
 
-def make_batch(conns: int, per_read: int, first_seq: int) -> list[Message]:
-    """``conns`` runs of ``per_read`` 64-byte messages, as the server would hand them over."""
+def make_batch(conns: int, per_read: int, first_seq: int) -> MessageBatch:
+    """``conns`` runs of ``per_read`` 64-byte messages, as the server hands them over."""
     now = time.time()
     crc = zlib.crc32(PAYLOAD)
-    return [
-        Message(PAYLOAD, crc, now, f"127.0.0.1:{40000 + conn}", conn, first_seq + k)
-        for conn in range(1, conns + 1)
-        for k in range(per_read)
-    ]
+    return MessageBatch(
+        [
+            MessageRun(
+                [PAYLOAD] * per_read,
+                [crc] * per_read,
+                now,
+                f"127.0.0.1:{40000 + conn}",
+                conn,
+                first_seq,
+            )
+            for conn in range(1, conns + 1)
+        ]
+    )
 
 
 async def measure(

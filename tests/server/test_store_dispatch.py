@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 from ackservice.protocol import ack_line, crc32
 from ackservice.server import Server, ServerConfig, serve
 from ackservice.server.committing import GroupCommitter
-from ackservice.server.connection import Connection, _messages, _QueuedRead, _UnsentReplies
-from ackservice.store import Message, Rejected, Unavailable, Verdict
+from ackservice.server.connection import Connection, _QueuedRead, _UnsentReplies
+from ackservice.store import Message, MessageRun, Rejected, Unavailable, Verdict
 from support import Connect, LineReader, wait_until
 
 EventList = list[dict[str, Any]]
@@ -310,7 +310,7 @@ def _queued_connection(transport: _Transport) -> tuple[Connection, Any]:
     committer._leading = True  # another connection's commit runs
     connection = Connection(_Owner(committer), 1, "127.0.0.1:1", transport)  # type: ignore[arg-type]
     payloads = [b"one", b"two"]
-    messages = _messages(payloads, [crc32(p) for p in payloads], 0.0, connection, 1)
+    messages = MessageRun(payloads, [crc32(p) for p in payloads], 0.0, "127.0.0.1:1", 1, 1)
     parcel = committer.enqueue(messages, 6, connection)
     connection._queued = _QueuedRead(parcel, 1, payloads, [crc32(p) for p in payloads])
     return connection, parcel

@@ -33,6 +33,7 @@ import structlog
 import trio
 
 from ..store.base import Failed, Message, Store, StoreUnavailable, Unavailable, Verdict
+from ..store.batch import joined
 from .ratelimit import WarningLimiter
 
 __all__ = [
@@ -62,7 +63,7 @@ class Committer(Protocol):
         ...
 
     async def commit(
-        self, messages: list[Message], nbytes: int, warnings: WarningLimiter | None = None
+        self, messages: Sequence[Message], nbytes: int, warnings: WarningLimiter | None = None
     ) -> Sequence[Verdict] | None:
         """Store ``messages`` (``nbytes``: their payloads plus a per-message overhead, what
         they hold in memory); their verdicts, or None: all stored.
@@ -90,7 +91,7 @@ class Parcel:
     __slots__ = ("messages", "nbytes", "owner", "task", "verdicts")
 
     def __init__(
-        self, messages: list[Message], nbytes: int, owner: ParcelOwner | None = None
+        self, messages: Sequence[Message], nbytes: int, owner: ParcelOwner | None = None
     ) -> None:
         self.messages = messages
         self.nbytes = nbytes
@@ -196,7 +197,7 @@ class GroupCommitter:
             await self._room.wait()
 
     async def commit(
-        self, messages: list[Message], nbytes: int, warnings: WarningLimiter | None = None
+        self, messages: Sequence[Message], nbytes: int, warnings: WarningLimiter | None = None
     ) -> Sequence[Verdict] | None:
         parcel = Parcel(messages, nbytes)
         self._queue.append(parcel)
@@ -213,7 +214,7 @@ class GroupCommitter:
             await trio.lowlevel.checkpoint_if_cancelled()
         return await self._lead(parcel)
 
-    def enqueue(self, messages: list[Message], nbytes: int, owner: ParcelOwner) -> Parcel:
+    def enqueue(self, messages: Sequence[Message], nbytes: int, owner: ParcelOwner) -> Parcel:
         """Queue ``messages`` for the next commit without a task waiting for them; ``owner``
         is told when they are answered, or when to lead (see the module docstring).
 
@@ -316,7 +317,7 @@ class GroupCommitter:
     async def _commit(self, parcels: list[Parcel], leader: Parcel) -> None:
         """Store the parcels' messages as one batch and answer every parcel, even when
         cancelled (then with ``unavailable``)."""
-        batch = parcels[0].messages if len(parcels) == 1 else _joined(parcels)
+        batch = joined([parcel.messages for parcel in parcels])
         verdicts: Sequence[Verdict] | None
         try:
             verdicts = await self._store(batch)
@@ -343,7 +344,7 @@ class GroupCommitter:
             if self.has_room():
                 self._room.set()
 
-    async def _store(self, batch: list[Message]) -> Sequence[Verdict] | None:
+    async def _store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
         """The store's verdicts on ``batch``; every way it can fail becomes verdicts too."""
         failure: Verdict
         with trio.move_on_after(self._timeout) as scope:
@@ -369,7 +370,9 @@ class GroupCommitter:
         self._failed(batch, failure, None)
         return [failure] * len(batch)
 
-    def _failed(self, batch: list[Message], failure: Verdict, exc: BaseException | None) -> None:
+    def _failed(
+        self, batch: Sequence[Message], failure: Verdict, exc: BaseException | None
+    ) -> None:
         if self._outage is None:
             self._outage = _Outage(trio.current_time())
             self.outages += 1
@@ -405,10 +408,3 @@ def _wake(parcel: Parcel, to_lead: bool) -> None:
     task, parcel.task = parcel.task, None
     assert task is not None
     trio.lowlevel.reschedule(task, outcome.Value(to_lead))  # an outcome is unwrapped once
-
-
-def _joined(parcels: list[Parcel]) -> list[Message]:
-    batch: list[Message] = []
-    for parcel in parcels:
-        batch += parcel.messages
-    return batch

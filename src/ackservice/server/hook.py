@@ -57,7 +57,7 @@ class HookCommitter:
         """Never waits (see ``has_room``)."""
 
     async def commit(
-        self, messages: list[Message], nbytes: int, warnings: WarningLimiter | None = None
+        self, messages: Sequence[Message], nbytes: int, warnings: WarningLimiter | None = None
     ) -> Sequence[Verdict] | None:
         if warnings is not None:
             return [await self._call(message, warnings) for message in messages]

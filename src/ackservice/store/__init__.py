@@ -20,6 +20,7 @@ from .base import (
     Unavailable,
     Verdict,
 )
+from .batch import MessageBatch, MessageRun
 from .opening import open_reader, open_store
 from .url import DEFAULT_STORE_URL, parse_store_url
 
@@ -27,6 +28,8 @@ __all__ = [
     "DEFAULT_STORE_URL",
     "Failed",
     "Message",
+    "MessageBatch",
+    "MessageRun",
     "Rejected",
     "Store",
     "StoreError",

@@ -108,6 +108,10 @@ class Store(Protocol):
     async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
         """Keep ``batch``; return once it is durable.
 
+        ``batch`` is a sequence of ``Message``, often a ``MessageBatch`` (``store.batch``):
+        index or iterate it like a list, or read its ``runs`` (each one read's messages in
+        columns) to avoid a ``Message`` per message.
+
         Returns:
             ``None`` when every message was stored (the common case), else one ``Verdict``
             per message, in order.

@@ -46,6 +46,7 @@ from typing import Final, TypeVar
 import trio
 
 from .base import Message, StoredMessage, StoreError, StoreStats, StoreUnavailable, Verdict
+from .batch import MessageBatch, MessageRun
 
 __all__ = ["SCHEMA_VERSION", "SQLiteReader", "SQLiteStore"]
 
@@ -177,8 +178,9 @@ class SQLiteStore(_StoreFile):
         if not batch:
             return None
         # A snapshot (one C-level copy): an abandoned thread may still be reading the batch
-        # after the caller has moved on and reused its list for the next group.
-        snapshot = tuple(batch)
+        # after the caller has moved on and reused its list for the next group. The server's
+        # own batches are made for one commit and never changed: no copy of those.
+        snapshot = batch if isinstance(batch, MessageBatch) else tuple(batch)
         abandoned = threading.Event()
         try:
             await trio.to_thread.run_sync(
@@ -515,6 +517,8 @@ def _chunk_rows(batch: Sequence[Message], next_id: int) -> tuple[list[tuple[obje
     Raises:
         OverflowError: a CRC-32 or a payload length does not fit in 32 bits.
     """
+    if isinstance(batch, MessageBatch):
+        return _run_rows(batch.runs, next_id)
     lengths = array(_U32, map(len, map(_payload_of, batch)))
     crc32s = array(_U32, map(_crc32_of, batch))
     if _SWAP:
@@ -560,6 +564,36 @@ def _chunk_rows(batch: Sequence[Message], next_id: int) -> tuple[list[tuple[obje
         expected = m.seq + 1
     add_run(head, start, len(batch))
     return rows, next_id + len(batch)
+
+
+def _run_rows(runs: list[MessageRun], next_id: int) -> tuple[list[tuple[object, ...]], int]:
+    """``_chunk_rows`` for a batch the server made: a row per run, taken from its columns
+    without a ``Message`` per message (the same rows ``_chunk_rows`` makes from them)."""
+    rows: list[tuple[object, ...]] = []
+    for run in runs:
+        if not run.payloads:
+            continue
+        lengths = array(_U32, map(len, run.payloads))
+        crc32s = array(_U32, run.crc32s)
+        if _SWAP:
+            lengths.byteswap()
+            crc32s.byteswap()
+        rows.append(
+            (
+                next_id,
+                len(run.payloads),
+                run.received_at,
+                run.peer,
+                run.conn_id,
+                run.first_seq,
+                run.identity,
+                lengths.tobytes(),
+                crc32s.tobytes(),
+                b"".join(run.payloads),
+            )
+        )
+        next_id += len(run.payloads)
+    return rows, next_id
 
 
 def _begin_immediate(

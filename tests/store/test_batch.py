@@ -1,0 +1,82 @@
+"""MessageRun and MessageBatch: sequences of Message like a list of them, and the SQLite
+store's rows for them the same as for that list."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ackservice.store import Message, MessageBatch, MessageRun
+from ackservice.store.batch import joined
+from ackservice.store.sqlite import _chunk_rows
+
+_payloads = st.lists(st.binary(max_size=20), min_size=1, max_size=6)
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> list[MessageRun]:
+    """Runs of distinct connections (one read each, as a commit holds them)."""
+    made = []
+    for conn_id in range(1, draw(st.integers(1, 5)) + 1):
+        payloads = draw(_payloads)
+        made.append(
+            MessageRun(
+                payloads,
+                [zlib.crc32(p) for p in payloads],
+                draw(st.floats(0, 2e9)),
+                f"127.0.0.1:{40000 + conn_id}",
+                conn_id,
+                draw(st.integers(1, 2**40)),
+                draw(st.none() | st.just("CN=client")),
+            )
+        )
+    return made
+
+
+def as_messages(made: list[MessageRun]) -> list[Message]:
+    return [
+        Message(p, c, r.received_at, r.peer, r.conn_id, r.first_seq + i, r.identity)
+        for r in made
+        for i, (p, c) in enumerate(zip(r.payloads, r.crc32s, strict=True))
+    ]
+
+
+@given(runs(), st.data())
+def test_a_batch_is_the_list_of_its_messages(made: list[MessageRun], data: st.DataObject) -> None:
+    batch = MessageBatch(made)
+    expected = as_messages(made)
+    assert list(batch) == expected
+    assert len(batch) == len(expected)
+    index = data.draw(st.integers(-len(expected), len(expected) - 1))
+    assert batch[index] == expected[index]
+    start, stop = data.draw(st.integers(-10, 10)), data.draw(st.integers(-10, 10))
+    assert batch[start:stop] == expected[start:stop]
+    with pytest.raises(IndexError):
+        batch[len(expected)]
+    assert [list(run) for run in made] == [list(run[:]) for run in made]
+
+
+@given(runs())
+def test_sqlite_rows_of_a_batch_are_those_of_its_messages(made: list[MessageRun]) -> None:
+    """The store's shortcut (a row per run, from the columns) writes what its general path
+    writes for the same messages as Message tuples."""
+    assert _chunk_rows(MessageBatch(made), 7) == _chunk_rows(as_messages(made), 7)
+
+
+def test_joined_keeps_runs_as_a_batch_and_lists_as_a_list() -> None:
+    run = MessageRun([b"a", b"b"], [1, 2], 0.0, "p", 1, 1)
+    other = MessageRun([b"c"], [3], 0.0, "q", 2, 1)
+    both = joined([run, other])
+    assert isinstance(both, MessageBatch)
+    assert both.runs == [run, other]
+    mixed = joined([run, [Message(b"c", 3, 0.0, "q", 2, 1)]])
+    assert isinstance(mixed, list)
+    assert mixed == [*run, Message(b"c", 3, 0.0, "q", 2, 1)]
+
+
+def test_a_run_needs_a_crc_per_payload() -> None:
+    with pytest.raises(ValueError, match="one CRC-32 per payload"):
+        MessageRun([b"a"], [], 0.0, "p", 1, 1)
