@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
-from itertools import accumulate, chain, count, repeat
+from itertools import accumulate, chain, count, islice, repeat
 from typing import overload
 
 from .base import Message
@@ -110,7 +110,10 @@ class MessageBatch(Sequence[Message]):
 
     def __getitem__(self, index: int | slice) -> Message | list[Message]:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            start, stop, step = index.indices(len(self))
+            if step == 1:  # a store's chunks (JetStream's): made in C, not one call each
+                return list(islice(self, start, max(start, stop)))
+            return [self[i] for i in range(start, stop, step)]
         i = range(len(self))[index]
         run = bisect_right(self._ends, i)
         return self.runs[run][i - (self._ends[run - 1] if run else 0)]
