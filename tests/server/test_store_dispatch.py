@@ -342,3 +342,57 @@ async def test_answered_writes_nothing_for_a_closed_connection() -> None:
     connection._withdraw_queued()
     connection.answered(parcel)
     assert (transport.written, transport.wakes, connection._held) == (b"", 0, None)
+
+
+@pytest.mark.parametrize("attempt", range(6))  # which cancelled task runs first varies
+async def test_a_forced_exit_while_tasks_wait_for_their_queued_reads(
+    connect: Connect, logs: EventList, attempt: int
+) -> None:
+    """A shutdown wakes the queued reads' tasks (they wait for their commit, _wait_queued),
+    then a forced exit cancels them all while the commit before theirs still runs: the
+    leader, cancelled too, hands the lead on without rescheduling a task its cancellation
+    rescheduled already (Trio's AssertionError in the leader: connection_failed)."""
+    store = GatedStore()
+    with trio.CancelScope() as server_scope:
+        async with trio.open_nursery() as server_nursery:
+            server = await start(server_nursery, store, store_timeout=60, shutdown_grace=60)
+            await queued_behind_a_running_commit(server, store, connect, b"one", b"two", b"three")
+            server.shutdown()
+            connections = list(server.handler._connections)
+            await wait_until(
+                lambda: all(
+                    c._queued is None or c._queued.waiter is not None
+                    for c in connections
+                    if c.conn_id != 1
+                )
+            )
+            server_scope.cancel()
+    assert server_scope.cancelled_caught
+    failures = [e for e in logs if e["event"] in ("connection_failed", "parcel_owner_failed")]
+    assert failures == []
+    committer = server.handler.committer
+    assert isinstance(committer, GroupCommitter)
+    assert not committer._queue
+
+
+async def test_a_task_cancelled_while_waiting_for_its_queued_read_is_not_woken_again() -> None:
+    """Cancelled in _wait_queued, the task is rescheduled at once but runs later; a leader
+    handing it the lead (or answering it) meanwhile must not reschedule it a second time
+    (Trio refuses: an AssertionError in the leader's task)."""
+    transport = _Transport()
+    connection, parcel = _queued_connection(transport)
+    queued = connection._queued
+    scopes: list[trio.CancelScope] = []
+
+    async def wait() -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            await connection._wait_queued()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await wait_until(lambda: queued.waiter is not None)
+        scopes[0].cancel()
+        assert connection.lead(parcel)  # before the cancelled task ran: not rescheduled
+        assert connection._held is not None
+    assert queued.waiter is None

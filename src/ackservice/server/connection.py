@@ -148,8 +148,12 @@ class _QueueTurn(enum.Enum):
     """Answered, with verdicts to reply to (and log) in the task."""
 
 
-def _abort_queued_wait(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+def _abort_queued_wait(queued: _QueuedRead, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
     # A forced exit: the read stays queued and is answered to nobody (see _QueuedRead.closed).
+    # The task is rescheduled (with Cancelled) now, but runs later: until then nothing may
+    # reschedule it again (a commit's leader answering it, or handing it the lead), which
+    # Trio refuses with an AssertionError in the leader's task.
+    queued.waiter = None
     return trio.lowlevel.Abort.SUCCEEDED
 
 
@@ -565,8 +569,9 @@ class Connection:
         return True
 
     def _wake_for_queued(self, queued: _QueuedRead) -> None:
-        if queued.waiter is not None:
-            trio.lowlevel.reschedule(queued.waiter)
+        waiter, queued.waiter = queued.waiter, None  # a task is rescheduled once
+        if waiter is not None:
+            trio.lowlevel.reschedule(waiter)
         else:
             self._transport.wake()
 
@@ -576,7 +581,7 @@ class Connection:
         assert queued is not None
         queued.waiter = trio.lowlevel.current_task()
         try:
-            await trio.lowlevel.wait_task_rescheduled(_abort_queued_wait)
+            await trio.lowlevel.wait_task_rescheduled(functools.partial(_abort_queued_wait, queued))
         finally:
             queued.waiter = None
 
