@@ -396,3 +396,43 @@ async def test_a_task_cancelled_while_waiting_for_its_queued_read_is_not_woken_a
         assert connection.lead(parcel)  # before the cancelled task ran: not rescheduled
         assert connection._held is not None
     assert queued.waiter is None
+
+
+async def test_input_arriving_while_a_read_waits_for_its_commit_is_read_once_answered(
+    nursery: trio.Nursery, connect: Connect, logs: EventList
+) -> None:
+    """An edge that comes while a read is queued is not read then (one queued read per
+    connection) and will not come again: once the commit answers the queued read, the task
+    reads it, a whole line and a partial one, then the end of the stream."""
+    store = GatedStore()
+    server = await start(nursery, store)
+    _, [(stream, reader)] = await queued_behind_a_running_commit(server, store, connect, b"a")
+    (connection,) = [c for c in server.handler._connections if c.conn_id == 2]
+    await stream.send_all(b"b\nc")
+    await wait_until(lambda: connection._queued is not None and connection._queued.unread_edge)
+    store.gate.set()  # type: ignore[union-attr]
+    with trio.fail_after(5):
+        assert await reader.line() == ack_line(1, b"a")[:-1]
+        assert await reader.line() == ack_line(2, b"b")[:-1]
+    await stream.send_all(b"d\n")
+    await stream.send_eof()
+    with trio.fail_after(5):
+        assert await reader.line() == ack_line(3, b"cd")[:-1]
+        assert await reader.at_eof()
+    assert [p for _, _, p in store.stored] == [b"hold", b"a", b"b", b"cd"]
+
+
+async def test_an_idle_timeout_shorter_than_the_commit_answers_the_queued_read_first(
+    nursery: trio.Nursery, connect: Connect, logs: EventList
+) -> None:
+    """Waiting for a slow store is not idling: the idle timer that fires meanwhile waits for
+    the queued read's answer, and the ACK comes before any ERR 0 idle-timeout."""
+    store = GatedStore()
+    server = await start(nursery, store, idle_timeout=0.2)
+    _, [(_, reader)] = await queued_behind_a_running_commit(server, store, connect, b"slow")
+    await trio.sleep(0.5)
+    store.gate.set()  # type: ignore[union-attr]
+    with trio.fail_after(5):
+        assert await reader.line() == ack_line(1, b"slow")[:-1]
+        assert (await reader.line()).startswith(b"ERR 0 idle-timeout")
+    assert (2, 1, b"slow") in store.stored
