@@ -364,3 +364,43 @@ def test_follow_then_ctrl_c_exits_130(tmp_path: Path) -> None:
                 process.kill()
     assert process.returncode == 130
     assert stderr == b""
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_the_wait_for_nats_is_a_setting(how: str) -> None:
+    """--timeout (or its variable) bounds the wait for a NATS server that never answers: a
+    listener on loopback that accepts and stays silent. One line, exit 1, well before the
+    default 5 s."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}/ACKS"
+        argv, env = ["stats", "--store", url], dict(os.environ)
+        if how == "flag":
+            argv += ["--timeout", "0.5"]
+        else:
+            env["ACKSERVICE_STORE_CLI_TIMEOUT"] = "0.5"
+        started = time.monotonic()
+        result = subprocess.run(
+            _module(*argv), capture_output=True, text=True, timeout=30, check=False, env=env
+        )
+        waited = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "cannot reach NATS" in result.stderr
+    assert waited < 4.5  # bounded by the setting, not by the default's 5 s
+
+
+def test_a_bad_nats_wait_from_the_environment_is_a_usage_error() -> None:
+    env = {**os.environ, "ACKSERVICE_STORE_CLI_TIMEOUT": "soon"}
+    result = subprocess.run(
+        _module("stats", "--store", "sqlite:x.db"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "ACKSERVICE_STORE_CLI_TIMEOUT" in result.stderr

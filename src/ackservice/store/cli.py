@@ -53,6 +53,9 @@ __all__ = [
 
 PROG: Final = "python -m ackservice.store"
 STORE_ENV: Final = "ACKSERVICE_STORE"
+TIMEOUT_ENV: Final = "ACKSERVICE_STORE_CLI_TIMEOUT"
+DEFAULT_NATS_TIMEOUT: Final = 5.0
+_MAX_NATS_TIMEOUT: Final = 3600.0
 
 EXIT_OK: Final = 0
 EXIT_STORE_FAILED: Final = 1
@@ -177,6 +180,15 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
         help=f"the store: sqlite:PATH or nats://HOST:PORT/STREAM "
         f"(default: {DEFAULT_STORE_URL}; env: {STORE_ENV})",
     )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_cli._argparse_type(_cli.seconds_up_to(_MAX_NATS_TIMEOUT)),
+        default=None,
+        help=f"with a nats:// store, how long to wait for NATS: to connect, and for each "
+        f"answer (default: {DEFAULT_NATS_TIMEOUT:g}; at most {_MAX_NATS_TIMEOUT:g}; "
+        f"env: {TIMEOUT_ENV})",
+    )
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -195,7 +207,16 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         command.error(f"{source}: the store 'none' keeps nothing; name a sqlite: or nats:// store")
     if sys.stdout is None:  # started with stdout closed (``>&-``)
         command.error("no standard output to write to")
-    run = _Run(url, _describe(parsed), sys.stdout.buffer)
+    nats_timeout = args.timeout
+    if nats_timeout is None:
+        try:
+            text = env.get(TIMEOUT_ENV)
+            nats_timeout = (
+                _cli.seconds_up_to(_MAX_NATS_TIMEOUT)(text) if text else DEFAULT_NATS_TIMEOUT
+            )
+        except ValueError as exc:
+            command.error(f"{TIMEOUT_ENV}: {exc}")
+    run = _Run(url, _describe(parsed), sys.stdout.buffer, nats_timeout)
     body: Callable[[], Awaitable[None]]
     if args.command == "export":
         body = partial(run.export, args.after, args.follow, args.format)
@@ -220,8 +241,9 @@ def _describe(parsed: StoreURL) -> str:
 class _Run:
     """One invocation: opens the reader, runs the command, turns the outcome into a code."""
 
-    def __init__(self, url: str, description: str, out: BinaryIO) -> None:
+    def __init__(self, url: str, description: str, out: BinaryIO, nats_timeout: float) -> None:
         self.url = url
+        self.nats_timeout = nats_timeout
         self.description = description
         self.out = _Output(out)
         self.code = EXIT_OK
@@ -272,7 +294,7 @@ class _Run:
         """Write every message with ``id > after``; with ``follow``, keep waiting for more."""
         encode = _json_line if fmt == "json" else _protocol_line
         write = self.out.write
-        async with open_reader(self.url) as reader:
+        async with open_reader(self.url, nats_wait=self.nats_timeout) as reader:
             if follow and self._nursery is not None:
                 self._nursery.start_soon(self._flush_periodically)
             messages = reader.messages(after=after, follow=follow)
@@ -302,7 +324,7 @@ class _Run:
 
     async def stats(self, as_json: bool) -> None:
         """Print the count, bytes and the first and last message."""
-        async with open_reader(self.url) as reader:
+        async with open_reader(self.url, nats_wait=self.nats_timeout) as reader:
             stats = await reader.stats()
         if as_json:
             self.out.write(_dumps(self._stats_record(stats)))
@@ -337,7 +359,7 @@ class _Run:
 
     async def prune(self, before: int | None, older_than: float | None) -> None:
         """Delete the messages below ``before`` or older than ``older_than`` seconds."""
-        async with open_reader(self.url) as reader:
+        async with open_reader(self.url, nats_wait=self.nats_timeout) as reader:
             deleted = await reader.prune(before_id=before, older_than=older_than)
         noun = "message" if deleted == 1 else "messages"
         self.out.write(f"deleted {deleted} {noun}\n".encode())

@@ -519,17 +519,18 @@ class JetStreamReader:
         self._connection = connection
 
     @classmethod
-    async def open(cls, url: JetStreamURL, *, connect_timeout: float = 5.0) -> JetStreamReader:
-        """Connect and check the stream exists.
+    async def open(cls, url: JetStreamURL, *, nats_wait: float = 5.0) -> JetStreamReader:
+        """Connect and check the stream exists; ``nats_wait`` bounds the connection and each
+        request to NATS after it.
 
         Raises:
-            StoreError: NATS is not reachable within ``connect_timeout`` or has no such stream.
+            StoreError: NATS is not reachable within ``nats_wait`` or has no such stream.
         """
         runner = _AsyncioThread(f"ackservice-jetstream-reader-{url.stream}")
-        connection = _Connection(url, api_timeout=5.0)
+        connection = _Connection(url, api_timeout=nats_wait)
         reader = cls(url, runner, connection)
         try:
-            await runner.run(reader._open(connect_timeout))
+            await runner.run(reader._open(nats_wait))
         except BaseException:
             await reader.aclose()
             raise
@@ -605,7 +606,7 @@ class JetStreamReader:
         chunk: list[StoredMessage] = []
         while len(chunk) < 500:
             try:
-                msg = await consumer.subscription.next_msg(timeout=5)
+                msg = await consumer.subscription.next_msg(timeout=self._connection.api_timeout)
             except nats.errors.TimeoutError:
                 break
             if msg.headers and msg.headers.get("Status"):

@@ -49,8 +49,9 @@ async def open_store(
 
 
 @asynccontextmanager
-async def open_reader(url: str) -> AsyncIterator[StoreReader]:
-    """Open the store ``url`` names for reading back; close it on exit.
+async def open_reader(url: str, *, nats_wait: float = 5.0) -> AsyncIterator[StoreReader]:
+    """Open the store ``url`` names for reading back; close it on exit. ``nats_wait``
+    bounds each wait for NATS (connecting, a request) when it is a JetStream store.
 
     Raises:
         StoreError: the URL is malformed or ``none``, or the store does not exist.
@@ -68,7 +69,7 @@ async def open_reader(url: str) -> AsyncIterator[StoreReader]:
     else:
         from .jetstream import JetStreamReader
 
-        reader = await JetStreamReader.open(parsed)
+        reader = await JetStreamReader.open(parsed, nats_wait=nats_wait)
     try:
         yield reader
     finally:
