@@ -16,11 +16,12 @@ import trio
 from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line, crc32
-from ackservice.server import Server, ServerConfig, serve
+from ackservice.server import Server, ServerConfig, serve, server_tls_context
 from ackservice.server.committing import GroupCommitter
 from ackservice.server.connection import Connection, _QueuedRead, _UnsentReplies
 from ackservice.store import Message, MessageRun, Rejected, Unavailable, Verdict
 from support import Connect, LineReader, wait_until
+from tls_support import TLSFiles, client_context
 
 EventList = list[dict[str, Any]]
 
@@ -436,3 +437,34 @@ async def test_an_idle_timeout_shorter_than_the_commit_answers_the_queued_read_f
         assert await reader.line() == ack_line(1, b"slow")[:-1]
         assert (await reader.line()).startswith(b"ERR 0 idle-timeout")
     assert (2, 1, b"slow") in store.stored
+
+
+async def test_request_response_over_mutual_tls_is_queued_and_stored_with_the_identity(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList, task_answers: list[int]
+) -> None:
+    """Over TLS (client certificates), reads are queued by the dispatcher as over plain TCP:
+    every ACK after its message was stored, with the client's identity, and the tasks
+    framed (almost) none of the reads."""
+    store = GatedStore()
+    context = server_tls_context(tls_files.server_cert, tls_files.server_key, tls_files.ca)
+    server: Server = await nursery.start(
+        functools.partial(serve, ServerConfig(port=0), store=store, tls=context)
+    )
+    client_tls = client_context(tls_files, cert=tls_files.client_cert, key=tls_files.client_key)
+
+    async def one_client(name: bytes) -> None:
+        raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+        stream = trio.SSLStream(raw, client_tls, server_hostname="127.0.0.1")
+        try:
+            await request_response(stream, LineReader(stream), name, 20)
+        finally:
+            await stream.aclose()
+
+    async with trio.open_nursery() as clients:
+        for n in range(4):
+            clients.start_soon(one_client, b"tls-%d" % n)
+    assert len(store.stored) == 80
+    (identity,) = {m.identity for batch in store.batches for m in batch}
+    assert identity is not None
+    assert identity.endswith("CN=ackservice-test-client")
+    assert task_answers[0] <= 8
