@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import support
 from ackservice.store import sqlite as sqlite_module
 from ackservice.store.base import Message, StoredMessage, StoreError, StoreUnavailable
+from ackservice.store.batch import MessageBatch, MessageRun
 from ackservice.store.sqlite import SQLiteReader, SQLiteStore
 
 
@@ -636,3 +637,49 @@ def test_any_batches_read_back_exactly_in_order(
         assert trio.run(read_all, path) == as_stored(1, sent)
         middle = len(sent) // 2
         assert trio.run(read_all, path, middle) == as_stored(middle + 1, sent[middle:])
+
+
+async def test_a_run_with_a_crc_beyond_32_bits_leaves_no_open_transaction(
+    tmp_path: Path,
+) -> None:
+    """The rows-from-columns path (a MessageBatch) fails as the Message path does on a CRC
+    that does not fit in 32 bits: nothing of the batch is stored, the next batch is."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    try:
+        for crc in (2**32, -1):
+            kept_out = MessageRun([b"kept out"], [0], 1.0, "p", 1, 1)
+            with pytest.raises(OverflowError):
+                await store.store(
+                    MessageBatch([kept_out, MessageRun([b"bad"], [crc], 1.0, "p", 2, 1)])
+                )
+        assert await store.store(MessageBatch([MessageRun([b"next"], [7], 1.0, "p", 1, 1)])) is None
+    finally:
+        await store.aclose()
+    assert [m.payload for m in await read_all(path)] == [b"next"]
+
+
+@pytest.mark.parametrize("change", ["append", "pop"])
+async def test_a_run_whose_columns_no_longer_match_is_refused_not_stored(
+    tmp_path: Path, change: str
+) -> None:
+    """A MessageRun checks its columns when made, but they are plain lists: one changed
+    afterwards (a CRC more or fewer than payloads) must not be written as a chunk whose
+    sizes do not add up, which makes every later read of the store fail ("damaged")."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    try:
+        assert (
+            await store.store(MessageBatch([MessageRun([b"first"], [1], 1.0, "p", 1, 1)])) is None
+        )
+        changed = MessageRun([b"x", b"y"], [2, 3], 1.0, "p", 2, 1)
+        if change == "append":
+            changed.crc32s.append(4)
+        else:
+            changed.crc32s.pop()
+        with pytest.raises(ValueError, match="CRC-32"):
+            await store.store(MessageBatch([changed]))
+        assert await store.store(MessageBatch([MessageRun([b"last"], [5], 1.0, "p", 1, 2)])) is None
+    finally:
+        await store.aclose()
+    assert [m.payload for m in await read_all(path)] == [b"first", b"last"]

@@ -568,13 +568,24 @@ def _chunk_rows(batch: Sequence[Message], next_id: int) -> tuple[list[tuple[obje
 
 def _run_rows(runs: list[MessageRun], next_id: int) -> tuple[list[tuple[object, ...]], int]:
     """``_chunk_rows`` for a batch the server made: a row per run, taken from its columns
-    without a ``Message`` per message (the same rows ``_chunk_rows`` makes from them)."""
+    without a ``Message`` per message (the same rows ``_chunk_rows`` makes from them).
+
+    Raises:
+        OverflowError: a CRC-32 or a payload length does not fit in 32 bits.
+        ValueError: a run's columns were changed after it was made and no longer have one
+            CRC-32 per payload (such a row could not be read back: the chunk is "damaged").
+    """
     rows: list[tuple[object, ...]] = []
     for run in runs:
         if not run.payloads:
             continue
         lengths = array(_U32, map(len, run.payloads))
         crc32s = array(_U32, run.crc32s)
+        if len(crc32s) != len(lengths):
+            raise ValueError(
+                f"a run of {len(lengths)} payloads has {len(crc32s)} CRC-32s (changed after "
+                "it was made)"
+            )
         if _SWAP:
             lengths.byteswap()
             crc32s.byteswap()
