@@ -3,6 +3,7 @@ store's rows for them the same as for that list."""
 
 from __future__ import annotations
 
+import pickle
 import zlib
 
 import pytest
@@ -80,3 +81,24 @@ def test_joined_keeps_runs_as_a_batch_and_lists_as_a_list() -> None:
 def test_a_run_needs_a_crc_per_payload() -> None:
     with pytest.raises(ValueError, match="one CRC-32 per payload"):
         MessageRun([b"a"], [], 0.0, "p", 1, 1)
+
+
+def test_what_the_store_docs_promise_of_a_batch() -> None:
+    """Store.store's docstring: iterate as often as needed, index from the end, slices are
+    lists; not a list itself (== and + need list(batch)); messages equal, made anew."""
+    run = MessageRun([b"a", b"b"], [1, 2], 0.0, "p", 1, 1)
+    batch = MessageBatch([run, MessageRun([b"c"], [3], 0.0, "q", 2, 5, "CN=c")])
+    expected = as_messages(batch.runs)
+    assert list(batch) == list(batch) == expected
+    assert batch[-1] == expected[-1]
+    assert batch[::-1] == expected[::-1]
+    with pytest.raises(IndexError):
+        batch[-4]
+    assert batch != expected
+    assert list(batch) == expected
+    with pytest.raises(TypeError):
+        batch + expected  # type: ignore[operator]
+    assert list(batch) + expected == expected * 2
+    assert batch[0] == batch[0]
+    assert batch[0] is not batch[0]
+    assert list(pickle.loads(pickle.dumps(batch))) == expected

@@ -109,8 +109,11 @@ class Store(Protocol):
         """Keep ``batch``; return once it is durable.
 
         ``batch`` is a sequence of ``Message``, often a ``MessageBatch`` (``store.batch``):
-        index or iterate it like a list, or read its ``runs`` (each one read's messages in
-        columns) to avoid a ``Message`` per message.
+        index, slice or iterate it (as often as needed, also after returning), or read its
+        ``runs`` (each one read's messages in columns) to avoid a ``Message`` per message.
+        It is not a ``list``: ``batch == [...]`` is false and ``batch + [...]`` fails;
+        compare or concatenate ``list(batch)``. Each index or iteration makes new
+        ``Message`` tuples (equal, not the same objects). Do not change its ``runs``.
 
         Returns:
             ``None`` when every message was stored (the common case), else one ``Verdict``

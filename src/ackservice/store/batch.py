@@ -27,7 +27,11 @@ _new_message: Callable[[tuple[object, ...]], Message] = functools.partial(tuple.
 
 class MessageRun(Sequence[Message]):
     """Messages ``first_seq``, ``first_seq + 1``, ... of one connection, read together:
-    ``payloads[i]`` with CRC-32 ``crc32s[i]`` is message ``first_seq + i``."""
+    ``payloads[i]`` with CRC-32 ``crc32s[i]`` is message ``first_seq + i``.
+
+    The columns are kept, not copied: once the run is handed to a store they must not
+    change (a store may still read them after a cancelled call, and the SQLite store
+    refuses a run whose columns no longer match)."""
 
     __slots__ = ("conn_id", "crc32s", "first_seq", "identity", "payloads", "peer", "received_at")
 
