@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import zlib
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -102,3 +103,24 @@ def test_what_the_store_docs_promise_of_a_batch() -> None:
     assert batch[0] == batch[0]
     assert batch[0] is not batch[0]
     assert list(pickle.loads(pickle.dumps(batch))) == expected
+
+
+class _NotToBeIterated(list[bytes]):
+    def __iter__(self) -> Iterator[bytes]:
+        raise AssertionError("a run before the slice was iterated")
+
+
+def test_a_slice_starts_at_its_own_run() -> None:
+    """A store's chunks (JetStream slices a batch by 1,000) start where they start: making
+    one must not make every Message before it (a batch of N was sliced in O(N^2): 400k
+    messages took seconds of CPU, past a store timeout)."""
+    skipped = MessageRun(_NotToBeIterated([b"a", b"b", b"c"]), [1, 2, 3], 0.0, "p", 1, 1)
+    later = MessageRun([b"d", b"e", b"f"], [4, 5, 6], 0.0, "q", 2, 1)
+    last = MessageRun([b"g"], [7], 0.0, "r", 3, 9)
+    batch = MessageBatch([skipped, MessageRun([], [], 0.0, "s", 4, 1), later, last])
+    expected = [*later, *last]
+    assert batch[3:7] == expected
+    assert batch[4:6] == expected[1:3]
+    assert batch[-2:] == expected[-2:]
+    assert batch[5:100] == expected[2:]
+    assert batch[6:4] == []

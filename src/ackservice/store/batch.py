@@ -116,7 +116,7 @@ class MessageBatch(Sequence[Message]):
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
             if step == 1:  # a store's chunks (JetStream's): made in C, not one call each
-                return list(islice(self, start, max(start, stop)))
+                return self._chunk(start, stop) if start < stop else []
             return [self[i] for i in range(start, stop, step)]
         i = range(len(self))[index]
         run = bisect_right(self._ends, i)
@@ -124,6 +124,26 @@ class MessageBatch(Sequence[Message]):
 
     def __iter__(self) -> Iterator[Message]:
         return chain.from_iterable(self.runs)
+
+    def _chunk(self, start: int, stop: int) -> list[Message]:
+        """``self[start:stop]`` (``0 <= start < stop <= len(self)``), starting at the run
+        holding ``start``: no ``Message`` is made for what comes before it (iterating from
+        the batch's start made slicing a batch in chunks quadratic)."""
+        run = bisect_right(self._ends, start)
+        first = self.runs[run]
+        skip = start - (self._ends[run - 1] if run else 0)
+        if skip:
+            first = MessageRun(
+                first.payloads[skip:],
+                first.crc32s[skip:],
+                first.received_at,
+                first.peer,
+                first.conn_id,
+                first.first_seq + skip,
+                first.identity,
+            )
+        runs = chain((first,), islice(self.runs, run + 1, None))
+        return list(islice(chain.from_iterable(runs), stop - start))
 
 
 def joined(parts: Sequence[Sequence[Message]]) -> Sequence[Message]:
