@@ -200,12 +200,7 @@ class GroupCommitter:
         self, messages: Sequence[Message], nbytes: int, warnings: WarningLimiter | None = None
     ) -> Sequence[Verdict] | None:
         parcel = Parcel(messages, nbytes)
-        self._queue.append(parcel)
-        self._pending_bytes += nbytes
-        if self._leading:
-            gathered = self._gathered
-            if gathered is not None and len(self._queue) >= self._expected:
-                gathered.set()
+        if self._add(parcel):
             parcel.task = trio.lowlevel.current_task()
             to_lead = await trio.lowlevel.wait_task_rescheduled(_refuse_abort)
             if not to_lead:
@@ -222,16 +217,22 @@ class GroupCommitter:
         parcel's): it is not told through ``owner.lead``, as it is the one asking.
         """
         parcel = Parcel(messages, nbytes, owner)
-        self._queue.append(parcel)
-        self._pending_bytes += nbytes
-        if self._leading:
-            gathered = self._gathered
-            if gathered is not None and len(self._queue) >= self._expected:
-                gathered.set()
-        else:
+        if not self._add(parcel):
             self._leading = True  # the caller's task leads, once it runs
             self.leading = parcel
         return parcel
+
+    def _add(self, parcel: Parcel) -> bool:
+        """Queue ``parcel``; whether a commit runs (or its leader was told to begin), so that
+        ``parcel`` waits for the next one."""
+        self._queue.append(parcel)
+        self._pending_bytes += parcel.nbytes
+        if not self._leading:
+            return False
+        gathered = self._gathered
+        if gathered is not None and len(self._queue) >= self._expected:
+            gathered.set()  # the leader gathering its commit (_gather) has all it waits for
+        return True
 
     leading: Parcel | None = None
     """A queued parcel whose owner was told to lead and has not begun yet."""
