@@ -313,7 +313,7 @@ def _queued_connection(transport: _Transport) -> tuple[Connection, Any]:
     payloads = [b"one", b"two"]
     messages = MessageRun(payloads, [crc32(p) for p in payloads], 0.0, "127.0.0.1:1", 1, 1)
     parcel = committer.enqueue(messages, 6, connection)
-    connection._queued = _QueuedRead(parcel, 1, payloads, [crc32(p) for p in payloads])
+    connection._queued = _QueuedRead(parcel, messages)
     return connection, parcel
 
 

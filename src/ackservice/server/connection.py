@@ -122,15 +122,12 @@ class _QueuedRead:
     """A read the dispatcher queued for a commit (``_queue_waiting``) while the connection's
     task went on waiting, until it is answered."""
 
-    __slots__ = ("closed", "crc32s", "first_seq", "parcel", "payloads", "unread_edge", "waiter")
+    __slots__ = ("closed", "parcel", "run", "unread_edge", "waiter")
 
-    def __init__(
-        self, parcel: Parcel, first_seq: int, payloads: list[bytes], crc32s: list[int]
-    ) -> None:
+    def __init__(self, parcel: Parcel, run: MessageRun) -> None:
         self.parcel = parcel
-        self.first_seq = first_seq
-        self.payloads = payloads
-        self.crc32s = crc32s
+        self.run = run
+        """The read's messages (``parcel.messages``)."""
         self.unread_edge = False
         """Input arrived meanwhile and was left unread: its edge will not come again."""
         self.waiter: trio.lowlevel.Task | None = None
@@ -518,7 +515,7 @@ class Connection:
         )
         pending = sum(map(len, payloads)) + len(messages) * _MESSAGE_OVERHEAD_BYTES
         parcel = committer.enqueue(messages, pending, self)
-        self._queued = _QueuedRead(parcel, first_seq, payloads, crc32s)
+        self._queued = _QueuedRead(parcel, messages)
         self._last_message = trio.current_time()  # waiting for a store is not idling
         transport.may_have_more = True  # still waiting: the next wake-up is an edge
         if committer.leading is parcel:
@@ -539,13 +536,13 @@ class Connection:
             self._wake_for_queued(queued)
             return
         self._queued = None
-        payloads = queued.payloads
-        self.messages += len(payloads)
+        run = queued.run
+        self.messages += len(run)
         self._last_message = trio.current_time()
-        if len(payloads) == 1:
-            replies = ACK_FORMAT % (queued.first_seq, len(payloads[0]), queued.crc32s[0])
+        if len(run) == 1:
+            replies = ACK_FORMAT % (run.first_seq, len(run.payloads[0]), run.crc32s[0])
         else:
-            replies = ack_block(queued.first_seq, list(map(len, payloads)), queued.crc32s)
+            replies = ack_block(run.first_seq, list(map(len, run.payloads)), run.crc32s)
         try:
             sent = transport.try_send(replies)
         except Exception as exc:  # the task's to handle, as if it had written
@@ -598,7 +595,7 @@ class Connection:
             verdicts = parcel.verdicts
         self._queued = None
         replies = self._after_commit(
-            queued.first_seq, queued.payloads, parcel.messages, verdicts, queued.crc32s
+            queued.run.first_seq, queued.run.payloads, queued.run, verdicts, queued.run.crc32s
         )
         transport = self._transport
         sent = transport.try_send(replies)
