@@ -58,7 +58,9 @@ def test_a_batch_is_the_list_of_its_messages(made: list[MessageRun], data: st.Da
     assert batch[start:stop] == expected[start:stop]
     with pytest.raises(IndexError):
         batch[len(expected)]
-    assert [list(run) for run in made] == [list(run[:]) for run in made]
+    for run in made:  # a run slices like the list of its messages too
+        assert run[start:stop] == list(run)[start:stop]
+        assert run[::-1] == list(run)[::-1]
 
 
 @given(runs())

@@ -66,7 +66,10 @@ class MessageRun(Sequence[Message]):
 
     def __getitem__(self, index: int | slice) -> Message | list[Message]:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return list(islice(self.tail(start), max(0, stop - start)))
+            return [self[i] for i in range(start, stop, step)]
         i = range(len(self.payloads))[index]  # negative indices, and IndexError, as a list
         return Message(
             self.payloads[i],
@@ -75,6 +78,20 @@ class MessageRun(Sequence[Message]):
             self.peer,
             self.conn_id,
             self.first_seq + i,
+            self.identity,
+        )
+
+    def tail(self, skip: int) -> MessageRun:
+        """The run without its first ``skip`` messages (itself when ``skip`` is 0)."""
+        if not skip:
+            return self
+        return MessageRun(
+            self.payloads[skip:],
+            self.crc32s[skip:],
+            self.received_at,
+            self.peer,
+            self.conn_id,
+            self.first_seq + skip,
             self.identity,
         )
 
@@ -130,18 +147,7 @@ class MessageBatch(Sequence[Message]):
         holding ``start``: no ``Message`` is made for what comes before it (iterating from
         the batch's start made slicing a batch in chunks quadratic)."""
         run = bisect_right(self._ends, start)
-        first = self.runs[run]
-        skip = start - (self._ends[run - 1] if run else 0)
-        if skip:
-            first = MessageRun(
-                first.payloads[skip:],
-                first.crc32s[skip:],
-                first.received_at,
-                first.peer,
-                first.conn_id,
-                first.first_seq + skip,
-                first.identity,
-            )
+        first = self.runs[run].tail(start - (self._ends[run - 1] if run else 0))
         runs = chain((first,), islice(self.runs, run + 1, None))
         return list(islice(chain.from_iterable(runs), stop - start))
 

@@ -39,7 +39,6 @@ import time
 import urllib.parse
 from array import array
 from collections.abc import AsyncIterator, Callable, Sequence
-from operator import itemgetter
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -124,8 +123,6 @@ _SELECT_PAGE: Final = (
 # whether its native byte order must be swapped to the file's little-endian.
 _U32: Final = "I" if array("I").itemsize == 4 else "L"
 _SWAP: Final = sys.byteorder != "little"
-_payload_of = itemgetter(0)
-_crc32_of = itemgetter(1)
 
 
 class _StoreFile:
@@ -516,59 +513,38 @@ def _chunk_rows(batch: Sequence[Message], next_id: int) -> tuple[list[tuple[obje
 
     Raises:
         OverflowError: a CRC-32 or a payload length does not fit in 32 bits.
+        ValueError: see ``_run_rows``.
     """
-    if isinstance(batch, MessageBatch):
-        return _run_rows(batch.runs, next_id)
-    lengths = array(_U32, map(len, map(_payload_of, batch)))
-    crc32s = array(_U32, map(_crc32_of, batch))
-    if _SWAP:
-        lengths.byteswap()
-        crc32s.byteswap()
-    payloads = list(map(_payload_of, batch))
-    rows: list[tuple[object, ...]] = []
+    runs = batch.runs if isinstance(batch, MessageBatch) else _runs_of(batch)
+    return _run_rows(runs, next_id)
 
-    def add_run(head: Message, start: int, end: int) -> None:
-        """One row for ``batch[start:end]``, a run of ``head``'s connection and read."""
-        rows.append(
-            (
-                next_id + start,
-                end - start,
-                head.received_at,
-                head.peer,
-                head.conn_id,
-                head.seq,
-                head.identity,
-                lengths[start:end].tobytes(),
-                crc32s[start:end].tobytes(),
-                b"".join(payloads[start:end]),
-            )
-        )
 
-    head = batch[0]
-    start = 0
-    expected = head.seq + 1
-    for index in range(1, len(batch)):
-        m = batch[index]
+def _runs_of(messages: Sequence[Message]) -> list[MessageRun]:
+    """``messages`` cut into runs (consecutive seqs of one connection's read), for a batch
+    that is not a ``MessageBatch`` already (an embedder's list)."""
+    runs: list[MessageRun] = []
+    run: MessageRun | None = None
+    for m in messages:
         if (
-            m.seq == expected
-            and m.conn_id == head.conn_id
-            and m.received_at == head.received_at
-            and m.peer == head.peer
-            and m.identity == head.identity
+            run is not None
+            and m.seq == run.first_seq + len(run.payloads)
+            and m.conn_id == run.conn_id
+            and m.received_at == run.received_at
+            and m.peer == run.peer
+            and m.identity == run.identity
         ):
-            expected += 1
+            run.payloads.append(m.payload)
+            run.crc32s.append(m.crc32)
             continue
-        add_run(head, start, index)
-        head = m
-        start = index
-        expected = m.seq + 1
-    add_run(head, start, len(batch))
-    return rows, next_id + len(batch)
+        run = MessageRun(
+            [m.payload], [m.crc32], m.received_at, m.peer, m.conn_id, m.seq, m.identity
+        )
+        runs.append(run)
+    return runs
 
 
 def _run_rows(runs: list[MessageRun], next_id: int) -> tuple[list[tuple[object, ...]], int]:
-    """``_chunk_rows`` for a batch the server made: a row per run, taken from its columns
-    without a ``Message`` per message (the same rows ``_chunk_rows`` makes from them).
+    """One ``chunks`` row per run, taken from its columns (no ``Message`` per message).
 
     Raises:
         OverflowError: a CRC-32 or a payload length does not fit in 32 bits.
