@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import structlog
 import trio
+from structlog.testing import capture_logs
 
 from ackservice.server import Server
 from support import Connect
@@ -50,6 +52,13 @@ def info_level() -> None:
     structlog.configure(
         processors=[_drop], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
     )
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """The events logged during the test, with the connection's context merged in."""
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
+        yield entries
 
 
 @pytest.fixture(params=["debug", "info"])

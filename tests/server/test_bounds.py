@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 import trio
 import trio.testing
-from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, Reject, ServerConfig
@@ -24,12 +21,6 @@ EventList = list[dict[str, Any]]
 # What a client that never reads may pin in the server beyond the kernel's buffers: the
 # read (64 KiB) and one piece of replies (REPLY_PIECE_BYTES, 64 KiB), plus a little.
 HELD_BYTES_BOUND = 192 * 1024
-
-
-@pytest.fixture
-def logs() -> Iterator[EventList]:
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
-        yield entries
 
 
 def events_named(logs: EventList, name: str) -> EventList:

@@ -8,11 +8,10 @@ have their own tests, and end-to-end tests drive them through real processes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -23,12 +22,6 @@ from ackservice.store import Message, Rejected, StoreUnavailable, Unavailable, V
 from support import LineReader
 
 EventList = list[dict[str, Any]]
-
-
-@pytest.fixture
-def logs() -> Iterator[EventList]:
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
-        yield entries
 
 
 class ListStore:

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import ssl
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 import trio
-from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import Server, ServerConfig, serve, server_tls_context
@@ -33,11 +29,9 @@ HUB_TASK = "ackservice readiness hub"
 
 
 @pytest.fixture
-def logs() -> Iterator[EventList]:
-    """Info-level events with the connection's context merged in (the answerer is used)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
-        yield entries
+def logs(info_level: None, logs: EventList) -> EventList:
+    """Info-level events (the conftest's ``logs``, at info level: the answerer is used)."""
+    return logs
 
 
 @pytest.fixture

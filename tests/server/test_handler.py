@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
 import trio
 import trio.testing
-from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, Reject, ServerConfig, connection
 from support import LineReader
 
 EventList = list[dict[str, Any]]
-
-
-@pytest.fixture
-def logs() -> Iterator[EventList]:
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
-        yield entries
 
 
 def open_connection(

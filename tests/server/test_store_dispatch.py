@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import structlog
 import trio
-from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line, crc32
 from ackservice.server import Server, ServerConfig, serve, server_tls_context
@@ -62,11 +61,9 @@ def verdict_for(payload: bytes) -> Verdict:
 
 
 @pytest.fixture
-def logs() -> Iterator[EventList]:
-    """Info-level events with the connection's context merged in (the dispatcher is used)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
-        yield entries
+def logs(info_level: None, logs: EventList) -> EventList:
+    """Info-level events (the conftest's ``logs``, at info level: the dispatcher is used)."""
+    return logs
 
 
 @pytest.fixture

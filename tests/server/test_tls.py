@@ -10,14 +10,11 @@ import ipaddress
 import random
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import trio
-from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import (
@@ -36,12 +33,6 @@ from tls_support import CLIENT_COMMON_NAME, OPENED_SOCKETS, BioClient, TLSFiles,
 pytestmark = pytest.mark.usefixtures("close_tls_test_sockets")
 
 EventList = list[dict[str, Any]]
-
-
-@pytest.fixture
-def logs() -> Iterator[EventList]:
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
-        yield entries
 
 
 async def plain(port: int) -> trio.SocketStream:
