@@ -122,7 +122,7 @@ class _QueuedRead:
     """A read the dispatcher queued for a commit (``_queue_waiting``) while the connection's
     task went on waiting, until it is answered."""
 
-    __slots__ = ("closed", "parcel", "run", "unread_edge", "waiter")
+    __slots__ = ("parcel", "run", "unread_edge", "waiter")
 
     def __init__(self, parcel: Parcel, run: MessageRun) -> None:
         self.parcel = parcel
@@ -132,8 +132,6 @@ class _QueuedRead:
         """Input arrived meanwhile and was left unread: its edge will not come again."""
         self.waiter: trio.lowlevel.Task | None = None
         """The connection's task, when it waits for the answer (``_wait_queued``)."""
-        self.closed = False
-        """The connection is gone: its socket (and its number) may already be another's."""
 
 
 class _QueueTurn(enum.Enum):
@@ -146,7 +144,7 @@ class _QueueTurn(enum.Enum):
 
 
 def _abort_queued_wait(queued: _QueuedRead, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-    # A forced exit: the read stays queued and is answered to nobody (see _QueuedRead.closed).
+    # A forced exit: the read stays queued and is answered to nobody (_withdraw_queued).
     # The task is rescheduled (with Cancelled) now, but runs later: until then nothing may
     # reschedule it again (a commit's leader answering it, or handing it the lead), which
     # Trio refuses with an AssertionError in the leader's task.
@@ -528,7 +526,7 @@ class Connection:
         leader's task): write the ACKs now, or leave the task what needs it (verdicts to
         log, replies the socket did not take, an error)."""
         queued = self._queued
-        if queued is None or queued.parcel is not parcel or queued.closed:
+        if queued is None or queued.parcel is not parcel:  # withdrawn: the connection is gone
             return
         transport = self._transport
         if parcel.verdicts is not None or queued.waiter is not None:
@@ -559,7 +557,7 @@ class Connection:
     def lead(self, parcel: Parcel) -> bool:
         """The queued read's turn to lead the commit (``ParcelOwner``): wake the task."""
         queued = self._queued
-        if queued is None or queued.parcel is not parcel or queued.closed:
+        if queued is None or queued.parcel is not parcel:  # withdrawn: the connection is gone
             return False
         self._held = _QueueTurn.LEAD
         self._wake_for_queued(queued)
@@ -605,10 +603,10 @@ class Connection:
             transport.may_have_more = True
 
     def _withdraw_queued(self) -> None:
-        """The connection is closing: a read still queued is answered to nobody."""
-        queued = self._queued
+        """The connection is closing: a read still queued is answered to nobody (its socket,
+        and the socket's number, may soon be another connection's)."""
+        queued, self._queued = self._queued, None
         if queued is not None:
-            queued.closed = True
             committer = self._committer
             assert isinstance(committer, GroupCommitter)
             committer.withdraw(queued.parcel)
