@@ -169,7 +169,8 @@ def test_log_file_is_reopened_on_sighup(tmp_path: Path) -> None:
         str(log_file),
         env={"NOTIFY_SOCKET": str(tmp_path / "no-such.sock")},
     ) as server:
-        assert "listening" in _event_names(log_file)
+        # The file has its own writer thread: "listening" on stderr does not mean it is there.
+        poll_until(lambda: "listening" in _event_names(log_file), what="listening in the file")
         assert server.wait_for_event("notify_failed")["socket"].endswith("no-such.sock")
         rotated = tmp_path / "server.log.1"
         log_file.rename(rotated)
