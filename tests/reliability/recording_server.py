@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nofile is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, args.nofile))
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.log_format, max_queued_events=args.log_queue)
     # Not fitted to the open-file limit, unlike the real CLI: see the module docstring.
     config = config_from_args(args, max_connections=args.max_connections)
     record_fd = os.open(args.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

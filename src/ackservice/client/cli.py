@@ -41,7 +41,7 @@ from ..errors import (
     ServerRefusedError,
     TLSError,
 )
-from ..logconfig import configure_logging
+from ..logconfig import DEFAULT_MAX_QUEUED_EVENTS, MAX_LOG_QUEUE, configure_logging
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, OVERSIZED, Ack, ErrorCode, Oversized
 from .config import ClientConfig
 from .connection import Client, open_client
@@ -220,6 +220,14 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         "auto: JSON lines with --json, else console; console; or json. With json, the "
         "summary and errors on stderr are JSON objects too",
     )
+    add(
+        "--log-queue",
+        _cli.int_in_range(1, MAX_LOG_QUEUE),
+        DEFAULT_MAX_QUEUED_EVENTS,
+        "log lines held while stderr is slow or stalled; beyond it new lines are dropped "
+        "and counted (log_events_dropped)",
+        metavar="LINES",
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -262,7 +270,11 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     log_format = args.log_format
     if log_format == "auto":
         log_format = "json" if args.json else "console"
-    configure_logging(args.log_level or ("error" if args.quiet else "warning"), log_format)
+    configure_logging(
+        args.log_level or ("error" if args.quiet else "warning"),
+        log_format,
+        max_queued_events=args.log_queue,
+    )
     config = ClientConfig(
         host=host,
         port=port,

@@ -30,7 +30,12 @@ import structlog
 import trio
 
 from .. import __version__, _cli
-from ..logconfig import configure_logging, reopen_log_file
+from ..logconfig import (
+    DEFAULT_MAX_QUEUED_EVENTS,
+    MAX_LOG_QUEUE,
+    configure_logging,
+    reopen_log_file,
+)
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
 from ..store.url import SQLiteURL
@@ -271,6 +276,14 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "auto",
         "auto (console on a terminal, else JSON lines), console or json",
     )
+    add(
+        "--log-queue",
+        _cli.int_in_range(1, MAX_LOG_QUEUE),
+        DEFAULT_MAX_QUEUED_EVENTS,
+        "log lines each output (stderr, --log-file) holds while it is slow or stalled; "
+        "beyond it new lines are dropped and counted (log_events_dropped)",
+        metavar="LINES",
+    )
     return parser
 
 
@@ -301,7 +314,12 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return _cli.EXIT_USAGE
     notifier = Notifier.from_environment()
     try:
-        configure_logging(args.log_level, args.log_format, log_file=args.log_file)
+        configure_logging(
+            args.log_level,
+            args.log_format,
+            max_queued_events=args.log_queue,
+            log_file=args.log_file,
+        )
     except OSError as exc:
         print(
             f"ackservice.server: error: cannot open --log-file {str(args.log_file)!r}: "
