@@ -1,5 +1,5 @@
 """Scenario 21, a slow but steady reader: a client pipelines far more than the socket
-buffers hold and reads its replies at 100 kB/s, for several times the send timeout. The
+buffers hold and reads its replies at 250 kB/s, for several times the send timeout. The
 send timeout means "no progress reading for that long", so it is never dropped, and every
 message it was told was acknowledged is in the record."""
 
@@ -16,16 +16,20 @@ from rel_harness import ServerUnderTest, pick, pipelined_client
 
 from conftest import Report, StartServer
 
-SEND_TIMEOUT = pick(4.0, 5.0)
-READING_FOR = pick(13.0, 30.0)
-BYTES_PER_SECOND = 100_000
+SEND_TIMEOUT = pick(2.5, 5.0)
+READING_FOR = pick(8.0, 30.0)
+# Fast enough that the server sees progress well within a send timeout: at 80 kB/s it saw
+# none for over 2 s at times (the client's kernel announces room only once ~128 KiB of its
+# buffer's accounting is free, else the server learns of it from zero-window probes whose
+# interval doubles), and slow enough that a stuck-looking write lasts several send timeouts.
+BYTES_PER_SECOND = 250_000
 TICK = 0.05
 PAYLOAD_BYTES = 40
 # Messages in flight: ~11 MB of replies, more than both sockets' buffers hold once grown.
 WINDOW = 400_000
 # Read at full speed first, so that the kernel grows both buffers to megabytes (the client's
 # receive window, the server's send buffer): then a blocked write is reported writable only
-# after a third of ~4 MB drained, ~13 s at 100 kB/s, which a send timeout on the whole write
+# after a third of ~4 MB drained, ~5 s at 250 kB/s, which a send timeout on the whole write
 # (or reset by writability) would take for a stuck client.
 BURST = 1.0
 
@@ -63,7 +67,7 @@ async def test_a_slow_steady_reader_is_never_dropped(
     start_server: StartServer, report: Report, recording: bool
 ) -> None:
     """A client keeps up to 400,000 messages in flight and, after a second at full speed,
-    reads its replies at 100 kB/s for over three send timeouts. It is never dropped (the
+    reads its replies at 250 kB/s for over three send timeouts. It is never dropped (the
     connection ends with its own EOF), every message gets its ACK, and the checker finds
     nothing lost."""
     flags = ["--send-timeout", str(SEND_TIMEOUT)]
@@ -83,7 +87,7 @@ async def test_a_slow_steady_reader_is_never_dropped(
     sock = trio.socket.socket()
     # A fixed receive buffer: Linux reopens a closed receive window only once 1/16 of the
     # buffer (or a segment, 64 KiB on loopback) is free, so the server sees a reader's
-    # progress every ~64 KiB here (0.65 s at 100 kB/s); an autotuned buffer of megabytes
+    # progress every ~64 KiB here (0.26 s at 250 kB/s); an autotuned buffer of megabytes
     # would show it every few hundred KiB, and only a send timeout longer than that can
     # tell a slow reader from a stuck one.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
