@@ -149,7 +149,7 @@ def chunkings(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     return data, [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@settings(max_examples=3000)
+@settings(max_examples=1000)
 @given(chunkings(), st.integers(0, 20))
 def test_chunking_does_not_change_messages(case: tuple[bytes, list[bytes]], limit: int) -> None:
     """Any split of a byte stream into chunks yields the same messages as feeding it whole."""
@@ -157,7 +157,7 @@ def test_chunking_does_not_change_messages(case: tuple[bytes, list[bytes]], limi
     assert frame_all(chunks, limit) == frame_all([data], limit)
 
 
-@settings(max_examples=3000)
+@settings(max_examples=1000)
 @given(interesting_bytes, st.integers(0, 20))
 def test_byte_by_byte_equals_whole(data: bytes, limit: int) -> None:
     """Feeding one byte at a time gives the same messages as feeding everything at once."""
@@ -165,7 +165,7 @@ def test_byte_by_byte_equals_whole(data: bytes, limit: int) -> None:
     assert frame_all(one_by_one, limit) == frame_all([data], limit)
 
 
-@settings(max_examples=2000)
+@settings(max_examples=800)
 @given(st.lists(st.binary(max_size=30).filter(lambda b: b"\n" not in b), max_size=20))
 def test_messages_round_trip(payloads: list[bytes]) -> None:
     """Payloads without newlines, each sent as a line, come back exactly (within the limit)."""
@@ -174,7 +174,7 @@ def test_messages_round_trip(payloads: list[bytes]) -> None:
     assert frame_all([wire], limit=30) == expected
 
 
-@settings(max_examples=2000)
+@settings(max_examples=800)
 @given(interesting_bytes, st.integers(0, 20))
 def test_one_frame_per_newline(data: bytes, limit: int) -> None:
     """Exactly one message or OVERSIZED per complete line, plus one for a non-empty tail."""
@@ -255,7 +255,7 @@ def test_error_code_must_be_a_short_printable_word(code: str) -> None:
         err_line(1, code, "x")
 
 
-@settings(max_examples=2000)
+@settings(max_examples=800)
 @given(st.binary(max_size=60))
 def test_parse_reply_never_crashes(line: bytes) -> None:
     """Arbitrary bytes parse to a reply or raise ProtocolError, nothing else."""
@@ -309,7 +309,7 @@ def test_error_code_must_be_a_word() -> None:
         err_line(1, "two words", "x")
 
 
-@settings(max_examples=2000)
+@settings(max_examples=800)
 @given(st.binary(max_size=40).filter(lambda b: b"\n" not in b))
 def test_message_line_survives_framing(payload: bytes) -> None:
     """Whatever a payload ends with (a \\r included), message_line carries it intact."""

@@ -72,7 +72,7 @@ def fuzzer_inputs(draw: st.DrawFn) -> bytes:
     return header + b"".join(cut.to_bytes(2, "little") for cut in cuts) + stream
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(fuzzer_inputs())
 def test_fuzz_harness_properties_hold(data: bytes) -> None:
     """Every property the atheris harness checks holds for hypothesis' inputs too: only

@@ -45,7 +45,7 @@ def chunked(draw: st.DrawFn) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise([0, *cuts, len(data)])]
 
 
-@settings(max_examples=4000)
+@settings(max_examples=1500)
 @given(chunked(), limits)
 def test_same_replies_as_framing_then_answering(chunks: list[bytes], limit: int) -> None:
     """For any stream, any chunking and any limit, the replies equal those made by framing
@@ -65,7 +65,7 @@ def test_one_message_per_read(messages: list[bytes], limit: int) -> None:
     assert acknowledger_replies(chunks, limit) == reference_replies(chunks, limit)
 
 
-@settings(max_examples=1500)
+@settings(max_examples=600)
 @given(streams, limits)
 def test_byte_by_byte_equals_whole(data: bytes, limit: int) -> None:
     """Fed one byte at a time, the replies are the same as fed whole."""
