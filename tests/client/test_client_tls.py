@@ -4,6 +4,7 @@ round trip, and every TLS failure final, clear and never retried."""
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,13 @@ class TestContext:
         missing = tmp_path / "nope.pem"
         with pytest.raises(ValueError, match=f"TLS CA file {missing}: cannot read it"):
             client_tls_context(ca=missing)
+
+    def test_a_fifo_is_refused_at_once(self, tmp_path: Path) -> None:
+        """Opening a FIFO nobody writes to would block until someone does."""
+        fifo = tmp_path / "ca.fifo"
+        os.mkfifo(fifo)
+        with pytest.raises(ValueError, match=f"TLS CA file {fifo}: cannot read it .*FIFO"):
+            client_tls_context(ca=fifo)
 
     def test_not_pem(self, tmp_path: Path) -> None:
         junk = tmp_path / "junk.pem"

@@ -4,6 +4,8 @@ the CLI's refusal of a bad one, ``--allow`` matching, TLS record boundaries."""
 from __future__ import annotations
 
 import ipaddress
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,34 @@ def test_unusable_certificate_files_are_named(tls_files: TLSFiles, tmp_path: Pat
         server_tls_context(tls_files.server_cert)  # the chain without its key
     with pytest.raises(TLSConfigError, match="client CA"):
         server_tls_context(tls_files.server_cert, tls_files.server_key, garbage)
+
+
+def test_a_fifo_or_directory_is_refused_at_once(tls_files: TLSFiles, tmp_path: Path) -> None:
+    """A FIFO given as a certificate (a mistake) once blocked start-up until something
+    wrote to it; now it, and a directory, are refused with one line naming the flag."""
+    fifo = tmp_path / "cert.fifo"
+    os.mkfifo(fifo)
+    cases = [
+        ((fifo,), "--tls-cert", "FIFO or device"),
+        ((tls_files.server_cert, fifo), "--tls-key", "FIFO or device"),
+        ((tls_files.server_cert, tls_files.server_key, tmp_path), "--tls-client-ca", "directory"),
+    ]
+    for args, flag, kind in cases:
+        errors: list[BaseException] = []
+
+        def load(args: tuple[Path, ...] = args, errors: list[BaseException] = errors) -> None:
+            try:
+                server_tls_context(*args)
+            except TLSConfigError as exc:
+                errors.append(exc)
+
+        loader = threading.Thread(target=load, daemon=True)  # a hang must fail, not block
+        loader.start()
+        loader.join(10)
+        assert not loader.is_alive(), f"{flag} {args[-1]}: still opening"
+        [error] = errors
+        assert f"cannot read {flag}" in str(error)
+        assert f"{kind}, not a regular file" in str(error)
 
 
 def test_cli_exits_2_with_one_line_for_a_bad_certificate(

@@ -29,6 +29,7 @@ from typing import Any, Final, NoReturn
 
 import trio
 
+from .._files import read_regular_file
 from ..errors import TLSError
 
 __all__ = [
@@ -162,8 +163,7 @@ def _require_pem(path: StrPath, what: str, marker: bytes) -> bytes:
     """The file's bytes, after checking that it can be read and holds a ``marker`` block."""
     name = os.fspath(path)
     try:
-        with open(path, "rb") as file:
-            text = file.read()
+        text = read_regular_file(path)
     except OSError as exc:
         raise ValueError(f"{what} {name}: cannot read it ({exc.strerror or exc})") from None
     if b"-----BEGIN " not in text or marker not in text:

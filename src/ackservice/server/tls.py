@@ -10,6 +10,8 @@ import ssl
 from pathlib import Path
 from typing import Any, Final
 
+from .._files import read_regular_file
+
 __all__ = [
     "RecordBoundaries",
     "TLSConfigError",
@@ -70,11 +72,10 @@ def server_tls_context(
     # here (~370 vs ~265 us), and the clients of an ack service (ours, Trio's, the load
     # generator) hold long connections and do not resume sessions.
     context.num_tickets = 0
-    _readable(cert, "--tls-cert")
+    cert_text = _read(cert, "--tls-cert")
     if key is not None:
-        _readable(key, "--tls-key")
+        _read(key, "--tls-key")
     # OpenSSL says "PEM lib" for either of these: say which.
-    cert_text = Path(cert).read_bytes()
     if b"-----BEGIN CERTIFICATE-----" not in cert_text:
         raise TLSConfigError(f"no PEM certificate in --tls-cert {str(cert)!r}")
     if key is None and b"PRIVATE KEY-----" not in cert_text:
@@ -97,7 +98,7 @@ def server_tls_context(
     except OSError as exc:
         raise TLSConfigError(f"cannot read {str(cert)!r}: {exc.strerror or exc}") from None
     if client_ca is not None:
-        _readable(client_ca, "--tls-client-ca")
+        _read(client_ca, "--tls-client-ca")
         try:
             context.load_verify_locations(cafile=client_ca)
         except (ssl.SSLError, OSError) as exc:
@@ -109,10 +110,9 @@ def server_tls_context(
     return context
 
 
-def _readable(path: str | Path, flag: str) -> None:
+def _read(path: str | Path, flag: str) -> bytes:
     try:
-        with open(path, "rb"):
-            pass
+        return read_regular_file(path)
     except OSError as exc:
         raise TLSConfigError(f"cannot read {flag} {str(path)!r}: {exc.strerror or exc}") from None
 
