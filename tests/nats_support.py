@@ -24,7 +24,14 @@ from typing import Any
 
 import nats
 
-__all__ = ["NatsServer", "create_stream", "free_port", "nats_server_binary", "stream_info"]
+__all__ = [
+    "NatsServer",
+    "create_stream",
+    "free_port",
+    "nats_server_binary",
+    "publish",
+    "stream_info",
+]
 
 _START_TIMEOUT = 10.0
 
@@ -139,6 +146,23 @@ def stream_info(url: str, stream: str) -> dict[str, Any]:
 def create_stream(url: str, config: dict[str, Any]) -> dict[str, Any]:
     """Create a stream as given, bypassing the store (blocking)."""
     return asyncio.run(_api(url, f"STREAM.CREATE.{config['name']}", config))
+
+
+def publish(url: str, subject: str, payload: bytes, headers: dict[str, str] | None) -> int:
+    """Publish one message to a stream as any other NATS client would, bypassing the store;
+    its stream sequence (blocking)."""
+    return asyncio.run(_publish(url, subject, payload, headers))
+
+
+async def _publish(url: str, subject: str, payload: bytes, headers: dict[str, str] | None) -> int:
+    nc = await nats.connect(servers=[url], allow_reconnect=False)
+    try:
+        reply = await nc.request(subject, payload, timeout=5, headers=headers)
+        answer: dict[str, Any] = json.loads(reply.data)
+        seq: int = answer["seq"]
+        return seq
+    finally:
+        await nc.close()
 
 
 async def _api(url: str, subject: str, body: dict[str, Any] | None) -> dict[str, Any]:

@@ -10,13 +10,19 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
 
+import nats.errors
 import pytest
 import trio
 
 from ackservice.store import Message, StoredMessage, StoreError, StoreUnavailable, open_store
-from ackservice.store.jetstream import JetStreamReader, JetStreamStore
+from ackservice.store.jetstream import (
+    PULL_BATCH,
+    JetStreamReader,
+    JetStreamStore,
+    _delivery_fields,
+)
 from ackservice.store.url import JetStreamURL, parse_store_url
-from nats_support import NatsServer, create_stream, free_port, stream_info
+from nats_support import NatsServer, create_stream, free_port, publish, stream_info
 
 
 @pytest.fixture
@@ -213,6 +219,72 @@ async def test_reading_after_the_end_yields_nothing(
     await store.store(make_batch(3))
     assert await read_all(reader, after=3) == []
     assert [message.seq for message in await read_all(reader, after=2)] == [3]
+
+
+async def test_reading_spans_several_pulls_and_resumes_after_any_id(
+    store: JetStreamStore, reader: JetStreamReader
+) -> None:
+    """More messages than one pull asks for (``PULL_BATCH``) come back whole and in order,
+    from the start and after any id, one at a pull's end included."""
+    count = 2 * PULL_BATCH + 34
+    with trio.fail_after(20):
+        await store.store(make_batch(count))
+    for after in (0, PULL_BATCH, count - 1):
+        got = await read_all(reader, after=after)
+        assert [message.id for message in got] == list(range(after + 1, count + 1))
+        assert [message.seq for message in got] == list(range(after + 1, count + 1))
+
+
+async def test_messages_other_clients_published_read_back_with_defaults(
+    nats_server: NatsServer, store: JetStreamStore, reader: JetStreamReader
+) -> None:
+    """Messages another NATS client put on the stream's subject read back too. Without
+    headers every field has its default: the stream's time as ``received_at``, the
+    payload's CRC-32; with only some headers (one unreadable), the others' defaults."""
+    await store.store(make_batch(1))
+    subject = "ackservice.ACKS"
+    started = time.time()
+    await trio.to_thread.run_sync(publish, nats_server.url, subject, b"bare", None)
+    headers = {"Ackservice-Peer": "10.0.0.9:9", "Ackservice-Seq": "x", "Other": "y"}
+    await trio.to_thread.run_sync(publish, nats_server.url, subject, b"some", headers)
+    published = time.time()
+    ours, bare, some = await read_all(reader)
+    assert (ours.id, ours.seq) == (1, 1)
+    assert bare == StoredMessage(2, bare.received_at, "", 0, 0, zlib.crc32(b"bare"), b"bare")
+    assert started - 0.01 <= bare.received_at <= published + 0.01
+    assert some == StoredMessage(
+        3, some.received_at, "10.0.0.9:9", 0, 0, zlib.crc32(b"some"), b"some"
+    )
+    assert bare.received_at <= some.received_at <= published + 0.01
+
+
+@pytest.mark.parametrize(
+    ("reply", "fields"),
+    [
+        ("$JS.ACK.ACKS.c1.1.42.7.1796170867443472963.5", (42, 1796170867443472963, 5)),
+        # With a JetStream domain: domain and account hash first, then a random token.
+        (
+            "$JS.ACK.hub.AHASH.ACKS.c1.1.42.7.1796170867443472963.5.r4nd",
+            (42, 1796170867443472963, 5),
+        ),
+        ("$JS.ACK.hub.AHASH.ACKS.c1.1.42.7.1796170867443472963.0", (42, 1796170867443472963, 0)),
+    ],
+)
+def test_a_deliverys_reply_subject_gives_its_sequence_time_and_pending(
+    reply: str, fields: tuple[int, int, int]
+) -> None:
+    """Both reply subject layouts nats-py reads as ``msg.metadata`` (nats-server 2.15 sends
+    the first even with a domain, so only this test sees the second)."""
+    assert _delivery_fields(reply) == fields
+
+
+@pytest.mark.parametrize(
+    "reply", ["", "_INBOX.abc.def", "$JS.ACK.ACKS.c1.1.42.7.5", "$JS.NAK.ACKS.c1.1.42.7.1.5"]
+)
+def test_a_reply_subject_that_is_no_delivery_is_refused(reply: str) -> None:
+    """As nats-py's ``msg.metadata`` refused it."""
+    with pytest.raises(nats.errors.NotJSMessageError):
+        _delivery_fields(reply)
 
 
 async def test_stats_and_prune(store: JetStreamStore, reader: JetStreamReader) -> None:
