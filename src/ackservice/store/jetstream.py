@@ -655,7 +655,7 @@ class JetStreamReader:
             return None
         headers = _parse_headers(base64.b64decode(raw.get("hdrs", "")))
         payload = base64.b64decode(raw.get("data", ""))
-        return _stored(raw["seq"], headers, payload, _parse_time(raw["time"]))
+        return _stored(raw["seq"], headers, payload, lambda: _parse_time(raw["time"]))
 
     async def prune(self, *, before_id: int | None = None, older_than: float | None = None) -> int:
         """Purge messages with ``id < before_id`` and/or stored more than ``older_than``
@@ -823,9 +823,11 @@ def _stored_from_delivery(
     """The stored message a delivery carries, and how many the consumer has after it."""
     stream_seq, nanos, pending = _delivery_fields(reply.decode("ascii", "replace"))
     fields = _parse_headers(headers) if headers else {}
-    # As nats-py's metadata had it: a datetime, so to the microsecond. Only a message
-    # without the Received-At header uses it.
-    stream_time = datetime.fromtimestamp(nanos / _NANOS, UTC).timestamp()
+
+    def stream_time() -> float:
+        # As nats-py's metadata had it: through a datetime, so to the microsecond.
+        return datetime.fromtimestamp(nanos / _NANOS, UTC).timestamp()
+
     return _stored(stream_seq, fields, data, stream_time), pending
 
 
@@ -852,30 +854,38 @@ def _delivery_fields(reply: str) -> tuple[int, int, int]:
 
 
 def _stored(
-    stream_seq: int, headers: dict[str, str], payload: bytes, stream_time: float
+    stream_seq: int,
+    headers: dict[str, str],
+    payload: bytes,
+    stream_time: Callable[[], float],
 ) -> StoredMessage:
-    """A ``StoredMessage`` from a stream message's headers, falling back for missing ones."""
-
-    def number(name: str, default: int) -> int:
-        try:
-            return int(headers[_HEADER_PREFIX + name])
-        except (KeyError, ValueError):
-            return default
-
+    """A ``StoredMessage`` from a stream message's headers, falling back for missing ones
+    (``received_at`` to the time the stream stored it, asked for only then)."""
     try:
         received_at = float(headers[_HEADER_PREFIX + "Received-At"])
     except (KeyError, ValueError):
-        received_at = stream_time
+        received_at = stream_time()
+    stored_crc32 = _header_number(headers, "Crc32")
     return StoredMessage(
         id=stream_seq,
         received_at=received_at,
         peer=headers.get(_HEADER_PREFIX + "Peer", ""),
-        conn_id=number("Conn-Id", 0),
-        seq=number("Seq", 0),
-        crc32=number("Crc32", crc32(payload)),
+        conn_id=_header_number(headers, "Conn-Id") or 0,
+        seq=_header_number(headers, "Seq") or 0,
+        # Computed only when the header is missing: it reads the whole payload, which made
+        # up most of the time per message for large ones.
+        crc32=crc32(payload) if stored_crc32 is None else stored_crc32,
         payload=payload,
         identity=headers.get(_HEADER_PREFIX + "Identity"),
     )
+
+
+def _header_number(headers: dict[str, str], name: str) -> int | None:
+    """The ``Ackservice-<name>`` header as a number, or ``None`` if missing or not one."""
+    try:
+        return int(headers[_HEADER_PREFIX + name])
+    except (KeyError, ValueError):
+        return None
 
 
 def _parse_headers(raw: bytes) -> dict[str, str]:
