@@ -24,7 +24,7 @@ from conftest import Report, StartServer
 
 LINES = 100_000
 # The issue: each round trip within about 15 s on the 2-core machine (measured: SQLite 4 s,
-# JetStream 13 s, half of it the export); the bound leaves room for a loaded machine.
+# JetStream 10 s, 2 s of it the export); the bound leaves room for a loaded machine.
 ROUND_TRIP_SECONDS = 30
 
 
