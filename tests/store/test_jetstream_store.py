@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 import nats.errors
 import pytest
 import trio
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 
 from ackservice.store import Message, StoredMessage, StoreError, StoreUnavailable, open_store
 from ackservice.store.jetstream import (
@@ -256,6 +259,15 @@ async def test_messages_other_clients_published_read_back_with_defaults(
         3, some.received_at, "10.0.0.9:9", 0, 0, zlib.crc32(b"some"), b"some"
     )
     assert bare.received_at <= some.received_at <= published + 0.01
+
+
+def test_the_nats_py_internals_the_reader_takes_deliveries_from_are_there() -> None:
+    """The reader overrides nats-py's private ``Client._process_msg`` and keys deliveries by
+    ``Subscription._id`` (``_ReaderClient``). A nats-py that renamed or reshaped them would
+    leave the reader waiting for deliveries that went elsewhere: this says so at once."""
+    parameters = list(inspect.signature(Client._process_msg).parameters)
+    assert parameters == ["self", "sid", "subject", "reply", "data", "headers"], parameters
+    assert "self._id = id" in inspect.getsource(Subscription.__init__)
 
 
 @pytest.mark.parametrize(
