@@ -225,7 +225,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _ClientParser:
         _cli.int_in_range(1, MAX_LOG_QUEUE),
         DEFAULT_MAX_QUEUED_EVENTS,
         "log lines held while stderr is slow or stalled; beyond it new lines are dropped "
-        "and counted (log_events_dropped)",
+        "and counted in log_events_dropped",
         metavar="LINES",
     )
     parser.add_argument(

@@ -281,7 +281,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         _cli.int_in_range(1, MAX_LOG_QUEUE),
         DEFAULT_MAX_QUEUED_EVENTS,
         "log lines each output (stderr, --log-file) holds while it is slow or stalled; "
-        "beyond it new lines are dropped and counted (log_events_dropped)",
+        "beyond it new lines are dropped and counted in log_events_dropped",
         metavar="LINES",
     )
     return parser
