@@ -8,6 +8,8 @@ have their own tests, and end-to-end tests drive them through real processes.
 from __future__ import annotations
 
 import functools
+import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, ServerConfig, serve
+from ackservice.server.committing import GroupCommitter, Parcel
 from ackservice.store import Message, Rejected, StoreUnavailable, Unavailable, Verdict
 from support import LineReader
 
@@ -296,3 +299,32 @@ async def test_a_hook_raising_system_exit_fails_its_message_only(
     lines = await replies.lines(2)
     assert lines[0].startswith(b"ERR 1 internal-error ")
     assert lines[1] == ack_line(2, b"after")[:-1]
+
+
+class _SlowToAnswer:
+    """A parcel owner whose answer takes ``seconds`` (as writing many ACKs can)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.answered_parcels: list[Parcel] = []
+
+    def answered(self, parcel: Parcel) -> None:
+        time.sleep(self.seconds)
+        self.answered_parcels.append(parcel)
+
+    def lead(self, parcel: Parcel) -> bool:
+        return False
+
+
+async def test_commit_latency_is_the_stores_time_not_the_answers() -> None:
+    """``ackservice_store_commit_seconds`` is for telling a slow disk or NATS: the answers the
+    leader writes after the store returned are not in it (they once were)."""
+    committer = GroupCommitter(ListStore(), timeout=5, max_pending_bytes=1 << 20)
+    message = Message(b"x", zlib.crc32(b"x"), 0.0, "127.0.0.1:1", 1, 1)
+    owner = _SlowToAnswer(0.05)
+    leader = committer.enqueue([message], 1, owner)
+    behind = committer.enqueue([message], 1, owner)
+    await committer.lead(leader)
+    assert owner.answered_parcels == [behind]
+    assert sum(committer.latency.counts) == 1
+    assert committer.latency.total < 0.05

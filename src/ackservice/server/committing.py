@@ -177,7 +177,8 @@ class GroupCommitter:
         self.commits = 0
         """Commits made so far (batches handed to the store)."""
         self.latency = LatencyHistogram()
-        """How long each commit took (the store's call, answers included)."""
+        """How long each commit's store call took (the answers written after it not
+        included; a commit cancelled by shutdown not counted)."""
         self.outages = 0
         """Outages so far: runs of failed commits, each logged as one store_unavailable."""
 
@@ -262,7 +263,6 @@ class GroupCommitter:
             started = trio.current_time()
             await self._commit(parcels, own)
             self._last_duration = trio.current_time() - started
-            self.latency.observe(self._last_duration)
             # The connections just answered are likely to send again: the next commit waits
             # (briefly) until as many are queued as this one answered plus those already
             # queued behind it.
@@ -320,8 +320,12 @@ class GroupCommitter:
         cancelled (then with ``unavailable``)."""
         batch = joined([parcel.messages for parcel in parcels])
         verdicts: Sequence[Verdict] | None
+        started = trio.current_time()
         try:
             verdicts = await self._store(batch)
+            # The store's own time, not the answers written after it: what an operator
+            # looking at commit latency is after (is the disk, or NATS, slow?).
+            self.latency.observe(trio.current_time() - started)
         except BaseException:
             verdicts = [Unavailable("server stopped before storing it")] * len(batch)
             raise

@@ -163,7 +163,7 @@ def render(workers: Sequence[tuple[str, Snapshot]]) -> Iterable[Metric]:
     )
     latency = HistogramMetricFamily(
         prefix + "store_commit_seconds",
-        "How long each store commit took.",
+        "How long each store commit took (the store's time, not the ACKs written after it).",
         labels=["worker"],
     )
     cpu = CounterMetricFamily(
