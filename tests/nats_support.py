@@ -27,9 +27,11 @@ import nats
 __all__ = [
     "NatsServer",
     "create_stream",
+    "delete_consumers",
     "free_port",
     "nats_server_binary",
     "publish",
+    "publish_many",
     "stream_info",
 ]
 
@@ -152,6 +154,37 @@ def publish(url: str, subject: str, payload: bytes, headers: dict[str, str] | No
     """Publish one message to a stream as any other NATS client would, bypassing the store;
     its stream sequence (blocking)."""
     return asyncio.run(_publish(url, subject, payload, headers))
+
+
+def publish_many(url: str, subject: str, payloads: list[bytes]) -> int:
+    """Publish ``payloads`` without headers over one connection, each waiting for its
+    PubAck; the last one's stream sequence (blocking)."""
+    return asyncio.run(_publish_many(url, subject, payloads))
+
+
+async def _publish_many(url: str, subject: str, payloads: list[bytes]) -> int:
+    nc = await nats.connect(servers=[url], allow_reconnect=False)
+    try:
+        seq = 0
+        for payload in payloads:
+            reply = await nc.request(subject, payload, timeout=5)
+            seq = json.loads(reply.data)["seq"]
+        return seq
+    finally:
+        await nc.close()
+
+
+def delete_consumers(url: str, stream: str) -> int:
+    """Delete every consumer of ``stream``, as the server does with an ephemeral one that
+    was inactive too long; how many there were (blocking)."""
+    return asyncio.run(_delete_consumers(url, stream))
+
+
+async def _delete_consumers(url: str, stream: str) -> int:
+    names = (await _api(url, f"CONSUMER.NAMES.{stream}", None)).get("consumers") or []
+    for name in names:
+        await _api(url, f"CONSUMER.DELETE.{stream}.{name}", None)
+    return len(names)
 
 
 async def _publish(url: str, subject: str, payload: bytes, headers: dict[str, str] | None) -> int:

@@ -25,7 +25,14 @@ from ackservice.store.jetstream import (
     _delivery_fields,
 )
 from ackservice.store.url import JetStreamURL, parse_store_url
-from nats_support import NatsServer, create_stream, free_port, publish, stream_info
+from nats_support import (
+    NatsServer,
+    create_stream,
+    delete_consumers,
+    free_port,
+    publish,
+    stream_info,
+)
 
 
 @pytest.fixture
@@ -369,3 +376,135 @@ async def test_the_pubacks_wait_follows_the_servers_store_timeout(
             assert still_waiting.cancelled_caught
         finally:
             os.kill(nats_server.process.pid, signal.SIGCONT)
+
+
+async def test_export_ends_when_what_it_had_left_is_purged_meanwhile(
+    nats_server: NatsServer, store: JetStreamStore
+) -> None:
+    """A purge (``prune``) of every message an export has not read yet: without ``follow``
+    the export ends with what it read. It used to pull forever, waiting for the messages
+    its consumer had last said were pending: every pull only got ``404 No Messages``."""
+    count = PULL_BATCH + 100
+    await store.store(make_batch(count))
+    reader = await JetStreamReader.open(jetstream_url(nats_server.url), nats_wait=1.0)
+    seen: list[int] = []
+    try:
+        with trio.fail_after(5):
+            async with aclosing(reader.messages()) as messages:
+                async for message in messages:
+                    if not seen:  # the first pull (PULL_BATCH messages) is in
+                        assert await reader.prune(before_id=count + 1) == count
+                    seen.append(message.id)
+    finally:
+        await reader.aclose()
+    assert seen == list(range(1, PULL_BATCH + 1))
+
+
+@pytest.mark.parametrize("follow", [False, True])
+async def test_reading_goes_on_when_its_consumer_is_deleted(
+    nats_server: NatsServer, store: JetStreamStore, follow: bool
+) -> None:
+    """The server deletes the reader's ephemeral consumer (as it does after 60 s without a
+    pull: an export blocked writing to a slow pipe). Reading goes on from a new consumer
+    after the last message it yielded, without a gap or a duplicate, and without
+    ``follow`` still ends; it used to pull the deleted consumer forever (``503``)."""
+    count = PULL_BATCH + 100
+    await store.store(make_batch(count))
+    reader = await JetStreamReader.open(jetstream_url(nats_server.url), nats_wait=1.0)
+    seen: list[int] = []
+    try:
+        with trio.fail_after(5):
+            async with aclosing(reader.messages(follow=follow)) as messages:
+                async for message in messages:
+                    if not seen:
+                        deleted = await trio.to_thread.run_sync(
+                            delete_consumers, nats_server.url, "ACKS"
+                        )
+                        assert deleted == 1
+                    seen.append(message.id)
+                    if follow and message.id == count:
+                        break
+    finally:
+        await reader.aclose()
+    assert seen == list(range(1, count + 1))
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+async def test_export_fails_within_its_wait_when_nats_stops_answering(
+    nats_server: NatsServer, store: JetStreamStore, how: str
+) -> None:
+    """nats-server frozen (SIGSTOP: the connection stays, nothing answers) or killed in the
+    middle of an export without ``follow``: after what it read, the export raises
+    StoreError within its ``nats_wait``, saying which. It used to pull again and again,
+    silently, forever."""
+    assert nats_server.process is not None
+    pid = nats_server.process.pid
+    count = PULL_BATCH + 100
+    await store.store(make_batch(count))
+    reader = await JetStreamReader.open(jetstream_url(nats_server.url), nats_wait=0.5)
+    seen: list[int] = []
+
+    async def export() -> None:
+        async with aclosing(reader.messages()) as messages:
+            async for message in messages:
+                if not seen:
+                    if how == "stopped":
+                        os.kill(pid, signal.SIGSTOP)
+                    else:
+                        nats_server.kill()
+                seen.append(message.id)
+
+    complaint = "did not answer within 0.5s" if how == "stopped" else "lost the connection"
+    try:
+        with trio.fail_after(5), pytest.raises(StoreError, match=complaint):
+            await export()
+    finally:
+        if how == "stopped":
+            os.kill(pid, signal.SIGCONT)
+        await reader.aclose()
+    assert seen == list(range(1, PULL_BATCH + 1))
+
+
+async def store_when_back(store: JetStreamStore, batch: list[Message]) -> None:
+    """Store ``batch`` as soon as NATS takes it again (within 10 s)."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                await store.store(batch)
+                return
+            except StoreUnavailable:
+                await trio.sleep(0.1)
+
+
+async def test_follow_goes_on_after_nats_restarts(
+    nats_server: NatsServer, store: JetStreamStore
+) -> None:
+    """A following reader whose nats-server is killed and started again (its in-memory
+    consumer gone with it) waits meanwhile and then yields what is stored afterwards:
+    from the message after the last it yielded, without a gap or a duplicate. It used to
+    follow nothing forever, pulling the vanished consumer in a busy loop."""
+    await store.store(make_batch(3))
+    reader = await JetStreamReader.open(jetstream_url(nats_server.url), nats_wait=0.5)
+
+    async def outage() -> None:
+        nats_server.kill()
+        await trio.sleep(1.5)  # the follower's pulls meet the outage
+        await trio.to_thread.run_sync(nats_server.start)
+        await store_when_back(store, make_batch(2, first_seq=4))
+
+    seen: list[int] = []
+    try:
+        with trio.fail_after(15):
+            async with (
+                trio.open_nursery() as nursery,
+                aclosing(reader.messages(after=1, follow=True)) as messages,
+            ):
+                async for message in messages:
+                    seen.append(message.seq)
+                    if message.seq == 3:
+                        nursery.start_soon(outage)
+                    if message.seq == 5:
+                        break
+    finally:
+        await reader.aclose()
+    assert seen == [2, 3, 4, 5]

@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import trio
@@ -22,6 +26,7 @@ from ackservice.protocol import MessageFramer, message_line
 from ackservice.store.base import Message
 from ackservice.store.cli import duration, main
 from ackservice.store.sqlite import SQLiteStore
+from nats_support import NatsServer, create_stream, publish_many
 
 PAYLOADS = [b"plain", b"", b"ends in cr\r", b"\r", b"\xff\xfe not utf-8", "caf\u00e9".encode()]
 
@@ -404,3 +409,102 @@ def test_a_bad_nats_wait_from_the_environment_is_a_usage_error() -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "ACKSERVICE_STORE_CLI_TIMEOUT" in result.stderr
+
+
+@pytest.fixture
+def nats_stream(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server on loopback with an empty stream ACKS (subject ``ackservice.ACKS``),
+    stopped by PID at the end."""
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        config = {"name": "ACKS", "subjects": ["ackservice.ACKS"], "storage": "file"}
+        create_stream(server.url, config)
+        yield server
+    finally:
+        server.stop()
+
+
+class _Lines:
+    """The lines a pipe delivers, each within a deadline (a thread reads them)."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
+
+    def _read(self, pipe: IO[bytes]) -> None:
+        for line in pipe:
+            self._lines.put(line)
+        self._lines.put(b"")  # end of file
+
+    def next(self, timeout: float = 10.0) -> bytes:
+        return self._lines.get(timeout=timeout)
+
+    def rest(self) -> list[bytes]:
+        """What came after, once the process ended (its pipe then closes)."""
+        lines = []
+        while line := self.next():
+            lines.append(line)
+        return lines
+
+
+def test_nats_going_away_during_export_is_one_line_and_exit_1(nats_stream: NatsServer) -> None:
+    """nats-server killed in the middle of an export (without --follow): what was read is
+    written, then one line on stderr and exit 1, within the --timeout (0.5 s) and the
+    closing after it. The export used to go on pulling forever, and wrote the reader's
+    log lines (store_disconnected) into its output."""
+    # 200 bytes each: the first pull (PULL_BATCH = 500, 100 kB) fills the pipe, so the
+    # export is still on it when the server goes.
+    payloads = [b"%04d " % number + b"x" * 195 for number in range(1, 1001)]
+    publish_many(nats_stream.url, "ackservice.ACKS", payloads)
+    argv = _module("export", "--store", f"{nats_stream.url}/ACKS", "--timeout", "0.5")
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        out, err = _Lines(process.stdout), _Lines(process.stderr)
+        try:
+            first = out.next()
+            nats_stream.kill()
+            started = time.monotonic()
+            written = [first, *out.rest()]
+            process.wait(timeout=10)
+            waited = time.monotonic() - started
+        finally:
+            if process.returncode is None:
+                process.kill()
+        stderr = err.rest()
+    assert process.returncode == 1, stderr
+    assert written == [message_line(payload) for payload in payloads[:500]]
+    assert len(stderr) == 1, stderr
+    assert stderr[0].startswith(b"python -m ackservice.store: error: lost the connection to NATS")
+    assert waited < 4
+
+
+def test_follow_rides_out_a_nats_restart(nats_stream: NatsServer) -> None:
+    """``export --follow`` with nats-server killed: one line on stderr says it waits (once,
+    although its pulls fail for seconds), nothing is added to the output; once NATS is back
+    it writes what is stored afterwards, and Ctrl-C still ends it with 130. It used to
+    follow nothing forever, writing the reader's log lines into its output."""
+    publish_many(nats_stream.url, "ackservice.ACKS", [b"first"])
+    argv = _module("export", "--store", f"{nats_stream.url}/ACKS", "--follow", "--timeout", "0.5")
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        out, err = _Lines(process.stdout), _Lines(process.stderr)
+        try:
+            assert out.next() == b"first\n"
+            nats_stream.kill()
+            notice = err.next()
+            time.sleep(2)  # several pulls' worth of outage
+            nats_stream.start()
+            publish_many(nats_stream.url, "ackservice.ACKS", [b"second"])
+            assert out.next() == b"second\n"
+            os.kill(process.pid, signal.SIGINT)
+            assert process.wait(timeout=10) == 130
+        finally:
+            if process.returncode is None:
+                process.kill()
+        assert out.rest() == []
+        assert err.rest() == []
+    assert notice.startswith(b"python -m ackservice.store: warning: lost the connection to NATS")
+    assert b"after id 1" in notice

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import math
 import os
@@ -294,7 +295,7 @@ class _Run:
         """Write every message with ``id > after``; with ``follow``, keep waiting for more."""
         encode = _json_line if fmt == "json" else _protocol_line
         write = self.out.write
-        async with open_reader(self.url, nats_wait=self.nats_timeout) as reader:
+        async with open_reader(self.url, nats_wait=self.nats_timeout, notice=_warn) as reader:
             if follow and self._nursery is not None:
                 self._nursery.start_soon(self._flush_periodically)
             messages = reader.messages(after=after, follow=follow)
@@ -445,6 +446,15 @@ def _rfc3339(timestamp: float) -> str:
 
 def _rfc3339_or_none(timestamp: float | None) -> str | None:
     return None if timestamp is None else _rfc3339(timestamp)
+
+
+def _warn(text: str) -> None:
+    """One line on stderr about something that goes on (``export --follow`` waiting for
+    NATS); standard output carries only the export."""
+    if sys.stderr is None:  # started with stderr closed
+        return
+    with contextlib.suppress(OSError):  # nobody reads it: the export goes on regardless
+        print(f"{PROG}: warning: {' '.join(text.split())}", file=sys.stderr, flush=True)
 
 
 def _silence_stdout() -> None:

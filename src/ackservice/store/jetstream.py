@@ -38,6 +38,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import enum
 import itertools
 import json
 import secrets
@@ -73,6 +74,14 @@ MAX_IN_FLIGHT = 8
 
 PULL_BATCH = 500
 """Messages a reader asks for at once: what it holds in memory at most."""
+
+_PULL_EXPIRES = 1
+"""Seconds a following reader's pull waits for messages on the server (then a 408)."""
+
+_NOTHING_NOW = (b"404", b"408")
+"""Statuses that end a pull because the consumer has nothing more now (No Messages,
+Request Timeout); any other (503 No Responders: the consumer is gone; 409 Consumer Deleted,
+...) means the consumer cannot go on."""
 
 DUPLICATE_WINDOW = 120.0
 """Seconds the stream remembers a ``Nats-Msg-Id``: much longer than any store call."""
@@ -152,7 +161,11 @@ class _Connection:
     """
 
     def __init__(
-        self, url: JetStreamURL, *, api_timeout: float, client: Client | None = None
+        self,
+        url: JetStreamURL,
+        *,
+        api_timeout: float,
+        client: Client | None = None,
     ) -> None:
         self.url = url
         self.api_timeout = api_timeout
@@ -160,10 +173,17 @@ class _Connection:
         self.closing = False
         self.lost: asyncio.Event | None = None
         """Set when the current connection drops; replaced on reconnect."""
+        self.up: asyncio.Event | None = None
+        """Set while connected (made by ``connect``)."""
+        self.on_lost: Callable[[], None] | None = None
+        """If set, called when the connection drops, instead of logging it and its return:
+        the reader reports outages itself (its CLI's standard output is the export, where a
+        log line would become data)."""
 
     async def connect(self, *, connect_timeout: float) -> None:
         """Connect, retrying forever (the caller decides how long to wait)."""
         self.lost = asyncio.Event()
+        self.up = asyncio.Event()
         await self.nc.connect(
             servers=[self.url.servers],
             name="ackservice",
@@ -176,16 +196,39 @@ class _Connection:
             reconnected_cb=self._reconnected,
             error_cb=self._error,
         )
+        self.up.set()
 
     async def _disconnected(self) -> None:
         if self.lost is not None:
             self.lost.set()
-        if not self.closing:
+        if self.up is not None:
+            self.up.clear()
+        if self.on_lost is not None:
+            self.on_lost()
+        elif not self.closing:
             log.warning("store_disconnected", store=str(self.url))
 
     async def _reconnected(self) -> None:
         self.lost = asyncio.Event()
-        log.info("store_reconnected", store=str(self.url))
+        if self.up is not None:
+            self.up.set()
+        if self.on_lost is None:
+            log.info("store_reconnected", store=str(self.url))
+
+    async def wait_up(self, within: float | None) -> bool:
+        """Whether connected, waiting up to ``within`` seconds (``None``: until it is)."""
+        up = self.up
+        if up is None:
+            return False
+        if up.is_set():
+            return True
+        if within is not None and within <= 0:
+            return False
+        try:
+            await asyncio.wait_for(up.wait(), within)
+        except TimeoutError:
+            return False
+        return True
 
     async def _error(self, error: Exception) -> None:
         # nats-py reports every failed reconnect attempt here; the state change is logged
@@ -516,7 +559,16 @@ class JetStreamStore:
 
 
 class JetStreamReader:
-    """Reads a JetStream stream written by ``JetStreamStore`` back."""
+    """Reads a JetStream stream written by ``JetStreamStore`` back.
+
+    ``messages`` reads through an ephemeral pull consumer, which does not outlive a restart
+    of NATS (it is kept in memory), a connection lost meanwhile (what was delivered then is
+    lost to it: it acknowledges nothing) or a minute without a pull (the server deletes
+    it). Whenever one is gone, reading goes on from a new consumer starting after the last
+    message yielded, so nothing is missed or yielded twice. Without ``follow`` that is tried
+    within ``nats_wait`` and otherwise raises ``StoreError``; with ``follow`` the reader
+    waits as long as NATS is away, and says so once per outage (``notice``).
+    """
 
     def __init__(
         self,
@@ -524,17 +576,28 @@ class JetStreamReader:
         runner: _AsyncioThread,
         connection: _Connection,
         client: _ReaderClient,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         self._url = url
         self._runner = runner
         self._connection = connection
         self._client = client
         """The connection's client (``connection.nc``), which hands deliveries over raw."""
+        self._notice = notice
+        self._consumers: set[_Consumer] = set()
+        """The consumers being read (asyncio side): a lost connection breaks them all."""
 
     @classmethod
-    async def open(cls, url: JetStreamURL, *, nats_wait: float = 5.0) -> JetStreamReader:
+    async def open(
+        cls,
+        url: JetStreamURL,
+        *,
+        nats_wait: float = 5.0,
+        notice: Callable[[str], None] | None = None,
+    ) -> JetStreamReader:
         """Connect and check the stream exists; ``nats_wait`` bounds the connection and each
-        request to NATS after it.
+        request to NATS after it. ``notice`` takes the line saying a following reader waits
+        for NATS (without it, that is logged as ``store_reader_waiting``).
 
         Raises:
             StoreError: NATS is not reachable within ``nats_wait`` or has no such stream.
@@ -542,13 +605,22 @@ class JetStreamReader:
         runner = _AsyncioThread(f"ackservice-jetstream-reader-{url.stream}")
         client = _ReaderClient()
         connection = _Connection(url, api_timeout=nats_wait, client=client)
-        reader = cls(url, runner, connection, client)
+        reader = cls(url, runner, connection, client, notice)
+        connection.on_lost = reader._lost
         try:
             await runner.run(reader._open(nats_wait))
         except BaseException:
             await reader.aclose()
             raise
         return reader
+
+    def _lost(self) -> None:
+        """The connection dropped (asyncio side): what the consumers get from now on may
+        follow a gap, so none of it is taken."""
+        for consumer in self._consumers:
+            if consumer.subscription is not None:
+                self._client.detach(consumer.subscription)
+            consumer.lose()
 
     async def _open(self, connect_timeout: float) -> None:
         try:
@@ -565,21 +637,89 @@ class JetStreamReader:
         self, *, after: int = 0, follow: bool = False
     ) -> AsyncIterator[StoredMessage]:
         """The stored messages with stream sequence > ``after``, in order; with ``follow``,
-        keep waiting for new ones until cancelled."""
-        consumer = await self._runner.run(self._create_consumer(after))
+        keep waiting for new ones until cancelled (across outages of NATS).
+
+        Raises:
+            StoreError: without ``follow``, NATS went away or stopped answering for
+                ``nats_wait``; with or without, the stream cannot be read (it is gone).
+        """
+        last = after
+        consumer: _Consumer | None = await self._runner.run(self._create_consumer(after))
+        replaced = 0  # consumers replaced since a message last came
         try:
             while True:
-                chunk, pending = await self._runner.run(self._fetch(consumer, follow))
-                for message in chunk:
-                    yield message
-                if not follow and pending == 0:
+                assert consumer is not None
+                chunk, outcome = await self._runner.run(self._fetch(consumer, follow))
+                if chunk:
+                    replaced = 0
+                    last = chunk[-1].id
+                    for message in chunk:
+                        yield message
+                if outcome is _Pull.MORE:
+                    continue
+                if outcome is _Pull.END:
                     return
+                # The consumer cannot go on: the next one starts after the last message.
+                old, consumer = consumer, None
+                await self._runner.run(self._drop_consumer(old, delete=outcome is _Pull.GONE))
+                if not follow and replaced > 0:
+                    raise StoreError(
+                        f"cannot read stream {self._url.stream} on {self._url}: its consumer "
+                        f"was gone again at once (NATS status {old.ended_by!r})"
+                    )
+                replaced += 1
+                consumer = await self._next_consumer(last, outcome, follow)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await self._runner.run(self._delete_consumer(consumer))
+            if consumer is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await self._runner.run(self._drop_consumer(consumer, delete=True))
+
+    async def _next_consumer(self, last: int, outcome: _Pull, follow: bool) -> _Consumer:
+        """A consumer from ``last + 1`` to replace one that cannot go on (``outcome``).
+
+        Without ``follow`` it must come within ``nats_wait``; with ``follow`` this waits for
+        NATS as long as it takes, saying so once.
+        """
+        connection = self._connection
+        wait = connection.api_timeout
+        if not follow:
+            if outcome is _Pull.SILENT:
+                raise StoreError(f"NATS at {self._url} did not answer within {wait:g}s")
+            if not await self._runner.run(connection.wait_up(wait)):
+                raise StoreError(
+                    f"lost the connection to NATS at {self._url} (not back within {wait:g}s)"
+                )
+            return await self._runner.run(self._create_consumer(last))
+        noticed = False
+        while True:
+            if not await self._runner.run(connection.wait_up(0)):
+                if not noticed:
+                    noticed = True
+                    self._waiting(f"lost the connection to NATS at {self._url}", last)
+                await self._runner.run(connection.wait_up(None))
+            try:
+                return await self._runner.run(self._create_consumer(last))
+            except _NoAnswer as error:
+                if not noticed:
+                    noticed = True
+                    self._waiting(str(error), last)
+            # Also when NATS answered at once (no responders while JetStream starts).
+            await trio.sleep(min(wait, 1.0))
+
+    def _waiting(self, why: str, last: int) -> None:
+        text = f"{why}; waiting for it, to go on after id {last}"
+        if self._notice is not None:
+            self._notice(text)
+        else:
+            log.warning("store_reader_waiting", store=str(self._url), detail=text)
 
     async def _create_consumer(self, after: int) -> _Consumer:
-        """An ephemeral pull consumer from sequence ``after + 1``, unacknowledged."""
+        """An ephemeral pull consumer from sequence ``after + 1``, unacknowledged.
+
+        Raises:
+            _NoAnswer: NATS did not answer within ``nats_wait``, or could not be asked.
+            StoreError: NATS refused (the stream is gone, ...).
+        """
         config: dict[str, Any] = {
             "ack_policy": "none",
             "filter_subject": self._url.subject,
@@ -593,37 +733,70 @@ class JetStreamReader:
         else:
             config["deliver_policy"] = "all"
         stream = self._url.stream
-        answer = await self._connection.api(
-            f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config}
-        )
-        if (detail := _api_error(answer)) is not None:
-            raise StoreError(f"cannot read stream {stream}: {detail}")
-        consumer = _Consumer(answer["name"], answer.get("num_pending", 0))
-        consumer.inbox = self._client.new_inbox()
-        consumer.subscription = await self._client.subscribe_raw(consumer.inbox, consumer.deliver)
+        try:
+            answer = await self._connection.api(
+                f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config}
+            )
+            if (detail := _api_error(answer)) is not None:
+                raise StoreError(f"cannot read stream {stream}: {detail}")
+            consumer = _Consumer(answer["name"], answer.get("num_pending", 0))
+            consumer.inbox = self._client.new_inbox()
+            consumer.subscription = await self._client.subscribe_raw(
+                consumer.inbox, consumer.deliver
+            )
+        except TimeoutError:  # nats.errors.TimeoutError is one
+            raise _NoAnswer(
+                f"NATS at {self._url} did not answer within {self._connection.api_timeout:g}s"
+            ) from None
+        except (nats.errors.Error, OSError) as error:
+            raise _NoAnswer(f"cannot ask NATS at {self._url}: {error}") from None
+        self._consumers.add(consumer)
         return consumer
 
-    async def _fetch(self, consumer: _Consumer, follow: bool) -> tuple[list[StoredMessage], int]:
-        """Up to ``PULL_BATCH`` messages, and how many the consumer still has after them."""
+    async def _fetch(self, consumer: _Consumer, follow: bool) -> tuple[list[StoredMessage], _Pull]:
+        """Up to ``PULL_BATCH`` messages, and what comes next (see ``_Pull``)."""
+        if consumer.broken:
+            return consumer.take(), _Pull.LOST
         if not follow and consumer.pending == 0:
-            return [], 0
+            return [], _Pull.END
         stream = self._url.stream
         # expires: a pull request waits at most this long for messages, then ends with a 408.
-        request = {"batch": PULL_BATCH, "expires": 1 * _NANOS, "no_wait": not follow}
+        request = {"batch": PULL_BATCH, "expires": _PULL_EXPIRES * _NANOS, "no_wait": not follow}
         consumer.start_pull(follow)
-        await self._connection.nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer.name}",
-            json.dumps(request).encode(),
-            reply=consumer.inbox,
-        )
-        await consumer.pull_over(self._connection.api_timeout)
-        return consumer.take(), consumer.pending
+        try:
+            await self._connection.nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer.name}",
+                json.dumps(request).encode(),
+                reply=consumer.inbox,
+            )
+        except (nats.errors.Error, OSError):  # closed, or too much waiting to be sent
+            return consumer.take(), _Pull.LOST
+        # A following pull ends by itself when it expires; allow the wait beyond that.
+        quiet = self._connection.api_timeout + (_PULL_EXPIRES if follow else 0)
+        answered = await consumer.pull_over(quiet)
+        chunk = consumer.take()
+        if consumer.broken:
+            return chunk, _Pull.LOST
+        if not answered:
+            return chunk, _Pull.SILENT
+        status = consumer.ended_by
+        if status is not None and status not in _NOTHING_NOW:
+            return chunk, _Pull.GONE
+        # Without follow, the end: nothing more now (404/408: a purge may have taken what
+        # the consumer last counted as pending), or nothing more at all.
+        if not follow and (status is not None or consumer.pending == 0):
+            return chunk, _Pull.END
+        return chunk, _Pull.MORE
 
-    async def _delete_consumer(self, consumer: _Consumer) -> None:
+    async def _drop_consumer(self, consumer: _Consumer, *, delete: bool) -> None:
+        """Stop reading ``consumer``; with ``delete``, also delete it on the server (else it
+        goes by itself after a minute, if it is still there)."""
+        self._consumers.discard(consumer)
         with contextlib.suppress(Exception):
             if consumer.subscription is not None:
                 await self._client.unsubscribe_raw(consumer.subscription)
-            await self._connection.api(f"CONSUMER.DELETE.{self._url.stream}.{consumer.name}")
+            if delete:
+                await self._connection.api(f"CONSUMER.DELETE.{self._url.stream}.{consumer.name}")
 
     async def stats(self) -> StoreStats:
         """Count, bytes and the first and last message, from the stream's state."""
@@ -695,6 +868,26 @@ class JetStreamReader:
             self._runner.close()
 
 
+class _NoAnswer(StoreError):
+    """NATS did not answer a request in time, or could not be asked (not connected): a
+    following reader waits for it, where any other ``StoreError`` ends the reading."""
+
+
+class _Pull(enum.Enum):
+    """How a pull ended, for what the reader does next."""
+
+    MORE = enum.auto()
+    """Pull again from the same consumer."""
+    END = enum.auto()
+    """Without follow: the consumer has nothing more."""
+    GONE = enum.auto()
+    """The consumer is no more (a restart of NATS, deleted as inactive): NATS said so."""
+    LOST = enum.auto()
+    """The connection dropped: what the consumer delivered meanwhile is lost to it."""
+    SILENT = enum.auto()
+    """NATS did not answer within the wait."""
+
+
 class _ReaderClient(Client):
     """nats-py's client, except that it hands the deliveries to a consumer's inbox straight
     to that consumer, as the bytes that came in.
@@ -723,8 +916,13 @@ class _ReaderClient(Client):
         self._deliveries[subscription._id] = deliver
         return subscription
 
-    async def unsubscribe_raw(self, subscription: Subscription) -> None:
+    def detach(self, subscription: Subscription) -> None:
+        """Take nothing more from ``subscription`` (nats-py queues it, unread, until
+        ``unsubscribe_raw``)."""
         self._deliveries.pop(subscription._id, None)
+
+    async def unsubscribe_raw(self, subscription: Subscription) -> None:
+        self.detach(subscription)
         await subscription.unsubscribe()
 
     async def _process_msg(
@@ -756,10 +954,15 @@ class _Consumer:
         self._over = asyncio.Event()
         self._last_delivery = 0.0
         self._error: Exception | None = None
+        self.ended_by: bytes | None = None
+        """The status that ended the last pull (``b"404"``), if one did."""
+        self.broken = False
+        """The connection dropped since this consumer was made: it cannot go on."""
 
     def start_pull(self, follow: bool) -> None:
         """Begin a pull: what arrives from now on belongs to it (with any earlier leftovers)."""
         self._follow = follow
+        self.ended_by = None
         self._over.clear()
         self._last_delivery = asyncio.get_running_loop().time()
         if len(self._arrived) >= PULL_BATCH:
@@ -775,6 +978,7 @@ class _Consumer:
                 # 404 no messages, 408 request expired, 100 heartbeat: a heartbeat only shows
                 # the pull is alive, anything else ends it.
                 if status != b"100":
+                    self.ended_by = status
                     self._over.set()
                 return
             message, self.pending = _stored_from_delivery(reply, data, headers)
@@ -786,16 +990,23 @@ class _Consumer:
         if len(self._arrived) >= PULL_BATCH or (self.pending == 0 and not self._follow):
             self._over.set()
 
-    async def pull_over(self, quiet: float) -> None:
-        """Until the pull ended, or nothing arrived for ``quiet`` seconds (then the messages
-        still missing come with a later pull)."""
+    def lose(self) -> None:
+        """The connection dropped: end the pull (asyncio side, from nats-py's disconnect
+        callback, before anything of a new connection is read)."""
+        self.broken = True
+        self._over.set()
+
+    async def pull_over(self, quiet: float) -> bool:
+        """Wait until the pull ended (true), or nothing arrived for ``quiet`` seconds
+        (false: NATS did not answer)."""
         loop = asyncio.get_running_loop()
         while not self._over.is_set():
             left = self._last_delivery + quiet - loop.time()
             if left <= 0:
-                return
+                return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._over.wait(), left)
+        return True
 
     def take(self) -> list[StoredMessage]:
         """The messages that arrived so far, handed over; or the error a delivery that could

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from .base import Store, StoreReader
@@ -49,9 +49,12 @@ async def open_store(
 
 
 @asynccontextmanager
-async def open_reader(url: str, *, nats_wait: float = 5.0) -> AsyncIterator[StoreReader]:
+async def open_reader(
+    url: str, *, nats_wait: float = 5.0, notice: Callable[[str], None] | None = None
+) -> AsyncIterator[StoreReader]:
     """Open the store ``url`` names for reading back; close it on exit. ``nats_wait``
-    bounds each wait for NATS (connecting, a request) when it is a JetStream store.
+    bounds each wait for NATS (connecting, a request) when it is a JetStream store;
+    ``notice`` takes the line a following JetStream reader gives when it waits for NATS.
 
     Raises:
         StoreError: the URL is malformed or ``none``, or the store does not exist.
@@ -69,7 +72,7 @@ async def open_reader(url: str, *, nats_wait: float = 5.0) -> AsyncIterator[Stor
     else:
         from .jetstream import JetStreamReader
 
-        reader = await JetStreamReader.open(parsed, nats_wait=nats_wait)
+        reader = await JetStreamReader.open(parsed, nats_wait=nats_wait, notice=notice)
     try:
         yield reader
     finally:
