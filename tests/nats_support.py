@@ -64,9 +64,11 @@ class NatsServer:
     the setting the JetStream store's durability claim relies on.
     """
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, *, jetstream: bool = True) -> None:
         self.store_dir = store_dir
         self.port = port if port is not None else free_port()
+        self.jetstream = jetstream
+        """False: a plain NATS server, whose JetStream API nobody answers."""
         self.config_path = store_dir / "nats-server.conf"
         self.log_path = store_dir / "nats-server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -79,23 +81,12 @@ class NatsServer:
         """Start the server and wait until it accepts connections."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("jetstream {\n  sync_interval: always\n}\n")
+        command = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            store = str(self.store_dir / "jetstream")
+            command += ["-c", str(self.config_path), "-js", "-sd", store]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(nats_server_binary()),
-                    "-c",
-                    str(self.config_path),
-                    "-js",
-                    "-sd",
-                    str(self.store_dir / "jetstream"),
-                    "-a",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -508,3 +508,24 @@ def test_follow_rides_out_a_nats_restart(nats_stream: NatsServer) -> None:
         assert err.rest() == []
     assert notice.startswith(b"python -m ackservice.store: warning: lost the connection to NATS")
     assert b"after id 1" in notice
+
+
+@pytest.mark.parametrize("command", ["export", "stats"])
+def test_nats_without_jetstream_is_one_line_and_exit_1(tmp_path: Path, command: str) -> None:
+    """A NATS server that has no JetStream (nothing answers its API): one line saying so,
+    exit 1, where a traceback (nats-py's NoRespondersError) used to end the command."""
+    server = NatsServer(tmp_path / "nats", jetstream=False)
+    server.start()
+    try:
+        result = subprocess.run(
+            _module(command, "--store", f"{server.url}/ACKS", "--timeout", "1"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        server.stop()
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "has no JetStream to answer" in result.stderr

@@ -629,9 +629,29 @@ class JetStreamReader:
             )
         except TimeoutError:
             raise StoreError(f"cannot reach NATS at {self._url}") from None
-        answer = await self._connection.api(f"STREAM.INFO.{self._url.stream}")
+        answer = await self._api(f"STREAM.INFO.{self._url.stream}")
         if (detail := _api_error(answer)) is not None:
             raise StoreError(f"cannot read stream {self._url.stream} on {self._url}: {detail}")
+
+    async def _api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``_Connection.api``, with NATS not answering (or not to be asked) a ``_NoAnswer``:
+        one line from the store CLI, not nats-py's exception.
+
+        Raises:
+            _NoAnswer: no answer within ``nats_wait``, no JetStream to answer, not connected.
+        """
+        try:
+            return await self._connection.api(subject, body)
+        except nats.errors.NoRespondersError:
+            raise _NoAnswer(
+                f"NATS at {self._url} has no JetStream to answer (is it enabled on that server?)"
+            ) from None
+        except TimeoutError:  # nats.errors.TimeoutError is one
+            raise _NoAnswer(
+                f"NATS at {self._url} did not answer within {self._connection.api_timeout:g}s"
+            ) from None
+        except (nats.errors.Error, OSError) as error:
+            raise _NoAnswer(f"cannot ask NATS at {self._url}: {error}") from None
 
     async def messages(
         self, *, after: int = 0, follow: bool = False
@@ -733,21 +753,17 @@ class JetStreamReader:
         else:
             config["deliver_policy"] = "all"
         stream = self._url.stream
+        answer = await self._api(
+            f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config}
+        )
+        if (detail := _api_error(answer)) is not None:
+            raise StoreError(f"cannot read stream {stream}: {detail}")
+        consumer = _Consumer(answer["name"], answer.get("num_pending", 0))
+        consumer.inbox = self._client.new_inbox()
         try:
-            answer = await self._connection.api(
-                f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config}
-            )
-            if (detail := _api_error(answer)) is not None:
-                raise StoreError(f"cannot read stream {stream}: {detail}")
-            consumer = _Consumer(answer["name"], answer.get("num_pending", 0))
-            consumer.inbox = self._client.new_inbox()
             consumer.subscription = await self._client.subscribe_raw(
                 consumer.inbox, consumer.deliver
             )
-        except TimeoutError:  # nats.errors.TimeoutError is one
-            raise _NoAnswer(
-                f"NATS at {self._url} did not answer within {self._connection.api_timeout:g}s"
-            ) from None
         except (nats.errors.Error, OSError) as error:
             raise _NoAnswer(f"cannot ask NATS at {self._url}: {error}") from None
         self._consumers.add(consumer)
@@ -803,7 +819,7 @@ class JetStreamReader:
         return await self._runner.run(self._stats())
 
     async def _stats(self) -> StoreStats:
-        answer = await self._connection.api(f"STREAM.INFO.{self._url.stream}")
+        answer = await self._api(f"STREAM.INFO.{self._url.stream}")
         if (detail := _api_error(answer)) is not None:
             raise StoreError(f"cannot read stream {self._url.stream}: {detail}")
         state = answer["state"]
@@ -822,7 +838,7 @@ class JetStreamReader:
 
     async def _get(self, request: dict[str, Any]) -> StoredMessage | None:
         """The stream message a ``STREAM.MSG.GET`` request names, or ``None``."""
-        answer = await self._connection.api(f"STREAM.MSG.GET.{self._url.stream}", request)
+        answer = await self._api(f"STREAM.MSG.GET.{self._url.stream}", request)
         raw = answer.get("message")
         if raw is None:
             return None
@@ -850,11 +866,11 @@ class JetStreamReader:
             if first_kept is not None:
                 limits.append(first_kept.id)
             else:
-                info = await self._connection.api(f"STREAM.INFO.{stream}")
+                info = await self._api(f"STREAM.INFO.{stream}")
                 limits.append(info["state"]["last_seq"] + 1)
         if not limits:
             return 0
-        answer = await self._connection.api(f"STREAM.PURGE.{stream}", {"seq": min(limits)})
+        answer = await self._api(f"STREAM.PURGE.{stream}", {"seq": min(limits)})
         if (detail := _api_error(answer)) is not None:
             raise StoreError(f"cannot purge stream {stream}: {detail}")
         purged: int = answer.get("purged", 0)
