@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -70,6 +71,27 @@ def test_a_fifo_or_directory_is_refused_at_once(tls_files: TLSFiles, tmp_path: P
         [error] = errors
         assert f"cannot read {flag}" in str(error)
         assert f"{kind}, not a regular file" in str(error)
+
+
+def test_a_passphrase_protected_key_is_refused_without_a_prompt(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """OpenSSL would ask for the passphrase on the terminal (a start-up waiting for a
+    typist; without a terminal, "cannot read --tls-cert: Invalid argument"): one line
+    instead, naming the flag, for a key of its own and one in the certificate file."""
+    key = serialization.load_pem_private_key(tls_files.server_key.read_bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    key_file = tmp_path / "encrypted-key.pem"
+    key_file.write_bytes(encrypted)
+    both = tmp_path / "cert-and-encrypted-key.pem"
+    both.write_bytes(tls_files.server_cert.read_bytes() + encrypted)
+    for args, flag in [((tls_files.server_cert, key_file), "--tls-key"), ((both,), "--tls-cert")]:
+        with pytest.raises(TLSConfigError, match=f"the key in {flag} .* is passphrase-protected"):
+            server_tls_context(*args)
 
 
 def test_cli_exits_2_with_one_line_for_a_bad_certificate(

@@ -73,8 +73,8 @@ def server_tls_context(
     # generator) hold long connections and do not resume sessions.
     context.num_tickets = 0
     cert_text = _read(cert, "--tls-cert")
-    if key is not None:
-        _read(key, "--tls-key")
+    key_text = cert_text if key is None else _read(key, "--tls-key")
+    key_flag = "--tls-cert" if key is None else "--tls-key"
     # OpenSSL says "PEM lib" for either of these: say which.
     if b"-----BEGIN CERTIFICATE-----" not in cert_text:
         raise TLSConfigError(f"no PEM certificate in --tls-cert {str(cert)!r}")
@@ -83,8 +83,20 @@ def server_tls_context(
             f"no private key in --tls-cert {str(cert)!r}: give it with --tls-key "
             "(or put it in the certificate file)"
         )
+    encrypted = (
+        f"the key in {key_flag} {str(key or cert)!r} is passphrase-protected, which is not "
+        "supported; decrypt it (openssl pkey -in KEY -out PLAIN_KEY)"
+    )
+    if b"ENCRYPTED" in key_text:
+        raise TLSConfigError(encrypted)
+
+    def no_passphrase() -> str:
+        # Without a callback OpenSSL asks for the passphrase on the terminal: a start-up
+        # that waits for a typist (or, without a terminal, a misleading "Invalid argument").
+        raise TLSConfigError(encrypted)
+
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=no_passphrase)
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc) or exc.reason == "KEY_VALUES_MISMATCH":
             raise TLSConfigError(
