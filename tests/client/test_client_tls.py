@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -299,11 +300,25 @@ class TestContext:
             client_tls_context(ca=missing)
 
     def test_a_fifo_is_refused_at_once(self, tmp_path: Path) -> None:
-        """Opening a FIFO nobody writes to would block until someone does."""
+        """Opening a FIFO nobody writes to would block until someone does: in a thread, so
+        that such a hang fails the test instead of holding the suite."""
         fifo = tmp_path / "ca.fifo"
         os.mkfifo(fifo)
-        with pytest.raises(ValueError, match=f"TLS CA file {fifo}: cannot read it .*FIFO"):
-            client_tls_context(ca=fifo)
+        errors: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                client_tls_context(ca=fifo)
+            except ValueError as exc:
+                errors.append(exc)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        loader.join(10)
+        assert not loader.is_alive(), "still opening the FIFO"
+        [error] = errors
+        assert f"TLS CA file {fifo}: cannot read it" in str(error)
+        assert "FIFO" in str(error)
 
     def test_not_pem(self, tmp_path: Path) -> None:
         junk = tmp_path / "junk.pem"
