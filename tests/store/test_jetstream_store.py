@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import signal
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from ackservice.store.jetstream import (
     PULL_BATCH,
     JetStreamReader,
     JetStreamStore,
+    _Consumer,
     _delivery_fields,
+    _Pull,
 )
 from ackservice.store.url import JetStreamURL, parse_store_url
 from nats_support import (
@@ -508,3 +511,43 @@ async def test_follow_goes_on_after_nats_restarts(
     finally:
         await reader.aclose()
     assert seen == [2, 3, 4, 5]
+
+
+class _PullsByHand:
+    """Stands in for the reader's connection in ``_fetch``: each pull request published
+    runs ``on_pull`` (which delivers what the test wants, as the read loop would)."""
+
+    def __init__(self, on_pull: Callable[[], None], api_timeout: float) -> None:
+        self.nc = self
+        self.api_timeout = api_timeout
+        self.on_pull = on_pull
+
+    async def publish(self, subject: str, payload: bytes, reply: str) -> None:
+        self.on_pull()
+
+
+def _delivery(stream_seq: int, pending: int) -> tuple[bytes, bytes, None]:
+    reply = f"$JS.ACK.ACKS.c1.1.{stream_seq}.{stream_seq}.1796170867443472963.{pending}"
+    return reply.encode(), b"payload %d" % stream_seq, None
+
+
+def test_deliveries_that_came_after_a_pull_was_given_up_are_read() -> None:
+    """A pull given up after ``api_timeout`` without a delivery (NATS slow for that long)
+    keeps its messages coming: they wait for the next fetch. When the last of them (pending
+    0) came before that fetch, it must still hand them over, not end the export without
+    them (which it did, exit 0, the export short of its last messages)."""
+    url = jetstream_url("nats://127.0.0.1:4222")
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        consumer = _Consumer("c1", pending=2)
+        # The pull's first message comes at once; its second only after the reader gave up.
+        connection = _PullsByHand(lambda: consumer.deliver(*_delivery(1, 1)), api_timeout=0.05)
+        reader = JetStreamReader(url, None, connection, None)  # type: ignore[arg-type]
+        first, pull = await reader._fetch(consumer, follow=False)
+        assert pull is _Pull.MORE
+        consumer.deliver(*_delivery(2, 0))
+        second, pull = await reader._fetch(consumer, follow=False)
+        assert pull is _Pull.END
+        return [m.id for m in first], [m.id for m in second]
+
+    assert asyncio.run(scenario()) == ([1], [2])

@@ -774,7 +774,9 @@ class JetStreamReader:
         if consumer.broken:
             return consumer.take(), _Pull.LOST
         if not follow and consumer.pending == 0:
-            return [], _Pull.END
+            # What an earlier pull, given up after api_timeout, delivered since (the last
+            # of it set pending to 0): the export's last messages.
+            return consumer.take(), _Pull.END
         stream = self._url.stream
         # expires: a pull request waits at most this long for messages, then ends with a 408.
         request = {"batch": PULL_BATCH, "expires": _PULL_EXPIRES * _NANOS, "no_wait": not follow}
