@@ -551,3 +551,19 @@ def test_deliveries_that_came_after_a_pull_was_given_up_are_read() -> None:
         return [m.id for m in first], [m.id for m in second]
 
     assert asyncio.run(scenario()) == ([1], [2])
+
+
+def test_a_delivery_that_is_no_stored_message_is_one_store_error() -> None:
+    """Something another client published to the reader's inbox (no JetStream reply subject,
+    or a mangled one) ends the read with a StoreError, which the export CLI says in one line;
+    nats-py's NotJSMessageError or a ValueError was a traceback."""
+
+    async def scenario() -> None:
+        for reply in (b"", b"$JS.ACK.ACKS.c1.1.x.1.1796170867443472963.0"):
+            consumer = _Consumer("c1", pending=1)
+            consumer.start_pull(False)
+            consumer.deliver(reply, b"injected", None)
+            with pytest.raises(StoreError, match="c1 is not a stored message"):
+                consumer.take()
+
+    asyncio.run(scenario())

@@ -1001,7 +1001,12 @@ class _Consumer:
                 return
             message, self.pending = _stored_from_delivery(reply, data, headers)
         except Exception as error:
-            self._error = error
+            # Not a JetStream delivery (something published to the inbox by another client):
+            # a StoreError, which the export's CLI says in one line, not a traceback.
+            self._error = StoreError(
+                f"cannot read the stream: a delivery to consumer {self.name} is not a stored "
+                f"message ({error or type(error).__name__})"
+            )
             self._over.set()
             return
         self._arrived.append(message)
