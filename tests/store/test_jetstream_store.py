@@ -26,6 +26,7 @@ from ackservice.store.jetstream import (
     _Consumer,
     _delivery_fields,
     _Pull,
+    _ReaderClient,
 )
 from ackservice.store.url import JetStreamURL, parse_store_url
 from nats_support import (
@@ -278,6 +279,17 @@ def test_the_nats_py_internals_the_reader_takes_deliveries_from_are_there() -> N
     parameters = list(inspect.signature(Client._process_msg).parameters)
     assert parameters == ["self", "sid", "subject", "reply", "data", "headers"], parameters
     assert "self._id = id" in inspect.getsource(Subscription.__init__)
+
+
+async def test_a_nats_py_that_no_longer_calls_process_msg_is_refused_at_open(
+    nats_server: NatsServer, store: JetStreamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nats-py>=2.16,<3`` lets a newer nats-py in, whose read loop may deliver another
+    way: the reader's deliveries would then go to a queue nobody reads, and an export wait
+    forever. Opening says so in one line instead."""
+    monkeypatch.setattr(_ReaderClient, "_process_msg", Client._process_msg)
+    with trio.fail_after(20), pytest.raises(StoreError, match="no longer delivers messages"):
+        await JetStreamReader.open(jetstream_url(nats_server.url))
 
 
 @pytest.mark.parametrize(

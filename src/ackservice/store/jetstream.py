@@ -630,6 +630,14 @@ class JetStreamReader:
         except TimeoutError:
             raise StoreError(f"cannot reach NATS at {self._url}") from None
         answer = await self._api(f"STREAM.INFO.{self._url.stream}")
+        if self._client.messages_seen == 0:
+            # The answer came another way: deliveries would too, and an export would wait
+            # for them forever.
+            raise StoreError(
+                "this nats-py version no longer delivers messages through "
+                "Client._process_msg, which the JetStream reader relies on: install "
+                "nats-py 2.16"
+            )
         if (detail := _api_error(answer)) is not None:
             raise StoreError(f"cannot read stream {self._url.stream} on {self._url}: {detail}")
 
@@ -921,6 +929,9 @@ class _ReaderClient(Client):
         super().__init__()
         self._deliveries: dict[int, Callable[[bytes, bytes, bytes | None], None]] = {}
         """Subscription id: what takes a delivery's reply subject, payload and headers."""
+        self.messages_seen = 0
+        """Messages that came through ``_process_msg``: none after an API answer means a
+        nats-py (``>=2.16,<3`` allows newer ones) that no longer calls it."""
 
     async def subscribe_raw(
         self, subject: str, deliver: Callable[[bytes, bytes, bytes | None], None]
@@ -946,6 +957,7 @@ class _ReaderClient(Client):
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
+        self.messages_seen += 1
         deliver = self._deliveries.get(sid)
         if deliver is None:
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
