@@ -70,7 +70,8 @@ __all__ = [
 # several seconds of the busiest info-level logging (a connection_opened/connection_closed
 # pair per connection at ~1,000 connections/s) while the output is slow.
 DEFAULT_MAX_QUEUED_EVENTS = 10_000
-# The largest --log-queue: a few GB of lines held while an output stalls.
+# The largest --log-queue: a few GB of lines held per stalled output (stderr and --log-file
+# each have one; so does each worker).
 MAX_LOG_QUEUE = 10_000_000
 
 # How long process exit waits for queued events to be written. Bounded, because the output

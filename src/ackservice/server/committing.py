@@ -323,12 +323,13 @@ class GroupCommitter:
         started = trio.current_time()
         try:
             verdicts = await self._store(batch)
-            # The store's own time, not the answers written after it: what an operator
-            # looking at commit latency is after (is the disk, or NATS, slow?).
-            self.latency.observe(trio.current_time() - started)
         except BaseException:
             verdicts = [Unavailable("server stopped before storing it")] * len(batch)
             raise
+        else:
+            # The store's own time, not the answers written after it: what an operator
+            # looking at commit latency is after (is the disk, or NATS, slow?).
+            self.latency.observe(trio.current_time() - started)
         finally:
             self.commits += 1
             start = 0
