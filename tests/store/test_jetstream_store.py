@@ -19,10 +19,10 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 from ackservice.store import Message, StoredMessage, StoreError, StoreUnavailable, open_store
-from ackservice.store.jetstream import (
+from ackservice.store.jetstream import JetStreamStore
+from ackservice.store.jetstream_reader import (
     PULL_BATCH,
     JetStreamReader,
-    JetStreamStore,
     _Consumer,
     _delivery_fields,
     _Pull,

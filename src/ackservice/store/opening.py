@@ -70,7 +70,7 @@ async def open_reader(
 
         reader = await SQLiteReader.open(parsed.path)
     else:
-        from .jetstream import JetStreamReader
+        from .jetstream_reader import JetStreamReader
 
         reader = await JetStreamReader.open(parsed, nats_wait=nats_wait, notice=notice)
     try:

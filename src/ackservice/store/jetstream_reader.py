@@ -1,0 +1,640 @@
+"""Reading a JetStream stream written by ``JetStreamStore`` back (``python -m
+ackservice.store export``, ``stats``, ``prune``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import enum
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+import nats.errors
+import structlog
+import trio
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+
+from ..protocol import crc32
+from .base import StoredMessage, StoreError, StoreStats
+from .jetstream_connection import HEADER_PREFIX, NANOS, AsyncioThread, NatsConnection, api_error
+from .url import JetStreamURL
+
+__all__ = ["PULL_BATCH", "JetStreamReader"]
+
+log = structlog.get_logger(__name__)
+
+PULL_BATCH = 500
+"""Messages a reader asks for at once: what it holds in memory at most."""
+
+_PULL_EXPIRES = 1
+"""Seconds a following reader's pull waits for messages on the server (then a 408)."""
+
+_NOTHING_NOW = (b"404", b"408")
+"""Statuses that end a pull because the consumer has nothing more now (No Messages,
+Request Timeout); any other (503 No Responders: the consumer is gone; 409 Consumer Deleted,
+...) means the consumer cannot go on."""
+
+
+class JetStreamReader:
+    """Reads a JetStream stream written by ``JetStreamStore`` back.
+
+    ``messages`` reads through an ephemeral pull consumer, which does not outlive a restart
+    of NATS (it is kept in memory), a connection lost meanwhile (what was delivered then is
+    lost to it: it acknowledges nothing) or a minute without a pull (the server deletes
+    it). Whenever one is gone, reading goes on from a new consumer starting after the last
+    message yielded, so nothing is missed or yielded twice. Without ``follow`` that is tried
+    within ``nats_wait`` and otherwise raises ``StoreError``; with ``follow`` the reader
+    waits as long as NATS is away, and says so once per outage (``notice``).
+    """
+
+    def __init__(
+        self,
+        url: JetStreamURL,
+        runner: AsyncioThread,
+        connection: NatsConnection,
+        client: _ReaderClient,
+        notice: Callable[[str], None] | None = None,
+    ) -> None:
+        self._url = url
+        self._runner = runner
+        self._connection = connection
+        self._client = client
+        """The connection's client (``connection.nc``), which hands deliveries over raw."""
+        self._notice = notice
+        self._consumers: set[_Consumer] = set()
+        """The consumers being read (asyncio side): a lost connection breaks them all."""
+
+    @classmethod
+    async def open(
+        cls,
+        url: JetStreamURL,
+        *,
+        nats_wait: float = 5.0,
+        notice: Callable[[str], None] | None = None,
+    ) -> JetStreamReader:
+        """Connect and check the stream exists; ``nats_wait`` bounds the connection and each
+        request to NATS after it. ``notice`` takes the line saying a following reader waits
+        for NATS (without it, that is logged as ``store_reader_waiting``).
+
+        Raises:
+            StoreError: NATS is not reachable within ``nats_wait`` or has no such stream.
+        """
+        runner = AsyncioThread(f"ackservice-jetstream-reader-{url.stream}")
+        client = _ReaderClient()
+        connection = NatsConnection(url, api_timeout=nats_wait, client=client)
+        reader = cls(url, runner, connection, client, notice)
+        connection.on_lost = reader._lost
+        try:
+            await runner.run(reader._open(nats_wait))
+        except BaseException:
+            await reader.aclose()
+            raise
+        return reader
+
+    def _lost(self) -> None:
+        """The connection dropped (asyncio side): what the consumers get from now on may
+        follow a gap, so none of it is taken."""
+        for consumer in self._consumers:
+            if consumer.subscription is not None:
+                self._client.detach(consumer.subscription)
+            consumer.lose()
+
+    async def _open(self, connect_timeout: float) -> None:
+        try:
+            await asyncio.wait_for(
+                self._connection.connect(connect_timeout=connect_timeout), connect_timeout
+            )
+        except TimeoutError:
+            raise StoreError(f"cannot reach NATS at {self._url}") from None
+        answer = await self._api(f"STREAM.INFO.{self._url.stream}")
+        if self._client.messages_seen == 0:
+            # The answer came another way: deliveries would too, and an export would wait
+            # for them forever.
+            raise StoreError(
+                "this nats-py version no longer delivers messages through "
+                "Client._process_msg, which the JetStream reader relies on: install "
+                "nats-py 2.16"
+            )
+        if (detail := api_error(answer)) is not None:
+            raise StoreError(f"cannot read stream {self._url.stream} on {self._url}: {detail}")
+
+    async def _api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``NatsConnection.api``, with NATS not answering (or not to be asked) a ``_NoAnswer``:
+        one line from the store CLI, not nats-py's exception.
+
+        Raises:
+            _NoAnswer: no answer within ``nats_wait``, no JetStream to answer, not connected.
+        """
+        try:
+            return await self._connection.api(subject, body)
+        except nats.errors.NoRespondersError:
+            raise _NoAnswer(
+                f"NATS at {self._url} has no JetStream to answer (is it enabled on that server?)"
+            ) from None
+        except TimeoutError:  # nats.errors.TimeoutError is one
+            raise _NoAnswer(
+                f"NATS at {self._url} did not answer within {self._connection.api_timeout:g}s"
+            ) from None
+        except (nats.errors.Error, OSError) as error:
+            raise _NoAnswer(f"cannot ask NATS at {self._url}: {error}") from None
+
+    async def messages(
+        self, *, after: int = 0, follow: bool = False
+    ) -> AsyncIterator[StoredMessage]:
+        """The stored messages with stream sequence > ``after``, in order; with ``follow``,
+        keep waiting for new ones until cancelled (across outages of NATS).
+
+        Raises:
+            StoreError: without ``follow``, NATS went away or stopped answering for
+                ``nats_wait``; with or without, the stream cannot be read (it is gone).
+        """
+        last = after
+        consumer: _Consumer | None = await self._runner.run(self._create_consumer(after))
+        replaced = 0  # consumers replaced since a message last came
+        try:
+            while True:
+                assert consumer is not None
+                chunk, outcome = await self._runner.run(self._fetch(consumer, follow))
+                if chunk:
+                    replaced = 0
+                    last = chunk[-1].id
+                    for message in chunk:
+                        yield message
+                if outcome is _Pull.MORE:
+                    continue
+                if outcome is _Pull.END:
+                    return
+                # The consumer cannot go on: the next one starts after the last message.
+                old, consumer = consumer, None
+                await self._runner.run(self._drop_consumer(old, delete=outcome is _Pull.GONE))
+                if not follow and replaced > 0:
+                    raise StoreError(
+                        f"cannot read stream {self._url.stream} on {self._url}: its consumer "
+                        f"was gone again at once (NATS status {old.ended_by!r})"
+                    )
+                replaced += 1
+                consumer = await self._next_consumer(last, outcome, follow)
+        finally:
+            if consumer is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await self._runner.run(self._drop_consumer(consumer, delete=True))
+
+    async def _next_consumer(self, last: int, outcome: _Pull, follow: bool) -> _Consumer:
+        """A consumer from ``last + 1`` to replace one that cannot go on (``outcome``).
+
+        Without ``follow`` it must come within ``nats_wait``; with ``follow`` this waits for
+        NATS as long as it takes, saying so once.
+        """
+        connection = self._connection
+        wait = connection.api_timeout
+        if not follow:
+            if outcome is _Pull.SILENT:
+                raise StoreError(f"NATS at {self._url} did not answer within {wait:g}s")
+            if not await self._runner.run(connection.wait_up(wait)):
+                raise StoreError(
+                    f"lost the connection to NATS at {self._url} (not back within {wait:g}s)"
+                )
+            return await self._runner.run(self._create_consumer(last))
+        noticed = False
+        while True:
+            if not await self._runner.run(connection.wait_up(0)):
+                if not noticed:
+                    noticed = True
+                    self._waiting(f"lost the connection to NATS at {self._url}", last)
+                await self._runner.run(connection.wait_up(None))
+            try:
+                return await self._runner.run(self._create_consumer(last))
+            except _NoAnswer as error:
+                if not noticed:
+                    noticed = True
+                    self._waiting(str(error), last)
+            # Also when NATS answered at once (no responders while JetStream starts).
+            await trio.sleep(min(wait, 1.0))
+
+    def _waiting(self, why: str, last: int) -> None:
+        text = f"{why}; waiting for it, to go on after id {last}"
+        if self._notice is not None:
+            self._notice(text)
+        else:
+            log.warning("store_reader_waiting", store=str(self._url), detail=text)
+
+    async def _create_consumer(self, after: int) -> _Consumer:
+        """An ephemeral pull consumer from sequence ``after + 1``, unacknowledged.
+
+        Raises:
+            _NoAnswer: NATS did not answer within ``nats_wait``, or could not be asked.
+            StoreError: NATS refused (the stream is gone, ...).
+        """
+        config: dict[str, Any] = {
+            "ack_policy": "none",
+            "filter_subject": self._url.subject,
+            "mem_storage": True,
+            # Removed by the server if the reader vanishes without deleting it.
+            "inactive_threshold": 60 * NANOS,
+        }
+        if after > 0:
+            config["deliver_policy"] = "by_start_sequence"
+            config["opt_start_seq"] = after + 1
+        else:
+            config["deliver_policy"] = "all"
+        stream = self._url.stream
+        answer = await self._api(
+            f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config}
+        )
+        if (detail := api_error(answer)) is not None:
+            raise StoreError(f"cannot read stream {stream}: {detail}")
+        consumer = _Consumer(answer["name"], answer.get("num_pending", 0))
+        consumer.inbox = self._client.new_inbox()
+        try:
+            consumer.subscription = await self._client.subscribe_raw(
+                consumer.inbox, consumer.deliver
+            )
+        except (nats.errors.Error, OSError) as error:
+            raise _NoAnswer(f"cannot ask NATS at {self._url}: {error}") from None
+        self._consumers.add(consumer)
+        return consumer
+
+    async def _fetch(self, consumer: _Consumer, follow: bool) -> tuple[list[StoredMessage], _Pull]:
+        """Up to ``PULL_BATCH`` messages, and what comes next (see ``_Pull``)."""
+        if consumer.broken:
+            return consumer.take(), _Pull.LOST
+        if not follow and consumer.pending == 0:
+            # What an earlier pull, given up after api_timeout, delivered since (the last
+            # of it set pending to 0): the export's last messages.
+            return consumer.take(), _Pull.END
+        stream = self._url.stream
+        # expires: a pull request waits at most this long for messages, then ends with a 408.
+        request = {"batch": PULL_BATCH, "expires": _PULL_EXPIRES * NANOS, "no_wait": not follow}
+        consumer.start_pull(follow)
+        try:
+            await self._connection.nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer.name}",
+                json.dumps(request).encode(),
+                reply=consumer.inbox,
+            )
+        except (nats.errors.Error, OSError):  # closed, or too much waiting to be sent
+            return consumer.take(), _Pull.LOST
+        # A pull ends by itself when it expires; allow the wait beyond that. Even a no_wait
+        # pull does: with the messages it counted on purged, nats-server 2.15 answered with
+        # a 408 at the expiry, not a 404 at once (every run of the purge test; waiting only
+        # api_timeout, as long as the expiry, lost that race 2 runs in 6).
+        quiet = self._connection.api_timeout + _PULL_EXPIRES
+        answered = await consumer.pull_over(quiet)
+        chunk = consumer.take()
+        if consumer.broken:
+            return chunk, _Pull.LOST
+        if not answered:
+            return chunk, _Pull.SILENT
+        status = consumer.ended_by
+        if status is not None and status not in _NOTHING_NOW:
+            return chunk, _Pull.GONE
+        # Without follow, the end: nothing more now (404/408: a purge may have taken what
+        # the consumer last counted as pending), or nothing more at all.
+        if not follow and (status is not None or consumer.pending == 0):
+            return chunk, _Pull.END
+        return chunk, _Pull.MORE
+
+    async def _drop_consumer(self, consumer: _Consumer, *, delete: bool) -> None:
+        """Stop reading ``consumer``; with ``delete``, also delete it on the server (else it
+        goes by itself after a minute, if it is still there)."""
+        self._consumers.discard(consumer)
+        with contextlib.suppress(Exception):
+            if consumer.subscription is not None:
+                await self._client.unsubscribe_raw(consumer.subscription)
+            if delete:
+                await self._connection.api(f"CONSUMER.DELETE.{self._url.stream}.{consumer.name}")
+
+    async def stats(self) -> StoreStats:
+        """Count, bytes and the first and last message, from the stream's state."""
+        return await self._runner.run(self._stats())
+
+    async def _stats(self) -> StoreStats:
+        answer = await self._api(f"STREAM.INFO.{self._url.stream}")
+        if (detail := api_error(answer)) is not None:
+            raise StoreError(f"cannot read stream {self._url.stream}: {detail}")
+        state = answer["state"]
+        if state.get("messages", 0) == 0:
+            return StoreStats(0, state.get("bytes", 0), None, None, None, None)
+        first = await self._get({"seq": state["first_seq"]})
+        last = await self._get({"seq": state["last_seq"]})
+        return StoreStats(
+            messages=state["messages"],
+            stored_bytes=state["bytes"],
+            first_id=state["first_seq"],
+            last_id=state["last_seq"],
+            first_received_at=first.received_at if first else None,
+            last_received_at=last.received_at if last else None,
+        )
+
+    async def _get(self, request: dict[str, Any]) -> StoredMessage | None:
+        """The stream message a ``STREAM.MSG.GET`` request names, or ``None``."""
+        answer = await self._api(f"STREAM.MSG.GET.{self._url.stream}", request)
+        raw = answer.get("message")
+        if raw is None:
+            return None
+        headers = _parse_headers(base64.b64decode(raw.get("hdrs", "")))
+        payload = base64.b64decode(raw.get("data", ""))
+        return _stored(raw["seq"], headers, payload, lambda: _parse_time(raw["time"]))
+
+    async def prune(self, *, before_id: int | None = None, older_than: float | None = None) -> int:
+        """Purge messages with ``id < before_id`` and/or stored more than ``older_than``
+        seconds ago (both given: only those matching both); return how many went.
+
+        ``older_than`` uses the stream's time for each message (when JetStream stored it,
+        a batch commit after ``received_at``).
+        """
+        return await self._runner.run(self._prune(before_id, older_than))
+
+    async def _prune(self, before_id: int | None, older_than: float | None) -> int:
+        stream = self._url.stream
+        limits: list[int] = []
+        if before_id is not None:
+            limits.append(before_id)
+        if older_than is not None:
+            cutoff = datetime.fromtimestamp(time.time() - older_than, UTC)
+            first_kept = await self._get({"start_time": cutoff.isoformat().replace("+00:00", "Z")})
+            if first_kept is not None:
+                limits.append(first_kept.id)
+            else:
+                info = await self._api(f"STREAM.INFO.{stream}")
+                limits.append(info["state"]["last_seq"] + 1)
+        if not limits:
+            return 0
+        answer = await self._api(f"STREAM.PURGE.{stream}", {"seq": min(limits)})
+        if (detail := api_error(answer)) is not None:
+            raise StoreError(f"cannot purge stream {stream}: {detail}")
+        purged: int = answer.get("purged", 0)
+        return purged
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the reader's asyncio thread."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(5):
+                await self._runner.run(self._connection.close())
+            self._runner.close()
+
+
+class _NoAnswer(StoreError):
+    """NATS did not answer a request in time, or could not be asked (not connected): a
+    following reader waits for it, where any other ``StoreError`` ends the reading."""
+
+
+class _Pull(enum.Enum):
+    """How a pull ended, for what the reader does next."""
+
+    MORE = enum.auto()
+    """Pull again from the same consumer."""
+    END = enum.auto()
+    """Without follow: the consumer has nothing more."""
+    GONE = enum.auto()
+    """The consumer is no more (a restart of NATS, deleted as inactive): NATS said so."""
+    LOST = enum.auto()
+    """The connection dropped: what the consumer delivered meanwhile is lost to it."""
+    SILENT = enum.auto()
+    """NATS did not answer within the wait."""
+
+
+class _ReaderClient(Client):
+    """nats-py's client, except that it hands the deliveries to a consumer's inbox straight
+    to that consumer, as the bytes that came in.
+
+    nats-py would parse every header into a dict (9 to 15 µs for the eight a stored
+    message has, three times as long as ``_parse_headers``), build a ``Msg`` and queue it
+    for a task; that was most of an export's time. ``_process_msg`` is nats-py's private entry
+    for every ``MSG``/``HMSG`` its parser reads (as of nats-py 2.16; the reader tests stop
+    at once if it changes); every other subscription still goes through it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._deliveries: dict[int, Callable[[bytes, bytes, bytes | None], None]] = {}
+        """Subscription id: what takes a delivery's reply subject, payload and headers."""
+        self.messages_seen = 0
+        """Messages that came through ``_process_msg``: none after an API answer means a
+        nats-py (``>=2.16,<3`` allows newer ones) that no longer calls it."""
+
+    async def subscribe_raw(
+        self, subject: str, deliver: Callable[[bytes, bytes, bytes | None], None]
+    ) -> Subscription:
+        """Subscribe to ``subject`` (an inbox) with ``deliver`` taking what arrives.
+
+        Keyed by subscription id, not subject: a JetStream delivery comes with the stream
+        message's own subject; only the subscription (of its pull's reply inbox) names it.
+        """
+        subscription = await self.subscribe(subject)
+        self._deliveries[subscription._id] = deliver
+        return subscription
+
+    def detach(self, subscription: Subscription) -> None:
+        """Take nothing more from ``subscription`` (nats-py queues it, unread, until
+        ``unsubscribe_raw``)."""
+        self._deliveries.pop(subscription._id, None)
+
+    async def unsubscribe_raw(self, subscription: Subscription) -> None:
+        self.detach(subscription)
+        await subscription.unsubscribe()
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        self.messages_seen += 1
+        deliver = self._deliveries.get(sid)
+        if deliver is None:
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+            return
+        deliver(reply, data, headers)
+
+
+class _Consumer:
+    """An ephemeral pull consumer, the inbox its messages arrive on, and the pull under way.
+
+    Deliveries reach ``deliver`` from the connection's read loop, as bytes (see
+    ``_ReaderClient``), and wait in a list until ``_fetch`` hands them to Trio: no task,
+    future or timer per message, where ``next_msg`` made two tasks, a timer and a UUID for
+    each. Everything here runs on the asyncio loop.
+    """
+
+    def __init__(self, name: str, pending: int) -> None:
+        self.name = name
+        self.pending = pending
+        self.inbox = ""
+        self.subscription: Subscription | None = None
+        self._arrived: list[StoredMessage] = []
+        self._follow = False
+        self._over = asyncio.Event()
+        self._last_delivery = 0.0
+        self._error: Exception | None = None
+        self.ended_by: bytes | None = None
+        """The status that ended the last pull (``b"404"``), if one did."""
+        self.broken = False
+        """The connection dropped since this consumer was made: it cannot go on."""
+
+    def start_pull(self, follow: bool) -> None:
+        """Begin a pull: what arrives from now on belongs to it (with any earlier leftovers)."""
+        self._follow = follow
+        self.ended_by = None
+        self._over.clear()
+        self._last_delivery = asyncio.get_running_loop().time()
+        if len(self._arrived) >= PULL_BATCH:
+            self._over.set()
+
+    def deliver(self, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        """Take one delivery. It runs inside nats-py's read loop, so it must not raise: a
+        delivery that cannot be read is kept for ``take`` to raise."""
+        self._last_delivery = asyncio.get_running_loop().time()
+        try:
+            status = _status(headers)
+            if status is not None:
+                # 404 no messages, 408 request expired, 100 heartbeat: a heartbeat only shows
+                # the pull is alive, anything else ends it.
+                if status != b"100":
+                    self.ended_by = status
+                    self._over.set()
+                return
+            message, self.pending = _stored_from_delivery(reply, data, headers)
+        except Exception as error:
+            # Not a JetStream delivery (something published to the inbox by another client):
+            # a StoreError, which the export's CLI says in one line, not a traceback.
+            self._error = StoreError(
+                f"cannot read the stream: a delivery to consumer {self.name} is not a stored "
+                f"message ({error or type(error).__name__})"
+            )
+            self._over.set()
+            return
+        self._arrived.append(message)
+        if len(self._arrived) >= PULL_BATCH or (self.pending == 0 and not self._follow):
+            self._over.set()
+
+    def lose(self) -> None:
+        """The connection dropped: end the pull (asyncio side, from nats-py's disconnect
+        callback, before anything of a new connection is read)."""
+        self.broken = True
+        self._over.set()
+
+    async def pull_over(self, quiet: float) -> bool:
+        """Wait until the pull ended (true), or nothing arrived for ``quiet`` seconds
+        (false: NATS did not answer)."""
+        loop = asyncio.get_running_loop()
+        while not self._over.is_set():
+            left = self._last_delivery + quiet - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._over.wait(), left)
+        return True
+
+    def take(self) -> list[StoredMessage]:
+        """The messages that arrived so far, handed over; or the error a delivery that could
+        not be read raised (the pull's messages are then dropped, as with ``next_msg``)."""
+        chunk, self._arrived = self._arrived, []
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return chunk
+
+
+def _status(headers: bytes | None) -> bytes | None:
+    """The inline status of a message from the server (``NATS/1.0 404 No Messages``), if
+    any; a stored message's headers start with a bare ``NATS/1.0``."""
+    if not headers:
+        return None
+    version, _, _ = headers.partition(b"\r\n")
+    code = version.partition(b" ")[2][:3]
+    return code if code.isdigit() else None
+
+
+def _stored_from_delivery(
+    reply: bytes, data: bytes, headers: bytes | None
+) -> tuple[StoredMessage, int]:
+    """The stored message a delivery carries, and how many the consumer has after it."""
+    stream_seq, nanos, pending = _delivery_fields(reply.decode("ascii", "replace"))
+    fields = _parse_headers(headers) if headers else {}
+
+    def stream_time() -> float:
+        # As nats-py's metadata had it: through a datetime, so to the microsecond.
+        return datetime.fromtimestamp(nanos / NANOS, UTC).timestamp()
+
+    return _stored(stream_seq, fields, data, stream_time), pending
+
+
+def _delivery_fields(reply: str) -> tuple[int, int, int]:
+    """The stream sequence, the stream's time (ns) and the consumer's pending count from a
+    delivery's reply subject, which nats-py's ``msg.metadata`` also reads (at four times the
+    cost, building two dataclasses and a datetime). Without a domain it is
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``;
+    with one, ``<domain>.<account hash>`` come before the stream and a token at the end.
+
+    Raises:
+        nats.errors.NotJSMessageError: not a JetStream delivery, as ``msg.metadata`` did.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        skip = 0
+    elif len(tokens) >= 11:
+        skip = 2
+    else:
+        raise nats.errors.NotJSMessageError
+    if tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise nats.errors.NotJSMessageError
+    return int(tokens[5 + skip]), int(tokens[7 + skip]), int(tokens[8 + skip])
+
+
+def _stored(
+    stream_seq: int,
+    headers: dict[str, str],
+    payload: bytes,
+    stream_time: Callable[[], float],
+) -> StoredMessage:
+    """A ``StoredMessage`` from a stream message's headers, falling back for missing ones
+    (``received_at`` to the time the stream stored it, asked for only then)."""
+    try:
+        received_at = float(headers[HEADER_PREFIX + "Received-At"])
+    except (KeyError, ValueError):
+        received_at = stream_time()
+    stored_crc32 = _header_number(headers, "Crc32")
+    return StoredMessage(
+        id=stream_seq,
+        received_at=received_at,
+        peer=headers.get(HEADER_PREFIX + "Peer", ""),
+        conn_id=_header_number(headers, "Conn-Id") or 0,
+        seq=_header_number(headers, "Seq") or 0,
+        # Computed only when the header is missing: it reads the whole payload, which made
+        # up most of the time per message for large ones.
+        crc32=crc32(payload) if stored_crc32 is None else stored_crc32,
+        payload=payload,
+        identity=headers.get(HEADER_PREFIX + "Identity"),
+    )
+
+
+def _header_number(headers: dict[str, str], name: str) -> int | None:
+    """The ``Ackservice-<name>`` header as a number, or ``None`` if missing or not one."""
+    try:
+        return int(headers[HEADER_PREFIX + name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    """``NATS/1.0\\r\\nName: value\\r\\n...`` as a dict (the first line is the version)."""
+    headers: dict[str, str] = {}
+    for line in raw.split(b"\r\n")[1:]:
+        name, separator, value = line.partition(b":")
+        if separator:
+            headers[name.strip().decode("ascii", "replace")] = value.strip().decode(
+                "utf-8", "replace"
+            )
+    return headers
+
+
+def _parse_time(text: str) -> float:
+    """An RFC 3339 time from JetStream (nanosecond fraction, ``Z``) as a Unix time."""
+    main, _, fraction = text.rstrip("Z").partition(".")
+    seconds = datetime.fromisoformat(main).replace(tzinfo=UTC).timestamp()
+    digits = fraction.rstrip("Z")[:9]
+    return seconds + (int(digits) / 10 ** len(digits) if digits else 0.0)
