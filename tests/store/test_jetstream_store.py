@@ -162,6 +162,19 @@ async def test_outage_is_unavailable_then_recovers_without_reopening(
     assert [message.seq for message in got] == list(range(1, 16))
 
 
+async def test_the_start_up_wait_for_nats_is_the_servers_setting() -> None:
+    """``open_store(url, connect_timeout=)`` (the server's ``--store-connect-timeout``) waits
+    that long for a NATS that is not there, then returns a store that is unavailable: not
+    the store's own 2 s, which had no setting."""
+    url = f"nats://127.0.0.1:{free_port()}/ACKS"  # nothing listens there
+    started = trio.current_time()
+    with trio.fail_after(1.5):
+        async with open_store(url, commit_timeout=1.0, connect_timeout=0.2) as store:
+            assert store is not None
+            assert not store.available  # type: ignore[attr-defined]
+            assert trio.current_time() - started >= 0.2
+
+
 async def test_nats_down_at_start_up_is_unavailable_until_it_comes(tmp_path: Path) -> None:
     """With nothing listening at start-up, ``open`` still returns (after its short wait),
     batches are unavailable, and once nats-server starts the store creates the stream and

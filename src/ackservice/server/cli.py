@@ -37,7 +37,14 @@ from ..logconfig import (
     reopen_log_file,
 )
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
-from ..store import DEFAULT_STORE_URL, Store, StoreError, open_store, parse_store_url
+from ..store import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_STORE_URL,
+    Store,
+    StoreError,
+    open_store,
+    parse_store_url,
+)
 from ..store.url import SQLiteURL
 from .config import LIMITS, ServerConfig
 from .hook import MessageHook
@@ -158,6 +165,13 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         _seconds_setting("store_timeout"),
         defaults.store_timeout,
         "seconds a store commit may take before its messages get ERR unavailable",
+    )
+    add(
+        "--store-connect-timeout",
+        _cli.seconds_up_to(3600),
+        DEFAULT_CONNECT_TIMEOUT,
+        "with a nats:// store, seconds start-up waits for NATS; if it is not there by then "
+        "the server serves without it, answering ERR unavailable until it connects",
     )
     add(
         "--store-max-pending",
@@ -348,6 +362,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                     metrics=(args.metrics_host, args.metrics_port),
                     role=role,
                     tls=tls,
+                    store_connect_timeout=args.store_connect_timeout,
                 )
             )
     except (StoreError, PortFileError, MetricsPortError) as exc:
@@ -516,8 +531,11 @@ async def _open_store_and_serve(
     metrics: tuple[str, int | None],
     role: WorkerRole | None,
     tls: ssl.SSLContext | None,
+    store_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> int:
-    async with open_store(store_url, commit_timeout=config.store_timeout) as store:
+    async with open_store(
+        store_url, commit_timeout=config.store_timeout, connect_timeout=store_connect_timeout
+    ) as store:
         if role is not None:
             port_file = None  # the supervisor's to write
             metrics = (metrics[0], None)  # the supervisor serves it for all workers

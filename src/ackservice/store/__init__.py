@@ -21,10 +21,11 @@ from .base import (
     Verdict,
 )
 from .batch import MessageBatch, MessageRun
-from .opening import open_reader, open_store
+from .opening import DEFAULT_CONNECT_TIMEOUT, open_reader, open_store
 from .url import DEFAULT_STORE_URL, parse_store_url
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_STORE_URL",
     "Failed",
     "Message",

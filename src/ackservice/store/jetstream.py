@@ -19,13 +19,14 @@ batch (error 10201, since 2.12.1). The store then publishes that atomic batch's 
 by one with the same ids, which the stream's duplicate window drops silently, so messages
 already stored are not stored twice and the others are.
 
-Start-up with NATS unreachable. ``JetStreamStore.open`` waits briefly (``connect_wait``,
-2 s) for a connection; if none, it does not fail: it logs ``store_disconnected`` and keeps
-connecting in the background (forever, like every later reconnect), and ``store`` raises
-``StoreUnavailable("NATS not connected ...")`` meanwhile, so clients get ``ERR unavailable``
-and resend. The stream is created or checked as soon as a connection exists; a stream that
-is found unusable then makes every batch unavailable and is logged once. When NATS is
-reachable at start-up, an unusable stream fails ``open`` with ``StoreError``.
+Start-up with NATS unreachable. ``JetStreamStore.open`` waits briefly (``connect_wait``, 2 s
+by default; the server's ``--store-connect-timeout``) for a connection; if none, it does not
+fail: it logs ``store_disconnected`` and keeps connecting in the background (forever, like
+every later reconnect), and ``store`` raises ``StoreUnavailable("NATS not connected ...")``
+meanwhile, so clients get ``ERR unavailable`` and resend. The stream is created or checked
+as soon as a connection exists; a stream that is found unusable then makes every batch
+unavailable and is logged once. When NATS is reachable at start-up, an unusable stream fails
+``open`` with ``StoreError``.
 
 Threads. nats-py runs on asyncio and the server on Trio, so each store (and reader) owns
 one daemon thread running an asyncio event loop; a store call crosses to it once per batch
@@ -49,6 +50,7 @@ import trio
 
 from .base import Message, StoreError, StoreUnavailable
 from .jetstream_connection import NANOS, AsyncioThread, NatsConnection, api_error
+from .opening import DEFAULT_CONNECT_TIMEOUT
 from .url import JetStreamURL
 
 __all__ = ["JetStreamStore"]
@@ -171,7 +173,7 @@ class JetStreamStore:
         cls,
         url: JetStreamURL,
         *,
-        connect_wait: float = 2.0,
+        connect_wait: float = DEFAULT_CONNECT_TIMEOUT,
         ack_timeout: float = 5.0,
     ) -> JetStreamStore:
         """Connect to NATS and make sure the stream exists and takes atomic batches.

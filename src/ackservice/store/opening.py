@@ -8,18 +8,28 @@ from contextlib import asynccontextmanager
 from .base import Store, StoreReader
 from .url import JetStreamURL, SQLiteURL, parse_store_url
 
-__all__ = ["open_reader", "open_store"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "open_reader", "open_store"]
+
+DEFAULT_CONNECT_TIMEOUT = 2.0
+"""Seconds ``open_store`` waits for a networked store (NATS) before going on without it:
+long enough for a server that is up, short enough not to hold start-up for one that is not."""
 
 
 @asynccontextmanager
 async def open_store(
-    url: str, *, commit_timeout: float | None = None
+    url: str,
+    *,
+    commit_timeout: float | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> AsyncIterator[Store | None]:
     """Open the store ``url`` names for writing (``None`` for ``none``); close it on exit.
 
     ``commit_timeout`` is how long one commit may take (the server's ``--store-timeout``): a
     JetStream store waits that long for a batch's PubAck (default 5 s), so that the server's
     timeout, not a shorter one of the store's own, decides when a batch is unavailable.
+    ``connect_timeout`` is how long a JetStream store waits for NATS here (the server's
+    ``--store-connect-timeout``); past it, it returns and keeps connecting in the background,
+    its batches unavailable until then.
 
     Raises:
         StoreError: the URL is malformed, or the store cannot be used as configured (a path
@@ -39,9 +49,11 @@ async def open_store(
         from .jetstream import JetStreamStore
 
         if commit_timeout is None:
-            store = await JetStreamStore.open(parsed)
+            store = await JetStreamStore.open(parsed, connect_wait=connect_timeout)
         else:
-            store = await JetStreamStore.open(parsed, ack_timeout=commit_timeout)
+            store = await JetStreamStore.open(
+                parsed, connect_wait=connect_timeout, ack_timeout=commit_timeout
+            )
     try:
         yield store
     finally:
