@@ -55,6 +55,11 @@ async def test_messages_survive_a_chaotic_network(
             retries=10,
             backoff_base=0.02,
             backoff_cap=0.2,
+            # The proxy delivers 1 to 7 bytes per 1 to 3 ms chunk: a window of 64 messages of
+            # up to 600 bytes takes seconds to cross it, and the full run beside other
+            # scenarios once took past the default 10 s for an ACK (the client then gives up,
+            # by design: see ClientConfig.ack_timeout).
+            ack_timeout=60,
         )
         connections += stats.connections
         resent += stats.resent
