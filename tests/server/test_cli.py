@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -463,3 +464,12 @@ def test_port_file_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "--port-file: no directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_prints_float_defaults_as_people_write_them() -> None:
+    """``--send-timeout ... (default: 10; ...)``, not ``10.0``, as the client and bench do."""
+    from ackservice.server.cli import build_parser
+
+    text = build_parser({}).format_help()
+    assert "default: 10;" in text  # --send-timeout, --shutdown-grace, ...
+    assert not re.search(r"default: \d+\.0[;)]", " ".join(text.split())), text

@@ -90,7 +90,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         environ=environ,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    add = parser.add_setting
+    add = _cli.with_plain_defaults(parser)
     # --host and --port default to None, as the client's --port does: given (by flag or
     # variable) or not matters when systemd passes the sockets (_warn_address_ignored).
     add(
