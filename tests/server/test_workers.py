@@ -398,7 +398,7 @@ def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) 
     assert done.returncode == 1
     not_logs = [line for line in done.stderr.splitlines() if not line.startswith("{")]
     assert len(not_logs) == 1, done.stderr
-    assert not_logs[0].startswith("ackservice.server: error: ")
+    assert not_logs[0].startswith("python -m ackservice.server: error: ")
     assert expected in not_logs[0]
     if failure != "port file is a directory":  # found before any worker starts
         assert "worker_started" not in done.stderr
@@ -446,10 +446,12 @@ def test_a_worker_that_never_starts_again_stops_the_supervisor(tmp_path: Path) -
         assert events("shutdown_complete")
         errors = [line for line in server.log_path.read_text().splitlines() if line[:1] != "{"]
         assert errors[-1] == (
-            "ackservice.server: error: worker 1 failed to start 3 times in a row "
+            "python -m ackservice.server: error: worker 1 failed to start 3 times in a row "
             "(last: exit code 1) (its log says why)"
         )
-        assert errors[0].startswith("ackservice.server: error: cannot create the directory")
+        assert errors[0].startswith(
+            "python -m ackservice.server: error: cannot create the directory"
+        )
 
 
 @pytest.mark.parametrize("failing", ["socketpair", "open_process"])

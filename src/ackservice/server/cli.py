@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import Final
 
 import structlog
 import trio
@@ -79,12 +80,15 @@ _IGNORED_SIGNALS = (signal.SIGHUP,)
 
 log = structlog.get_logger(__name__)
 
+PROG: Final = "python -m ackservice.server"
+"""How the program names itself in usage lines and every error line (argparse's and ours)."""
+
 
 def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     """The server's command-line parser (flags backed by ACKSERVICE_* variables)."""
     defaults = ServerConfig()
     parser = _cli.SettingsParser(
-        prog="python -m ackservice.server",
+        prog=PROG,
         description="Acknowledge every newline-terminated message with ACK <seq> <nbytes> "
         "<crc32>. Stop with SIGTERM or Ctrl-C (graceful); a second signal exits at once.",
         environ=environ,
@@ -314,7 +318,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         try:
             tls = server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
         except TLSConfigError as exc:
-            print(f"ackservice.server: error: {exc}", file=sys.stderr)
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
             return _cli.EXIT_USAGE
     role = WorkerRole.from_environment(os.environ)
     if role is not None and "LISTEN_FDS" in os.environ:
@@ -324,7 +328,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     try:
         activated = take_listen_fds()
     except ValueError as exc:
-        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return _cli.EXIT_USAGE
     notifier = Notifier.from_environment()
     try:
@@ -336,8 +340,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         )
     except OSError as exc:
         print(
-            f"ackservice.server: error: cannot open --log-file {str(args.log_file)!r}: "
-            f"{exc.strerror or exc}",
+            f"{PROG}: error: cannot open --log-file {str(args.log_file)!r}: {exc.strerror or exc}",
             file=sys.stderr,
         )
         return EXIT_START_FAILED
@@ -366,10 +369,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                 )
             )
     except (StoreError, PortFileError, MetricsPortError) as exc:
-        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     except OSError as exc:
-        print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
         return EXIT_START_FAILED
 
 
@@ -390,7 +393,7 @@ def _supervise(
     try:
         trio.run(_check_sqlite_store_opens, args.store)
     except StoreError as exc:
-        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     host, port = _host_and_port(args)
     settings = SupervisorSettings(
@@ -412,14 +415,14 @@ def _supervise(
         with _single_errors_unwrapped():
             return trio.run(supervise, settings)
     except StartFailed as exc:
-        print(f"ackservice.server: error: {exc} (its log says why)", file=sys.stderr)
+        print(f"{PROG}: error: {exc} (its log says why)", file=sys.stderr)
         return exc.code if exc.code > 0 else EXIT_START_FAILED
     except (PortFileError, MetricsPortError) as exc:
-        print(f"ackservice.server: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     except OSError as exc:
         config = ServerConfig(host=settings.host, port=settings.port)
-        print(f"ackservice.server: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
         return EXIT_START_FAILED
     finally:
         if args.port_file is not None:
