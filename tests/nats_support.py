@@ -64,11 +64,20 @@ class NatsServer:
     the setting the JetStream store's durability claim relies on.
     """
 
-    def __init__(self, store_dir: Path, port: int | None = None, *, jetstream: bool = True) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        *,
+        jetstream: bool = True,
+        jetstream_config: str = "",
+    ) -> None:
         self.store_dir = store_dir
         self.port = port if port is not None else free_port()
         self.jetstream = jetstream
         """False: a plain NATS server, whose JetStream API nobody answers."""
+        self.jetstream_config = jetstream_config
+        """More of the config's ``jetstream`` block (``limits { max_request_batch: 100 }``)."""
         self.config_path = store_dir / "nats-server.conf"
         self.log_path = store_dir / "nats-server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -80,7 +89,9 @@ class NatsServer:
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text("jetstream {\n  sync_interval: always\n}\n")
+        self.config_path.write_text(
+            f"jetstream {{\n  sync_interval: always\n  {self.jetstream_config}\n}}\n"
+        )
         command = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port)]
         if self.jetstream:
             store = str(self.store_dir / "jetstream")

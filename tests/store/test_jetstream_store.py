@@ -538,6 +538,44 @@ async def test_follow_goes_on_after_nats_restarts(
     assert seen == [2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("follow", [False, True])
+async def test_pulls_the_server_refuses_end_an_export_and_slow_a_follower(
+    tmp_path: Path, follow: bool
+) -> None:
+    """A nats-server whose ``max_request_batch`` is below ``PULL_BATCH`` answers every pull
+    with ``409 Exceeded MaxRequestBatch``. An export fails with that in its one line (it
+    said ``NATS status b'409'``); a follower says so once and retries once a second: it
+    replaced its consumer in a busy loop, thousands of API requests a second, silently."""
+    server = NatsServer(tmp_path / "nats", jetstream_config="limits { max_request_batch: 100 }")
+    server.start()
+    try:
+        async with open_store(f"{server.url}/ACKS", connect_timeout=5) as store:
+            assert store is not None
+            await store.store(make_batch(3))
+        notices: list[str] = []
+        reader = await JetStreamReader.open(
+            jetstream_url(server.url), nats_wait=0.5, notice=notices.append
+        )
+        try:
+            with trio.move_on_after(2) as waited:
+                async with aclosing(reader.messages(follow=follow)) as messages:
+                    if not follow:
+                        with pytest.raises(StoreError, match="409 Exceeded MaxRequestBatch"):
+                            await messages.__anext__()
+                        return
+                    async for _ in messages:
+                        raise AssertionError("a refused pull yielded a message")
+            assert waited.cancelled_caught
+            requests = reader._client.stats["out_msgs"]
+        finally:
+            await reader.aclose()
+    finally:
+        server.stop()
+    assert requests < 20
+    assert len(notices) == 1
+    assert "409 Exceeded MaxRequestBatch" in notices[0]
+
+
 class _PullsByHand:
     """Stands in for the reader's connection in ``_fetch``: each pull request published
     runs ``on_pull`` (which delivers what the test wants, as the read loop would)."""

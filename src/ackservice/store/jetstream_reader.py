@@ -157,12 +157,14 @@ class JetStreamReader:
         last = after
         consumer: _Consumer | None = await self._runner.run(self._create_consumer(after))
         replaced = 0  # consumers replaced since a message last came
+        said_again = False  # the follower said its consumers keep going at once
         try:
             while True:
                 assert consumer is not None
                 chunk, outcome = await self._runner.run(self._fetch(consumer, follow))
                 if chunk:
                     replaced = 0
+                    said_again = False
                     last = chunk[-1].id
                     for message in chunk:
                         yield message
@@ -173,11 +175,18 @@ class JetStreamReader:
                 # The consumer cannot go on: the next one starts after the last message.
                 old, consumer = consumer, None
                 await self._runner.run(self._drop_consumer(old, delete=outcome is _Pull.GONE))
-                if not follow and replaced > 0:
-                    raise StoreError(
-                        f"cannot read stream {self._url.stream} on {self._url}: its consumer "
-                        f"was gone again at once (NATS status {old.ended_by!r})"
-                    )
+                if replaced > 0 and not follow and outcome is not _Pull.SILENT:
+                    why = self._again(outcome, old)
+                    raise StoreError(f"cannot read stream {self._url.stream}: {why}")
+                if replaced > 0 and outcome is _Pull.GONE:
+                    # A follower's new consumer went before a message came: not NATS going
+                    # away (that is LOST, waited for) but the pull itself refused (a server
+                    # with max_request_batch below PULL_BATCH answers each with 409 Exceeded
+                    # MaxRequestBatch). Replaced at once, that was a busy loop.
+                    if not said_again:
+                        said_again = True
+                        self._waiting(self._again(outcome, old), last)
+                    await trio.sleep(min(self._connection.api_timeout, 1.0))
                 replaced += 1
                 consumer = await self._next_consumer(last, outcome, follow)
         finally:
@@ -216,6 +225,15 @@ class JetStreamReader:
                     self._waiting(str(error), last)
             # Also when NATS answered at once (no responders while JetStream starts).
             await trio.sleep(min(wait, 1.0))
+
+    def _again(self, outcome: _Pull, old: _Consumer) -> str:
+        """Why the consumer that replaced another could not go on either, in a line."""
+        if outcome is _Pull.LOST:
+            return f"lost the connection to NATS at {self._url} again before reading on"
+        return (
+            f"NATS at {self._url} ended the pull of a new consumer at once too "
+            f"({old.ended_why or 'no status'})"
+        )
 
     def _waiting(self, why: str, last: int) -> None:
         text = f"{why}; waiting for it, to go on after id {last}"
@@ -472,6 +490,8 @@ class _Consumer:
         self._error: Exception | None = None
         self.ended_by: bytes | None = None
         """The status that ended the last pull (``b"404"``), if one did."""
+        self.ended_why = ""
+        """That status with its description (``409 Exceeded MaxRequestBatch of 100``)."""
         self.broken = False
         """The connection dropped since this consumer was made: it cannot go on."""
 
@@ -479,6 +499,7 @@ class _Consumer:
         """Begin a pull: what arrives from now on belongs to it (with any earlier leftovers)."""
         self._follow = follow
         self.ended_by = None
+        self.ended_why = ""
         self._over.clear()
         self._last_delivery = asyncio.get_running_loop().time()
         if len(self._arrived) >= PULL_BATCH:
@@ -495,6 +516,7 @@ class _Consumer:
                 # the pull is alive, anything else ends it.
                 if status != b"100":
                     self.ended_by = status
+                    self.ended_why = _status_line(headers)
                     self._over.set()
                 return
             message, self.pending = _stored_from_delivery(reply, data, headers)
@@ -547,6 +569,12 @@ def _status(headers: bytes | None) -> bytes | None:
     version, _, _ = headers.partition(b"\r\n")
     code = version.partition(b" ")[2][:3]
     return code if code.isdigit() else None
+
+
+def _status_line(headers: bytes | None) -> str:
+    """A status message's code and description (``409 Exceeded MaxRequestBatch of 100``)."""
+    version = (headers or b"").partition(b"\r\n")[0]
+    return version.partition(b" ")[2].strip().decode("utf-8", "replace")
 
 
 def _stored_from_delivery(
