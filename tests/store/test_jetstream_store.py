@@ -576,6 +576,43 @@ async def test_pulls_the_server_refuses_end_an_export_and_slow_a_follower(
     assert "409 Exceeded MaxRequestBatch" in notices[0]
 
 
+async def test_a_follower_whose_new_consumer_worked_replaces_it_quietly_again(
+    nats_server: NatsServer, store: JetStreamStore
+) -> None:
+    """A follower's consumer deleted twice (an admin, the server's inactivity limit), with
+    pulls that worked between: no "at once" notice or wait, as for a refused pull; only a
+    consumer gone before any of its pulls worked is that."""
+    await store.store(make_batch(3))
+    notices: list[str] = []
+    reader = await JetStreamReader.open(
+        jetstream_url(nats_server.url), nats_wait=0.5, notice=notices.append
+    )
+
+    async def delete_twice() -> None:
+        for _ in range(2):
+            assert await trio.to_thread.run_sync(delete_consumers, nats_server.url, "ACKS") == 1
+            await trio.sleep(1.5)  # the new consumer's first pull expires: a 408, it works
+        await store.store(make_batch(1, first_seq=4))
+
+    seen: list[int] = []
+    try:
+        with trio.fail_after(8):
+            async with (
+                trio.open_nursery() as nursery,
+                aclosing(reader.messages(follow=True)) as messages,
+            ):
+                async for message in messages:
+                    seen.append(message.seq)
+                    if message.seq == 3:
+                        nursery.start_soon(delete_twice)
+                    if message.seq == 4:
+                        break
+    finally:
+        await reader.aclose()
+    assert seen == [1, 2, 3, 4]
+    assert notices == []
+
+
 class _PullsByHand:
     """Stands in for the reader's connection in ``_fetch``: each pull request published
     runs ``on_pull`` (which delivers what the test wants, as the read loop would)."""

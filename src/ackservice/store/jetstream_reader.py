@@ -156,15 +156,16 @@ class JetStreamReader:
         """
         last = after
         consumer: _Consumer | None = await self._runner.run(self._create_consumer(after))
-        replaced = 0  # consumers replaced since a message last came
+        replaced = 0  # consumers replaced since one last worked
         said_again = False  # the follower said its consumers keep going at once
         try:
             while True:
                 assert consumer is not None
                 chunk, outcome = await self._runner.run(self._fetch(consumer, follow))
-                if chunk:
+                if chunk or outcome is _Pull.MORE:  # the consumer works (a follower's 408)
                     replaced = 0
                     said_again = False
+                if chunk:
                     last = chunk[-1].id
                     for message in chunk:
                         yield message
