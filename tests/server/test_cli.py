@@ -225,7 +225,8 @@ def test_port_in_use_is_one_clear_line() -> None:
         result = run_server_cli("--port", str(port))
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"python -m ackservice.server: error: cannot listen on 127.0.0.1:{port}: address already in use; "
+        "python -m ackservice.server: error: "
+        f"cannot listen on 127.0.0.1:{port}: address already in use; "
         "stop the other process or choose another --port"
     )
 
@@ -454,7 +455,8 @@ def test_port_file_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     not_logs = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert not_logs == [
-        f"python -m ackservice.server: error: cannot write --port-file {str(tmp_path)!r}: Is a directory"
+        "python -m ackservice.server: error: "
+        f"cannot write --port-file {str(tmp_path)!r}: Is a directory"
     ], result.stderr
 
 
