@@ -327,7 +327,15 @@ def test_sighup_during_start_up_does_not_kill_a_starting_worker(tmp_path: Path) 
         str(log_file),
         started_event="worker_started",
     ) as server:
-        # worker_started is logged as the process is spawned: it is still importing.
+        # worker_started is logged as the process is spawned: it is still importing. Both
+        # spawned first: a worker not spawned yet is not sent the signal at all (it will
+        # open the file anew), and would reopen nothing.
+        poll_until(
+            lambda: (
+                {1, 2} <= {e["worker"] for e in server.events() if e["event"] == "worker_started"}
+            ),
+            what="both workers spawned",
+        )
         server.signal(signal.SIGHUP)
         server.wait_for_event("signal_forwarded")
         poll_until(
