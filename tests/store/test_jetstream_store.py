@@ -8,7 +8,7 @@ import os
 import signal
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -493,6 +493,35 @@ async def test_export_fails_within_its_wait_when_nats_stops_answering(
     assert seen == list(range(1, PULL_BATCH + 1))
 
 
+async def follow_until(
+    reader: JetStreamReader,
+    *,
+    after: int,
+    at: int,
+    start: Callable[[], Awaitable[None]],
+    last: int,
+    within: float,
+) -> list[int]:
+    """Follow the stream after ``after``, starting ``start`` (an outage, say) beside it once
+    message ``at`` came, until message ``last``; the sequence numbers read. Closes ``reader``."""
+    seen: list[int] = []
+    try:
+        with trio.fail_after(within):
+            async with (
+                trio.open_nursery() as nursery,
+                aclosing(reader.messages(after=after, follow=True)) as messages,
+            ):
+                async for message in messages:
+                    seen.append(message.seq)
+                    if message.seq == at:
+                        nursery.start_soon(start)
+                    if message.seq == last:
+                        break
+    finally:
+        await reader.aclose()
+    return seen
+
+
 async def store_when_back(store: JetStreamStore, batch: list[Message]) -> None:
     """Store ``batch`` as soon as NATS takes it again (within 10 s)."""
     with trio.fail_after(10):
@@ -520,21 +549,7 @@ async def test_follow_goes_on_after_nats_restarts(
         await trio.to_thread.run_sync(nats_server.start)
         await store_when_back(store, make_batch(2, first_seq=4))
 
-    seen: list[int] = []
-    try:
-        with trio.fail_after(15):
-            async with (
-                trio.open_nursery() as nursery,
-                aclosing(reader.messages(after=1, follow=True)) as messages,
-            ):
-                async for message in messages:
-                    seen.append(message.seq)
-                    if message.seq == 3:
-                        nursery.start_soon(outage)
-                    if message.seq == 5:
-                        break
-    finally:
-        await reader.aclose()
+    seen = await follow_until(reader, after=1, at=3, start=outage, last=5, within=15)
     assert seen == [2, 3, 4, 5]
 
 
@@ -594,21 +609,7 @@ async def test_a_follower_whose_new_consumer_worked_replaces_it_quietly_again(
             await trio.sleep(1.5)  # the new consumer's first pull expires: a 408, it works
         await store.store(make_batch(1, first_seq=4))
 
-    seen: list[int] = []
-    try:
-        with trio.fail_after(8):
-            async with (
-                trio.open_nursery() as nursery,
-                aclosing(reader.messages(follow=True)) as messages,
-            ):
-                async for message in messages:
-                    seen.append(message.seq)
-                    if message.seq == 3:
-                        nursery.start_soon(delete_twice)
-                    if message.seq == 4:
-                        break
-    finally:
-        await reader.aclose()
+    seen = await follow_until(reader, after=0, at=3, start=delete_twice, last=4, within=8)
     assert seen == [1, 2, 3, 4]
     assert notices == []
 
