@@ -141,6 +141,8 @@ class _Slot:
 
     worker_id: int
     process: trio.Process | None = None
+    spawning: bool = False
+    """Its process is being created (in a thread): a shutdown must wait for it too."""
     ready: bool = False
     ever_ready: bool = False
     last_heard: float = 0.0
@@ -332,7 +334,7 @@ class _Supervisor:
         everything.cancel()
 
     async def _all_exited(self) -> None:
-        while any(slot.process is not None for slot in self.slots):
+        while any(slot.process is not None or slot.spawning for slot in self.slots):
             await self._exited.wait()
 
     # --- one worker's life -----------------------------------------------------------
@@ -419,6 +421,7 @@ class _Supervisor:
             env["LISTEN_FDS"] = str(len(settings.activated))
             env["LISTEN_FDNAMES"] = ":".join(a.name for a in settings.activated)
             pass_fds += [a.sock.fileno() for a in settings.activated]
+        slot.spawning = True
         try:
             process = await trio.lowlevel.open_process(
                 settings.worker_argv,
@@ -429,12 +432,18 @@ class _Supervisor:
             )
         except BaseException as exc:
             ours.close()
+            slot.spawning = False
+            self._exited.set()  # nothing to wait for here after all
+            self._exited = trio.Event()
             if isinstance(exc, OSError):
                 _log_start_failed(slot, exc)
                 return None
             raise
         finally:
             theirs.close()
+        # Spawning ends as the process is known: a stop that began meanwhile (it waited for
+        # this slot, _all_exited) sees it, and it is sent SIGTERM just below.
+        slot.spawning = False
         slot.process, slot.ready, slot.exit_code = process, False, None
         slot.hangup_pending = False  # a new process opens the log file afresh
         if self.stopping:
