@@ -209,7 +209,7 @@ class _Supervisor:
         self.forced = False
         self._all_ready = trio.Event()
         self._exited = trio.Event()
-        """Set (and replaced) each time a worker exits."""
+        """Set (and replaced) each time a slot has no process any more: see ``_slot_emptied``."""
         self._start_failed: StartFailed | None = None
         self._port = settings.port
         self._addresses: list[tuple[str, int]] = []
@@ -333,6 +333,11 @@ class _Supervisor:
         await self._all_exited()
         everything.cancel()
 
+    def _slot_emptied(self) -> None:
+        """Wake ``_all_exited``: a worker exited, or a spawn came to nothing."""
+        self._exited.set()
+        self._exited = trio.Event()
+
     async def _all_exited(self) -> None:
         while any(slot.process is not None or slot.spawning for slot in self.slots):
             await self._exited.wait()
@@ -433,8 +438,7 @@ class _Supervisor:
         except BaseException as exc:
             ours.close()
             slot.spawning = False
-            self._exited.set()  # nothing to wait for here after all
-            self._exited = trio.Event()
+            self._slot_emptied()  # no process came of it: nothing to wait for here
             if isinstance(exc, OSError):
                 _log_start_failed(slot, exc)
                 return None
@@ -469,8 +473,7 @@ class _Supervisor:
             # Its last figures go too: /metrics and /readyz must not report a dead worker's
             # connections or store as current.
             slot.process, slot.ready, slot.snapshot = None, False, None
-            self._exited.set()
-            self._exited = trio.Event()
+            self._slot_emptied()
         slot.exit_code = code
         fields: dict[str, object] = {"worker": slot.worker_id, "pid": process.pid}
         if code < 0:
