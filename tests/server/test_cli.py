@@ -475,3 +475,18 @@ def test_help_prints_float_defaults_as_people_write_them() -> None:
     text = build_parser({}).format_help()
     assert "default: 10;" in text  # --send-timeout, --shutdown-grace, ...
     assert not re.search(r"default: \d+\.0[;)]", " ".join(text.split())), text
+
+
+def test_an_error_with_standard_error_closed_stays_off_standard_output(tmp_path: Path) -> None:
+    """Started with descriptor 2 closed (``2>&-``), an error at start-up still exits with its
+    code; its line goes nowhere rather than into standard output (``print`` to a ``None``
+    ``sys.stderr`` writes to standard output), where it would pass for the program's output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ackservice.server", "--tls-cert", str(tmp_path / "none.pem")],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),  # the child's own descriptor 2
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == b""

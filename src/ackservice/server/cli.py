@@ -318,8 +318,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         try:
             tls = server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
         except TLSConfigError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return _cli.EXIT_USAGE
+            return _fail(str(exc), _cli.EXIT_USAGE)
     role = WorkerRole.from_environment(os.environ)
     if role is not None and "LISTEN_FDS" in os.environ:
         # The supervisor handed on its activated sockets; they are for this process.
@@ -328,8 +327,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     try:
         activated = take_listen_fds()
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return _cli.EXIT_USAGE
+        return _fail(str(exc), _cli.EXIT_USAGE)
     notifier = Notifier.from_environment()
     try:
         configure_logging(
@@ -339,11 +337,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             log_file=args.log_file,
         )
     except OSError as exc:
-        print(
-            f"{PROG}: error: cannot open --log-file {str(args.log_file)!r}: {exc.strerror or exc}",
-            file=sys.stderr,
+        return _fail(
+            f"cannot open --log-file {str(args.log_file)!r}: {exc.strerror or exc}",
+            EXIT_START_FAILED,
         )
-        return EXIT_START_FAILED
     if activated and role is None:  # a worker: its supervisor has said it
         _warn_address_ignored(args, activated)
     if role is not None:
@@ -369,11 +366,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                 )
             )
     except (StoreError, PortFileError, MetricsPortError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_START_FAILED
+        return _fail(str(exc), EXIT_START_FAILED)
     except OSError as exc:
-        print(f"{PROG}: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
-        return EXIT_START_FAILED
+        return _fail(_describe_listen_error(config, exc), EXIT_START_FAILED)
 
 
 def _supervise(
@@ -393,8 +388,7 @@ def _supervise(
     try:
         trio.run(_check_sqlite_store_opens, args.store)
     except StoreError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_START_FAILED
+        return _fail(str(exc), EXIT_START_FAILED)
     host, port = _host_and_port(args)
     settings = SupervisorSettings(
         workers=args.workers,
@@ -415,15 +409,12 @@ def _supervise(
         with _single_errors_unwrapped():
             return trio.run(supervise, settings)
     except StartFailed as exc:
-        print(f"{PROG}: error: {exc} (its log says why)", file=sys.stderr)
-        return exc.code if exc.code > 0 else EXIT_START_FAILED
+        return _fail(f"{exc} (its log says why)", exc.code if exc.code > 0 else EXIT_START_FAILED)
     except (PortFileError, MetricsPortError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_START_FAILED
+        return _fail(str(exc), EXIT_START_FAILED)
     except OSError as exc:
         config = ServerConfig(host=settings.host, port=settings.port)
-        print(f"{PROG}: error: {_describe_listen_error(config, exc)}", file=sys.stderr)
-        return EXIT_START_FAILED
+        return _fail(_describe_listen_error(config, exc), EXIT_START_FAILED)
     finally:
         if args.port_file is not None:
             with contextlib.suppress(OSError):
@@ -557,6 +548,16 @@ async def _open_store_and_serve(
 
 class PortFileError(Exception):
     """The ``--port-file`` could not be written."""
+
+
+def _fail(message: str, code: int) -> int:
+    """Say ``message`` as the one error line on standard error; ``code``, the exit status.
+    Not a word, rather than a traceback or a line on standard output, when standard error
+    is closed (Python then leaves ``sys.stderr`` None) or fails."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 def _log_file(text: str) -> Path:
