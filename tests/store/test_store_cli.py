@@ -531,3 +531,17 @@ def test_nats_without_jetstream_is_one_line_and_exit_1(tmp_path: Path, command: 
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "has no JetStream to answer" in result.stderr
+
+
+def test_an_error_with_standard_error_closed_stays_off_standard_output(tmp_path: Path) -> None:
+    """Started with descriptor 2 closed, a store it cannot read still exits 1, and its error
+    line goes nowhere rather than into standard output, the data an export writes."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ackservice.store", "export", "--store", f"sqlite:{tmp_path}/no.db"],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),  # the child's own descriptor 2
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stdout == b""

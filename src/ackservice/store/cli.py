@@ -283,7 +283,7 @@ class _Run:
 
     def _fail(self, text: str) -> None:
         self.code = EXIT_STORE_FAILED
-        print(f"{PROG}: error: {' '.join(text.split())}", file=sys.stderr)
+        _say("error", text)
 
     def _output_closed(self) -> None:
         self.code = EXIT_OUTPUT_CLOSED
@@ -451,10 +451,17 @@ def _rfc3339_or_none(timestamp: float | None) -> str | None:
 def _warn(text: str) -> None:
     """One line on stderr about something that goes on (``export --follow`` waiting for
     NATS); standard output carries only the export."""
-    if sys.stderr is None:  # started with stderr closed
+    _say("warning", text)
+
+
+def _say(kind: str, text: str) -> None:
+    """``text`` as one ``kind`` line on stderr; nowhere if stderr is closed (Python leaves
+    ``sys.stderr`` None, and ``print`` would then write to standard output, into the export)
+    or fails (nobody reads it: the command goes on regardless)."""
+    if sys.stderr is None:
         return
-    with contextlib.suppress(OSError):  # nobody reads it: the export goes on regardless
-        print(f"{PROG}: warning: {' '.join(text.split())}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):
+        print(f"{PROG}: {kind}: {' '.join(text.split())}", file=sys.stderr, flush=True)
 
 
 def _silence_stdout() -> None:
