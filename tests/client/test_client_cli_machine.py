@@ -7,7 +7,10 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from client_fakes import RunClient
@@ -135,3 +138,17 @@ def test_help_text_is_uniform(command: str) -> None:
         if action.nargs is None and not isinstance(action, argparse._AppendAction):
             assert "default: " in text, text  # "(default: ..." or "(range: ...; default: ..."
         assert not re.search(r"default: \d+\.0[;)]", text), text
+
+
+def test_a_json_usage_error_with_standard_error_closed_stays_off_standard_output() -> None:
+    """With ``--json`` and descriptor 2 closed, a usage error still exits 2, and its JSON
+    object goes nowhere rather than onto standard output, among the replies' objects."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ackservice.client", "--json", "--window", "0", "x"],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),  # the child's own descriptor 2
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == b""

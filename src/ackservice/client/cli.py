@@ -628,7 +628,8 @@ class _ClientParser(_cli.SettingsParser):
     def error(self, message: str) -> NoReturn:
         if self.json_errors:
             text = f"{message} (see --help)"
-            print(error_json(text), file=sys.stderr)
+            if sys.stderr is not None:  # closed: not onto stdout, among the JSON replies
+                print(error_json(text), file=sys.stderr)
             sys.exit(_cli.EXIT_USAGE)
         super().error(message)
 
