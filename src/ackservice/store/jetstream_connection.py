@@ -49,7 +49,10 @@ class AsyncioThread:
         try:
             loop.run_forever()
         finally:
-            loop.close()
+            try:
+                _finish_tasks(loop)
+            finally:
+                loop.close()
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start ``coroutine`` on the loop without waiting for it."""
@@ -91,6 +94,26 @@ class AsyncioThread:
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what still runs on a stopped loop and let it unwind, as ``asyncio.run`` does.
+
+    nats-py's close cancels its subscriptions' tasks without waiting for them; a task left
+    pending on a closed loop is finalised later by the garbage collector, in whatever code
+    runs then, where it fails ("Event loop is closed") and says "Task was destroyed but it
+    is pending". The wait is bounded: a task that ignores its cancellation is left.
+    """
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=_FINISH_TASKS_WITHIN))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+_FINISH_TASKS_WITHIN = 1.0
+"""Seconds the loop's thread waits for its cancelled tasks before closing the loop."""
 
 
 class NatsConnection:
