@@ -28,6 +28,7 @@ __all__ = [
     "seconds",
     "seconds_up_to",
     "server_port",
+    "setting_name",
     "switch",
     "with_plain_defaults",
 ]
@@ -168,7 +169,8 @@ class SettingsParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._environ = os.environ if environ is None else environ
         self._env_prefix = env_prefix
-        self._settings: list[tuple[str, str, Callable[[str], Any], Any]] = []
+        # (dest, flag, variable, parser, default) of each setting, flag-or-environment.
+        self._settings: list[tuple[str, str, str, Callable[[str], Any], Any]] = []
 
     def _names(self, flag: str) -> tuple[str, str]:
         """The attribute name and environment variable of ``flag``."""
@@ -204,7 +206,7 @@ class SettingsParser(argparse.ArgumentParser):
             help=f"{help} ({limits}default: {shown}; env: {env})",
             action="append" if repeatable else "store",
         )
-        self._settings.append((dest, env, parse, default))
+        self._settings.append((dest, flag, env, parse, default))
 
     def add_switch(self, flag: str, help: str) -> None:
         """Add an on/off ``flag`` (``--json``), backed by e.g. ``ACKSERVICE_JSON=1``."""
@@ -217,7 +219,7 @@ class SettingsParser(argparse.ArgumentParser):
             default=None,
             help=f"{help} (env: {env})",
         )
-        self._settings.append((dest, env, switch, False))
+        self._settings.append((dest, flag, env, switch, False))
 
     def add_list(self, flag: str, help: str, *, metavar: str) -> None:
         """Add a repeatable ``flag``, backed by one shell-quoted variable named in the plural."""
@@ -231,28 +233,46 @@ class SettingsParser(argparse.ArgumentParser):
             metavar=metavar,
             help=f"{help} (repeatable; env: {env}, split like a shell line)",
         )
-        self._settings.append((dest, env, shlex.split, []))
+        self._settings.append((dest, flag, env, shlex.split, []))
 
     def parse_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: None = None
     ) -> argparse.Namespace:
         parsed = super().parse_args(args, namespace)
-        for dest, env, parse, default in self._settings:
+        names: dict[str, str] = {}
+        for dest, flag, env, parse, default in self._settings:
+            names[dest] = flag
             if getattr(parsed, dest) is not None:
                 continue  # the flag wins over the environment
             raw = self._environ.get(env)
             if raw is None or raw == "":
                 setattr(parsed, dest, default)
                 continue
+            names[dest] = env
             try:
                 setattr(parsed, dest, parse(raw))
             except ValueError as exc:
                 self.error(f"environment variable {env}: {exc}")
+        setattr(parsed, _NAMES_ATTRIBUTE, names)
         return parsed
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+_NAMES_ATTRIBUTE = "_setting_names"
+
+
+def setting_name(args: argparse.Namespace, dest: str) -> str:
+    """What to call setting ``dest`` in a message about its value: its environment variable
+    if the value came from there, else its flag (given, or the default's).
+
+    An error that named ``--tls-cert`` for a path set in ``ACKSERVICE_TLS_CERT`` sent the
+    reader to a command line that has no such flag.
+    """
+    names: dict[str, str] = getattr(args, _NAMES_ATTRIBUTE, {})
+    return names.get(dest, "--" + dest.replace("_", "-"))
 
 
 def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -32,6 +32,7 @@ from ackservice.server.cli import (
     write_port_file,
 )
 from support import LineReader, server_process, wait_until
+from tls_support import TLSFiles
 
 # The server CLI with getaddrinfo failing for ``.invalid`` names, so that no test asks the
 # network's resolver about a name (only loopback traffic leaves a test).
@@ -214,6 +215,111 @@ def test_bad_settings_are_one_clear_line(
     assert result.returncode in (1, 2)
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# A path that can never be created, even by root: /proc takes no new files. The settings'
+# own checks pass (its directory exists), so the failure comes when it is opened.
+_UNCREATABLE = "/proc/ackservice-test"
+
+
+@pytest.mark.parametrize(
+    ("settings", "code", "message"),
+    [
+        ({"TLS_CERT": "{missing}"}, 2, "cannot read ACKSERVICE_TLS_CERT '{missing}': No such file"),
+        (
+            {"TLS_CERT": "{server_cert}", "TLS_KEY": "{missing}"},
+            2,
+            "cannot read ACKSERVICE_TLS_KEY '{missing}': No such file",
+        ),
+        (
+            {"TLS_CERT": "{server_cert}", "TLS_KEY": "{server_key}", "TLS_CLIENT_CA": "{tmp}"},
+            2,
+            "cannot read ACKSERVICE_TLS_CLIENT_CA '{tmp}': it is a directory",
+        ),
+        (
+            {"TLS_CERT": "{server_cert}"},
+            2,
+            "no private key in ACKSERVICE_TLS_CERT '{server_cert}': give it with --tls-key",
+        ),
+        ({"TLS_KEY": "{server_key}"}, 2, "ACKSERVICE_TLS_KEY needs --tls-cert"),
+        ({"TLS_CLIENT_CA": "{server_cert}"}, 2, "ACKSERVICE_TLS_CLIENT_CA needs --tls-cert"),
+        ({"LOG_FILE": _UNCREATABLE}, 1, f"cannot open ACKSERVICE_LOG_FILE '{_UNCREATABLE}': "),
+        ({"PORT_FILE": _UNCREATABLE}, 1, f"cannot write ACKSERVICE_PORT_FILE '{_UNCREATABLE}': "),
+        ({"HOST": "no-such-host.invalid"}, 1, "; check ACKSERVICE_HOST"),
+        (
+            {"PORT": "{taken}"},
+            1,
+            "address already in use; stop the other process or choose another ACKSERVICE_PORT",
+        ),
+        ({"METRICS_PORT": "{taken}"}, 1, "; check --metrics-host and ACKSERVICE_METRICS_PORT"),
+        # With --workers the supervisor writes the port file and binds the metrics port.
+        (
+            {"WORKERS": "2", "PORT_FILE": _UNCREATABLE},
+            1,
+            f"cannot write ACKSERVICE_PORT_FILE '{_UNCREATABLE}': ",
+        ),
+        (
+            {"WORKERS": "2", "METRICS_PORT": "{taken}"},
+            1,
+            "; check --metrics-host and ACKSERVICE_METRICS_PORT",
+        ),
+    ],
+    ids=[
+        "tls-cert",
+        "tls-key",
+        "tls-client-ca",
+        "tls-cert-without-key",
+        "tls-key-without-cert",
+        "tls-client-ca-without-cert",
+        "log-file",
+        "port-file",
+        "host",
+        "port",
+        "metrics-port",
+        "workers-port-file",
+        "workers-metrics-port",
+    ],
+)
+def test_an_error_about_a_value_from_the_environment_names_its_variable(
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    settings: dict[str, str],
+    code: int,
+    message: str,
+) -> None:
+    """A value that came from an ``ACKSERVICE_*`` variable is called by that variable in the
+    error line, not by its flag: the flag is on no command line the reader could look at."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        values = {
+            "missing": str(tmp_path / "missing.pem"),
+            "server_cert": str(tls_files.server_cert),
+            "server_key": str(tls_files.server_key),
+            "tmp": str(tmp_path),
+            "taken": str(holder.getsockname()[1]),
+        }
+        env = {f"ACKSERVICE_{k}": v.format(**values) for k, v in settings.items()}
+        port = [] if "ACKSERVICE_PORT" in env else ["--port", "0"]
+        result = run_server_cli(*port, "--store", "none", env={**_base_env(), **env})
+    assert result.returncode == code, result.stderr
+    not_logs = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(not_logs) == 1, result.stderr
+    assert not_logs[0].startswith("python -m ackservice.server: error: "), result.stderr
+    assert message.format(**values) in not_logs[0]
+
+
+def test_a_flag_given_over_a_variable_is_named_as_the_flag(tmp_path: Path) -> None:
+    """With both the flag and its variable set, the flag's value is used, and an error about
+    it names the flag."""
+    missing = tmp_path / "flag.pem"
+    env = {**_base_env(), "ACKSERVICE_TLS_CERT": str(tmp_path / "variable.pem")}
+    result = run_server_cli("--port", "0", "--tls-cert", str(missing), env=env)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"python -m ackservice.server: error: cannot read --tls-cert {str(missing)!r}: "
+        "No such file or directory\n"
+    )
 
 
 def test_port_in_use_is_one_clear_line() -> None:

@@ -309,14 +309,29 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     """Run the server until a signal stops it; return the process exit code."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
-    if args.tls_cert is None and (args.tls_key or args.tls_client_ca):
-        parser.error("--tls-key and --tls-client-ca need --tls-cert")
+    # Errors name each setting as it was given: a flag, or its ACKSERVICE_* variable.
+    name = functools.partial(_cli.setting_name, args)
+    if args.tls_cert is None:
+        for dest in ("tls_key", "tls_client_ca"):
+            if getattr(args, dest) is not None:
+                parser.error(
+                    f"{name(dest)} needs --tls-cert (or ACKSERVICE_TLS_CERT): give the "
+                    f"certificate to serve TLS with, or remove {name(dest)}"
+                )
     tls = None
     if args.tls_cert is not None:
         # Loaded here, in the supervisor too: a bad file is one line and exit 2 at once,
         # not a worker failing at start-up.
         try:
-            tls = server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+            tls = server_tls_context(
+                args.tls_cert,
+                args.tls_key,
+                args.tls_client_ca,
+                names={
+                    flag: name(flag.removeprefix("--").replace("-", "_"))
+                    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca")
+                },
+            )
         except TLSConfigError as exc:
             return _fail(str(exc), _cli.EXIT_USAGE)
     role = WorkerRole.from_environment(os.environ)
@@ -338,7 +353,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         )
     except OSError as exc:
         return _fail(
-            f"cannot open --log-file {str(args.log_file)!r}: {exc.strerror or exc}",
+            f"cannot open {name('log_file')} {str(args.log_file)!r}: {exc.strerror or exc}",
             EXIT_START_FAILED,
         )
     if activated and role is None:  # a worker: its supervisor has said it
@@ -365,10 +380,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                     store_connect_timeout=args.store_connect_timeout,
                 )
             )
-    except (StoreError, PortFileError, MetricsPortError) as exc:
-        return _fail(str(exc), EXIT_START_FAILED)
-    except OSError as exc:
-        return _fail(_describe_listen_error(config, exc), EXIT_START_FAILED)
+    except (StoreError, PortFileError, MetricsPortError, OSError) as exc:
+        return _fail(_describe_start_error(exc, config, args), EXIT_START_FAILED)
 
 
 def _supervise(
@@ -410,11 +423,9 @@ def _supervise(
             return trio.run(supervise, settings)
     except StartFailed as exc:
         return _fail(f"{exc} (its log says why)", exc.code if exc.code > 0 else EXIT_START_FAILED)
-    except (PortFileError, MetricsPortError) as exc:
-        return _fail(str(exc), EXIT_START_FAILED)
-    except OSError as exc:
+    except (PortFileError, MetricsPortError, OSError) as exc:
         config = ServerConfig(host=settings.host, port=settings.port)
-        return _fail(_describe_listen_error(config, exc), EXIT_START_FAILED)
+        return _fail(_describe_start_error(exc, config, args), EXIT_START_FAILED)
     finally:
         if args.port_file is not None:
             with contextlib.suppress(OSError):
@@ -547,7 +558,21 @@ async def _open_store_and_serve(
 
 
 class PortFileError(Exception):
-    """The ``--port-file`` could not be written."""
+    """The ``--port-file`` could not be written.
+
+    Attributes:
+        path: the file.
+        reason: why, in words.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(self.describe())
+
+    def describe(self, setting: str = "--port-file") -> str:
+        """The one-line error, naming the setting as the user gave it."""
+        return f"cannot write {setting} {str(self.path)!r}: {self.reason}"
 
 
 def _fail(message: str, code: int) -> int:
@@ -597,9 +622,7 @@ def write_port_file(path: Path, addresses: Sequence[tuple[str, int]]) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             partial.unlink()
-        raise PortFileError(
-            f"cannot write --port-file {str(path)!r}: {exc.strerror or exc}"
-        ) from exc
+        raise PortFileError(path, exc.strerror or str(exc)) from exc
 
 
 def config_from_args(args: argparse.Namespace, *, max_connections: int) -> ServerConfig:
@@ -842,23 +865,41 @@ def _fit_to_fd_limit(max_connections: int) -> int:
     return allowed
 
 
-def _describe_listen_error(config: ServerConfig, exc: OSError) -> str:
+def _describe_start_error(
+    exc: StoreError | PortFileError | MetricsPortError | OSError,
+    config: ServerConfig,
+    args: argparse.Namespace,
+) -> str:
+    """The one error line for a failed start, naming each setting as it was given."""
+    name = functools.partial(_cli.setting_name, args)
+    if isinstance(exc, PortFileError):
+        return exc.describe(name("port_file"))
+    if isinstance(exc, MetricsPortError):
+        return exc.describe(name("metrics_host"), name("metrics_port"))
+    if isinstance(exc, StoreError):
+        return str(exc)
+    return _describe_listen_error(config, exc, name("host"), name("port"))
+
+
+def _describe_listen_error(
+    config: ServerConfig, exc: OSError, host_setting: str = "--host", port_setting: str = "--port"
+) -> str:
     where = ", ".join(
         f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
         for host in parse_hosts(config.host)
     )
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host {config.host!r} ({exc.strerror}); check --host"
+        return f"cannot resolve host {config.host!r} ({exc.strerror}); check {host_setting}"
     if exc.errno == errno.EADDRINUSE:
         return (
             f"cannot listen on {where}: address already in use; "
-            "stop the other process or choose another --port"
+            f"stop the other process or choose another {port_setting}"
         )
     if exc.errno == errno.EACCES:
         return (
             f"cannot listen on {where}: permission denied; "
-            "ports below 1024 need privileges, choose another --port"
+            f"ports below 1024 need privileges, choose another {port_setting}"
         )
     if exc.errno == errno.EADDRNOTAVAIL:
-        return f"cannot listen on {where}: this machine has no such address; check --host"
+        return f"cannot listen on {where}: this machine has no such address; check {host_setting}"
     return f"cannot listen on {where}: {exc.strerror or exc}"

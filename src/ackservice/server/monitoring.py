@@ -216,7 +216,27 @@ class _Clients:
 
 
 class MetricsPortError(Exception):
-    """The ``--metrics-port`` could not be bound."""
+    """The ``--metrics-port`` could not be bound.
+
+    Attributes:
+        host, port: the address that could not be bound.
+        reason: why, in words.
+    """
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(self.describe())
+
+    def describe(
+        self, host_setting: str = "--metrics-host", port_setting: str = "--metrics-port"
+    ) -> str:
+        """The one-line error, naming the settings to check as the user gave them."""
+        return (
+            f"cannot serve metrics on {format_address((self.host, self.port))}: {self.reason}; "
+            f"check {host_setting} and {port_setting}"
+        )
 
 
 async def open_monitoring_listeners(host: str, port: int) -> list[trio.SocketListener]:
@@ -229,10 +249,7 @@ async def open_monitoring_listeners(host: str, port: int) -> list[trio.SocketLis
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise MetricsPortError(
-            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
-            "check --metrics-host and --metrics-port"
-        ) from exc
+        raise MetricsPortError(host, port, exc.strerror or str(exc)) from exc
 
 
 def format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:

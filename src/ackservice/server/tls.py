@@ -7,6 +7,7 @@ that speaks TLS on a connection is ``tls_transport.py``.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,11 +56,20 @@ class TLSFailure(Exception):
 
 
 def server_tls_context(
-    cert: str | Path, key: str | Path | None = None, client_ca: str | Path | None = None
+    cert: str | Path,
+    key: str | Path | None = None,
+    client_ca: str | Path | None = None,
+    *,
+    names: Mapping[str, str] | None = None,
 ) -> ssl.SSLContext:
     """The server's TLS context: TLS 1.2 at least, the certificate chain in ``cert`` (its key
     in ``key``, or in ``cert`` too), and with ``client_ca`` a client certificate signed by
     that CA required of every client (mutual TLS).
+
+    Args:
+        names: what error messages call each file's setting, by flag
+            (``{"--tls-cert": "ACKSERVICE_TLS_CERT"}`` when it came from the environment);
+            a setting not in it is called by its flag.
 
     Raises:
         TLSConfigError: a file is missing, unreadable, not PEM, or the key does not match.
@@ -72,19 +82,22 @@ def server_tls_context(
     # here (~370 vs ~265 us), and the clients of an ack service (ours, Trio's, the load
     # generator) hold long connections and do not resume sessions.
     context.num_tickets = 0
-    cert_text = _read(cert, "--tls-cert")
-    key_text = cert_text if key is None else _read(key, "--tls-key")
-    key_flag = "--tls-cert" if key is None else "--tls-key"
+    names = {} if names is None else names
+    cert_name = names.get("--tls-cert", "--tls-cert")
+    key_name = names.get("--tls-key", "--tls-key")
+    cert_text = _read(cert, cert_name)
+    key_text = cert_text if key is None else _read(key, key_name)
+    key_setting = cert_name if key is None else key_name
     # OpenSSL says "PEM lib" for either of these: say which.
     if b"-----BEGIN CERTIFICATE-----" not in cert_text:
-        raise TLSConfigError(f"no PEM certificate in --tls-cert {str(cert)!r}")
+        raise TLSConfigError(f"no PEM certificate in {cert_name} {str(cert)!r}")
     if key is None and b"PRIVATE KEY-----" not in cert_text:
         raise TLSConfigError(
-            f"no private key in --tls-cert {str(cert)!r}: give it with --tls-key "
+            f"no private key in {cert_name} {str(cert)!r}: give it with --tls-key "
             "(or put it in the certificate file)"
         )
     encrypted = (
-        f"the key in {key_flag} {str(key or cert)!r} is passphrase-protected, which is not "
+        f"the key in {key_setting} {str(key or cert)!r} is passphrase-protected, which is not "
         "supported; decrypt it (openssl pkey -in KEY -out PLAIN_KEY)"
     )
     if b"ENCRYPTED" in key_text:
@@ -110,7 +123,7 @@ def server_tls_context(
     except OSError as exc:
         raise TLSConfigError(f"cannot read {str(cert)!r}: {exc.strerror or exc}") from None
     if client_ca is not None:
-        _read(client_ca, "--tls-client-ca")
+        _read(client_ca, names.get("--tls-client-ca", "--tls-client-ca"))
         try:
             context.load_verify_locations(cafile=client_ca)
         except (ssl.SSLError, OSError) as exc:
@@ -122,11 +135,13 @@ def server_tls_context(
     return context
 
 
-def _read(path: str | Path, flag: str) -> bytes:
+def _read(path: str | Path, setting: str) -> bytes:
     try:
         return read_regular_file(path)
     except OSError as exc:
-        raise TLSConfigError(f"cannot read {flag} {str(path)!r}: {exc.strerror or exc}") from None
+        raise TLSConfigError(
+            f"cannot read {setting} {str(path)!r}: {exc.strerror or exc}"
+        ) from None
 
 
 def describe_ssl_error(exc: ssl.SSLError) -> str:
