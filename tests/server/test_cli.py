@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -572,6 +573,30 @@ def test_port_file_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "--port-file: no directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_text_is_uniform() -> None:
+    """Every option's help is one sentence and at most one parenthesis, the range/default/env
+    note, as the client's and bench's are; every setting shows its default; and no metavar is
+    the dest spelled in capitals where a word the other commands use fits (URL, HOST)."""
+    parser = build_parser({})
+    for action in parser._actions:
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS):
+            continue
+        text = str(action.help)
+        assert text.count("(") <= 1, text
+        if action.nargs is None:  # a valued setting, not --help or --version
+            assert "default: " in text, text
+    usage = parser.format_usage()
+    assert "[--store URL]" in usage  # as python -m ackservice.store calls it
+    assert "[--metrics-host HOST]" in usage  # as --host is
+
+
+def test_help_ends_with_the_exit_codes() -> None:
+    """``--help`` lists the exit codes, as the client's and the store CLI's do."""
+    text = build_parser({}).format_help()
+    assert "exit codes: 0 stopped after a graceful shutdown; 1 could not start" in text
+    assert "2 bad setting; 130 a second signal" in text
 
 
 def test_help_prints_float_defaults_as_people_write_them() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from ackservice.protocol import MessageFramer, message_line
 from ackservice.store.base import Message
-from ackservice.store.cli import duration, main
+from ackservice.store.cli import build_parser, duration, main
 from ackservice.store.sqlite import SQLiteStore
 from nats_support import NatsServer, create_stream, publish_many
 
@@ -245,6 +246,23 @@ def test_usage_errors_are_one_line_and_exit_2(
     assert err.startswith("python -m ackservice.store")
     assert ": error: " in err
     assert fragment in err
+
+
+def test_help_text_is_uniform() -> None:
+    """Every option of every command has at most one parenthesis in its help, the
+    default/env note, as the server's and the client's do; a setting with a range gives it
+    first, in the same words (``range: ...; default: ...; env: ...``)."""
+    parser = build_parser({})
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"export", "stats", "prune"}
+    for command in commands.choices.values():
+        for action in command._actions:
+            if not action.option_strings or action.help in (None, argparse.SUPPRESS):
+                continue
+            text = str(action.help)
+            assert text.count("(") <= 1, text
+            if "at most" in text:
+                assert "(range: above 0, at most " in text, text
 
 
 def test_missing_store_is_one_line_and_exit_1(

@@ -84,13 +84,28 @@ PROG: Final = "python -m ackservice.server"
 """How the program names itself in usage lines and every error line (argparse's and ours)."""
 
 
+_DESCRIPTION = """\
+Acknowledge every newline-terminated message with ACK <seq> <nbytes> <crc32>,
+once the store keeps it. Stop with SIGTERM or Ctrl-C, a graceful shutdown; a
+second signal exits at once. SIGHUP reopens --log-file.
+"""
+
+# As the client's and the store CLI's --help do: the codes a unit file or script tests.
+_EPILOG = """\
+exit codes: 0 stopped after a graceful shutdown; 1 could not start (address in use,
+host not resolvable, store or log file unusable, a worker failing its starts);
+2 bad setting; 130 a second signal forced an immediate exit.
+"""
+
+
 def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
     """The server's command-line parser (flags backed by ACKSERVICE_* variables)."""
     defaults = ServerConfig()
     parser = _cli.SettingsParser(
         prog=PROG,
-        description="Acknowledge every newline-terminated message with ACK <seq> <nbytes> "
-        "<crc32>. Stop with SIGTERM or Ctrl-C (graceful); a second signal exits at once.",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         environ=environ,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -102,9 +117,9 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         _hosts,
         None,
         f"address to listen on; several: repeat the flag or separate them with commas; "
-        f"{EVERY_INTERFACE}: every interface, IPv4 and IPv6 (0.0.0.0: IPv4 only, ::: IPv6 "
-        "only); IPv6 addresses may be bracketed, [::1]; ignored (with a warning) when "
-        "systemd passes the sockets",
+        f"{EVERY_INTERFACE} is every interface, IPv4 and IPv6, 0.0.0.0 every IPv4 one and :: "
+        "every IPv6 one; IPv6 addresses may be bracketed, as [::1]; ignored, with a warning, "
+        "when systemd passes the sockets",
         repeatable=True,
         default_text=defaults.host,
     )
@@ -112,7 +127,7 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--port",
         _int_setting("port"),
         None,
-        "TCP port; 0 picks a free one; ignored (with a warning) when systemd passes the sockets",
+        "TCP port; 0 picks a free one; ignored, with a warning, when systemd passes the sockets",
         default_text=str(defaults.port),
     )
     add(
@@ -156,13 +171,15 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--tcp-keepalive",
         _int_setting("tcp_keepalive"),
         defaults.tcp_keepalive,
-        "seconds of silence before TCP keepalive probes (0: system default)",
+        "seconds of silence before TCP keepalive probes; 0 keeps the system's default",
     )
     add(
         "--store",
         _store_url,
         DEFAULT_STORE_URL,
-        "where every message is kept before its ACK: sqlite:PATH, nats://HOST:PORT/STREAM or none",
+        "where every message is kept before its ACK: sqlite:PATH or nats://HOST:PORT/STREAM; "
+        "none keeps nothing",
+        metavar="URL",
     )
     add(
         "--store-timeout",
@@ -187,8 +204,8 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--tls-cert",
         _file_path,
         None,
-        "serve TLS (1.2 or later) with this PEM certificate chain; the key too unless "
-        "--tls-key is given",
+        "serve TLS, 1.2 or later, with this PEM certificate chain; the file holds the key too "
+        "unless --tls-key is given",
         metavar="PATH",
         default_text="none: plain TCP",
     )
@@ -204,8 +221,8 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--tls-client-ca",
         _file_path,
         None,
-        "require a client certificate signed by this PEM CA (mutual TLS); its subject is "
-        "logged and stored with each message",
+        "require of every client a certificate signed by this PEM CA, mutual TLS; its subject "
+        "is logged and stored with each message",
         metavar="PATH",
         default_text="none: no client certificates",
     )
@@ -219,8 +236,8 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--allow",
         _networks,
         (),
-        "serve only clients in these networks (CIDR, e.g. 10.0.0.0/8 or 2001:db8::/32; "
-        "repeat the flag or separate with commas); others get ERR 0 forbidden",
+        "serve only clients in these networks, CIDRs such as 10.0.0.0/8 or 2001:db8::/32; "
+        "several: repeat the flag or separate them with commas; others get ERR 0 forbidden",
         repeatable=True,
         metavar="CIDR",
         default_text="everyone",
@@ -229,14 +246,14 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--max-connections-per-ip",
         _int_setting("max_connections_per_ip"),
         defaults.max_connections_per_ip,
-        "connections one client address may hold at once; beyond it ERR 0 busy (0: no limit)",
+        "connections one client address may hold at once; beyond it ERR 0 busy; 0: no limit",
     )
     add(
         "--port-file",
         _port_file,
         None,
-        "once listening, write every bound address here, one HOST:PORT a line (IPv6 in "
-        "brackets), atomically; removed at exit",
+        "once listening, write every bound address to this file, atomically, one HOST:PORT "
+        "a line, IPv6 in brackets; removed at exit",
         metavar="PATH",
         default_text="none",
     )
@@ -244,8 +261,8 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--workers",
         _workers,
         1,
-        "worker processes serving the port (SO_REUSEPORT), under a supervisor that restarts "
-        "them; auto: one per CPU; 1: no supervisor",
+        "worker processes sharing the port with SO_REUSEPORT, under a supervisor that "
+        "restarts them; auto: one per CPU; 1: one process, no supervisor",
         metavar="N",
     )
     add(
@@ -260,15 +277,15 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--worker-start-attempts",
         _cli.int_in_range(1, 1000),
         DEFAULT_WORKER_START_ATTEMPTS,
-        "with --workers: failed starts in a row of one worker (it exits or is killed before "
-        "it is ready) after which the supervisor stops the others and exits non-zero",
+        "with --workers: starts in a row one worker may fail, exiting or killed before it "
+        "is ready; then the supervisor stops the others and exits non-zero",
     )
     add(
         "--metrics-port",
         _cli.int_in_range(0, 65535),
         None,
-        "serve GET /metrics (Prometheus), /healthz and /readyz on this port; 0 picks a "
-        "free one (in the listening event)",
+        "serve GET /metrics for Prometheus, /healthz and /readyz over HTTP on this port; 0 "
+        "picks a free one, given in the listening event",
         metavar="PORT",
         default_text="none: off",
     )
@@ -276,13 +293,14 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--metrics-host",
         _cli.host_name,
         "127.0.0.1",
-        "address of the metrics and health endpoint (with --metrics-port)",
+        "address of the metrics and health endpoint of --metrics-port",
+        metavar="HOST",
     )
     add(
         "--log-file",
         _log_file,
         None,
-        "also append every log line to this file (created if missing); SIGHUP reopens it, "
+        "also append every log line to this file, created if missing; SIGHUP reopens it, "
         "for logrotate",
         metavar="PATH",
         default_text="none: standard error only",
@@ -292,14 +310,14 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--log-format",
         _cli.log_format,
         "auto",
-        "auto (console on a terminal, else JSON lines), console or json",
+        "auto: console on a terminal, else JSON lines; console; or json",
     )
     add(
         "--log-queue",
         _cli.int_in_range(1, MAX_LOG_QUEUE),
         DEFAULT_MAX_QUEUED_EVENTS,
-        "log lines each output (stderr, --log-file) holds while it is slow or stalled; "
-        "beyond it new lines are dropped and counted in log_events_dropped",
+        "log lines each output, standard error and --log-file, holds while it is slow or "
+        "stalled; beyond it new lines are dropped and counted in log_events_dropped",
         metavar="LINES",
     )
     return parser

@@ -138,7 +138,8 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--format",
         choices=("lines", "json"),
         default="lines",
-        help="lines (the payloads, as protocol messages) or json (default: lines)",
+        help="lines: the payloads, as protocol messages; or json: one object per message, "
+        "with its metadata (default: lines)",
     )
 
     stats = commands.add_parser(
@@ -167,8 +168,8 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "--older-than",
         type=_cli._argparse_type(duration),
         metavar="DURATION",
-        help="delete the messages received longer ago than DURATION (30d, 12h, 90m, 45s "
-        "or seconds)",
+        help="delete the messages received longer ago than DURATION: 30d, 12h, 90m, 45s or "
+        "a number of seconds",
     )
     return parser
 
@@ -186,9 +187,9 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         type=_cli._argparse_type(_cli.seconds_up_to(_MAX_NATS_TIMEOUT)),
         default=None,
-        help=f"with a nats:// store, how long to wait for NATS: to connect, and for each "
-        f"answer (default: {DEFAULT_NATS_TIMEOUT:g}; at most {_MAX_NATS_TIMEOUT:g}; "
-        f"env: {TIMEOUT_ENV})",
+        help=f"with a nats:// store, seconds to wait for NATS: to connect, and for each "
+        f"answer (range: above 0, at most {_MAX_NATS_TIMEOUT:g}; "
+        f"default: {DEFAULT_NATS_TIMEOUT:g}; env: {TIMEOUT_ENV})",
     )
 
 
