@@ -205,6 +205,9 @@ def test_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
         ([], {"ACKSERVICE_SEND_TIMEOUT": "soon"}, "ACKSERVICE_SEND_TIMEOUT: expected a number"),
         (["--host", "no-such-host.invalid"], {}, "cannot resolve host 'no-such-host.invalid'"),
         (["--bogus"], {}, "unrecognized arguments: --bogus"),
+        (["--host", "127.0.0.1,"], {}, "an empty address between commas in '127.0.0.1,'"),
+        (["--port-file", "/"], {}, "argument --port-file: '/' is a directory, expected a file"),
+        (["--store", "sqlite:/"], {}, "'/' is a directory; sqlite:PATH names the database file"),
     ],
 )
 def test_bad_settings_are_one_clear_line(
@@ -555,15 +558,41 @@ def test_port_file_is_replaced_whole(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["port"]
 
 
-def test_port_file_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
-    """A --port-file that turns out unwritable once listening (a directory) is one line
-    and exit 1, not a traceback of the exception group trio wraps it in."""
-    result = run_server_cli("--port", "0", "--store", "none", "--port-file", str(tmp_path))
+def test_port_file_that_cannot_be_written_is_one_line() -> None:
+    """A --port-file that turns out unwritable once listening is one line and exit 1, not a
+    traceback of the exception group trio wraps it in."""
+    result = run_server_cli("--port", "0", "--store", "none", "--port-file", _UNCREATABLE)
     assert result.returncode == 1
     not_logs = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert not_logs == [
         "python -m ackservice.server: error: "
-        f"cannot write --port-file {str(tmp_path)!r}: Is a directory"
+        f"cannot write --port-file '{_UNCREATABLE}': No such file or directory"
+    ], result.stderr
+
+
+def test_port_file_that_is_a_directory_is_a_usage_error(tmp_path: Path) -> None:
+    """A --port-file that is a directory is refused before the server starts, as a
+    directory --log-file is: not after it has said it is serving."""
+    result = run_server_cli("--port", "0", "--store", "none", "--port-file", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "python -m ackservice.server: error: argument --port-file: "
+        f"{str(tmp_path)!r} is a directory, expected a file path (see --help)\n"
+    )
+
+
+def test_metrics_port_on_the_servers_own_port_says_so() -> None:
+    """``--metrics-port`` equal to ``--port`` is one line saying that, not only
+    "address already in use" and the settings to check."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    result = run_server_cli("--store", "none", "--port", port, "--metrics-port", port)
+    assert result.returncode == 1
+    not_logs = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert not_logs == [
+        f"python -m ackservice.server: error: --metrics-port {port} is the port the server "
+        "listens on (--port); choose another"
     ], result.stderr
 
 

@@ -383,7 +383,7 @@ def test_a_paused_supervisor_does_not_kill_healthy_workers(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    "failure", ["metrics port in use", "port file is a directory", "store is a directory"]
+    "failure", ["metrics port in use", "port file cannot be written", "store is not a database"]
 )
 def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) -> None:
     """A start-up error of --workers is one line on stderr and exit 1, as without workers,
@@ -396,19 +396,22 @@ def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) 
         if failure == "metrics port in use":
             args = ["--metrics-port", str(taken.getsockname()[1])]
             expected = "cannot serve metrics on 127.0.0.1:"
-        elif failure == "port file is a directory":
-            args = ["--port-file", str(tmp_path)]
-            expected = f"cannot write --port-file {str(tmp_path)!r}: Is a directory"
+        elif failure == "port file cannot be written":
+            # /proc takes no new files, even from root (a directory is refused at parsing).
+            args = ["--port-file", "/proc/ackservice-test"]
+            expected = "cannot write --port-file '/proc/ackservice-test': No such file"
         else:
-            args = ["--store", f"sqlite:{tmp_path}"]
-            expected = f"cannot open store {tmp_path}: "
+            not_a_database = tmp_path / "store.db"
+            not_a_database.write_text("not a database\n" * 100)
+            args = ["--store", f"sqlite:{not_a_database}"]
+            expected = f"{not_a_database} is not a SQLite database"
         done = run_cli(tmp_path, ["--workers", "2", *args], {})
     assert done.returncode == 1
     not_logs = [line for line in done.stderr.splitlines() if not line.startswith("{")]
     assert len(not_logs) == 1, done.stderr
     assert not_logs[0].startswith("python -m ackservice.server: error: ")
     assert expected in not_logs[0]
-    if failure != "port file is a directory":  # found before any worker starts
+    if failure != "port file cannot be written":  # found before any worker starts
         assert "worker_started" not in done.stderr
 
 

@@ -538,9 +538,15 @@ def _networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
 def _store_url(text: str) -> str:
     """A ``--store`` value (checked here, opened at start-up)."""
     try:
-        parse_store_url(text)
+        parsed = parse_store_url(text)
     except StoreError as exc:
         raise ValueError(str(exc)) from None
+    if isinstance(parsed, SQLiteURL) and parsed.path.is_dir():
+        # SQLite's own word for it is "unable to open database file".
+        raise ValueError(
+            f"{str(parsed.path)!r} is a directory; sqlite:PATH names the database file, "
+            f"e.g. sqlite:{parsed.path / 'ackservice.db'}"
+        )
     return text.strip()
 
 
@@ -620,6 +626,10 @@ def _port_file(text: str) -> Path:
     if not text.strip():
         raise ValueError("expected a file path, got an empty string")
     path = Path(text)
+    # Refused now, as --log-file is: found once listening, it stopped a server that had
+    # already said it was serving.
+    if path.is_dir():
+        raise ValueError(f"{text!r} is a directory, expected a file path")
     if not path.parent.is_dir():
         raise ValueError(f"no directory {str(path.parent)!r} to write {text!r} in")
     return path
@@ -893,6 +903,12 @@ def _describe_start_error(
     if isinstance(exc, PortFileError):
         return exc.describe(name("port_file"))
     if isinstance(exc, MetricsPortError):
+        if exc.errno == errno.EADDRINUSE and exc.port != 0 and exc.port == config.port:
+            # The usual mistake behind "address already in use" here: say it.
+            return (
+                f"{name('metrics_port')} {exc.port} is the port the server listens on "
+                f"({name('port')}); choose another"
+            )
         return exc.describe(name("metrics_host"), name("metrics_port"))
     if isinstance(exc, StoreError):
         return str(exc)

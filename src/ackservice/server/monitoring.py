@@ -221,12 +221,14 @@ class MetricsPortError(Exception):
     Attributes:
         host, port: the address that could not be bound.
         reason: why, in words.
+        errno: the ``OSError``'s errno, if it had one.
     """
 
-    def __init__(self, host: str, port: int, reason: str) -> None:
+    def __init__(self, host: str, port: int, reason: str, errno: int | None = None) -> None:
         self.host = host
         self.port = port
         self.reason = reason
+        self.errno = errno
         super().__init__(self.describe())
 
     def describe(
@@ -249,7 +251,7 @@ async def open_monitoring_listeners(host: str, port: int) -> list[trio.SocketLis
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise MetricsPortError(host, port, exc.strerror or str(exc)) from exc
+        raise MetricsPortError(host, port, exc.strerror or str(exc), exc.errno) from exc
 
 
 def format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:

@@ -79,7 +79,9 @@ def parse_hosts(text: str) -> tuple[str, ...]:
                 raise ValueError(f"expected an address such as [::1], got {host!r}")
             host = host[1:-1].strip()
         if not host:
-            raise ValueError(f"expected a host name or address, got {text!r}")
+            if not text.strip():
+                raise ValueError("expected a host name or address, got an empty string")
+            raise ValueError(f"an empty address between commas in {text!r}; remove the comma")
         if host not in hosts:
             hosts.append(host)
     return tuple(hosts)
