@@ -281,6 +281,39 @@ def test_missing_store_is_one_line_and_exit_1(
 
 
 @pytest.mark.parametrize(
+    ("store", "code", "line"),
+    [
+        (
+            "sqlite:{missing}",
+            1,
+            "python -m ackservice.store: error: no store at {missing}; check "
+            "ACKSERVICE_STORE (the server creates it on start)",
+        ),
+        (
+            "bogus",
+            2,
+            "python -m ackservice.store stats: error: environment variable ACKSERVICE_STORE: "
+            "unknown store 'bogus'; use sqlite:PATH, nats://HOST:PORT/STREAM or none "
+            "(see --help)",
+        ),
+    ],
+    ids=["missing-file", "bad-url"],
+)
+def test_a_store_from_the_environment_is_named_by_its_variable(
+    tmp_path: Path, store: str, code: int, line: str
+) -> None:
+    """A store named by ``ACKSERVICE_STORE`` that cannot be used is called by that variable
+    in the error, not by ``--store``, which is on no command line the reader could check."""
+    values = {"missing": str(tmp_path / "missing.db")}
+    env = {**os.environ, "ACKSERVICE_STORE": store.format(**values)}
+    result = subprocess.run(
+        _module("stats"), capture_output=True, text=True, timeout=30, check=False, env=env
+    )
+    assert result.returncode == code, result.stderr
+    assert result.stderr == line.format(**values) + "\n"
+
+
+@pytest.mark.parametrize(
     "command",
     [["export", "--after", str(2**63)], ["prune", "--before", "99999999999999999999"]],
 )
@@ -426,7 +459,7 @@ def test_a_bad_nats_wait_from_the_environment_is_a_usage_error() -> None:
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
-    assert "ACKSERVICE_STORE_CLI_TIMEOUT" in result.stderr
+    assert "error: environment variable ACKSERVICE_STORE_CLI_TIMEOUT: expected" in result.stderr
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ from ..errors import AckServiceError
 from ..protocol import message_line
 from .base import StoredMessage, StoreStats
 from .opening import open_reader
+from .sqlite import NoStoreError
 from .url import DEFAULT_STORE_URL, JetStreamURL, SQLiteURL, StoreURL, parse_store_url
 
 __all__ = [
@@ -200,7 +201,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     args = parser.parse_args(argv)
     command: argparse.ArgumentParser = args.command_parser  # its errors name the command
     url = args.store if args.store is not None else (env.get(STORE_ENV) or DEFAULT_STORE_URL)
-    source = "--store" if args.store is not None else STORE_ENV
+    # What errors call the store's setting: as the user gave it, the flag or the variable.
+    from_env = args.store is None and bool(env.get(STORE_ENV))
+    store_setting = STORE_ENV if from_env else "--store"
+    source = f"environment variable {STORE_ENV}" if from_env else "--store"
     try:
         parsed = parse_store_url(url)
     except AckServiceError as exc:
@@ -217,8 +221,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                 _cli.seconds_up_to(_MAX_NATS_TIMEOUT)(text) if text else DEFAULT_NATS_TIMEOUT
             )
         except ValueError as exc:
-            command.error(f"{TIMEOUT_ENV}: {exc}")
-    run = _Run(url, _describe(parsed), sys.stdout.buffer, nats_timeout)
+            command.error(f"environment variable {TIMEOUT_ENV}: {exc}")
+    run = _Run(url, _describe(parsed), sys.stdout.buffer, nats_timeout, store_setting)
     body: Callable[[], Awaitable[None]]
     if args.command == "export":
         body = partial(run.export, args.after, args.follow, args.format)
@@ -243,8 +247,16 @@ def _describe(parsed: StoreURL) -> str:
 class _Run:
     """One invocation: opens the reader, runs the command, turns the outcome into a code."""
 
-    def __init__(self, url: str, description: str, out: BinaryIO, nats_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        description: str,
+        out: BinaryIO,
+        nats_timeout: float,
+        store_setting: str = "--store",
+    ) -> None:
         self.url = url
+        self.store_setting = store_setting
         self.nats_timeout = nats_timeout
         self.description = description
         self.out = _Output(out)
@@ -273,6 +285,8 @@ class _Run:
             self._output_closed()
         except ImportError as exc:  # a store whose client library is not installed
             self._fail(f"cannot open {self.description}: {exc}")
+        except NoStoreError as exc:
+            self._fail(exc.describe(self.store_setting))
         except AckServiceError as exc:
             self._fail(str(exc))
 

@@ -47,7 +47,7 @@ import trio
 from .base import Message, StoredMessage, StoreError, StoreStats, StoreUnavailable, Verdict
 from .batch import MessageBatch, MessageRun
 
-__all__ = ["SCHEMA_VERSION", "SQLiteReader", "SQLiteStore"]
+__all__ = ["SCHEMA_VERSION", "NoStoreError", "SQLiteReader", "SQLiteStore"]
 
 T = TypeVar("T")
 
@@ -123,6 +123,22 @@ _SELECT_PAGE: Final = (
 # whether its native byte order must be swapped to the file's little-endian.
 _U32: Final = "I" if array("I").itemsize == 4 else "L"
 _SWAP: Final = sys.byteorder != "little"
+
+
+class NoStoreError(StoreError):
+    """There is no store file to read at ``path`` (only the server creates one).
+
+    Attributes:
+        path: the absolute path looked at.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(self.describe())
+
+    def describe(self, setting: str = "--store") -> str:
+        """The one-line error, naming the setting that gave the path as the user gave it."""
+        return f"no store at {self.path}; check {setting} (the server creates it on start)"
 
 
 class _StoreFile:
@@ -379,7 +395,7 @@ def _open_for_writing(path: Path) -> tuple[Path, sqlite3.Connection]:
 def _open_for_reading(path: Path) -> tuple[Path, sqlite3.Connection]:
     path = Path(os.path.abspath(path))
     if not path.exists():
-        raise StoreError(f"no store at {path}; check --store (the server creates it on start)")
+        raise NoStoreError(path)
     return path, _connect(path, create=False)
 
 
