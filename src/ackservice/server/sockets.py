@@ -81,6 +81,8 @@ def parse_hosts(text: str) -> tuple[str, ...]:
         if not host:
             if not text.strip():
                 raise ValueError("expected a host name or address, got an empty string")
+            if not text.replace(",", "").strip():
+                raise ValueError(f"expected a host name or address, got {text!r}")
             raise ValueError(f"an empty address between commas in {text!r}; remove the comma")
         if host not in hosts:
             hosts.append(host)
