@@ -339,6 +339,42 @@ async def test_client_not_reading_over_tcp_is_dropped_after_send_timeout(
     assert closed[0]["reason"] == "send-timeout"
 
 
+@pytest.mark.usefixtures("either_level")
+@pytest.mark.parametrize("hook", [False, True], ids=["no-store", "hook"])
+async def test_client_that_stops_reading_and_sending_is_dropped_after_send_timeout(
+    nursery: trio.Nursery, hook: bool
+) -> None:
+    """A client sends a burst whose replies fit in the server's socket buffer but not in its
+    own, then neither reads nor sends (hung). No write of the server waits (the kernel took
+    every reply), yet its replies stay unacknowledged: it is dropped as a client leaving its
+    replies unread for send_timeout, not kept until the idle timeout, and with a reset.
+    (The reliability suite met this as a never-reading client whose TCP had wedged.)"""
+
+    async def accept(payload: bytes, context: MessageContext) -> None:
+        pass
+
+    server = await start(
+        nursery, send_timeout=0.5, idle_timeout=60, on_message=accept if hook else None
+    )
+    with capture_logs() as logs:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+        await sock.connect(("127.0.0.1", server.port))
+        with sock:
+            burst = b"".join(b"message %04d\n" % i for i in range(400))  # ~9 KB of ACKs
+            await sock.send(burst)
+            await wait_until(lambda: any(e["event"] == "connection_closed" for e in logs))
+            # Closed with a reset: its replies cannot be delivered, and a plain close would
+            # leave the kernel holding and retrying them for minutes.
+            with trio.fail_after(5), pytest.raises(ConnectionResetError):
+                while await sock.recv(65536):
+                    pass
+    [closed] = [e for e in logs if e["event"] == "connection_closed"]
+    assert closed["reason"] == "send-timeout"
+    assert closed["messages"] == 400
+    assert closed["duration"] >= 0.5
+
+
 async def test_shutdown_waits_for_a_slow_hook_over_tcp(
     nursery: trio.Nursery, connect: Connect
 ) -> None:

@@ -157,8 +157,10 @@ class Connection:
 
     __slots__ = (
         "_acknowledger",
+        "_checked_for",
         "_committer",
         "_debug",
+        "_first_wait",
         "_framer",
         "_held",
         "_last_message",
@@ -167,6 +169,7 @@ class Connection:
         "_queued",
         "_told",
         "_transport",
+        "_unread",
         "_waiting",
         "_warnings",
         "bytes_received",
@@ -220,6 +223,14 @@ class Connection:
         # A read the dispatcher queued for a commit, until answered (stores only).
         self._queued: _QueuedRead | None = None
         self._last_message = 0.0
+        # A wait for input ends by itself at the idle deadline, or first send_timeout after
+        # the last message, to look at the replies the client has not acknowledged
+        # (_replies_stuck); _checked_for is the _last_message that look was for, and
+        # _unread (bytes, since when) what it found while they stay.
+        config = owner.config
+        self._first_wait = min(config.idle_timeout, config.send_timeout)
+        self._checked_for = -1.0
+        self._unread: tuple[int, float] | None = None
         # Input answered at a time; lowered for a client whose replies outgrow its input
         # (tiny messages), raised again when they no longer do.
         self._piece_bytes = RECEIVE_SIZE
@@ -235,6 +246,42 @@ class Connection:
         """Interrupt a wait for input; a read being answered is finished first."""
         if self._waiting:
             self._transport.wake()
+
+    def _wait_deadline(self) -> float:
+        """When a wait for input ends by itself: ``send_timeout`` after the last message
+        (to look at the replies, see ``_replies_stuck``), and after that look the idle
+        deadline, or the next look while replies stay unacknowledged."""
+        last = self._last_message
+        if self._checked_for != last:
+            return last + self._first_wait
+        idle = last + self._owner.config.idle_timeout
+        unread = self._unread
+        if unread is None:
+            return idle
+        return min(idle, unread[1] + self._owner.config.send_timeout)
+
+    def _replies_stuck(self, now: float) -> bool:
+        """Whether replies the client was sent have stayed unacknowledged for the send
+        timeout, while it sends nothing either.
+
+        A write that waits for the client has its own timeout (``send_rest``); this is the
+        case where every reply went into the kernel's send buffer (megabytes, on loopback)
+        and the client then stopped reading and sending alike: a hung client, or one whose
+        TCP is wedged. The connection would otherwise hold those buffers until the idle
+        timeout. Progress is the socket's send queue shrinking, as for ``send_rest``.
+        """
+        if self._checked_for != self._last_message:  # a message since: start over
+            self._checked_for = self._last_message
+            self._unread = None
+        queued = self._transport.unacknowledged()
+        if not queued:  # nothing waits (or the system cannot tell): the idle timeout applies
+            self._unread = None
+            return False
+        unread = self._unread
+        if unread is None or queued < unread[0]:  # first seen, or the client took some
+            self._unread = (queued, now)
+            return False
+        return now - unread[1] >= self._owner.config.send_timeout
 
     async def run(self) -> None:
         """Serve the connection until it ends, then close it and log its summary.
@@ -310,7 +357,7 @@ class Connection:
             self._withdraw_queued()
             try:
                 # Raises Cancelled when cancelled from outside; the totals still count.
-                await self._transport.aclose(at_eof=at_eof)
+                await self._transport.aclose(at_eof=at_eof, reset=reason == "send-timeout")
             finally:
                 if self._warnings is not None:
                     self._warnings.flush()
@@ -355,7 +402,7 @@ class Connection:
                     return _Ending.SHUTDOWN
                 self._waiting = True
                 try:
-                    ready = await transport.wait_readable(self._last_message + idle_timeout)
+                    ready = await transport.wait_readable(self._wait_deadline())
                 finally:
                     self._waiting = False
                 if self._queued is not None and self._held is None:
@@ -365,8 +412,11 @@ class Connection:
                 if not ready and self._held is None:  # (held: send_later woke it, to finish)
                     if owner.shutting_down:
                         return _Ending.SHUTDOWN
-                    if trio.current_time() >= self._last_message + idle_timeout:
+                    now = trio.current_time()
+                    if now >= self._last_message + idle_timeout:
                         return _Ending.IDLE
+                    if self._replies_stuck(now):
+                        raise trio.TooSlowError  # as a write waiting that long would
                 continue
             answered = self.messages
             if acknowledge:
@@ -420,7 +470,7 @@ class Connection:
             data = transport.read_arrived()
             if data is None:  # nothing complete yet (part of a TLS record)
                 transport.may_have_more = True
-                return self._last_message + self._owner.config.idle_timeout
+                return self._wait_deadline()
             acknowledger = self._acknowledger
             reply = acknowledger.answer_whole(data) if not transport.may_have_more else None
             if reply is None:
@@ -439,7 +489,7 @@ class Connection:
                 self._held = _UnsentReplies(replies, 0)
                 later.append(self)
                 transport.may_have_more = True  # still waiting: the next wake-up is an edge
-                return self._last_message + self._owner.config.idle_timeout
+                return self._wait_deadline()
             self.bytes_received += len(data)
             self.messages = acknowledger.seq
             self._last_message = trio.current_time()
@@ -451,7 +501,7 @@ class Connection:
         except Exception as exc:  # the task's to handle, as if it had read and written
             self._held = exc
             return None
-        return self._last_message + self._owner.config.idle_timeout
+        return self._last_message + self._first_wait  # a message just now
 
     def send_later(self) -> None:
         """Write the replies ``answer_waiting`` put off; what the socket does not take now,
@@ -483,7 +533,7 @@ class Connection:
         queued = self._queued
         if queued is not None:  # one read at a time waits for a commit
             queued.unread_edge = True
-            return self._last_message + config.idle_timeout
+            return self._wait_deadline()
         committer = self._committer
         assert isinstance(committer, GroupCommitter)
         if not committer.has_room():
@@ -492,7 +542,7 @@ class Connection:
         data = transport.read_arrived()
         if data is None:  # nothing complete yet (part of a TLS record)
             transport.may_have_more = True
-            return self._last_message + config.idle_timeout
+            return self._wait_deadline()
         framer = self._framer
         assert framer is not None
         if (
@@ -519,7 +569,7 @@ class Connection:
         if committer.leading is parcel:
             self._held = _QueueTurn.LEAD
             return None
-        return self._last_message + config.idle_timeout
+        return self._last_message + self._first_wait  # a message just now
 
     def answered(self, parcel: Parcel) -> None:
         """The commit holding the queued read is done (``ParcelOwner``; called in the

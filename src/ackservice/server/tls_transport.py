@@ -214,13 +214,13 @@ class TLSTransport(SocketTransport):
         self._woken = True
         super().wake()
 
-    async def aclose(self, *, at_eof: bool) -> None:
+    async def aclose(self, *, at_eof: bool, reset: bool = False) -> None:
         # Not after a record that went only in part (a send timeout): it would be garbage.
-        if self._established and not self._notified and not self._unsent:
+        if self._established and not self._notified and not self._unsent and not reset:
             # Best effort, without waiting: the client has had every reply already.
             with contextlib.suppress(OSError):
                 os.write(self._fd, self.close_notify())
-        await super().aclose(at_eof=at_eof)
+        await super().aclose(at_eof=at_eof, reset=reset)
 
     def close_notify(self) -> bytes:
         """Our close_notify alert, encrypted, to be sent (once)."""

@@ -117,6 +117,11 @@ class Transport(Protocol):
         """Send what can go without waiting; return how many bytes went."""
         ...
 
+    def unacknowledged(self) -> int | None:
+        """Bytes sent that the peer has not acknowledged yet (its reader makes room for
+        them); None where the transport cannot tell."""
+        ...
+
     async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
         """Send ``data[sent:]``, waiting for the peer as long as it keeps reading.
 
@@ -131,8 +136,9 @@ class Transport(Protocol):
         its drain); the transport is not used for reading after this."""
         ...
 
-    async def aclose(self, *, at_eof: bool) -> None:
-        """Close the connection (``at_eof``: the peer ended it, nothing more to say)."""
+    async def aclose(self, *, at_eof: bool, reset: bool = False) -> None:
+        """Close the connection (``at_eof``: the peer ended it, nothing more to say;
+        ``reset``: with a TCP reset, dropping what was not delivered)."""
         ...
 
 
@@ -238,6 +244,9 @@ class SocketTransport:
         except BlockingIOError:
             return 0
 
+    def unacknowledged(self) -> int | None:
+        return _send_queue_bytes(self._fd)
+
     async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
         await send_with_progress(self._fd, data, sent, stall_timeout)
 
@@ -249,7 +258,9 @@ class SocketTransport:
             self._sock = None
         return self._stream
 
-    async def aclose(self, *, at_eof: bool) -> None:
+    async def aclose(self, *, at_eof: bool, reset: bool = False) -> None:
+        if reset:
+            _reset_on_close(self._sock if self._sock is not None else self._stream)
         if self._sock is not None:
             if at_eof:
                 self._hub.forget(self._fd)  # closed next and nobody else has it: no syscall
@@ -294,6 +305,22 @@ async def send_with_progress(fd: int, data: bytes, sent: int, stall_timeout: flo
         queued = queued_now
         if progressed:
             deadline = trio.current_time() + stall_timeout
+
+
+def _reset_on_close(sock: socket.socket | trio.SocketStream | None) -> None:
+    """Make closing ``sock`` a TCP reset (SO_LINGER 0), which drops its unsent data.
+
+    For a client that left its replies unread for the send timeout: they cannot be
+    delivered, and a plain close leaves the kernel trying for minutes (an orphaned socket
+    holding up to its whole send buffer, megabytes each), while the client, if it is
+    still there, hears nothing until then.
+    """
+    if sock is not None:
+        with contextlib.suppress(OSError, trio.ClosedResourceError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 def _send_queue_bytes(fd: int) -> int | None:
@@ -372,6 +399,9 @@ class StreamTransport:
     def try_send(self, data: bytes) -> int:
         return 0
 
+    def unacknowledged(self) -> int | None:
+        return None  # a stream does not show its unsent queue
+
     async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
         # No unsent queue is visible through a stream: each piece that goes is progress.
         if len(data) - sent <= STREAM_SEND_PIECE:
@@ -386,5 +416,7 @@ class StreamTransport:
     def as_stream(self) -> trio.abc.Stream:
         return self._stream
 
-    async def aclose(self, *, at_eof: bool) -> None:
+    async def aclose(self, *, at_eof: bool, reset: bool = False) -> None:
+        if reset and isinstance(self._stream, trio.SocketStream):
+            _reset_on_close(self._stream)
         await trio.aclose_forcefully(self._stream)
