@@ -21,6 +21,7 @@ from nats.aio.subscription import Subscription
 from ackservice.store import Message, StoredMessage, StoreError, StoreUnavailable, open_store
 from ackservice.store.jetstream import JetStreamStore
 from ackservice.store.jetstream_reader import (
+    DEFAULT_MAX_PULL_BYTES,
     PULL_BATCH,
     JetStreamReader,
     _Consumer,
@@ -627,9 +628,9 @@ class _PullsByHand:
         self.on_pull()
 
 
-def _delivery(stream_seq: int, pending: int) -> tuple[bytes, bytes, None]:
+def _delivery(stream_seq: int, pending: int) -> tuple[bytes, bytes, bytes, None]:
     reply = f"$JS.ACK.ACKS.c1.1.{stream_seq}.{stream_seq}.1796170867443472963.{pending}"
-    return reply.encode(), b"payload %d" % stream_seq, None
+    return b"ackservice.ACKS", reply.encode(), b"payload %d" % stream_seq, None
 
 
 def test_deliveries_that_came_after_a_pull_was_given_up_are_read() -> None:
@@ -640,7 +641,7 @@ def test_deliveries_that_came_after_a_pull_was_given_up_are_read() -> None:
     url = jetstream_url("nats://127.0.0.1:4222")
 
     async def scenario() -> tuple[list[int], list[int]]:
-        consumer = _Consumer("c1", pending=2)
+        consumer = _Consumer("c1", pending=2, max_pull_bytes=DEFAULT_MAX_PULL_BYTES)
         # The pull's first message comes at once; its second only after the reader gave up.
         connection = _PullsByHand(lambda: consumer.deliver(*_delivery(1, 1)), api_timeout=0.05)
         reader = JetStreamReader(url, None, connection, None)  # type: ignore[arg-type]
@@ -661,9 +662,9 @@ def test_a_delivery_that_is_no_stored_message_is_one_store_error() -> None:
 
     async def scenario() -> None:
         for reply in (b"", b"$JS.ACK.ACKS.c1.1.x.1.1796170867443472963.0"):
-            consumer = _Consumer("c1", pending=1)
+            consumer = _Consumer("c1", pending=1, max_pull_bytes=DEFAULT_MAX_PULL_BYTES)
             consumer.start_pull(False)
-            consumer.deliver(reply, b"injected", None)
+            consumer.deliver(b"_INBOX.x", reply, b"injected", None)
             with pytest.raises(StoreError, match="c1 is not a stored message"):
                 consumer.take()
 

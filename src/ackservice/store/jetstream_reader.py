@@ -25,12 +25,18 @@ from .base import StoredMessage, StoreError, StoreStats
 from .jetstream_connection import HEADER_PREFIX, NANOS, AsyncioThread, NatsConnection, api_error
 from .url import JetStreamURL
 
-__all__ = ["PULL_BATCH", "JetStreamReader"]
+__all__ = ["DEFAULT_MAX_PULL_BYTES", "PULL_BATCH", "JetStreamReader"]
 
 log = structlog.get_logger(__name__)
 
 PULL_BATCH = 500
-"""Messages a reader asks for at once: what it holds in memory at most."""
+"""Messages a reader asks for at once (small messages: ~0.2 ms of NATS's time each way)."""
+
+DEFAULT_MAX_PULL_BYTES = 16 * 1024 * 1024
+"""Bytes a reader asks for at once (``max_bytes`` of a pull), unless told otherwise: with
+``PULL_BATCH``, what it holds in memory at most. 500 messages of 1 MB (NATS's default
+``max_payload``) were 500 MB; 16 MiB still takes small messages 500 at a time (500 of
+64 bytes are ~120 kB as JetStream counts them), so it costs an export of them nothing."""
 
 _PULL_EXPIRES = 1
 """Seconds a following reader's pull waits for messages on the server (then a 408)."""
@@ -38,7 +44,16 @@ _PULL_EXPIRES = 1
 _NOTHING_NOW = (b"404", b"408")
 """Statuses that end a pull because the consumer has nothing more now (No Messages,
 Request Timeout); any other (503 No Responders: the consumer is gone; 409 Consumer Deleted,
-...) means the consumer cannot go on."""
+...) means the consumer cannot go on, except ``_PULL_AGAIN``'s."""
+
+_TOO_LARGE = "409 Message Size Exceeds MaxBytes"
+"""How nats-server 2.15 ends a pull whose next message is larger than the bytes it has
+left; the message stays for the next pull (for ever, if it is larger than a whole pull)."""
+
+_PULL_AGAIN = (_TOO_LARGE, "409 Batch Completed")
+"""Statuses that end a pull, not the consumer: ``_TOO_LARGE``, or the pull had its
+``PULL_BATCH`` messages with bytes to spare (sent after the last, which the reader counted
+already)."""
 
 
 class JetStreamReader:
@@ -51,6 +66,11 @@ class JetStreamReader:
     message yielded, so nothing is missed or yielded twice. Without ``follow`` that is tried
     within ``nats_wait`` and otherwise raises ``StoreError``; with ``follow`` the reader
     waits as long as NATS is away, and says so once per outage (``notice``).
+
+    Each pull asks for at most ``PULL_BATCH`` messages and ``max_pull_bytes`` bytes (a
+    single larger message comes alone), which bounds what the reader holds in memory. A
+    follower hands what arrived over as soon as it has caught up with the stream, without
+    waiting for the pull to end.
     """
 
     def __init__(
@@ -60,8 +80,10 @@ class JetStreamReader:
         connection: NatsConnection,
         client: _ReaderClient,
         notice: Callable[[str], None] | None = None,
+        max_pull_bytes: int = DEFAULT_MAX_PULL_BYTES,
     ) -> None:
         self._url = url
+        self._max_pull_bytes = max_pull_bytes
         self._runner = runner
         self._connection = connection
         self._client = client
@@ -77,18 +99,23 @@ class JetStreamReader:
         *,
         nats_wait: float = 5.0,
         notice: Callable[[str], None] | None = None,
+        max_pull_bytes: int = DEFAULT_MAX_PULL_BYTES,
     ) -> JetStreamReader:
         """Connect and check the stream exists; ``nats_wait`` bounds the connection and each
         request to NATS after it. ``notice`` takes the line saying a following reader waits
         for NATS (without it, that is logged as ``store_reader_waiting``).
+        ``max_pull_bytes`` (at least 1) bounds the bytes of the messages one pull asks for.
 
         Raises:
             StoreError: NATS is not reachable within ``nats_wait`` or has no such stream.
+            ValueError: ``max_pull_bytes`` is below 1.
         """
+        if max_pull_bytes < 1:
+            raise ValueError(f"max_pull_bytes must be at least 1, got {max_pull_bytes}")
         runner = AsyncioThread(f"ackservice-jetstream-reader-{url.stream}")
         client = _ReaderClient()
         connection = NatsConnection(url, api_timeout=nats_wait, client=client)
-        reader = cls(url, runner, connection, client, notice)
+        reader = cls(url, runner, connection, client, notice, max_pull_bytes)
         connection.on_lost = reader._lost
         try:
             await runner.run(reader._open(nats_wait))
@@ -169,6 +196,9 @@ class JetStreamReader:
                     last = chunk[-1].id
                     for message in chunk:
                         yield message
+                    # Let go of them before the next pull's come in: held across it, the
+                    # reader held two pulls' worth, twice max_pull_bytes.
+                    chunk = []
                 if outcome is _Pull.MORE:
                     continue
                 if outcome is _Pull.END:
@@ -268,11 +298,12 @@ class JetStreamReader:
         )
         if (detail := api_error(answer)) is not None:
             raise StoreError(f"cannot read stream {stream}: {detail}")
-        consumer = _Consumer(answer["name"], answer.get("num_pending", 0))
+        consumer = _Consumer(answer["name"], answer.get("num_pending", 0), self._max_pull_bytes)
         consumer.inbox = self._client.new_inbox()
         try:
+            # Each pull replies to its own subject under the inbox (see _Consumer.start_pull).
             consumer.subscription = await self._client.subscribe_raw(
-                consumer.inbox, consumer.deliver
+                consumer.inbox + ".*", consumer.deliver
             )
         except (nats.errors.Error, OSError) as error:
             raise _NoAnswer(f"cannot ask NATS at {self._url}: {error}") from None
@@ -280,42 +311,45 @@ class JetStreamReader:
         return consumer
 
     async def _fetch(self, consumer: _Consumer, follow: bool) -> tuple[list[StoredMessage], _Pull]:
-        """Up to ``PULL_BATCH`` messages, and what comes next (see ``_Pull``)."""
+        """The messages of a pull (up to ``PULL_BATCH`` and ``max_pull_bytes``), and what comes
+        next (see ``_Pull``). A pull ends when the server ends it or it had all it asked for;
+        a follower that caught up with the stream gets what arrived at once, and the pull
+        goes on (the next call waits on it rather than asking again)."""
         if consumer.broken:
             return consumer.take(), _Pull.LOST
         if not follow and consumer.pending == 0:
             # What an earlier pull, given up after api_timeout, delivered since (the last
             # of it set pending to 0): the export's last messages.
             return consumer.take(), _Pull.END
-        stream = self._url.stream
-        # expires: a pull request waits at most this long for messages, then ends with a 408.
-        request = {"batch": PULL_BATCH, "expires": _PULL_EXPIRES * NANOS, "no_wait": not follow}
-        consumer.start_pull(follow)
-        try:
-            await self._connection.nc.publish(
-                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer.name}",
-                json.dumps(request).encode(),
-                reply=consumer.inbox,
-            )
-        except (nats.errors.Error, OSError):  # closed, or too much waiting to be sent
-            return consumer.take(), _Pull.LOST
+        if not consumer.pulling:
+            reply, request = consumer.start_pull(follow)
+            try:
+                await self._connection.nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{self._url.stream}.{consumer.name}",
+                    json.dumps(request).encode(),
+                    reply=reply,
+                )
+            except (nats.errors.Error, OSError):  # closed, or too much waiting to be sent
+                return consumer.take(), _Pull.LOST
         # A pull ends by itself when it expires; allow the wait beyond that. Even a no_wait
         # pull does: with the messages it counted on purged, nats-server 2.15 answered with
         # a 408 at the expiry, not a 404 at once (every run of the purge test; waiting only
         # api_timeout, as long as the expiry, lost that race 2 runs in 6).
         quiet = self._connection.api_timeout + _PULL_EXPIRES
-        answered = await consumer.pull_over(quiet)
+        answered = await consumer.ready(quiet)
         chunk = consumer.take()
         if consumer.broken:
             return chunk, _Pull.LOST
         if not answered:
             return chunk, _Pull.SILENT
+        if consumer.pulling:  # caught up (pending 0), the pull still under way
+            return chunk, _Pull.MORE if follow else _Pull.END
         status = consumer.ended_by
-        if status is not None and status not in _NOTHING_NOW:
+        if status is not None and status not in _NOTHING_NOW and not consumer.pull_again:
             return chunk, _Pull.GONE
         # Without follow, the end: nothing more now (404/408: a purge may have taken what
         # the consumer last counted as pending), or nothing more at all.
-        if not follow and (status is not None or consumer.pending == 0):
+        if not follow and (status in _NOTHING_NOW or consumer.pending == 0):
             return chunk, _Pull.END
         return chunk, _Pull.MORE
 
@@ -432,16 +466,17 @@ class _ReaderClient(Client):
 
     def __init__(self) -> None:
         super().__init__()
-        self._deliveries: dict[int, Callable[[bytes, bytes, bytes | None], None]] = {}
-        """Subscription id: what takes a delivery's reply subject, payload and headers."""
+        self._deliveries: dict[int, Callable[[bytes, bytes, bytes, bytes | None], None]] = {}
+        """Subscription id: what takes a delivery's subject, reply subject, payload and
+        headers."""
         self.messages_seen = 0
         """Messages that came through ``_process_msg``: none after an API answer means a
         nats-py (``>=2.16,<3`` allows newer ones) that no longer calls it."""
 
     async def subscribe_raw(
-        self, subject: str, deliver: Callable[[bytes, bytes, bytes | None], None]
+        self, subject: str, deliver: Callable[[bytes, bytes, bytes, bytes | None], None]
     ) -> Subscription:
-        """Subscribe to ``subject`` (an inbox) with ``deliver`` taking what arrives.
+        """Subscribe to ``subject`` (an inbox's pulls) with ``deliver`` taking what arrives.
 
         Keyed by subscription id, not subject: a JetStream delivery comes with the stream
         message's own subject; only the subscription (of its pull's reply inbox) names it.
@@ -467,7 +502,7 @@ class _ReaderClient(Client):
         if deliver is None:
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
             return
-        deliver(reply, data, headers)
+        deliver(subject, reply, data, headers)
 
 
 class _Consumer:
@@ -477,36 +512,71 @@ class _Consumer:
     ``_ReaderClient``), and wait in a list until ``_fetch`` hands them to Trio: no task,
     future or timer per message, where ``next_msg`` made two tasks, a timer and a UUID for
     each. Everything here runs on the asyncio loop.
+
+    The consumer counts what each pull has left as nats-server does, because the server
+    ends a pull silently when it had all it asked for (the bytes to the last one included),
+    and sends each pull's statuses to that pull's own reply subject, so that a status of a
+    pull already over (``409 Batch Completed`` after its last message, the ``404`` of an
+    export's last pull) cannot end the next one.
     """
 
-    def __init__(self, name: str, pending: int) -> None:
+    def __init__(self, name: str, pending: int, max_pull_bytes: int) -> None:
         self.name = name
         self.pending = pending
         self.inbox = ""
+        """The pulls' reply subjects are ``<inbox>.<pull number>``."""
         self.subscription: Subscription | None = None
+        self._max_pull_bytes = max_pull_bytes
         self._arrived: list[StoredMessage] = []
-        self._follow = False
-        self._over = asyncio.Event()
+        self._pulls = 0
+        self._reply = b""
+        """The reply subject of the latest pull."""
+        self.pulling = False
+        """A pull is under way: the server may still deliver to it."""
+        self._messages_left = 0
+        self._bytes_left: int | None = None
+        """What the pull under way may still deliver (bytes: ``None`` for no limit)."""
+        self._delivered = 0
+        """Messages the pull under way delivered."""
+        self._one_alone = False
+        """The next message is larger than ``max_pull_bytes``: the next pull asks for it
+        alone, without a byte limit (the server would end every limited pull at it)."""
+        self._ready = asyncio.Event()
         self._last_delivery = 0.0
         self._error: Exception | None = None
         self.ended_by: bytes | None = None
         """The status that ended the last pull (``b"404"``), if one did."""
         self.ended_why = ""
         """That status with its description (``409 Exceeded MaxRequestBatch of 100``)."""
+        self.pull_again = False
+        """The status that ended the last pull is one of ``_PULL_AGAIN``."""
         self.broken = False
         """The connection dropped since this consumer was made: it cannot go on."""
 
-    def start_pull(self, follow: bool) -> None:
-        """Begin a pull: what arrives from now on belongs to it (with any earlier leftovers)."""
-        self._follow = follow
+    def start_pull(self, follow: bool) -> tuple[str, dict[str, Any]]:
+        """Begin a pull: the reply subject and the request to send for it. What arrives
+        from now on belongs to it."""
+        self._pulls += 1
+        reply = f"{self.inbox}.{self._pulls}"
+        self._reply = reply.encode()
+        # expires: a pull request waits at most this long for messages, then ends with a 408.
+        request: dict[str, Any] = {"expires": _PULL_EXPIRES * NANOS, "no_wait": not follow}
+        if self._one_alone:
+            request["batch"] = self._messages_left = 1
+            self._bytes_left = None
+        else:
+            request["batch"] = self._messages_left = PULL_BATCH
+            request["max_bytes"] = self._bytes_left = self._max_pull_bytes
+        self._delivered = 0
+        self.pulling = True
         self.ended_by = None
         self.ended_why = ""
-        self._over.clear()
+        self.pull_again = False
         self._last_delivery = asyncio.get_running_loop().time()
-        if len(self._arrived) >= PULL_BATCH:
-            self._over.set()
+        self._update_ready()
+        return reply, request
 
-    def deliver(self, reply: bytes, data: bytes, headers: bytes | None) -> None:
+    def deliver(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         """Take one delivery. It runs inside nats-py's read loop, so it must not raise: a
         delivery that cannot be read is kept for ``take`` to raise."""
         self._last_delivery = asyncio.get_running_loop().time()
@@ -514,11 +584,9 @@ class _Consumer:
             status = _status(headers)
             if status is not None:
                 # 404 no messages, 408 request expired, 100 heartbeat: a heartbeat only shows
-                # the pull is alive, anything else ends it.
-                if status != b"100":
-                    self.ended_by = status
-                    self.ended_why = _status_line(headers)
-                    self._over.set()
+                # the pull is alive, anything else ends it (if it is this pull's).
+                if status != b"100" and subject == self._reply and self.pulling:
+                    self._end_pull(status, _status_line(headers))
                 return
             message, self.pending = _stored_from_delivery(reply, data, headers)
         except Exception as error:
@@ -528,36 +596,67 @@ class _Consumer:
                 f"cannot read the stream: a delivery to consumer {self.name} is not a stored "
                 f"message ({error or type(error).__name__})"
             )
-            self._over.set()
+            self._update_ready()
             return
         self._arrived.append(message)
-        if len(self._arrived) >= PULL_BATCH or (self.pending == 0 and not self._follow):
-            self._over.set()
+        self._one_alone = False
+        if self.pulling:
+            self._delivered += 1
+            self._messages_left -= 1
+            if self._bytes_left is not None:
+                # As nats-server 2.15 counts a message against a pull's max_bytes.
+                self._bytes_left -= len(subject) + len(reply) + len(headers or b"") + len(data)
+            if self._messages_left <= 0 or (self._bytes_left is not None and self._bytes_left <= 0):
+                self.pulling = False
+        self._update_ready()
+
+    def _end_pull(self, status: bytes, why: str) -> None:
+        self.pulling = False
+        self.ended_by = status
+        self.ended_why = why
+        self.pull_again = why.startswith(_PULL_AGAIN)
+        if why.startswith(_TOO_LARGE) and self._delivered == 0:
+            self._one_alone = True
+        self._update_ready()
+
+    def _update_ready(self) -> None:
+        """Whether ``_fetch`` has something to act on: the pull is over, or the consumer
+        has caught up with the stream (pending 0) and what arrived can go at once."""
+        if (
+            not self.pulling
+            or self.broken
+            or self._error is not None
+            or (self._arrived and self.pending == 0)
+        ):
+            self._ready.set()
+        else:
+            self._ready.clear()
 
     def lose(self) -> None:
         """The connection dropped: end the pull (asyncio side, from nats-py's disconnect
         callback, before anything of a new connection is read)."""
         self.broken = True
-        self._over.set()
+        self._update_ready()
 
-    async def pull_over(self, quiet: float) -> bool:
-        """Wait until the pull ended (true), or nothing arrived for ``quiet`` seconds
-        (false: NATS did not answer)."""
+    async def ready(self, quiet: float) -> bool:
+        """Wait until there is something to act on (true), or nothing arrived for ``quiet``
+        seconds (false: NATS did not answer)."""
         loop = asyncio.get_running_loop()
-        while not self._over.is_set():
+        while not self._ready.is_set():
             left = self._last_delivery + quiet - loop.time()
             if left <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._over.wait(), left)
+                await asyncio.wait_for(self._ready.wait(), left)
         return True
 
     def take(self) -> list[StoredMessage]:
         """The messages that arrived so far, handed over; or the error a delivery that could
         not be read raised (the pull's messages are then dropped, as with ``next_msg``)."""
         chunk, self._arrived = self._arrived, []
-        if self._error is not None:
-            error, self._error = self._error, None
+        error, self._error = self._error, None
+        self._update_ready()
+        if error is not None:
             raise error
         return chunk
 
