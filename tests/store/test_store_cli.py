@@ -14,9 +14,10 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 import trio
@@ -24,7 +25,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ackservice.protocol import MessageFramer, message_line
-from ackservice.store.base import Message
+from ackservice.store import cli
+from ackservice.store.base import Message, StoredMessage
 from ackservice.store.cli import build_parser, duration, main
 from ackservice.store.sqlite import SQLiteStore
 from nats_support import NatsServer, create_stream, publish_many
@@ -462,6 +464,69 @@ def test_a_bad_nats_wait_from_the_environment_is_a_usage_error() -> None:
     assert "error: environment variable ACKSERVICE_STORE_CLI_TIMEOUT: expected" in result.stderr
 
 
+class _EmptyReader:
+    async def messages(
+        self, *, after: int = 0, follow: bool = False
+    ) -> AsyncIterator[StoredMessage]:
+        return
+        yield
+
+
+@pytest.mark.parametrize(
+    ("flag", "environ", "asked"),
+    [
+        ([], {}, 16 * 1024 * 1024),
+        (["--max-pull-bytes", "1000"], {}, 1000),
+        ([], {"ACKSERVICE_STORE_CLI_MAX_PULL_BYTES": "2000"}, 2000),
+        (["--max-pull-bytes", "1000"], {"ACKSERVICE_STORE_CLI_MAX_PULL_BYTES": "2000"}, 1000),
+    ],
+)
+def test_the_bytes_an_export_pulls_at_once_is_a_setting(
+    monkeypatch: pytest.MonkeyPatch, flag: list[str], environ: dict[str, str], asked: int
+) -> None:
+    """``export --max-pull-bytes`` (or ``ACKSERVICE_STORE_CLI_MAX_PULL_BYTES``; the flag wins)
+    is what the reader asks NATS for at once, 16 MiB if neither is given."""
+    opened: list[Any] = []
+
+    @asynccontextmanager
+    async def open_reader(url: str, **settings: Any) -> AsyncIterator[_EmptyReader]:
+        opened.append(settings["max_pull_bytes"])
+        yield _EmptyReader()
+
+    monkeypatch.setattr(cli, "open_reader", open_reader)
+    argv = ["export", "--store", "nats://127.0.0.1:4222/ACKS", *flag]
+    assert main(argv, environ=environ) == 0
+    assert opened == [asked]
+
+
+@pytest.mark.parametrize(
+    ("flag", "environ", "named"),
+    [
+        (["--max-pull-bytes", "0"], {}, "--max-pull-bytes"),
+        (["--max-pull-bytes", "16MiB"], {}, "--max-pull-bytes"),
+        (
+            [],
+            {"ACKSERVICE_STORE_CLI_MAX_PULL_BYTES": "lots"},
+            "ACKSERVICE_STORE_CLI_MAX_PULL_BYTES",
+        ),
+    ],
+)
+def test_a_bad_max_pull_bytes_is_a_usage_error(
+    capsysbinary: pytest.CaptureFixture[bytes],
+    flag: list[str],
+    environ: dict[str, str],
+    named: str,
+) -> None:
+    """0, a unit or a word, from the flag or the variable: one line naming which, exit 2."""
+    argv = ["export", "--store", "nats://127.0.0.1:4222/ACKS", *flag]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv, environ=environ)
+    assert exit_.value.code == 2
+    err = capsysbinary.readouterr().err.decode()
+    assert err.count("\n") == 1, err
+    assert named in err
+
+
 @pytest.fixture
 def nats_stream(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server on loopback with an empty stream ACKS (subject ``ackservice.ACKS``),
@@ -596,3 +661,15 @@ def test_an_error_with_standard_error_closed_stays_off_standard_output(tmp_path:
     )
     assert done.returncode == 1
     assert done.stdout == b""
+
+
+def test_export_through_pulls_smaller_than_its_messages(nats_stream: NatsServer) -> None:
+    """``export --max-pull-bytes 2000`` of messages of 100 bytes to 50 kB: every payload comes
+    out once, in order (those too large for a pull each alone), exit 0."""
+    payloads = [b"a" * 100, b"b" * 50_000, b"c" * 100, b"d" * 1500, b"e" * 3000, b"f" * 100]
+    publish_many(nats_stream.url, "ackservice.ACKS", payloads)
+    argv = ["export", "--store", f"{nats_stream.url}/ACKS", "--max-pull-bytes", "2000"]
+    result = subprocess.run(_module(*argv), capture_output=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    assert result.stdout == b"".join(message_line(payload) for payload in payloads)

@@ -39,7 +39,7 @@ from .. import __version__, _cli
 from ..errors import AckServiceError
 from ..protocol import message_line
 from .base import StoredMessage, StoreStats
-from .opening import open_reader
+from .opening import DEFAULT_MAX_PULL_BYTES, open_reader
 from .sqlite import NoStoreError
 from .url import DEFAULT_STORE_URL, JetStreamURL, SQLiteURL, StoreURL, parse_store_url
 
@@ -58,6 +58,10 @@ STORE_ENV: Final = "ACKSERVICE_STORE"
 TIMEOUT_ENV: Final = "ACKSERVICE_STORE_CLI_TIMEOUT"
 DEFAULT_NATS_TIMEOUT: Final = 5.0
 _MAX_NATS_TIMEOUT: Final = 3600.0
+PULL_BYTES_ENV: Final = "ACKSERVICE_STORE_CLI_MAX_PULL_BYTES"
+# Past a few MiB a larger pull is no faster; the ceiling only turns a unit mistake (a
+# count of GiB taken for bytes, say) into a usage error.
+_MAX_PULL_BYTES: Final = 1 << 40
 
 EXIT_OK: Final = 0
 EXIT_STORE_FAILED: Final = 1
@@ -142,6 +146,16 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         help="lines: the payloads, as protocol messages; or json: one object per message, "
         "with its metadata (default: lines)",
     )
+    export.add_argument(
+        "--max-pull-bytes",
+        type=_cli._argparse_type(_cli.int_in_range(1, _MAX_PULL_BYTES)),
+        default=None,
+        metavar="BYTES",
+        help=f"with a nats:// store, the most bytes of messages one pull from NATS asks for, "
+        f"which bounds what the export holds in memory; a larger message comes alone "
+        f"(range: 1 to {_MAX_PULL_BYTES}; default: {DEFAULT_MAX_PULL_BYTES}, 16 MiB; "
+        f"env: {PULL_BYTES_ENV})",
+    )
 
     stats = commands.add_parser(
         "stats", environ=environ, help="count the stored messages and bytes"
@@ -223,6 +237,16 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         except ValueError as exc:
             command.error(f"environment variable {TIMEOUT_ENV}: {exc}")
     run = _Run(url, _describe(parsed), sys.stdout.buffer, nats_timeout, store_setting)
+    if args.command == "export":
+        run.max_pull_bytes = args.max_pull_bytes
+        if run.max_pull_bytes is None:
+            try:
+                text = env.get(PULL_BYTES_ENV)
+                run.max_pull_bytes = (
+                    _cli.int_in_range(1, _MAX_PULL_BYTES)(text) if text else DEFAULT_MAX_PULL_BYTES
+                )
+            except ValueError as exc:
+                command.error(f"environment variable {PULL_BYTES_ENV}: {exc}")
     body: Callable[[], Awaitable[None]]
     if args.command == "export":
         body = partial(run.export, args.after, args.follow, args.format)
@@ -258,6 +282,8 @@ class _Run:
         self.url = url
         self.store_setting = store_setting
         self.nats_timeout = nats_timeout
+        self.max_pull_bytes = DEFAULT_MAX_PULL_BYTES
+        """For ``export`` from a nats:// store: the bytes one pull asks for at most."""
         self.description = description
         self.out = _Output(out)
         self.code = EXIT_OK
@@ -310,7 +336,12 @@ class _Run:
         """Write every message with ``id > after``; with ``follow``, keep waiting for more."""
         encode = _json_line if fmt == "json" else _protocol_line
         write = self.out.write
-        async with open_reader(self.url, nats_wait=self.nats_timeout, notice=_warn) as reader:
+        async with open_reader(
+            self.url,
+            nats_wait=self.nats_timeout,
+            notice=_warn,
+            max_pull_bytes=self.max_pull_bytes,
+        ) as reader:
             if follow and self._nursery is not None:
                 self._nursery.start_soon(self._flush_periodically)
             messages = reader.messages(after=after, follow=follow)

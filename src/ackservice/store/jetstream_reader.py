@@ -23,6 +23,7 @@ from nats.aio.subscription import Subscription
 from ..protocol import crc32
 from .base import StoredMessage, StoreError, StoreStats
 from .jetstream_connection import HEADER_PREFIX, NANOS, AsyncioThread, NatsConnection, api_error
+from .opening import DEFAULT_MAX_PULL_BYTES
 from .url import JetStreamURL
 
 __all__ = ["DEFAULT_MAX_PULL_BYTES", "PULL_BATCH", "JetStreamReader"]
@@ -31,12 +32,6 @@ log = structlog.get_logger(__name__)
 
 PULL_BATCH = 500
 """Messages a reader asks for at once (small messages: ~0.2 ms of NATS's time each way)."""
-
-DEFAULT_MAX_PULL_BYTES = 16 * 1024 * 1024
-"""Bytes a reader asks for at once (``max_bytes`` of a pull), unless told otherwise: with
-``PULL_BATCH``, what it holds in memory at most. 500 messages of 1 MB (NATS's default
-``max_payload``) were 500 MB; 16 MiB still takes small messages 500 at a time (500 of
-64 bytes are ~120 kB as JetStream counts them), so it costs an export of them nothing."""
 
 _PULL_EXPIRES = 1
 """Seconds a following reader's pull waits for messages on the server (then a 408)."""

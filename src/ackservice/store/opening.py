@@ -8,11 +8,19 @@ from contextlib import asynccontextmanager
 from .base import Store, StoreReader
 from .url import JetStreamURL, SQLiteURL, parse_store_url
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "open_reader", "open_store"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_MAX_PULL_BYTES", "open_reader", "open_store"]
 
 DEFAULT_CONNECT_TIMEOUT = 2.0
 """Seconds ``open_store`` waits for a networked store (NATS) before going on without it:
 long enough for a server that is up, short enough not to hold start-up for one that is not."""
+
+DEFAULT_MAX_PULL_BYTES = 16 * 1024 * 1024
+"""Bytes of messages a JetStream reader asks for at once (a pull's ``max_bytes``), unless
+told otherwise: with its 500 messages a pull, what it holds in memory at most. 500 messages
+of 1 MB (NATS's default ``max_payload``) were 500 MB; 16 MiB still takes small messages 500
+at a time (500 of 64 bytes are ~190 kB as JetStream counts them, headers included), so it
+costs an export of them nothing. Here, not in the reader's module, so that naming it
+imports no nats-py."""
 
 
 @asynccontextmanager
@@ -62,11 +70,17 @@ async def open_store(
 
 @asynccontextmanager
 async def open_reader(
-    url: str, *, nats_wait: float = 5.0, notice: Callable[[str], None] | None = None
+    url: str,
+    *,
+    nats_wait: float = 5.0,
+    notice: Callable[[str], None] | None = None,
+    max_pull_bytes: int | None = None,
 ) -> AsyncIterator[StoreReader]:
     """Open the store ``url`` names for reading back; close it on exit. ``nats_wait``
     bounds each wait for NATS (connecting, a request) when it is a JetStream store;
-    ``notice`` takes the line a following JetStream reader gives when it waits for NATS.
+    ``notice`` takes the line a following JetStream reader gives when it waits for NATS;
+    ``max_pull_bytes`` bounds the bytes of messages a JetStream reader asks for at once
+    (``None``: its default, 16 MiB). SQLite ignores both.
 
     Raises:
         StoreError: the URL is malformed or ``none``, or the store does not exist.
@@ -84,7 +98,12 @@ async def open_reader(
     else:
         from .jetstream_reader import JetStreamReader
 
-        reader = await JetStreamReader.open(parsed, nats_wait=nats_wait, notice=notice)
+        reader = await JetStreamReader.open(
+            parsed,
+            nats_wait=nats_wait,
+            notice=notice,
+            max_pull_bytes=DEFAULT_MAX_PULL_BYTES if max_pull_bytes is None else max_pull_bytes,
+        )
     try:
         yield reader
     finally:
