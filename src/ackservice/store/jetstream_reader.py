@@ -603,7 +603,10 @@ class _Consumer:
                 self._bytes_left -= len(subject) + len(reply) + len(headers or b"") + len(data)
             if self._messages_left <= 0 or (self._bytes_left is not None and self._bytes_left <= 0):
                 self.pulling = False
-        self._update_ready()
+        # A delivery only ever makes the consumer ready (_update_ready's test, cut to what
+        # it can change): this runs for every message.
+        if not self.pulling or self.pending == 0:
+            self._ready.set()
 
     def _end_pull(self, status: bytes, why: str) -> None:
         self.pulling = False
