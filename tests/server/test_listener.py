@@ -339,6 +339,11 @@ async def test_client_not_reading_over_tcp_is_dropped_after_send_timeout(
     assert closed[0]["reason"] == "send-timeout"
 
 
+async def read_to_the_end(sock: trio.socket.SocketType) -> None:
+    while await sock.recv(65536):
+        pass
+
+
 @pytest.mark.usefixtures("either_level")
 @pytest.mark.parametrize("hook", [False, True], ids=["no-store", "hook"])
 async def test_client_that_stops_reading_and_sending_is_dropped_after_send_timeout(
@@ -367,8 +372,7 @@ async def test_client_that_stops_reading_and_sending_is_dropped_after_send_timeo
             # Closed with a reset: its replies cannot be delivered, and a plain close would
             # leave the kernel holding and retrying them for minutes.
             with trio.fail_after(5), pytest.raises(ConnectionResetError):
-                while await sock.recv(65536):
-                    pass
+                await read_to_the_end(sock)
     [closed] = [e for e in logs if e["event"] == "connection_closed"]
     assert closed["reason"] == "send-timeout"
     assert closed["messages"] == 400
