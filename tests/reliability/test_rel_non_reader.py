@@ -28,8 +28,10 @@ MESSAGES = 100_000
 PAYLOAD_BYTES = 16
 MEMORY_GROWTH_LIMIT = 1024 * 1024
 # A round trip of the other clients may wait behind one read of the stuck connection,
-# never behind its send timeout.
-OTHER_CLIENT_RTT_BOUND = 0.5
+# never behind its send timeout: a wait behind it would take 1 s at least (quick). Under a
+# CPU hog beside the suite the worst round trip reached 0.55-0.66 s (3 runs in 70), the
+# test process starved as much as the server: 0.9 s keeps the claim and that margin.
+OTHER_CLIENT_RTT_BOUND = 0.9
 
 
 @dataclass
