@@ -379,6 +379,38 @@ async def test_client_that_stops_reading_and_sending_is_dropped_after_send_timeo
     assert closed["duration"] >= 0.5
 
 
+@pytest.mark.usefixtures("either_level")
+@pytest.mark.parametrize("hook", [False, True], ids=["no-store", "hook"])
+async def test_client_that_hangs_after_a_quiet_spell_is_dropped_after_send_timeout(
+    nursery: trio.Nursery, hook: bool
+) -> None:
+    """A client quiet for longer than send_timeout (its replies all delivered, so only the
+    idle deadline was left to its wait) then sends a burst and hangs: it is dropped within
+    two send timeouts of the burst, not at the idle timeout. (The burst is answered in the
+    readiness hub's dispatcher, whose new deadline is earlier than the one the wait had.)"""
+
+    async def accept(payload: bytes, context: MessageContext) -> None:
+        pass
+
+    server = await start(
+        nursery, send_timeout=0.5, idle_timeout=60, on_message=accept if hook else None
+    )
+    with capture_logs() as logs:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+        await sock.connect(("127.0.0.1", server.port))
+        with sock:
+            await sock.send(b"first\n")
+            assert (await sock.recv(100)).startswith(b"ACK 1 ")
+            await trio.sleep(0.8)  # past the look at send_timeout, which found nothing
+            burst = b"".join(b"message %04d\n" % i for i in range(400))  # ~9 KB of ACKs
+            await sock.send(burst)
+            await wait_until(lambda: any(e["event"] == "connection_closed" for e in logs))
+    [closed] = [e for e in logs if e["event"] == "connection_closed"]
+    assert closed["reason"] == "send-timeout"
+    assert closed["messages"] == 401
+
+
 async def test_shutdown_waits_for_a_slow_hook_over_tcp(
     nursery: trio.Nursery, connect: Connect
 ) -> None:

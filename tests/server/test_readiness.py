@@ -168,6 +168,44 @@ async def test_later_deadline_is_honoured_after_an_earlier_timer(
         assert woken_at == {"first": 13, "second": 8}
 
 
+class _EarlierDeadline:
+    """An answerer that reads what arrived and moves its wait's deadline to ``deadline``."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def answer_waiting(self, later: list[readiness.Answerer]) -> float | None:
+        self.sock.recv(100)
+        return self.deadline
+
+    def send_later(self) -> None:
+        pass
+
+
+async def test_answerer_deadline_earlier_than_the_wait_is_honoured(
+    nursery: trio.Nursery, hub: ReadinessHub, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An answer in the dispatcher may bring the wait's deadline earlier (a connection's look
+    at its send queue, send_timeout after a message, while the wait had only its idle
+    deadline): the wait ends then, not at the deadline it began with."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        fd = ours.fileno()
+        hub.register(fd)
+        start = trio.current_time()
+        hub.set_answerer(fd, _EarlierDeadline(ours, start + 4))
+
+        async def send_soon() -> None:
+            await trio.sleep(1)
+            theirs.send(b"x\n")
+
+        nursery.start_soon(send_soon)
+        assert await hub.wait_readable(fd, start + 300) == readiness.WOKEN
+        assert trio.current_time() == start + 4
+        hub.unregister(fd)
+
+
 async def test_wake_ends_a_wait_and_a_cancelled_wait_leaves_no_timer(
     nursery: trio.Nursery, hub: ReadinessHub, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -265,10 +265,16 @@ class ReadinessHub:
                                 if answerer is not None:
                                     deadline = answerer.answer_waiting(later)
                                     if deadline is not None:  # answered: the wait goes on
-                                        # Not needed for correctness (a timer finding the
-                                        # wait's deadline passed would wake it for nothing,
-                                        # once per idle period), but that wake-up is saved.
+                                        # A later deadline saves a wake-up (the timer then
+                                        # re-arms); an earlier one (the connection's look at
+                                        # its send queue, send_timeout after a message,
+                                        # while the wait had only its idle deadline left)
+                                        # needs a timer of its own, or it would wait for
+                                        # the idle one.
                                         deadlines[fd] = deadline
+                                        armed = self._armed.get(fd)
+                                        if armed is None or deadline < armed:
+                                            self._arm(fd, deadline)
                                         continue
                             if task is None:
                                 pending[fd] = pending.get(fd, 0) | events
