@@ -281,7 +281,10 @@ class Connection:
         if unread is None or queued < unread[0]:  # first seen, or the client took some
             self._unread = (queued, now)
             return False
-        return now - unread[1] >= self._owner.config.send_timeout
+        # The same sum as _wait_deadline's, not now - since: in floating point that can fall
+        # short of send_timeout at exactly the deadline, which would be re-armed as it is,
+        # already passed (a busy loop under a clock that does not move by itself, MockClock).
+        return now >= unread[1] + self._owner.config.send_timeout
 
     async def run(self) -> None:
         """Serve the connection until it ends, then close it and log its summary.
