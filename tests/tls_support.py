@@ -134,9 +134,15 @@ class BioClient:
         self.alert: str | None = None
 
     @classmethod
-    async def connect(cls, port: int, context: ssl.SSLContext) -> BioClient:
+    async def connect(
+        cls, port: int, context: ssl.SSLContext, *, receive_buffer: int | None = None
+    ) -> BioClient:
+        """Connect and complete the handshake (``receive_buffer``: SO_RCVBUF, set before
+        connecting so that the window it allows is the one the server sees)."""
         sock = trio.socket.socket()
         OPENED_SOCKETS.append(sock)
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         await sock.connect(("127.0.0.1", port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = cls(sock, context)

@@ -374,6 +374,40 @@ async def test_a_tls_client_that_never_reads_is_dropped_after_the_send_timeout(
     assert close_notifies == 0
 
 
+@pytest.mark.usefixtures("info_level")
+async def test_a_tls_client_that_stops_reading_and_sending_is_reset_after_the_send_timeout(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS client sends a burst whose encrypted replies the server's kernel takes in full
+    but its own cannot, then neither reads nor sends: no write of the server waits, yet it
+    is dropped as send-timeout (not kept until the idle timeout), with a reset and without
+    a close_notify (it could not be delivered behind the stuck replies)."""
+    close_notifies = 0
+    close_notify = TLSTransport.close_notify
+
+    def counting_close_notify(self: TLSTransport) -> bytes:
+        nonlocal close_notifies
+        close_notifies += 1
+        return close_notify(self)
+
+    monkeypatch.setattr(TLSTransport, "close_notify", counting_close_notify)
+    server = await start(nursery, tls_files, send_timeout=0.5, idle_timeout=60)
+    client = await BioClient.connect(server.port, client_context(tls_files), receive_buffer=1)
+    await client.sendall(client.encrypt(b"".join(b"message %04d\n" % i for i in range(400))))
+    closed = await wait_for_event(logs, "connection_closed", within=5)
+    assert closed["reason"] == "send-timeout"
+    assert closed["messages"] == 400
+    assert 0.5 <= closed["duration"] < 5
+    assert close_notifies == 0
+    with trio.fail_after(5), pytest.raises(ConnectionResetError):
+        await _read_to_the_end(client.sock)
+
+
+async def _read_to_the_end(sock: trio.socket.SocketType) -> None:
+    while await sock.recv(65536):
+        pass
+
+
 async def test_a_record_that_does_not_decrypt_ends_the_connection_with_the_alert(
     nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
 ) -> None:
