@@ -411,6 +411,90 @@ async def test_client_that_hangs_after_a_quiet_spell_is_dropped_after_send_timeo
     assert closed["messages"] == 401
 
 
+@pytest.mark.usefixtures("either_level")
+async def test_request_response_client_pausing_past_the_send_timeout_is_kept(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """A request/response client that pauses longer than twice send_timeout between
+    requests (its replies all delivered) is kept: the look at its send queue finds it
+    empty, and only the idle deadline applies."""
+    server = await start(nursery, send_timeout=0.2, idle_timeout=60)
+    with capture_logs() as logs:
+        stream = await connect(server.port)
+        reader = LineReader(stream)
+        for seq in range(1, 4):
+            await stream.send_all(b"request %d\n" % seq)
+            assert await reader.line() == ack_line(seq, b"request %d" % seq)[:-1]
+            await trio.sleep(0.5)
+        assert not [e for e in logs if e["event"] == "connection_closed"]
+    assert server.handler.stats.active == 1
+
+
+@pytest.mark.usefixtures("either_level")
+async def test_replies_waiting_in_the_clients_own_buffer_are_not_a_stall(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """A client that leaves its replies unread in its own receive buffer for longer than
+    twice send_timeout is kept: its kernel acknowledged them, so the server's send queue
+    is empty; it then reads them all and goes on."""
+    server = await start(nursery, send_timeout=0.2, idle_timeout=60)
+    with capture_logs() as logs:
+        stream = await connect(server.port)
+        payloads = [b"message %04d" % i for i in range(400)]
+        await stream.send_all(b"".join(p + b"\n" for p in payloads))
+        await trio.sleep(0.6)
+        reader = LineReader(stream)
+        assert await reader.lines(400) == [ack_line(s, p)[:-1] for s, p in enumerate(payloads, 1)]
+        await stream.send_all(b"more\n")
+        assert await reader.line() == ack_line(401, b"more")[:-1]
+        assert not [e for e in logs if e["event"] == "connection_closed"]
+
+
+@pytest.mark.usefixtures("info_level")
+async def test_slow_steady_reader_of_replies_the_kernel_holds_is_kept(
+    nursery: trio.Nursery,
+) -> None:
+    """Replies the server's kernel took in full but the client's tiny receive buffer cannot,
+    read a little at a time (every 0.1 s, under a 0.3 s send timeout): no write waits, and
+    the send queue shrinks between looks, so the client is never dropped."""
+    server = await start(nursery, send_timeout=0.3, idle_timeout=60)
+    with capture_logs() as logs:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+        await sock.connect(("127.0.0.1", server.port))
+        with sock:
+            payloads = [b"message %04d" % i for i in range(300)]  # ~7 KB of ACKs
+            await sock.send(b"".join(p + b"\n" for p in payloads))
+            expected = b"".join(ack_line(s, p) for s, p in enumerate(payloads, 1))
+            received = b""
+            with trio.fail_after(10):
+                while len(received) < len(expected):
+                    await trio.sleep(0.1)
+                    received += await sock.recv(1024)
+            assert received == expected
+            assert not [e for e in logs if e["event"] == "connection_closed"]
+
+
+@pytest.mark.usefixtures("info_level")
+async def test_send_timeout_longer_than_the_idle_timeout_leaves_the_idle_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    """With send_timeout above idle_timeout, a client that stops reading and sending after
+    a burst is closed at the idle timeout, as idle-timeout: no look at the send queue comes
+    first."""
+    server = await start(nursery, send_timeout=30, idle_timeout=0.5, drain_timeout=0.2)
+    with capture_logs() as logs:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        await sock.connect(("127.0.0.1", server.port))
+        with sock:
+            await sock.send(b"".join(b"message %04d\n" % i for i in range(400)))
+            await wait_until(lambda: any(e["event"] == "connection_closed" for e in logs))
+    [closed] = [e for e in logs if e["event"] == "connection_closed"]
+    assert closed["reason"] == "idle-timeout"
+    assert 0.5 <= closed["duration"] < 2
+
+
 async def test_shutdown_waits_for_a_slow_hook_over_tcp(
     nursery: trio.Nursery, connect: Connect
 ) -> None:
