@@ -403,6 +403,29 @@ async def test_a_tls_client_that_stops_reading_and_sending_is_reset_after_the_se
         await _read_to_the_end(client.sock)
 
 
+@pytest.mark.usefixtures("info_level")
+async def test_an_embedders_ssl_stream_client_that_stops_reading_and_sending_is_reset(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    """Served through an embedder's trio.serve_ssl_over_tcp (AckHandler given a
+    trio.SSLStream over a SocketStream), a client that sends a burst and then neither reads
+    nor sends is dropped as send-timeout with a reset, as on the server's own TLS: the send
+    queue of the socket under the SSLStream is looked at."""
+    context = server_tls_context(tls_files.server_cert, tls_files.server_key, None)
+    handler = AckHandler(ServerConfig(send_timeout=0.5, idle_timeout=60))
+    listeners = await nursery.start(
+        functools.partial(trio.serve_ssl_over_tcp, handler, 0, context, host="127.0.0.1")
+    )
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    client = await BioClient.connect(port, client_context(tls_files), receive_buffer=1)
+    await client.sendall(client.encrypt(b"".join(b"message %04d\n" % i for i in range(400))))
+    closed = await wait_for_event(logs, "connection_closed", within=5)
+    assert closed["reason"] == "send-timeout"
+    assert closed["messages"] == 400
+    with trio.fail_after(5), pytest.raises(ConnectionResetError):
+        await _read_to_the_end(client.sock)
+
+
 async def _read_to_the_end(sock: trio.socket.SocketType) -> None:
     while await sock.recv(65536):
         pass

@@ -400,7 +400,11 @@ class StreamTransport:
         return 0
 
     def unacknowledged(self) -> int | None:
-        return None  # a stream does not show its unsent queue
+        # A stream shows no unsent queue, but a TCP socket under it does: an embedder's
+        # SocketStream (no epoll) or trio.SSLStream over one (trio.serve_ssl_over_tcp),
+        # whose send_all returns once the kernel took the records.
+        sock = _socket_under(self._stream)
+        return None if sock is None else _send_queue_bytes(sock.socket.fileno())
 
     async def send_rest(self, data: bytes, sent: int, stall_timeout: float) -> None:
         # No unsent queue is visible through a stream: each piece that goes is progress.
@@ -417,6 +421,13 @@ class StreamTransport:
         return self._stream
 
     async def aclose(self, *, at_eof: bool, reset: bool = False) -> None:
-        if reset and isinstance(self._stream, trio.SocketStream):
-            _reset_on_close(self._stream)
+        if reset:
+            _reset_on_close(_socket_under(self._stream))
         await trio.aclose_forcefully(self._stream)
+
+
+def _socket_under(stream: trio.abc.Stream) -> trio.SocketStream | None:
+    """The TCP stream ``stream`` is, or a ``trio.SSLStream`` runs over; None for others."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream if isinstance(stream, trio.SocketStream) else None
