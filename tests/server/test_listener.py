@@ -455,9 +455,9 @@ async def test_slow_steady_reader_of_replies_the_kernel_holds_is_kept(
     nursery: trio.Nursery,
 ) -> None:
     """Replies the server's kernel took in full but the client's tiny receive buffer cannot,
-    read a little at a time (every 0.1 s, under a 0.3 s send timeout): no write waits, and
+    read a little at a time (every 0.1 s, under a 0.5 s send timeout): no write waits, and
     the send queue shrinks between looks, so the client is never dropped."""
-    server = await start(nursery, send_timeout=0.3, idle_timeout=60)
+    server = await start(nursery, send_timeout=0.5, idle_timeout=60)
     with capture_logs() as logs:
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
