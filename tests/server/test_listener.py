@@ -455,15 +455,15 @@ async def test_slow_steady_reader_of_replies_the_kernel_holds_is_kept(
     nursery: trio.Nursery,
 ) -> None:
     """Replies the server's kernel took in full but the client's tiny receive buffer cannot,
-    read a little at a time (every 0.1 s, under a 0.5 s send timeout): no write waits, and
-    the send queue shrinks between looks, so the client is never dropped."""
-    server = await start(nursery, send_timeout=0.5, idle_timeout=60)
+    read a little at a time (1 KiB every 0.1 s for ~1.3 s, under a 0.4 s send timeout): no
+    write waits, and the send queue shrinks between looks, so the client is never dropped."""
+    server = await start(nursery, send_timeout=0.4, idle_timeout=60)
     with capture_logs() as logs:
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
         await sock.connect(("127.0.0.1", server.port))
         with sock:
-            payloads = [b"message %04d" % i for i in range(300)]  # ~7 KB of ACKs
+            payloads = [b"message %04d" % i for i in range(600)]  # ~14 KB of ACKs
             await sock.send(b"".join(p + b"\n" for p in payloads))
             expected = b"".join(ack_line(s, p) for s, p in enumerate(payloads, 1))
             received = b""
