@@ -495,6 +495,23 @@ async def test_send_timeout_longer_than_the_idle_timeout_leaves_the_idle_timeout
     assert 0.5 <= closed["duration"] < 2
 
 
+@pytest.mark.usefixtures("either_level")
+async def test_shutdown_ends_a_wait_that_has_looked_at_its_send_queue(
+    nursery: trio.Nursery, connect: Connect
+) -> None:
+    """A client quiet past send_timeout (the look at its send queue done, its wait now until
+    the idle deadline) is told shutting-down at once when the server shuts down."""
+    server = await start(nursery, send_timeout=0.2, idle_timeout=60)
+    stream = await connect(server.port)
+    reader = LineReader(stream)
+    await stream.send_all(b"one\n")
+    assert (await reader.line()).startswith(b"ACK 1 ")
+    await trio.sleep(0.5)
+    server.shutdown()
+    with trio.fail_after(2):
+        assert (await reader.line()).startswith(b"ERR 0 shutting-down ")
+
+
 async def test_shutdown_waits_for_a_slow_hook_over_tcp(
     nursery: trio.Nursery, connect: Connect
 ) -> None:

@@ -262,7 +262,8 @@ class Connection:
 
     def _replies_stuck(self, now: float) -> bool:
         """Whether replies the client was sent have stayed unacknowledged for the send
-        timeout, while it sends nothing either.
+        timeout, while it completed no message either (bytes that complete none do not
+        count as progress).
 
         A write that waits for the client has its own timeout (``send_rest``); this is the
         case where every reply went into the kernel's send buffer (megabytes, on loopback)
