@@ -48,6 +48,23 @@ async def test_nothing_listening_exits_3_within_the_retry_budget(
     assert elapsed < 0.05 + 0.1 + STARTUP_SLACK
 
 
+async def test_retrying_an_unreachable_server_is_said_once_at_the_first_failure(
+    unused_port: int, run_client: RunClient
+) -> None:
+    """While it retries (30 s by default) the client says at once, in one warning, what
+    failed and for how long it will go on; it used to say nothing until it gave up."""
+    run = await run_client(
+        "--port", str(unused_port), "--retry-for", "1", "--backoff-base", "0.05", "hello"
+    )
+    assert run.returncode == 3
+    stderr = run.stderr.decode()
+    warnings = [line for line in stderr.splitlines() if "connect_failed" in line]
+    assert len(warnings) == 1, stderr
+    assert "connection refused" in warnings[0]
+    assert "retrying_for=1.0" in warnings[0]
+    assert_one_line_error(run, "connection refused (tried ")
+
+
 async def test_nothing_listening_exits_3_for_piped_input_too(
     unused_port: int, run_client: RunClient
 ) -> None:

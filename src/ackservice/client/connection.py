@@ -185,6 +185,17 @@ async def open_client(
         await close_stream(stream)
 
 
+def _retrying(budget: RetryBudget) -> dict[str, object]:
+    """How long (and how many times) a run of failed attempts goes on, for its warning."""
+    fields: dict[str, object] = {}
+    remaining = budget.remaining(trio.current_time())
+    if math.isfinite(remaining):
+        fields["retrying_for"] = round(max(0.0, remaining), 1)
+    if budget.retries is not None:
+        fields["retries_left"] = max(0, budget.retries - budget.failures + 1)
+    return fields
+
+
 def _reraise(exc: BaseException) -> NoReturn:
     """Raise ``exc`` without making the group it came out of its context (as
     trio-websocket's ``open_websocket`` does, for the same reason)."""
@@ -368,6 +379,7 @@ class Client:
         config = self.config
         budget = self._budget
         immediately = lost is None
+        said = False
         while True:
             if not immediately:
                 # The first retry's bound is backoff_base, then it doubles; the last one
@@ -422,13 +434,18 @@ class Client:
                         f"cannot reconnect: {reason} ({summary})"
                     )
                 raise ConnectError(failure) from cause
+            # Said once per run of failures (a warning, shown by default), so a user whose
+            # server is down is not left looking at silence for up to retry_for; each
+            # further attempt is a debug event.
             _log_event(
-                "debug",
+                "warning" if not said else "debug",
                 "connect_failed",
                 server=config.address,
                 reason=reason,
                 failures=budget.failures,
+                **({} if said else _retrying(budget)),
             )
+            said = True
 
     async def _maintain(self, stream: trio.abc.Stream) -> None:
         """Serve connection after connection until the client fails or is closed."""
