@@ -8,8 +8,10 @@ import contextlib
 import functools
 import ipaddress
 import random
+import shutil
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -448,6 +450,67 @@ async def test_a_record_that_does_not_decrypt_ends_the_connection_with_the_alert
     assert client.alert == "SSLV3_ALERT_BAD_RECORD_MAC"
     closed = await wait_for_event(logs, "connection_closed")
     assert closed["reason"] == "tls-error"
+
+
+async def test_a_record_that_does_not_decrypt_alone_in_a_read_ends_the_connection(
+    nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList
+) -> None:
+    """A forged record that is a read of its own (the path that takes exactly one whole
+    record) fails like one among others: the alert, and one line."""
+    server = await start(nursery, tls_files)
+    client = await BioClient.connect(server.port, client_context(tls_files))
+    await client.sendall(client.encrypt(b"ok\n"))
+    assert await client.read_line() == ack_line(1, b"ok")
+    await client.sendall(bytes([23, 3, 3, 0, 20]) + b"\x00" * 20)
+    with trio.fail_after(5):
+        assert await client.read_all() == b""
+    assert client.alert == "SSLV3_ALERT_BAD_RECORD_MAC"
+    closed = await wait_for_event(logs, "connection_closed")
+    assert closed["reason"] == "tls-error"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_a_key_update_between_messages_is_answered(
+    nursery: trio.Nursery, tls_files: TLSFiles
+) -> None:
+    """A client's TLS 1.3 KeyUpdate that asks for ours (a record of its own, between two
+    messages: no data in it) gets the server's KeyUpdate back, and the messages on either
+    side are acknowledged under the new keys. Python's ssl cannot send one: ``openssl
+    s_client`` does (its ``K`` command)."""
+    server = await start(nursery, tls_files)
+    command = ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}"]
+    command += ["-CAfile", str(tls_files.ca), "-tls1_3", "-msg"]
+    process = await trio.lowlevel.open_process(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    output = b""
+
+    async def read_until(wanted: bytes) -> None:
+        nonlocal output
+        assert process.stdout is not None
+        with trio.fail_after(10):
+            while wanted not in output:
+                chunk = await process.stdout.receive_some()
+                assert chunk, output.decode(errors="replace")
+                output += chunk
+
+    try:
+        await process.stdin.send_all(b"hello\n")
+        await read_until(ack_line(1, b"hello"))
+        await process.stdin.send_all(b"K\n")  # s_client's command: a KeyUpdate, ours asked
+        await read_until(b">>> TLS 1.3, Handshake [length 0005], KeyUpdate")
+        await trio.sleep(0.2)  # so it reaches the server as a read of its own
+        await process.stdin.send_all(b"world\n")
+        await read_until(ack_line(2, b"world"))
+        # OpenSSL sends the KeyUpdate asked of it with its next record, ahead of the ACK.
+        assert b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate" in output
+    finally:
+        process.kill()
+        await process.wait()
+        await process.stdin.aclose()
+        await process.stdout.aclose()
 
 
 async def test_a_split_client_hello_on_a_plain_port_is_still_recognised(

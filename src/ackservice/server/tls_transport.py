@@ -36,6 +36,7 @@ from .transport import RECEIVE_SIZE, SocketTransport, send_with_progress
 __all__ = ["TLSTransport"]
 
 _TLS_HANDSHAKE_RECORD = 0x16
+_RECORD_HEADER = 5  # content type, version (2 bytes), length (2 bytes)
 # The largest plaintext one TLS record carries (2^14): one read takes a whole record.
 _RECORD_PLAINTEXT_MAX = 16384
 
@@ -143,26 +144,47 @@ class TLSTransport(SocketTransport):
         incoming = self._incoming
         records = self._records
         while True:
-            raw = None
+            raw = data = None
             if self.may_have_more:
                 try:
                     raw = os.read(self._fd, RECEIVE_SIZE)
                 except BlockingIOError:
                     self.may_have_more = False
                 else:
-                    if raw:
-                        if len(raw) < RECEIVE_SIZE and self._fd not in self._ended:
-                            self.may_have_more = False
-                        incoming.write(raw)
-                        records.feed(raw)
-                    else:
+                    size = len(raw)
+                    if not size:
                         # A client that closes TCP without close_notify: what it sent in
                         # complete records is still answered (its replies may not reach it).
                         self._truncated = True
+                    else:
+                        if size < RECEIVE_SIZE and self._fd not in self._ended:
+                            self.may_have_more = False
+                        incoming.write(raw)
+                        if (
+                            records.tail
+                            or size <= _RECORD_HEADER
+                            or size != _RECORD_HEADER + (raw[3] << 8 | raw[4])
+                        ):
+                            records.feed(raw)
+                        else:
+                            # Exactly one whole record with nothing before it: every read
+                            # of request/response, and of a client that pipelines a record
+                            # per batch. Decrypted here, without following its boundaries
+                            # or looping: its plaintext is shorter than the record, so one
+                            # read of that size takes it all (and allocates no more).
+                            try:
+                                data = self._tls.read(size)
+                            except ssl.SSLError as exc:
+                                data = b""
+                                self._read_failed(exc)
+                            else:
+                                if not data:
+                                    self._read_failed(None)
             # More bytes waiting than the incomplete last record holds: a record is complete.
             # (Nothing decrypted is ever left inside OpenSSL: a read takes a whole record.)
-            if incoming.pending > records.tail:
+            if data is None and incoming.pending > records.tail:
                 data = self._decrypt()
+            if data is not None:
                 if self._outgoing.pending:  # OpenSSL answered the client (an alert, a key update)
                     self._send_aside()
                 if data:
@@ -246,24 +268,35 @@ class TLSTransport(SocketTransport):
         while incoming.pending > records.tail:
             try:
                 chunk = tls.read(_RECORD_PLAINTEXT_MAX)
-            except ssl.SSLWantReadError:
-                break  # the record was a key update, not data
-            except ssl.SSLZeroReturnError:
-                chunk = b""
             except ssl.SSLError as exc:
-                # OpenSSL refuses to encrypt anything after this, so messages decrypted
-                # before it in this read cannot be acknowledged: the client resends them.
-                # The alert OpenSSL wrote goes out with the close (aclose).
-                raise TLSFailure("tls-error", describe_ssl_error(exc)) from None
-            if not chunk:  # how Python reports the client's close_notify: its half-close
-                self._peer_ended = True
-                # Read again without waiting (no edge may ever come): that read says so.
-                self.may_have_more = True
+                self._read_failed(exc)
+                break
+            if not chunk:
+                self._read_failed(None)
                 break
             chunks.append(chunk)
         if not chunks:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _read_failed(self, exc: ssl.SSLError | None) -> None:
+        """Take note of a record that gave no plaintext (``exc``: what ``SSLObject.read``
+        raised, None for its ``b""``): the reading of records stops there.
+
+        Raises:
+            TLSFailure: the record did not decrypt.
+        """
+        if isinstance(exc, ssl.SSLWantReadError):
+            return  # the record was a key update, not data
+        if exc is not None and not isinstance(exc, ssl.SSLZeroReturnError):
+            # OpenSSL refuses to encrypt anything after this, so messages decrypted
+            # before it in this read cannot be acknowledged: the client resends them.
+            # The alert OpenSSL wrote goes out with the close (aclose).
+            raise TLSFailure("tls-error", describe_ssl_error(exc)) from None
+        # How Python reports the client's close_notify (b"" or SSLZeroReturnError): its
+        # half-close. Read again without waiting (no edge may ever come): that read says so.
+        self._peer_ended = True
+        self.may_have_more = True
 
     def _send_aside(self) -> None:
         """Send what OpenSSL wrote while reading (an alert refusing renegotiation, the answer
