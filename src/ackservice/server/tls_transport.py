@@ -160,8 +160,12 @@ class TLSTransport(SocketTransport):
                         if size < RECEIVE_SIZE and self._fd not in self._ended:
                             self.may_have_more = False
                         incoming.write(raw)
+                        # Bytes before these (part of a record, a record that came
+                        # with the handshake's last flight), or not one whole record:
+                        # the general path, which follows the boundaries.
                         if (
                             records.tail
+                            or incoming.pending != size
                             or size <= _RECORD_HEADER
                             or size != _RECORD_HEADER + (raw[3] << 8 | raw[4])
                         ):
