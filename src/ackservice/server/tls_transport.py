@@ -6,8 +6,9 @@ an ``SSLWantReadError`` raised and caught on every receive) and a cancel scope p
 ~80% of the server's time over TLS, OpenSSL itself ~5%. Here a read is one ``os.read``; the
 records it completes are decrypted one ``SSLObject.read`` each, and no read is tried without
 a complete record waiting (the transport follows the record boundaries in the bytes it
-feeds, five-byte headers with the length), so no exception is raised per read; the replies
-to everything read are encrypted and leave in one ``write``.
+feeds, five-byte headers with the length), so no exception is raised per read; a read that is
+exactly one whole record (request/response's every read) is decrypted at once, without that
+bookkeeping. The replies to everything read are encrypted and leave in one ``write``.
 
 The connection loop sees decrypted bytes and nothing else: the handshake (bounded by the
 handshake timeout), a client's close_notify (end of stream, answered like a half-close:
