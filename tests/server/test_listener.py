@@ -339,6 +339,22 @@ async def test_client_not_reading_over_tcp_is_dropped_after_send_timeout(
     assert closed[0]["reason"] == "send-timeout"
 
 
+async def accept_all(payload: bytes, context: MessageContext) -> None:
+    pass
+
+
+# 400 messages: ~9 KB of ACKs, more than the smallest receive buffer holds, far less than a
+# server's socket takes.
+BURST = b"".join(b"message %04d\n" % i for i in range(400))
+
+
+async def connect_with_the_smallest_receive_buffer(port: int) -> trio.socket.SocketType:
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+    await sock.connect(("127.0.0.1", port))
+    return sock
+
+
 async def read_to_the_end(sock: trio.socket.SocketType) -> None:
     while await sock.recv(65536):
         pass
@@ -355,19 +371,13 @@ async def test_client_that_stops_reading_and_sending_is_dropped_after_send_timeo
     replies unread for send_timeout, not kept until the idle timeout, and with a reset.
     (The reliability suite met this as a never-reading client whose TCP had wedged.)"""
 
-    async def accept(payload: bytes, context: MessageContext) -> None:
-        pass
-
     server = await start(
-        nursery, send_timeout=0.5, idle_timeout=60, on_message=accept if hook else None
+        nursery, send_timeout=0.5, idle_timeout=60, on_message=accept_all if hook else None
     )
     with capture_logs() as logs:
-        sock = trio.socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
-        await sock.connect(("127.0.0.1", server.port))
+        sock = await connect_with_the_smallest_receive_buffer(server.port)
         with sock:
-            burst = b"".join(b"message %04d\n" % i for i in range(400))  # ~9 KB of ACKs
-            await sock.send(burst)
+            await sock.send(BURST)
             await wait_until(lambda: any(e["event"] == "connection_closed" for e in logs))
             # Closed with a reset: its replies cannot be delivered, and a plain close would
             # leave the kernel holding and retrying them for minutes.
@@ -389,22 +399,16 @@ async def test_client_that_hangs_after_a_quiet_spell_is_dropped_after_send_timeo
     two send timeouts of the burst, not at the idle timeout. (The burst is answered in the
     readiness hub's dispatcher, whose new deadline is earlier than the one the wait had.)"""
 
-    async def accept(payload: bytes, context: MessageContext) -> None:
-        pass
-
     server = await start(
-        nursery, send_timeout=0.5, idle_timeout=60, on_message=accept if hook else None
+        nursery, send_timeout=0.5, idle_timeout=60, on_message=accept_all if hook else None
     )
     with capture_logs() as logs:
-        sock = trio.socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
-        await sock.connect(("127.0.0.1", server.port))
+        sock = await connect_with_the_smallest_receive_buffer(server.port)
         with sock:
             await sock.send(b"first\n")
             assert (await sock.recv(100)).startswith(b"ACK 1 ")
             await trio.sleep(0.8)  # past the look at send_timeout, which found nothing
-            burst = b"".join(b"message %04d\n" % i for i in range(400))  # ~9 KB of ACKs
-            await sock.send(burst)
+            await sock.send(BURST)
             await wait_until(lambda: any(e["event"] == "connection_closed" for e in logs))
     [closed] = [e for e in logs if e["event"] == "connection_closed"]
     assert closed["reason"] == "send-timeout"

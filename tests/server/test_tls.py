@@ -349,21 +349,26 @@ async def wait_for_event(logs: EventList, name: str, within: float = 5) -> dict[
     return events_named(logs, name)[0]
 
 
+def count_close_notifies(monkeypatch: pytest.MonkeyPatch) -> list[TLSTransport]:
+    """The transports that made a close_notify from now on (one entry each time)."""
+    made: list[TLSTransport] = []
+    close_notify = TLSTransport.close_notify
+
+    def counting_close_notify(self: TLSTransport) -> bytes:
+        made.append(self)
+        return close_notify(self)
+
+    monkeypatch.setattr(TLSTransport, "close_notify", counting_close_notify)
+    return made
+
+
 async def test_a_tls_client_that_never_reads_is_dropped_after_the_send_timeout(
     nursery: trio.Nursery, tls_files: TLSFiles, logs: EventList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Encrypted replies the client leaves unread wait in the server only for the send
     timeout, as over plain TCP; and no close_notify follows the record that went only in
     part (the client would take it for the rest of that record)."""
-    close_notifies = 0
-    close_notify = TLSTransport.close_notify
-
-    def counting_close_notify(self: TLSTransport) -> bytes:
-        nonlocal close_notifies
-        close_notifies += 1
-        return close_notify(self)
-
-    monkeypatch.setattr(TLSTransport, "close_notify", counting_close_notify)
+    close_notifies = count_close_notifies(monkeypatch)
     server = await start(nursery, tls_files, send_timeout=0.5)
     client = await BioClient.connect(server.port, client_context(tls_files))
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -373,7 +378,7 @@ async def test_a_tls_client_that_never_reads_is_dropped_after_the_send_timeout(
             await client.sendall(client.encrypt(b"\n" * 16000))
     closed = await wait_for_event(logs, "connection_closed", within=10)
     assert closed["reason"] == "send-timeout"
-    assert close_notifies == 0
+    assert close_notifies == []
 
 
 @pytest.mark.usefixtures("info_level")
@@ -384,15 +389,7 @@ async def test_a_tls_client_that_stops_reading_and_sending_is_reset_after_the_se
     but its own cannot, then neither reads nor sends: no write of the server waits, yet it
     is dropped as send-timeout (not kept until the idle timeout), with a reset and without
     a close_notify (it could not be delivered behind the stuck replies)."""
-    close_notifies = 0
-    close_notify = TLSTransport.close_notify
-
-    def counting_close_notify(self: TLSTransport) -> bytes:
-        nonlocal close_notifies
-        close_notifies += 1
-        return close_notify(self)
-
-    monkeypatch.setattr(TLSTransport, "close_notify", counting_close_notify)
+    close_notifies = count_close_notifies(monkeypatch)
     server = await start(nursery, tls_files, send_timeout=0.5, idle_timeout=60)
     client = await BioClient.connect(server.port, client_context(tls_files), receive_buffer=1)
     await client.sendall(client.encrypt(b"".join(b"message %04d\n" % i for i in range(400))))
@@ -400,7 +397,7 @@ async def test_a_tls_client_that_stops_reading_and_sending_is_reset_after_the_se
     assert closed["reason"] == "send-timeout"
     assert closed["messages"] == 400
     assert 0.5 <= closed["duration"] < 5
-    assert close_notifies == 0
+    assert close_notifies == []
     with trio.fail_after(5), pytest.raises(ConnectionResetError):
         await _read_to_the_end(client.sock)
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from pathlib import Path
 
 import pytest
 import trio
@@ -24,15 +23,6 @@ from ackservice.store.jetstream_reader import (
 )
 from ackservice.store.url import JetStreamURL, parse_store_url
 from nats_support import NatsServer
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server with JetStream on a free loopback port, stopped by PID at the end."""
-    server = NatsServer(tmp_path / "nats")
-    server.start()
-    yield server
-    server.stop()
 
 
 def stream_url(server: NatsServer) -> JetStreamURL:

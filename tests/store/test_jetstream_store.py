@@ -8,7 +8,7 @@ import os
 import signal
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
 
@@ -38,15 +38,6 @@ from nats_support import (
     publish,
     stream_info,
 )
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server with JetStream on a free loopback port, stopped by PID at the end."""
-    server = NatsServer(tmp_path / "nats")
-    server.start()
-    yield server
-    server.stop()
 
 
 def jetstream_url(server_url: str, stream: str = "ACKS", query: str = "") -> JetStreamURL:
