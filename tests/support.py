@@ -174,3 +174,16 @@ def poll_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what or condition}")
         time.sleep(0.02)
+
+
+def run_with_stderr_closed(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """``python -m ...`` run to its end with its descriptor 2 closed (``2>&-``) and its
+    standard output captured: what a command must not mistake for a place to write errors
+    (``print`` to a ``None`` ``sys.stderr`` writes to standard output)."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),  # the child's own descriptor 2
+        timeout=30,
+        check=False,
+    )

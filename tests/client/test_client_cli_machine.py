@@ -7,16 +7,14 @@ import argparse
 import importlib
 import importlib.metadata
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 from client_fakes import RunClient
 
 from ackservice.client.cli import host_and_port, main
 from ackservice.server import Server
+from support import run_with_stderr_closed
 
 
 def json_lines(output: bytes) -> list[dict[str, object]]:
@@ -143,12 +141,6 @@ def test_help_text_is_uniform(command: str) -> None:
 def test_a_json_usage_error_with_standard_error_closed_stays_off_standard_output() -> None:
     """With ``--json`` and descriptor 2 closed, a usage error still exits 2, and its JSON
     object goes nowhere rather than onto standard output, among the replies' objects."""
-    done = subprocess.run(
-        [sys.executable, "-m", "ackservice.client", "--json", "--window", "0", "x"],
-        stdout=subprocess.PIPE,
-        preexec_fn=lambda: os.close(2),  # the child's own descriptor 2
-        timeout=30,
-        check=False,
-    )
+    done = run_with_stderr_closed("ackservice.client", "--json", "--window", "0", "x")
     assert done.returncode == 2
     assert done.stdout == b""

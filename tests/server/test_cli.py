@@ -32,7 +32,7 @@ from ackservice.server.cli import (
     serve_until_signalled,
     write_port_file,
 )
-from support import LineReader, server_process, wait_until
+from support import LineReader, run_with_stderr_closed, server_process, wait_until
 from tls_support import TLSFiles
 
 # The server CLI with getaddrinfo failing for ``.invalid`` names, so that no test asks the
@@ -641,12 +641,6 @@ def test_an_error_with_standard_error_closed_stays_off_standard_output(tmp_path:
     """Started with descriptor 2 closed (``2>&-``), an error at start-up still exits with its
     code; its line goes nowhere rather than into standard output (``print`` to a ``None``
     ``sys.stderr`` writes to standard output), where it would pass for the program's output."""
-    done = subprocess.run(
-        [sys.executable, "-m", "ackservice.server", "--tls-cert", str(tmp_path / "none.pem")],
-        stdout=subprocess.PIPE,
-        preexec_fn=lambda: os.close(2),  # the child's own descriptor 2
-        timeout=30,
-        check=False,
-    )
+    done = run_with_stderr_closed("ackservice.server", "--tls-cert", str(tmp_path / "none.pem"))
     assert done.returncode == 2
     assert done.stdout == b""

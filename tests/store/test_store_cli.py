@@ -30,6 +30,7 @@ from ackservice.store.base import Message, StoredMessage
 from ackservice.store.cli import build_parser, duration, main
 from ackservice.store.sqlite import SQLiteStore
 from nats_support import NatsServer, create_stream, publish_many
+from support import run_with_stderr_closed
 
 PAYLOADS = [b"plain", b"", b"ends in cr\r", b"\r", b"\xff\xfe not utf-8", "caf\u00e9".encode()]
 
@@ -652,12 +653,8 @@ def test_nats_without_jetstream_is_one_line_and_exit_1(tmp_path: Path, command: 
 def test_an_error_with_standard_error_closed_stays_off_standard_output(tmp_path: Path) -> None:
     """Started with descriptor 2 closed, a store it cannot read still exits 1, and its error
     line goes nowhere rather than into standard output, the data an export writes."""
-    done = subprocess.run(
-        [sys.executable, "-m", "ackservice.store", "export", "--store", f"sqlite:{tmp_path}/no.db"],
-        stdout=subprocess.PIPE,
-        preexec_fn=lambda: os.close(2),  # the child's own descriptor 2
-        timeout=30,
-        check=False,
+    done = run_with_stderr_closed(
+        "ackservice.store", "export", "--store", f"sqlite:{tmp_path}/no.db"
     )
     assert done.returncode == 1
     assert done.stdout == b""
