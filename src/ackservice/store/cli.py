@@ -28,10 +28,10 @@ import math
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, TypeVar
 
 import trio
 
@@ -42,6 +42,8 @@ from .base import StoredMessage, StoreStats
 from .opening import DEFAULT_MAX_PULL_BYTES, open_reader
 from .sqlite import NoStoreError
 from .url import DEFAULT_STORE_URL, JetStreamURL, SQLiteURL, StoreURL, parse_store_url
+
+T = TypeVar("T")
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -227,26 +229,24 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         command.error(f"{source}: the store 'none' keeps nothing; name a sqlite: or nats:// store")
     if sys.stdout is None:  # started with stdout closed (``>&-``)
         command.error("no standard output to write to")
-    nats_timeout = args.timeout
-    if nats_timeout is None:
-        try:
-            text = env.get(TIMEOUT_ENV)
-            nats_timeout = (
-                _cli.seconds_up_to(_MAX_NATS_TIMEOUT)(text) if text else DEFAULT_NATS_TIMEOUT
-            )
-        except ValueError as exc:
-            command.error(f"environment variable {TIMEOUT_ENV}: {exc}")
+    nats_timeout = _flag_or_environment(
+        command,
+        args.timeout,
+        env,
+        TIMEOUT_ENV,
+        _cli.seconds_up_to(_MAX_NATS_TIMEOUT),
+        DEFAULT_NATS_TIMEOUT,
+    )
     run = _Run(url, _describe(parsed), sys.stdout.buffer, nats_timeout, store_setting)
     if args.command == "export":
-        run.max_pull_bytes = args.max_pull_bytes
-        if run.max_pull_bytes is None:
-            try:
-                text = env.get(PULL_BYTES_ENV)
-                run.max_pull_bytes = (
-                    _cli.int_in_range(1, _MAX_PULL_BYTES)(text) if text else DEFAULT_MAX_PULL_BYTES
-                )
-            except ValueError as exc:
-                command.error(f"environment variable {PULL_BYTES_ENV}: {exc}")
+        run.max_pull_bytes = _flag_or_environment(
+            command,
+            args.max_pull_bytes,
+            env,
+            PULL_BYTES_ENV,
+            _cli.int_in_range(1, _MAX_PULL_BYTES),
+            DEFAULT_MAX_PULL_BYTES,
+        )
     body: Callable[[], Awaitable[None]]
     if args.command == "export":
         body = partial(run.export, args.after, args.follow, args.format)
@@ -258,6 +258,27 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return trio.run(run.session, body)
     except KeyboardInterrupt:  # before the signal receiver was in place
         return EXIT_INTERRUPTED
+
+
+def _flag_or_environment(
+    command: argparse.ArgumentParser,
+    given: T | None,
+    env: Mapping[str, str],
+    variable: str,
+    parse: Callable[[str], T],
+    default: T,
+) -> T:
+    """A subcommand's setting: its flag if given, else its environment variable (a bad
+    value of it is a usage error naming it), else ``default``."""
+    if given is not None:
+        return given
+    text = env.get(variable)
+    if not text:
+        return default
+    try:
+        return parse(text)
+    except ValueError as exc:
+        command.error(f"environment variable {variable}: {exc}")
 
 
 def _describe(parsed: StoreURL) -> str:

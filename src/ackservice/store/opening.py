@@ -74,13 +74,13 @@ async def open_reader(
     *,
     nats_wait: float = 5.0,
     notice: Callable[[str], None] | None = None,
-    max_pull_bytes: int | None = None,
+    max_pull_bytes: int = DEFAULT_MAX_PULL_BYTES,
 ) -> AsyncIterator[StoreReader]:
     """Open the store ``url`` names for reading back; close it on exit. ``nats_wait``
     bounds each wait for NATS (connecting, a request) when it is a JetStream store;
     ``notice`` takes the line a following JetStream reader gives when it waits for NATS;
-    ``max_pull_bytes`` bounds the bytes of messages a JetStream reader asks for at once
-    (``None``: its default, 16 MiB). SQLite ignores both.
+    ``max_pull_bytes`` bounds the bytes of messages a JetStream reader asks for at once.
+    SQLite ignores both.
 
     Raises:
         StoreError: the URL is malformed or ``none``, or the store does not exist.
@@ -102,7 +102,7 @@ async def open_reader(
             parsed,
             nats_wait=nats_wait,
             notice=notice,
-            max_pull_bytes=DEFAULT_MAX_PULL_BYTES if max_pull_bytes is None else max_pull_bytes,
+            max_pull_bytes=max_pull_bytes,
         )
     try:
         yield reader
