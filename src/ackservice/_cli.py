@@ -29,6 +29,7 @@ __all__ = [
     "seconds_up_to",
     "server_port",
     "setting_name",
+    "setting_names",
     "switch",
     "with_plain_defaults",
 ]
@@ -273,6 +274,13 @@ def setting_name(args: argparse.Namespace, dest: str) -> str:
     """
     names: dict[str, str] = getattr(args, _NAMES_ATTRIBUTE, {})
     return names.get(dest, "--" + dest.replace("_", "-"))
+
+
+def setting_names(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, str]:
+    """``setting_name`` of each of ``flags``, by flag (``{"--tls-ca": "ACKSERVICE_CLIENT_TLS_CA"}``
+    when the value came from there): what the server's and the client's TLS messages call
+    each file."""
+    return {flag: setting_name(args, flag.removeprefix("--").replace("-", "_")) for flag in flags}
 
 
 def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -345,10 +345,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                 args.tls_cert,
                 args.tls_key,
                 args.tls_client_ca,
-                names={
-                    flag: name(flag.removeprefix("--").replace("-", "_"))
-                    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca")
-                },
+                names=_cli.setting_names(args, ("--tls-cert", "--tls-key", "--tls-client-ca")),
             )
         except TLSConfigError as exc:
             return _fail(str(exc), _cli.EXIT_USAGE)
