@@ -107,7 +107,7 @@ async def test_bench_cli_over_tls(tls_port: int, tls_files: TLSFiles) -> None:
 @pytest.mark.parametrize(
     ("flags", "complaint"),
     [
-        (["--tls-ca", "{missing}"], "TLS CA file {missing}: cannot read it"),
+        (["--tls-ca", "{missing}"], "cannot read --tls-ca '{missing}': No such file"),
         (["--tls-cert", "{cert}"], "--tls-cert applies only with --tls or --tls-ca"),
         (
             ["--tls", "--spawn"],

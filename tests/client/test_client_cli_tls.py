@@ -3,7 +3,9 @@ round trip, and every refusal as one line and exit 3, at once (never retried).""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import trio
 from client_fakes import RunClient, StartFake, StartServer
 from test_client_cli_faults import STARTUP_SLACK, assert_one_line_error
 
+import ackservice.client.tls
 from ackservice.client.cli import main
 from ackservice.protocol import err_line
 from ackservice.server import server_tls_context
@@ -189,8 +192,21 @@ async def test_final_connection_errors_exit_3(
 @pytest.mark.parametrize(
     ("flags", "complaint"),
     [
-        (["--tls-ca", "{missing}"], "TLS CA file {missing}: cannot read it (No such file"),
-        (["--tls", "--tls-cert", "{directory}"], "TLS client certificate {directory}: cannot read"),
+        (["--tls-ca", "{missing}"], "cannot read --tls-ca '{missing}': No such file"),
+        (
+            ["--tls", "--tls-cert", "{directory}"],
+            "cannot read --tls-cert '{directory}': it is a directory, not a regular file",
+        ),
+        (
+            ["--tls-ca", "{junk}"],
+            "no PEM certificate in --tls-ca '{junk}': it has no -----BEGIN CERTIFICATE----- "
+            "line; give a PEM file, or convert a DER one: openssl x509 -inform DER",
+        ),
+        (
+            ["--tls", "--tls-cert", "{cert}", "--tls-key", "{junk}"],
+            "no PEM private key in --tls-key '{junk}': it has no -----BEGIN ...PRIVATE KEY----- "
+            "line; give a PEM file, or convert a DER one: openssl pkey -inform DER",
+        ),
         (["--tls", "--tls-cert", "{cert}", "--tls-key", "{other_key}"], "does not match"),
         (["--tls", "--tls-key", "{key}"], "--tls-key needs --tls-cert"),
         (["--tls-cert", "{cert}"], "--tls-cert applies only with --tls or --tls-ca"),
@@ -205,8 +221,12 @@ def test_tls_usage_errors_exit_2(
     complaint: str,
 ) -> None:
     """A CA, certificate or key that cannot be used, or TLS flags without TLS: exit 2 and
-    one line naming the file and the problem, before any connection."""
+    one line naming the flag, the file and the problem (and, for a file that is not PEM,
+    what to do), before any connection."""
+    junk = tmp_path / "junk.der"
+    junk.write_bytes(b"\x30\x82\x01\x0a not PEM\n")
     names = {
+        "junk": str(junk),
         "missing": str(tmp_path / "missing.pem"),
         "directory": str(tmp_path),
         "cert": str(tls_files.client_cert),
@@ -220,3 +240,111 @@ def test_tls_usage_errors_exit_2(
     (line,) = captured.err.splitlines()
     assert line.startswith("python -m ackservice.client: error: ")
     assert complaint.format(**names) in line
+
+
+@pytest.mark.parametrize(
+    ("settings", "complaint"),
+    [
+        ({"TLS_CA": "{missing}"}, "cannot read ACKSERVICE_CLIENT_TLS_CA '{missing}': No such file"),
+        (
+            {"TLS_CA": "{ca}", "TLS_CERT": "{directory}"},
+            "cannot read ACKSERVICE_CLIENT_TLS_CERT '{directory}': it is a directory",
+        ),
+        (
+            {"TLS_CA": "{junk}"},
+            "no PEM certificate in ACKSERVICE_CLIENT_TLS_CA '{junk}': it has no -----BEGIN",
+        ),
+        (
+            {"TLS": "1", "TLS_CERT": "{cert}", "TLS_KEY": "{other_key}"},
+            "the key in ACKSERVICE_CLIENT_TLS_KEY '{other_key}' does not match the certificate "
+            "in ACKSERVICE_CLIENT_TLS_CERT '{cert}'",
+        ),
+        (
+            {"TLS": "1", "TLS_CERT": "{cert}"},
+            "no private key in ACKSERVICE_CLIENT_TLS_CERT '{cert}': give --tls-key as well",
+        ),
+        ({"TLS_KEY": "{key}"}, "ACKSERVICE_CLIENT_TLS_KEY applies only with --tls or --tls-ca"),
+        ({"TLS": "1", "TLS_KEY": "{key}"}, "ACKSERVICE_CLIENT_TLS_KEY needs --tls-cert"),
+    ],
+    ids=["ca", "cert", "not-pem", "mismatch", "cert-without-key", "key-without-tls", "key-alone"],
+)
+def test_a_tls_file_from_the_environment_is_named_by_its_variable(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tls_files: TLSFiles,
+    settings: dict[str, str],
+    complaint: str,
+) -> None:
+    """A TLS setting that came from an ``ACKSERVICE_CLIENT_*`` variable is called by that
+    variable in the error line, as the server does, not by a flag that is on no command
+    line the reader could look at."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    names = {
+        "ca": str(tls_files.ca),
+        "cert": str(tls_files.client_cert),
+        "directory": str(tmp_path),
+        "junk": str(junk),
+        "key": str(tls_files.client_key),
+        "missing": str(tmp_path / "missing.pem"),
+        "other_key": str(tls_files.other_client_key),
+    }
+    environ = {f"ACKSERVICE_CLIENT_{k}": v.format(**names) for k, v in settings.items()}
+    with pytest.raises(SystemExit) as exit_:
+        main(["x"], environ=environ)
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("python -m ackservice.client: error: ")
+    assert complaint.format(**names) in line
+
+
+def test_a_tls_flag_given_over_its_variable_is_named_as_the_flag(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """With both ``--tls-ca`` and ``ACKSERVICE_CLIENT_TLS_CA`` set, the flag's file is used,
+    and the error about it names the flag."""
+    flag_file = tmp_path / "flag.pem"
+    environ = {"ACKSERVICE_CLIENT_TLS_CA": str(tmp_path / "variable.pem")}
+    with pytest.raises(SystemExit) as exit_:
+        main(["--tls-ca", str(flag_file), "x"], environ=environ)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        f"python -m ackservice.client: error: cannot read --tls-ca {str(flag_file)!r}: "
+        "No such file or directory (see --help)\n"
+    )
+
+
+def test_an_unreadable_tls_file_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file the client may not read: the setting, the file and the system's reason. (The
+    refusal is simulated: mode 000 does not stop root, who runs these tests in CI.)"""
+    locked = tmp_path / "locked.pem"
+    locked.write_text("-----BEGIN CERTIFICATE-----\n")
+
+    def refuse(path: object) -> bytes:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(ackservice.client.tls, "read_regular_file", refuse)
+    with pytest.raises(SystemExit) as exit_:
+        main(["x"], environ={"ACKSERVICE_CLIENT_TLS_CA": str(locked)})
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        f"python -m ackservice.client: error: cannot read ACKSERVICE_CLIENT_TLS_CA "
+        f"{str(locked)!r}: Permission denied (see --help)\n"
+    )
+
+
+async def test_a_missing_ca_from_the_environment_is_one_line_from_the_process(
+    run_client: RunClient, tmp_path: Path
+) -> None:
+    """``ACKSERVICE_CLIENT_TLS_CA=/nonexistent python -m ackservice.client hi``: exit 2 and
+    exactly one line naming the variable, no traceback."""
+    missing = tmp_path / "nonexistent"
+    run = await run_client("hi", env={"ACKSERVICE_CLIENT_TLS_CA": str(missing)})
+    assert run.returncode == 2
+    assert run.stdout == b""
+    assert run.stderr.decode() == (
+        f"python -m ackservice.client: error: cannot read ACKSERVICE_CLIENT_TLS_CA "
+        f"{str(missing)!r}: No such file or directory (see --help)\n"
+    )

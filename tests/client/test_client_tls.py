@@ -5,6 +5,7 @@ round trip, and every TLS failure final, clear and never retried."""
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import threading
 from pathlib import Path
@@ -296,7 +297,7 @@ class TestContext:
 
     def test_missing_file(self, tmp_path: Path) -> None:
         missing = tmp_path / "nope.pem"
-        with pytest.raises(ValueError, match=f"TLS CA file {missing}: cannot read it"):
+        with pytest.raises(ValueError, match=re.escape(f"cannot read the TLS CA file '{missing}'")):
             client_tls_context(ca=missing)
 
     def test_a_fifo_is_refused_at_once(self, tmp_path: Path) -> None:
@@ -317,13 +318,16 @@ class TestContext:
         loader.join(10)
         assert not loader.is_alive(), "still opening the FIFO"
         [error] = errors
-        assert f"TLS CA file {fifo}: cannot read it" in str(error)
+        assert f"cannot read the TLS CA file '{fifo}'" in str(error)
         assert "FIFO" in str(error)
 
     def test_not_pem(self, tmp_path: Path) -> None:
         junk = tmp_path / "junk.pem"
         junk.write_text("not a certificate\n")
-        with pytest.raises(ValueError, match=f"TLS client certificate {junk}: no PEM certificate"):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(f"no PEM certificate in the TLS client certificate '{junk}'"),
+        ):
             client_tls_context(cert=junk)
 
     def test_key_that_does_not_match(self, tls_files: TLSFiles) -> None:
@@ -331,7 +335,7 @@ class TestContext:
             client_tls_context(cert=tls_files.client_cert, key=tls_files.other_client_key)
 
     def test_certificate_without_key(self, tls_files: TLSFiles) -> None:
-        with pytest.raises(ValueError, match="no private key in it"):
+        with pytest.raises(ValueError, match="no private key in the TLS client certificate"):
             client_tls_context(cert=tls_files.client_cert)
 
     def test_key_without_certificate(self, tls_files: TLSFiles) -> None:

@@ -24,11 +24,12 @@ import contextlib
 import os
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, NoReturn
 
 import trio
 
+from .. import _cli
 from .._files import read_regular_file
 from ..errors import TLSError
 
@@ -105,44 +106,67 @@ def client_tls_context(
             passphrase-protected, or the key does not match the certificate; the one-line
             message names the file and the problem.
     """
+    return _tls_context(ca, cert, key, _FILE_NAMES)
+
+
+# What messages call each file, by the flag that gives it: the library's words here; the
+# CLIs' the setting as it was given (``--tls-ca``, or ``ACKSERVICE_CLIENT_TLS_CA`` when the
+# value came from there), as the server's do.
+_FILE_NAMES: Final = {
+    "--tls-ca": "the TLS CA file",
+    "--tls-cert": "the TLS client certificate",
+    "--tls-key": "the TLS client key",
+}
+
+
+def _tls_context(
+    ca: StrPath | None, cert: StrPath | None, key: StrPath | None, names: Mapping[str, str]
+) -> ssl.SSLContext:
+    """``client_tls_context``, its messages calling each file by ``names[flag]``."""
     if key is not None and cert is None:
         raise ValueError("a TLS client key needs its certificate (give cert as well)")
     cafile = None
     if ca is not None:
-        _require_pem(ca, "TLS CA file", b"CERTIFICATE-----")
+        _require_pem(ca, names["--tls-ca"], "certificate")
         cafile = os.fspath(ca)
     try:
         # With a CA file, that file alone is trusted; without, the system's CAs.
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
     except ssl.SSLError as exc:
-        raise ValueError(f"TLS CA file {cafile}: {_openssl_text(exc)}") from None
+        raise ValueError(
+            f"cannot load {names['--tls-ca']} {cafile!r}: {_openssl_text(exc)}; check that "
+            "each certificate in it is whole (openssl x509 -in FILE -noout -text)"
+        ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
-        _load_client_certificate(context, cert, key)
+        _load_client_certificate(context, cert, key, names)
     return context
 
 
-def _load_client_certificate(context: ssl.SSLContext, cert: StrPath, key: StrPath | None) -> None:
-    cert_text = _require_pem(cert, "TLS client certificate", b"CERTIFICATE-----")
+def _load_client_certificate(
+    context: ssl.SSLContext, cert: StrPath, key: StrPath | None, names: Mapping[str, str]
+) -> None:
+    cert_name = f"{names['--tls-cert']} {os.fspath(cert)!r}"
+    cert_text = _require_pem(cert, names["--tls-cert"], "certificate")
     if key is None:
         if b"PRIVATE KEY-----" not in cert_text:
             raise ValueError(
-                f"TLS client certificate {os.fspath(cert)}: no private key in it; "
-                "give the key file as well (--tls-key)"
+                f"no private key in {cert_name}: give {names['--tls-key']} as well "
+                "(or put the key in the certificate file)"
             )
-        key_text, key_name = cert_text, os.fspath(cert)
+        key_text, key_name = cert_text, cert_name
     else:
-        key_text = _require_pem(key, "TLS client key", b"PRIVATE KEY-----")
-        key_name = os.fspath(key)
+        key_text = _require_pem(key, names["--tls-key"], "private key")
+        key_name = f"{names['--tls-key']} {os.fspath(key)!r}"
     if b"ENCRYPTED" in key_text:
         raise ValueError(
-            f"TLS client key {key_name}: the key is passphrase-protected, which is not "
-            "supported; decrypt it (openssl pkey -in KEY -out PLAIN_KEY)"
+            f"the key in {key_name} is passphrase-protected, which is not supported; "
+            "decrypt it (openssl pkey -in KEY -out PLAIN_KEY)"
         )
 
     def no_passphrase() -> str:
         # Without a callback OpenSSL would prompt on the terminal, and hang a service.
-        raise ValueError(f"TLS client key {key_name}: the key is passphrase-protected")
+        raise ValueError(f"the key in {key_name} is passphrase-protected")
 
     try:
         context.load_cert_chain(
@@ -151,24 +175,45 @@ def _load_client_certificate(context: ssl.SSLContext, cert: StrPath, key: StrPat
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise ValueError(
-                f"TLS client key {key_name} does not match the certificate in {os.fspath(cert)}"
+                f"the key in {key_name} does not match the certificate in {cert_name}"
             ) from None
+        where = cert_name if key is None else f"{cert_name} and {key_name}"
         raise ValueError(
-            f"TLS client certificate {os.fspath(cert)} or key {key_name}: "
-            f"cannot load them ({_openssl_text(exc)})"
+            f"cannot load the certificate and key from {where}: {_openssl_text(exc)}"
         ) from None
 
 
-def _require_pem(path: StrPath, what: str, marker: bytes) -> bytes:
-    """The file's bytes, after checking that it can be read and holds a ``marker`` block."""
-    name = os.fspath(path)
+# Per kind of PEM file: the marker that must be in it, the line a reader looks for, and how
+# to convert the DER file that most often stands in its place.
+_PEM_KINDS: Final = {
+    "certificate": (
+        b"CERTIFICATE-----",
+        "-----BEGIN CERTIFICATE-----",
+        "openssl x509 -inform DER -in FILE -out FILE.pem",
+    ),
+    "private key": (
+        b"PRIVATE KEY-----",
+        "-----BEGIN ...PRIVATE KEY-----",
+        "openssl pkey -inform DER -in FILE -out FILE.pem",
+    ),
+}
+
+
+def _require_pem(path: StrPath, setting: str, kind: str) -> bytes:
+    """The file's bytes, after checking that it can be read and holds a PEM ``kind``
+    (``certificate`` or ``private key``); ``setting`` is what messages call it."""
+    name = f"{setting} {os.fspath(path)!r}"
     try:
         text = read_regular_file(path)
     except OSError as exc:
-        raise ValueError(f"{what} {name}: cannot read it ({exc.strerror or exc})") from None
+        # The server's words (server/tls.py), so that both say it alike.
+        raise ValueError(f"cannot read {name}: {exc.strerror or exc}") from None
+    marker, banner, convert = _PEM_KINDS[kind]
     if b"-----BEGIN " not in text or marker not in text:
-        kind = "certificate" if marker.startswith(b"CERT") else "private key"
-        raise ValueError(f"{what} {name}: no PEM {kind} in it (-----BEGIN ...{marker.decode()})")
+        raise ValueError(
+            f"no PEM {kind} in {name}: it has no {banner} line; give a PEM file, or "
+            f"convert a DER one: {convert}"
+        )
     return text
 
 
@@ -295,16 +340,16 @@ def context_from_flags(args: Any, error: Callable[[str], NoReturn]) -> ssl.SSLCo
     """The TLS context the CLI flags (``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``,
     ``--tls-server-name`` in ``args``) ask for, ``None`` for plain TCP; flags that do not
     fit together, or files that cannot serve, go to ``error`` (a usage error, one line
-    naming the flag or the file)."""
+    naming the setting as it was given: the flag, or its environment variable)."""
+    names = _cli.setting_names(args, ("--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name"))
     if not (args.tls or args.tls_ca):
-        for flag in ("tls_cert", "tls_key", "tls_server_name"):
-            if getattr(args, flag) is not None:
-                option = "--" + flag.replace("_", "-")
-                error(f"{option} applies only with --tls or --tls-ca")
+        for flag in ("--tls-cert", "--tls-key", "--tls-server-name"):
+            if getattr(args, flag.removeprefix("--").replace("-", "_")) is not None:
+                error(f"{names[flag]} applies only with --tls or --tls-ca")
         return None
     if args.tls_key is not None and args.tls_cert is None:
-        error("--tls-key needs --tls-cert (the certificate the key belongs to)")
+        error(f"{names['--tls-key']} needs --tls-cert (the certificate the key belongs to)")
     try:
-        return client_tls_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+        return _tls_context(args.tls_ca, args.tls_cert, args.tls_key, names)
     except ValueError as exc:
         error(str(exc))
