@@ -7,12 +7,13 @@ Usage:
     .venv/bin/python scripts/cpu_per_ack_paired.py --bench "$B" --scenario rr64 --together \\
         "before=$OLD/src:tls" "now=src:tls"
 
-Each ``NAME=SOURCE[:tls]`` is ``python -m ackservice.server --store none`` run from the
-``src`` directory SOURCE (``:tls``: with the bench's certificates, loaded by ``loadgen_tls``).
-Every server is pinned to CPU 0 and every loadgen to CPU 1. The server's CPU time
-(``/proc/PID/schedstat``, nanoseconds) is taken at its loadgen's own "# measure" and "# end"
-markers, so start-up and TLS handshakes are left out (except in ``churn``, where every
-connection is a handshake and one ACK: its figure is CPU per connection).
+Each ``NAME=SOURCE[:tls]`` is ``python -m ackservice.server --store none`` (or ``--store``'s)
+run from the ``src`` directory SOURCE (``:tls``: with the bench's certificates, loaded by
+``loadgen_tls``). Every server is pinned to CPU 0 and every loadgen to CPU 1. The server's CPU
+time (``/proc/PID/task/*/schedstat``, nanoseconds, all its threads) is taken at its loadgen's
+own "# measure" and "# end" markers, so start-up and TLS handshakes are left out (except in
+``churn``, where every connection is a handshake and one ACK: its figure is CPU per
+connection).
 
 By default each server is loaded alone in turn (bursts of ``--duration`` seconds, the order
 reversed every other round). With ``--together`` all are loaded at once, sharing CPU 0: the
@@ -28,11 +29,13 @@ first, the median of its per-round ratio to the first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import selectors
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +45,13 @@ from cpu_per_ack import SCENARIOS, free_port, wait_until_listening
 class Server:
     """One server process and the loadgen command that loads it."""
 
-    def __init__(self, spec: str, bench: Path) -> None:
+    def __init__(self, spec: str, bench: Path, store: str) -> None:
         self.name, source = spec.split("=", 1)
         source, _, kind = source.partition(":")
         self.port = free_port()
         argv = ["taskset", "-c", "0", "env", f"PYTHONPATH={source}", sys.executable]
-        argv += ["-m", "ackservice.server", "--port", str(self.port), "--store", "none"]
+        argv += ["-m", "ackservice.server", "--port", str(self.port)]
+        argv += ["--store", store.format(name=self.name)]
         argv += ["--log-level", "info"]
         self.loadgen = [str(bench / "loadgen")]
         if kind == "tls":
@@ -65,9 +69,13 @@ class Server:
         self.samples: list[float] = []
 
     def on_cpu_ns(self) -> int:
-        """Nanoseconds the server has run so far (user and system)."""
-        with open(f"/proc/{self.process.pid}/schedstat") as schedstat:
-            return int(schedstat.read().split()[0])
+        """Nanoseconds the server has run so far (user and system), all its threads (a
+        store's worker thread too; a thread that ended meanwhile is not counted)."""
+        total = 0
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+        return total
 
     def start_load(self, args: argparse.Namespace) -> subprocess.Popen[str]:
         argv = ["taskset", "-c", "1", *self.loadgen, "--port", str(self.port)]
@@ -110,11 +118,23 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=2.0, help="measured seconds a load")
     parser.add_argument("--warmup", type=float, default=0.3, help="unmeasured seconds first")
     parser.add_argument("--together", action="store_true", help="load all servers at once")
+    parser.add_argument(
+        "--store",
+        default="none",
+        help="each server's --store, {name} and {dir} replaced (default none; e.g. "
+        "'sqlite:{dir}/{name}.db', {dir} a temporary directory removed afterwards)",
+    )
     parser.add_argument("servers", nargs="+", metavar="NAME=SOURCE[:tls]")
     args = parser.parse_args()
     servers: list[Server] = []
+    with tempfile.TemporaryDirectory(prefix="cpu-per-ack-") as directory:
+        store = args.store.replace("{dir}", directory)
+        run(servers, store, args)
+
+
+def run(servers: list[Server], store: str, args: argparse.Namespace) -> None:
     try:
-        servers.extend(Server(spec, args.bench) for spec in args.servers)
+        servers.extend(Server(spec, args.bench, store) for spec in args.servers)
         for server in servers:
             wait_until_listening(server.process, server.port)
         for round_ in range(args.rounds):
