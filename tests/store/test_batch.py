@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ackservice.store import Message, MessageBatch, MessageRun
 from ackservice.store.batch import joined
-from ackservice.store.sqlite import _chunk_rows
+from ackservice.store.sqlite_rows import rows_of
 
 _payloads = st.lists(st.binary(max_size=20), min_size=1, max_size=6)
 
@@ -67,7 +67,7 @@ def test_a_batch_is_the_list_of_its_messages(made: list[MessageRun], data: st.Da
 def test_sqlite_rows_of_a_batch_are_those_of_its_messages(made: list[MessageRun]) -> None:
     """The store's shortcut (a row per run, from the columns) writes what its general path
     writes for the same messages as Message tuples."""
-    assert _chunk_rows(MessageBatch(made), 7) == _chunk_rows(as_messages(made), 7)
+    assert rows_of(MessageBatch(made), 7) == rows_of(as_messages(made), 7)
 
 
 def test_joined_keeps_runs_as_a_batch_and_lists_as_a_list() -> None:

@@ -147,7 +147,7 @@ async def test_commits_are_durable_wal_with_full_sync(tmp_path: Path) -> None:
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 async def test_ids_increase_and_are_not_reused_after_prune(tmp_path: Path) -> None:
@@ -174,16 +174,12 @@ async def test_prune_by_id_and_age(tmp_path: Path) -> None:
     ago than that; each returns how many went."""
     path = tmp_path / "store.db"
     old = message(b"old", received_at=time.time() - 3600)
-    # One read each: the messages are separate chunks.
     now = time.time()
     others = [
         message(p, n, conn_id=n, received_at=now) for n, p in [(2, b"x"), (3, b"y"), (4, b"z")]
     ]
-    store = await SQLiteStore.open(path)
-    try:
-        await store.store([old, *others])
-    finally:
-        await store.aclose()
+    # One commit each: the messages are separate chunks.
+    await store_batches(path, [[m] for m in [old, *others]])
     reader = await SQLiteReader.open(path)
     try:
         assert await reader.prune(older_than=60) == 1
@@ -250,11 +246,11 @@ async def test_a_newer_schema_version_is_refused(tmp_path: Path) -> None:
     store = await SQLiteStore.open(path)
     await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as connection:
-        connection.execute("PRAGMA user_version = 3")
+        connection.execute("PRAGMA user_version = 4")
         connection.commit()
-    with pytest.raises(StoreError, match=r"schema version 3.*only 2"):
+    with pytest.raises(StoreError, match=r"schema version 4.*only 3"):
         await SQLiteStore.open(path)
-    with pytest.raises(StoreError, match="schema version 3"):
+    with pytest.raises(StoreError, match="schema version 4"):
         await SQLiteReader.open(path)
 
 
@@ -326,13 +322,13 @@ async def test_locked_database_is_unavailable_then_recovers(
 
 
 async def test_a_batch_sqlite_cannot_hold_leaves_no_open_transaction(tmp_path: Path) -> None:
-    """A batch failing outside SQLite (a seq too large for its 64-bit integers) is rolled
-    back, so the next batch is stored as usual."""
+    """A batch failing outside SQLite (a seq too large for its 64-bit integers, in the
+    chunk's own column) is rolled back, so the next batch is stored as usual."""
     path = tmp_path / "store.db"
     store = await SQLiteStore.open(path)
     try:
         with pytest.raises(OverflowError):
-            await store.store([message(b"kept out", 1), message(b"too big", 2**64)])
+            await store.store([message(b"too big", 2**64), message(b"kept out", 1, conn_id=8)])
         assert await store.store(batch_of([b"next"])) is None
     finally:
         await store.aclose()
@@ -468,8 +464,8 @@ async def test_messages_after_an_id_across_pages(tmp_path: Path) -> None:
     arrive whole and in order."""
     path = tmp_path / "store.db"
     count = sqlite_module.PAGE_ROWS * 2 + 5
-    # Every other seq: not consecutive, so one chunk per message.
-    await store_batches(path, [[message(b"%d" % n, 2 * n) for n in range(1, count + 1)]])
+    # One commit per message, so one chunk per message.
+    await store_batches(path, [[message(b"%d" % n, n)] for n in range(1, count + 1)])
     assert chunk_count(path) == count
     reader = await SQLiteReader.open(path)
     try:
@@ -531,7 +527,7 @@ async def test_disk_full_is_unavailable_and_recovers_without_loss(small_tmpfs: P
 async def test_a_batch_of_several_connections_runs_reads_back_exactly(tmp_path: Path) -> None:
     """A batch interleaving runs of several connections, with gaps in seq, a change of
     ``received_at`` or identity inside one connection's messages, comes back message for
-    message with ids 1..n; each run is one chunk."""
+    message with ids 1..n; each commit is one chunk."""
     path = tmp_path / "store.db"
     sent = [
         message(b"a1", 10, conn_id=1),
@@ -546,11 +542,11 @@ async def test_a_batch_of_several_connections_runs_reads_back_exactly(tmp_path: 
         message(b"\xff\xfe", 1, conn_id=3),
     ]
     await store_batches(path, [sent[:4], sent[4:]])
-    assert chunk_count(path) == 7
+    assert chunk_count(path) == 2
     assert await read_all(path) == as_stored(1, sent)
-    # ``after`` inside a chunk (a1, a2 form chunk 1; a6 is alone; a7 and b"" form one).
-    assert await read_all(path, after=1) == as_stored(2, sent[1:])
-    assert await read_all(path, after=8) == as_stored(9, sent[8:])
+    # ``after`` inside a run, between runs, inside a chunk's last run, at a chunk's end.
+    for after in range(len(sent) + 1):
+        assert await read_all(path, after=after) == as_stored(after + 1, sent[after:])
     assert await read_all(path, after=10) == []
 
 

@@ -41,22 +41,19 @@ def make_store(path: Path, payloads: list[bytes], *, received_at: float | None =
     async def fill() -> None:
         store = await SQLiteStore.open(path)
         try:
-            await store.store(
-                [
-                    Message(
-                        payload=payload,
-                        crc32=zlib.crc32(payload),
-                        received_at=time.time() if received_at is None else received_at,
-                        peer="[::1]:5000",
-                        conn_id=3,
-                        # Every other seq: each message is a chunk of its own, so a
-                        # prune by id counts exactly the messages below it.
-                        seq=2 * n - 1,
-                        identity="CN=alice" if n == 1 else None,
-                    )
-                    for n, payload in enumerate(payloads, 1)
-                ]
-            )
+            # One commit each: each message is a chunk of its own, so a prune by id counts
+            # exactly the messages below it.
+            for n, payload in enumerate(payloads, 1):
+                message = Message(
+                    payload=payload,
+                    crc32=zlib.crc32(payload),
+                    received_at=time.time() if received_at is None else received_at,
+                    peer="[::1]:5000",
+                    conn_id=3,
+                    seq=n,
+                    identity="CN=alice" if n == 1 else None,
+                )
+                await store.store([message])
         finally:
             await store.aclose()
 

@@ -7,7 +7,7 @@ than a third of the server's CPU per message pipelined into SQLite (2.29 -> 1.41
 without them): a ``MessageRun`` keeps one read's
 messages as columns (payloads, CRCs) plus what they share (the connection, the time, the
 first seq), and a ``MessageBatch`` the runs of one commit; a store that knows them (SQLite
-writes one row per run) reads ``MessageBatch.runs`` instead. Nothing here does I/O.
+writes a commit's runs into one row) reads ``MessageBatch.runs`` instead. Nothing here does I/O.
 """
 
 from __future__ import annotations

@@ -2,25 +2,24 @@
 
 Each batch the server hands over is one transaction, so one ``fsync`` of the write-ahead
 log covers every message that arrived while the previous commit ran (group commit). The
-stdlib ``sqlite3`` module blocks, so every call runs in a worker thread; a
-``CapacityLimiter(1)`` per connection serializes them. Trio releases a limiter only when
-the thread has really finished, even when the waiting task was cancelled and the thread
-abandoned (see ``trio.to_thread.run_sync``), so a commit cut off by the server's store
-timeout still ends (rolled back at its next step) before the next one starts, on the same
-connection.
+stdlib ``sqlite3`` module blocks, so every call runs in another thread: the writer's in a
+``SerialThread`` of its own, one call after the other, so a commit cut off by the server's
+store timeout (its caller gone) still ends, rolled back at its next step, before the next
+one starts on the same connection; a reader's through ``trio.to_thread`` and a
+``CapacityLimiter(1)``, which Trio releases only when the thread has really finished.
 
-Schema version 2 (``PRAGMA user_version``): one row per *run* of messages, not per
+Schema version 3 (``PRAGMA user_version``): one row per commit (up to a size), not per
 message, because a row costs SQLite a few microseconds of CPU whatever it holds::
 
     chunks(first_id INTEGER PRIMARY KEY, count INTEGER, received_at REAL, peer TEXT,
            conn_id INTEGER, first_seq INTEGER, identity TEXT,
-           lengths BLOB, crc32s BLOB, payloads BLOB)
+           lengths BLOB, crc32s BLOB, payloads BLOB, runs BLOB)
     meta(key TEXT PRIMARY KEY, value INTEGER)      -- 'next_id'
 
-A run is consecutive messages of one batch from one connection's read: same ``conn_id``,
-``peer``, ``identity`` and ``received_at``, consecutive ``seq``. Message ``k`` (from 0) of a
-chunk has id ``first_id + k`` and seq ``first_seq + k``; ``lengths`` and ``crc32s`` hold
-``count`` little-endian uint32s, ``payloads`` the payloads concatenated.
+``sqlite_rows`` says what a row holds. Version 2 wrote one row per run (one connection's
+read) and had no ``runs`` column; its rows are version 3 rows holding one run, so a version 2
+file is read as it is and upgraded (the column added, an instant change) when a server
+opens it.
 
 Ids are per message, start at 1 and are never handed out twice, even after the newest
 chunks were pruned: ``meta.next_id`` is advanced in the same transaction as each insert, so
@@ -33,11 +32,9 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import sys
 import threading
 import time
 import urllib.parse
-from array import array
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
@@ -45,13 +42,17 @@ from typing import Final, TypeVar
 import trio
 
 from .base import Message, StoredMessage, StoreError, StoreStats, StoreUnavailable, Verdict
-from .batch import MessageBatch, MessageRun
+from .batch import MessageBatch
+from .serial_thread import SerialThread
+from .sqlite_rows import received_at_of, rows_of, stored_messages
 
 __all__ = ["SCHEMA_VERSION", "NoStoreError", "SQLiteReader", "SQLiteStore"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+# One row per run, without the ``runs`` column: upgraded when opened.
+_RUNS_SCHEMA_VERSION: Final = 2
 # The per-message schema of the first development versions (never released): refused with a
 # hint rather than migrated.
 _OLD_SCHEMA_VERSION: Final = 1
@@ -95,7 +96,8 @@ CREATE TABLE chunks (
     identity TEXT,
     lengths BLOB NOT NULL,
     crc32s BLOB NOT NULL,
-    payloads BLOB NOT NULL
+    payloads BLOB NOT NULL,
+    runs BLOB
 )
 """,
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
@@ -104,8 +106,9 @@ CREATE TABLE chunks (
 
 _INSERT: Final = (
     "INSERT INTO chunks (first_id, count, received_at, peer, conn_id, first_seq, identity,"
-    " lengths, crc32s, payloads) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " lengths, crc32s, payloads, runs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_UPGRADE_FROM_RUNS: Final = "ALTER TABLE chunks ADD COLUMN runs BLOB"
 _GET_NEXT_ID: Final = "SELECT value FROM meta WHERE key = 'next_id'"
 _SET_NEXT_ID: Final = "UPDATE meta SET value = ? WHERE key = 'next_id'"
 
@@ -114,15 +117,10 @@ _SET_NEXT_ID: Final = "UPDATE meta SET value = ? WHERE key = 'next_id'"
 # the chunks before it.
 _SELECT_PAGE: Final = (
     "SELECT first_id, count, received_at, peer, conn_id, first_seq, identity, lengths,"
-    " crc32s, payloads FROM chunks"
+    " crc32s, payloads, runs FROM chunks"
     " WHERE first_id >= (SELECT coalesce(max(first_id), 0) FROM chunks WHERE first_id <= ?1)"
     " AND first_id + count - 1 > ?1 ORDER BY first_id LIMIT ?2"
 )
-
-# A uint32 array type (``I`` is 4 bytes on every platform CPython supports, but check) and
-# whether its native byte order must be swapped to the file's little-endian.
-_U32: Final = "I" if array("I").itemsize == 4 else "L"
-_SWAP: Final = sys.byteorder != "little"
 
 
 class NoStoreError(StoreError):
@@ -147,7 +145,6 @@ class _StoreFile:
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._connection = connection
         self._path = path
-        self._limiter = trio.CapacityLimiter(1)
 
     @property
     def description(self) -> str:
@@ -174,11 +171,12 @@ class SQLiteStore(_StoreFile):
         except BaseException:
             connection.close()
             raise
+        store._thread = SerialThread(f"ackservice {store.description}")
         return store
 
     async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
-        """Insert ``batch`` in one transaction, one row per run of consecutive messages from
-        one connection's read; return once its commit is on disk.
+        """Insert ``batch`` in one transaction, as one row (or a few, see ``sqlite_rows``);
+        return once its commit is on disk.
 
         Cancelling the call abandons the worker thread, which rolls back at its next step
         (unless it is already writing the commit record) before the next call's thread
@@ -196,14 +194,13 @@ class SQLiteStore(_StoreFile):
         snapshot = batch if isinstance(batch, MessageBatch) else tuple(batch)
         abandoned = threading.Event()
         try:
-            await trio.to_thread.run_sync(
+            await self._thread.run(
                 _insert,
                 self._connection,
                 self._writer_lock,
                 snapshot,
                 abandoned,
                 abandon_on_cancel=True,
-                limiter=self._limiter,
             )
         except trio.Cancelled:
             # Cut off (the server's store timeout): the thread rolls back at its next step,
@@ -216,11 +213,18 @@ class SQLiteStore(_StoreFile):
 
     async def aclose(self) -> None:
         """Close the file, after any abandoned commit has finished."""
-        # Through the limiter, so the connection is never closed under a running commit.
-        await trio.to_thread.run_sync(self._close, abandon_on_cancel=True, limiter=self._limiter)
+        if self._thread.closed:
+            return  # closed already (closing twice is harmless)
+        # In the writer's thread, so the connection is never closed under a running commit.
+        try:
+            await self._thread.run(self._close, abandon_on_cancel=True)
+        finally:
+            self._thread.close()
 
     _writer_lock = -1
     """The descriptor of the file whose lock the writers of this store take (see _insert)."""
+    _thread: SerialThread
+    """Where every call on the connection runs, one after the other."""
 
     def _close(self) -> None:
         self._connection.close()
@@ -242,6 +246,10 @@ class SQLiteReader(_StoreFile):
         """
         path, connection = await trio.to_thread.run_sync(_open_for_reading, path)
         return cls(connection, path)
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        super().__init__(connection, path)
+        self._limiter = trio.CapacityLimiter(1)
 
     async def messages(
         self, *, after: int = 0, follow: bool = False
@@ -284,8 +292,10 @@ class SQLiteReader(_StoreFile):
         """Delete messages with ``id < before_id`` and received more than ``older_than``
         seconds ago (a message must match every condition given); return how many.
 
-        Deletes whole chunks (the messages of one read), so a chunk straddling
-        ``before_id`` is kept whole: at most one read's worth of messages below it stay.
+        Deletes whole chunks (the messages of one commit, or a part of one), so a chunk
+        straddling ``before_id`` is kept whole: at most one commit's worth of messages
+        below it stay (``sqlite_rows.ROW_PAYLOAD_BYTES`` of payloads, or one read). By age,
+        a chunk goes once its newest message is older than ``older_than``.
         Deletes ``PRUNE_CHUNK_ROWS`` chunks per transaction, so a running server's commits
         are held up only briefly. The file does not shrink: SQLite reuses the freed pages
         for new messages.
@@ -400,9 +410,11 @@ def _open_for_reading(path: Path) -> tuple[Path, sqlite3.Connection]:
 
 
 def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -> None:
-    """Create the schema in a new file; refuse a file that is not a store we understand."""
-    # IMMEDIATE when creating: two servers starting on one new file must not both create.
-    connection.execute("BEGIN IMMEDIATE" if create else "BEGIN")
+    """Create the schema in a new file, upgrade a version 2 file; refuse a file that is not
+    a store we understand."""
+    # IMMEDIATE: two servers (or workers) starting on one new or version 2 file must not
+    # both create or upgrade it.
+    connection.execute("BEGIN IMMEDIATE")
     try:
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
@@ -413,6 +425,11 @@ def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -
                 )
             for statement in _SCHEMA:
                 connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version == _RUNS_SCHEMA_VERSION:
+            # Also by a reader: one that kept reading the file as version 2 while a server
+            # upgraded it would take a row of several runs for one.
+            connection.execute(_UPGRADE_FROM_RUNS)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version == _OLD_SCHEMA_VERSION:
             raise StoreError(
@@ -504,7 +521,7 @@ def _insert_locked(
             return
         # Read under the write lock, not cached: another process may have written since.
         next_id: int = connection.execute(_GET_NEXT_ID).fetchone()[0]
-        rows, next_id = _chunk_rows(batch, next_id)
+        rows, next_id = rows_of(batch, next_id)
         connection.executemany(_INSERT, rows)
         connection.execute(_SET_NEXT_ID, (next_id,))
         if abandoned.is_set():  # the last moment the caller's "unavailable" can stay true
@@ -521,82 +538,6 @@ def _insert_locked(
         # not leave the transaction open either, or every later BEGIN would fail.
         _roll_back(connection)
         raise
-
-
-def _chunk_rows(batch: Sequence[Message], next_id: int) -> tuple[list[tuple[object, ...]], int]:
-    """The ``chunks`` rows for ``batch`` (not empty), the first numbered ``next_id``; and
-    the id after the last message.
-
-    Raises:
-        OverflowError: a CRC-32 or a payload length does not fit in 32 bits.
-        ValueError: see ``_run_rows``.
-    """
-    runs = batch.runs if isinstance(batch, MessageBatch) else _runs_of(batch)
-    return _run_rows(runs, next_id)
-
-
-def _runs_of(messages: Sequence[Message]) -> list[MessageRun]:
-    """``messages`` cut into runs (consecutive seqs of one connection's read), for a batch
-    that is not a ``MessageBatch`` already (an embedder's list)."""
-    runs: list[MessageRun] = []
-    run: MessageRun | None = None
-    for m in messages:
-        if (
-            run is not None
-            and m.seq == run.first_seq + len(run.payloads)
-            and m.conn_id == run.conn_id
-            and m.received_at == run.received_at
-            and m.peer == run.peer
-            and m.identity == run.identity
-        ):
-            run.payloads.append(m.payload)
-            run.crc32s.append(m.crc32)
-            continue
-        run = MessageRun(
-            [m.payload], [m.crc32], m.received_at, m.peer, m.conn_id, m.seq, m.identity
-        )
-        runs.append(run)
-    return runs
-
-
-def _run_rows(runs: list[MessageRun], next_id: int) -> tuple[list[tuple[object, ...]], int]:
-    """One ``chunks`` row per run, taken from its columns (no ``Message`` per message).
-
-    Raises:
-        OverflowError: a CRC-32 or a payload length does not fit in 32 bits.
-        ValueError: a run's columns were changed after it was made and no longer have one
-            CRC-32 per payload (such a row could not be read back: the chunk is "damaged").
-    """
-    rows: list[tuple[object, ...]] = []
-    for run in runs:
-        if not run.payloads:
-            continue
-        lengths = array(_U32, map(len, run.payloads))
-        crc32s = array(_U32, run.crc32s)
-        if len(crc32s) != len(lengths):
-            raise ValueError(
-                f"a run of {len(lengths)} payloads has {len(crc32s)} CRC-32s (changed after "
-                "it was made)"
-            )
-        if _SWAP:
-            lengths.byteswap()
-            crc32s.byteswap()
-        rows.append(
-            (
-                next_id,
-                len(run.payloads),
-                run.received_at,
-                run.peer,
-                run.conn_id,
-                run.first_seq,
-                run.identity,
-                lengths.tobytes(),
-                crc32s.tobytes(),
-                b"".join(run.payloads),
-            )
-        )
-        next_id += len(run.payloads)
-    return rows, next_id
 
 
 def _begin_immediate(
@@ -644,44 +585,8 @@ def _read_page(connection: sqlite3.Connection, after: int) -> tuple[int, list[St
     """How many chunks the page read, and their messages with ``id > after``."""
     rows = connection.execute(_SELECT_PAGE, (after, PAGE_ROWS)).fetchall()
     messages: list[StoredMessage] = []
-    append = messages.append
-    for (
-        first_id,
-        count,
-        received_at,
-        peer,
-        conn_id,
-        first_seq,
-        identity,
-        lengths_blob,
-        crc32s_blob,
-        payloads,
-    ) in rows:
-        lengths = array(_U32, lengths_blob)
-        crc32s = array(_U32, crc32s_blob)
-        if _SWAP:
-            lengths.byteswap()
-            crc32s.byteswap()
-        if len(lengths) != count or len(crc32s) != count or sum(lengths) != len(payloads):
-            raise StoreUnavailable(f"chunk {first_id} is damaged (its sizes do not add up)")
-        offset = 0
-        skip = after - first_id + 1  # messages of a chunk straddling ``after``
-        for k in range(count):
-            end = offset + lengths[k]
-            if k >= skip:
-                append(
-                    StoredMessage(
-                        first_id + k,
-                        received_at,
-                        peer,
-                        conn_id,
-                        first_seq + k,
-                        crc32s[k],
-                        payloads[offset:end],
-                        identity,
-                    )
-                )
-            offset = end
+    for row in rows:
+        stored_messages(row, after, messages)
     return len(rows), messages
 
 
@@ -706,11 +611,11 @@ def _stats(connection: sqlite3.Connection) -> StoreStats:
 
 
 def _received_at(connection: sqlite3.Connection, order: str) -> float | None:
-    """When the first (``ASC``) or last (``DESC``) chunk was received."""
+    """When the first (``ASC``) or last (``DESC``) message was received."""
     row = connection.execute(
-        f"SELECT received_at FROM chunks ORDER BY first_id {order} LIMIT 1"
+        f"SELECT first_id, count, received_at, runs FROM chunks ORDER BY first_id {order} LIMIT 1"
     ).fetchone()
-    return None if row is None else float(row[0])
+    return None if row is None else received_at_of(row, last=order == "DESC")
 
 
 def _delete_chunk(
