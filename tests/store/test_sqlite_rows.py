@@ -207,3 +207,15 @@ async def test_a_server_upgrades_a_version_2_store_on_open(tmp_path: Path) -> No
     await store.aclose()
     assert user_version(path) == 3
     assert await read_all(path, after=1) == kept[1:]
+
+
+async def test_ids_go_on_from_a_pruned_version_2_store(tmp_path: Path) -> None:
+    """Version 2 kept the next id in ``meta`` only; one ahead of the newest chunk (its newest
+    messages pruned) is still honoured, so no id is handed out twice."""
+    path = tmp_path / "store.db"
+    make_version_2_store(path)
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("UPDATE meta SET value = 10 WHERE key = 'next_id'")
+        connection.commit()
+    await store_batches(path, [[message(b"next", 1, conn_id=5)]])
+    assert [m.id for m in await read_all(path)] == [1, 2, 3, 10]

@@ -22,8 +22,10 @@ file is read as it is and upgraded (the column added, an instant change) when a 
 opens it.
 
 Ids are per message, start at 1 and are never handed out twice, even after the newest
-chunks were pruned: ``meta.next_id`` is advanced in the same transaction as each insert, so
-a reader that resumes "after id N" cannot skip a message that reused N.
+chunks were pruned, so a reader that resumes "after id N" cannot skip a message that reused
+N: a commit's first id is one past the newest chunk's last, or ``meta.next_id`` if that is
+larger, and a prune stores the next id in ``meta.next_id`` before it deletes. (Version 2
+advanced ``meta.next_id`` with every insert: a statement and a page written per commit.)
 """
 
 from __future__ import annotations
@@ -109,8 +111,13 @@ _INSERT: Final = (
     " lengths, crc32s, payloads, runs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPGRADE_FROM_RUNS: Final = "ALTER TABLE chunks ADD COLUMN runs BLOB"
-_GET_NEXT_ID: Final = "SELECT value FROM meta WHERE key = 'next_id'"
-_SET_NEXT_ID: Final = "UPDATE meta SET value = ? WHERE key = 'next_id'"
+# One past the newest chunk's last message; both lookups go through a primary key.
+_NEWEST_END: Final = (
+    "coalesce((SELECT first_id + count FROM chunks ORDER BY first_id DESC LIMIT 1), 1)"
+)
+_GET_NEXT_ID: Final = f"SELECT max((SELECT value FROM meta WHERE key = 'next_id'), {_NEWEST_END})"
+# Before a prune deletes: the next id must outlive the chunks that gave it.
+_KEEP_NEXT_ID: Final = f"UPDATE meta SET value = max(value, {_NEWEST_END}) WHERE key = 'next_id'"
 
 # The chunk holding message ``after`` (if any) and those after it. The subquery finds the
 # last chunk starting at or before ``after`` through the primary key, so a page never scans
@@ -521,9 +528,8 @@ def _insert_locked(
             return
         # Read under the write lock, not cached: another process may have written since.
         next_id: int = connection.execute(_GET_NEXT_ID).fetchone()[0]
-        rows, next_id = rows_of(batch, next_id)
+        rows, _ = rows_of(batch, next_id)
         connection.executemany(_INSERT, rows)
-        connection.execute(_SET_NEXT_ID, (next_id,))
         if abandoned.is_set():  # the last moment the caller's "unavailable" can stay true
             _roll_back(connection)
             return
@@ -629,6 +635,7 @@ def _delete_chunk(
         f" ORDER BY first_id LIMIT {PRUNE_CHUNK_ROWS}"
     )
     connection.execute("BEGIN IMMEDIATE")
+    connection.execute(_KEEP_NEXT_ID)
     # Counted and deleted under the same write lock, so both see the same chunks.
     chunks, messages = connection.execute(
         f"SELECT count(*), coalesce(sum(count), 0) FROM ({selected})", parameters
