@@ -308,7 +308,7 @@ class _SlowToAnswer:
         self.seconds = seconds
         self.answered_parcels: list[Parcel] = []
 
-    def answered(self, parcel: Parcel) -> None:
+    def answered(self, parcel: Parcel, now: float) -> None:
         time.sleep(self.seconds)
         self.answered_parcels.append(parcel)
 

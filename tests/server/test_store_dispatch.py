@@ -317,7 +317,7 @@ def _queued_connection(transport: _Transport) -> tuple[Connection, Any]:
 async def test_answered_writes_the_acks_the_socket_takes_and_leaves_the_rest_to_the_task() -> None:
     transport = _Transport(takes=5)
     connection, parcel = _queued_connection(transport)
-    connection.answered(parcel)
+    connection.answered(parcel, 1.0)
     acks = ack_line(1, b"one") + ack_line(2, b"two")
     assert transport.written == acks[:5]
     assert connection._held == _UnsentReplies(acks, 5)
@@ -328,7 +328,7 @@ async def test_answered_leaves_a_failed_write_to_the_task() -> None:
     failure = BrokenPipeError()
     transport = _Transport(fails=failure)
     connection, parcel = _queued_connection(transport)
-    connection.answered(parcel)
+    connection.answered(parcel, 1.0)
     assert connection._held is failure
     assert transport.wakes == 1
 
@@ -338,7 +338,7 @@ async def test_answered_writes_nothing_for_a_closed_connection() -> None:
     transport = _Transport()
     connection, parcel = _queued_connection(transport)
     connection._withdraw_queued()
-    connection.answered(parcel)
+    connection.answered(parcel, 1.0)
     assert (transport.written, transport.wakes, connection._held) == (b"", 0, None)
 
 

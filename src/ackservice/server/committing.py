@@ -75,8 +75,10 @@ class Committer(Protocol):
 class ParcelOwner(Protocol):
     """Who queued a parcel without a task waiting for it (``GroupCommitter.enqueue``)."""
 
-    def answered(self, parcel: Parcel) -> None:
-        """``parcel.verdicts`` are in (called in the leader's task; must not raise)."""
+    def answered(self, parcel: Parcel, now: float) -> None:
+        """``parcel.verdicts`` are in (called in the leader's task, ``now`` being
+        ``trio.current_time()``, taken once for every parcel of the commit; must not
+        raise)."""
         ...
 
     def lead(self, parcel: Parcel) -> bool:
@@ -332,11 +334,14 @@ class GroupCommitter:
             self.latency.observe(trio.current_time() - started)
         finally:
             self.commits += 1
-            start = 0
+            if verdicts is not None:  # else every parcel's stay None: all stored
+                start = 0
+                for parcel in parcels:
+                    end = start + len(parcel.messages)
+                    parcel.verdicts = verdicts[start:end]
+                    start = end
+            now = trio.current_time()
             for parcel in parcels:
-                end = start + len(parcel.messages)
-                parcel.verdicts = None if verdicts is None else verdicts[start:end]
-                start = end
                 self._pending_bytes -= parcel.nbytes
                 if parcel is leader:
                     continue
@@ -344,7 +349,7 @@ class GroupCommitter:
                     _wake(parcel, _ANSWERED)
                     continue
                 try:
-                    parcel.owner.answered(parcel)
+                    parcel.owner.answered(parcel, now)
                 except Exception:  # a bug there must not leave the other parcels unanswered
                     log.exception("parcel_owner_failed")
             if self.has_room():

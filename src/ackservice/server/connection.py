@@ -565,7 +565,7 @@ class Connection:
         messages = MessageRun(
             payloads, crc32s, time.time(), self.peer, self.conn_id, first_seq, self.identity
         )
-        pending = sum(map(len, payloads)) + len(messages) * _MESSAGE_OVERHEAD_BYTES
+        pending = sum(map(len, payloads)) + len(payloads) * _MESSAGE_OVERHEAD_BYTES
         parcel = committer.enqueue(messages, pending, self)
         self._queued = _QueuedRead(parcel, messages)
         self._last_message = trio.current_time()  # waiting for a store is not idling
@@ -575,7 +575,7 @@ class Connection:
             return None
         return self._last_message + self._first_wait  # a message just now
 
-    def answered(self, parcel: Parcel) -> None:
+    def answered(self, parcel: Parcel, now: float) -> None:
         """The commit holding the queued read is done (``ParcelOwner``; called in the
         leader's task): write the ACKs now, or leave the task what needs it (verdicts to
         log, replies the socket did not take, an error)."""
@@ -589,9 +589,10 @@ class Connection:
             return
         self._queued = None
         run = queued.run
-        self.messages += len(run)
-        self._last_message = trio.current_time()
-        if len(run) == 1:
+        count = len(run.payloads)  # not len(run): a Python call
+        self.messages += count
+        self._last_message = now
+        if count == 1:
             replies = ACK_FORMAT % (run.first_seq, len(run.payloads[0]), run.crc32s[0])
         else:
             replies = ack_block(run.first_seq, list(map(len, run.payloads)), run.crc32s)

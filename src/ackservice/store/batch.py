@@ -16,12 +16,14 @@ import functools
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate, chain, count, islice, repeat
+from operator import attrgetter
 from typing import overload
 
 from .base import Message
 
 __all__ = ["MessageBatch", "MessageRun"]
 
+_payloads_of = attrgetter("payloads")
 _new_message: Callable[[tuple[object, ...]], Message] = functools.partial(tuple.__new__, Message)
 
 
@@ -118,7 +120,9 @@ class MessageBatch(Sequence[Message]):
 
     def __init__(self, runs: list[MessageRun]) -> None:
         self.runs = runs
-        self._ends = list(accumulate(map(len, runs)))  # where each run ends in the batch
+        # Where each run ends in the batch; the lengths of the payload lists, not len(run):
+        # no Python call per run.
+        self._ends = list(accumulate(map(len, map(_payloads_of, runs))))
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
