@@ -37,8 +37,12 @@ def test_unusable_certificate_files_are_named(tls_files: TLSFiles, tmp_path: Pat
         server_tls_context(tls_files.server_cert, tls_files.client_key)
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
-    with pytest.raises(TLSConfigError, match="no PEM certificate in --tls-cert"):
+    with pytest.raises(TLSConfigError, match="no PEM certificate in --tls-cert") as info:
         server_tls_context(garbage)
+    assert str(info.value).endswith("openssl x509 -inform DER -in FILE -out FILE.pem")
+    with pytest.raises(TLSConfigError, match="no PEM private key in --tls-key") as info:
+        server_tls_context(tls_files.server_cert, garbage)
+    assert str(info.value).endswith("openssl pkey -inform DER -in FILE -out FILE.pem")
     with pytest.raises(TLSConfigError, match=r"no private key in --tls-cert .* --tls-key"):
         server_tls_context(tls_files.server_cert)  # the chain without its key
     with pytest.raises(TLSConfigError, match="client CA"):

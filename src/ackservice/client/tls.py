@@ -30,7 +30,7 @@ from typing import Any, Final, NoReturn
 import trio
 
 from .. import _cli
-from .._files import read_regular_file
+from .._files import pem_problem, read_regular_file
 from ..errors import TLSError
 
 __all__ = [
@@ -183,22 +183,6 @@ def _load_client_certificate(
         ) from None
 
 
-# Per kind of PEM file: the marker that must be in it, the line a reader looks for, and how
-# to convert the DER file that most often stands in its place.
-_PEM_KINDS: Final = {
-    "certificate": (
-        b"CERTIFICATE-----",
-        "-----BEGIN CERTIFICATE-----",
-        "openssl x509 -inform DER -in FILE -out FILE.pem",
-    ),
-    "private key": (
-        b"PRIVATE KEY-----",
-        "-----BEGIN ...PRIVATE KEY-----",
-        "openssl pkey -inform DER -in FILE -out FILE.pem",
-    ),
-}
-
-
 def _require_pem(path: StrPath, setting: str, kind: str) -> bytes:
     """The file's bytes, after checking that it can be read and holds a PEM ``kind``
     (``certificate`` or ``private key``); ``setting`` is what messages call it."""
@@ -208,12 +192,9 @@ def _require_pem(path: StrPath, setting: str, kind: str) -> bytes:
     except OSError as exc:
         # The server's words (server/tls.py), so that both say it alike.
         raise ValueError(f"cannot read {name}: {exc.strerror or exc}") from None
-    marker, banner, convert = _PEM_KINDS[kind]
-    if b"-----BEGIN " not in text or marker not in text:
-        raise ValueError(
-            f"no PEM {kind} in {name}: it has no {banner} line; give a PEM file, or "
-            f"convert a DER one: {convert}"
-        )
+    problem = pem_problem(text, name, kind)
+    if problem is not None:
+        raise ValueError(problem)
     return text
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from .._files import read_regular_file
+from .._files import pem_problem, read_regular_file
 
 __all__ = [
     "RecordBoundaries",
@@ -89,8 +89,11 @@ def server_tls_context(
     key_text = cert_text if key is None else _read(key, key_name)
     key_setting = cert_name if key is None else key_name
     # OpenSSL says "PEM lib" for either of these: say which.
-    if b"-----BEGIN CERTIFICATE-----" not in cert_text:
-        raise TLSConfigError(f"no PEM certificate in {cert_name} {str(cert)!r}")
+    problem = pem_problem(cert_text, f"{cert_name} {str(cert)!r}", "certificate")
+    if problem is None and key is not None:
+        problem = pem_problem(key_text, f"{key_name} {str(key)!r}", "private key")
+    if problem is not None:
+        raise TLSConfigError(problem)
     if key is None and b"PRIVATE KEY-----" not in cert_text:
         raise TLSConfigError(
             f"no private key in {cert_name} {str(cert)!r}: give it with --tls-key "
