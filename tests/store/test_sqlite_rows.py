@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from test_batch import as_messages, runs
 from test_sqlite_store import as_stored, chunk_count, message, read_all, store_batches
 
+from ackservice.store import sqlite as sqlite_module
 from ackservice.store.base import StoredMessage, StoreUnavailable
 from ackservice.store.batch import MessageBatch, MessageRun
 from ackservice.store.sqlite import SQLiteReader, SQLiteStore
@@ -219,3 +220,20 @@ async def test_ids_go_on_from_a_pruned_version_2_store(tmp_path: Path) -> None:
         connection.commit()
     await store_batches(path, [[message(b"next", 1, conn_id=5)]])
     assert [m.id for m in await read_all(path)] == [1, 2, 3, 10]
+
+
+async def test_a_reader_does_not_wait_for_the_write_lock_of_a_version_3_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a WAL file takes no write lock: a reader opens and reads while another
+    connection holds it (a commit stuck in fsync, a prune, an SQL shell's open transaction)
+    rather than failing with "database is locked" after the busy timeout."""
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "store.db"
+    await store_batches(path, [[message(b"kept", 1)]])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        assert [m.payload for m in await read_all(path)] == [b"kept"]
+    finally:
+        blocker.close()

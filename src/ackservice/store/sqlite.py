@@ -419,11 +419,18 @@ def _open_for_reading(path: Path) -> tuple[Path, sqlite3.Connection]:
 def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -> None:
     """Create the schema in a new file, upgrade a version 2 file; refuse a file that is not
     a store we understand."""
-    # IMMEDIATE: two servers (or workers) starting on one new or version 2 file must not
-    # both create or upgrade it.
-    connection.execute("BEGIN IMMEDIATE")
+    # IMMEDIATE for a server: two servers (or workers) starting on one new or version 2
+    # file must not both create or upgrade it. A reader only reads, so it neither waits
+    # for a writer's lock (a long commit, a prune, an SQL shell's open transaction) nor
+    # writes, unless the file is of version 2 and must be upgraded.
+    connection.execute("BEGIN IMMEDIATE" if create else "BEGIN")
     try:
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        version = _user_version(connection)
+        if version == _RUNS_SCHEMA_VERSION and not create:
+            # Again under the write lock: another process may have upgraded it meanwhile.
+            connection.rollback()
+            connection.execute("BEGIN IMMEDIATE")
+            version = _user_version(connection)
         if version == 0:
             tables = connection.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
             if tables or not create:
@@ -452,6 +459,11 @@ def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -
     finally:
         if connection.in_transaction:
             connection.rollback()
+
+
+def _user_version(connection: sqlite3.Connection) -> int:
+    version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    return version
 
 
 def _open_writer_lock(path: Path) -> int:
