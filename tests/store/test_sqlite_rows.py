@@ -5,9 +5,13 @@ run without the ``runs`` column, read and upgraded in place."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sqlite3
+import subprocess
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from test_batch import as_messages, runs
 from test_sqlite_store import as_stored, chunk_count, message, read_all, store_batches
 
 from ackservice.store import sqlite as sqlite_module
-from ackservice.store.base import StoredMessage, StoreUnavailable
+from ackservice.store.base import StoredMessage, StoreError, StoreUnavailable
 from ackservice.store.batch import MessageBatch, MessageRun
 from ackservice.store.sqlite import SQLiteReader, SQLiteStore
 from ackservice.store.sqlite_rows import (
@@ -237,3 +241,36 @@ async def test_a_reader_does_not_wait_for_the_write_lock_of_a_version_3_file(
         assert [m.payload for m in await read_all(path)] == [b"kept"]
     finally:
         blocker.close()
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` cannot be written, even by root (immutable), for the block."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(0o644)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", path], check=False).returncode:
+        pytest.skip("cannot make a file read-only for root here (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", path], check=True)
+
+
+async def test_a_read_only_version_2_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A version 2 file the reader may not write cannot be upgraded: one line saying so
+    and what to do, not SQLite's bare "attempt to write a readonly database"."""
+    path = tmp_path / "store.db"
+    make_version_2_store(path)
+    with read_only(path), pytest.raises(StoreError) as info:
+        await read_all(path)
+    message = str(info.value)
+    assert "schema version 2" in message
+    assert "read-only" in message
+    assert "\n" not in message
+    assert user_version(path) == 2

@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -429,7 +429,7 @@ def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -
         if version == _RUNS_SCHEMA_VERSION and not create:
             # Again under the write lock: another process may have upgraded it meanwhile.
             connection.rollback()
-            connection.execute("BEGIN IMMEDIATE")
+            _begin_upgrade(connection, path)
             version = _user_version(connection)
         if version == 0:
             tables = connection.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
@@ -443,8 +443,7 @@ def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -
         elif version == _RUNS_SCHEMA_VERSION:
             # Also by a reader: one that kept reading the file as version 2 while a server
             # upgraded it would take a row of several runs for one.
-            connection.execute(_UPGRADE_FROM_RUNS)
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            _upgrade(connection, path)
         elif version == _OLD_SCHEMA_VERSION:
             raise StoreError(
                 f"store {path} was created by an older development version of ackservice "
@@ -464,6 +463,42 @@ def _check_schema(connection: sqlite3.Connection, path: Path, *, create: bool) -
 def _user_version(connection: sqlite3.Connection) -> int:
     version: int = connection.execute("PRAGMA user_version").fetchone()[0]
     return version
+
+
+def _begin_upgrade(connection: sqlite3.Connection, path: Path) -> None:
+    """``BEGIN IMMEDIATE`` to upgrade a version 2 file.
+
+    Raises:
+        StoreError: the file is read-only here.
+    """
+    with _read_only_refused(path):
+        connection.execute("BEGIN IMMEDIATE")
+
+
+def _upgrade(connection: sqlite3.Connection, path: Path) -> None:
+    """Upgrade a version 2 file (in the write transaction open on ``connection``).
+
+    Raises:
+        StoreError: the file is read-only here.
+    """
+    with _read_only_refused(path):
+        connection.execute(_UPGRADE_FROM_RUNS)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+@contextlib.contextmanager
+def _read_only_refused(path: Path) -> Iterator[None]:
+    """SQLite's "attempt to write a readonly database", while upgrading, as what to do."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_READONLY:
+            raise
+        raise StoreError(
+            f"store {path} has schema version 2 and is read-only here, and this ackservice "
+            f"reads it only once upgraded to version {SCHEMA_VERSION} (in place, at once); "
+            "open it once with write access, or read it with the ackservice that wrote it"
+        ) from exc
 
 
 def _open_writer_lock(path: Path) -> int:
