@@ -21,7 +21,7 @@ from test_batch import as_messages, runs
 from test_sqlite_store import as_stored, chunk_count, message, read_all, store_batches
 
 from ackservice.store import sqlite as sqlite_module
-from ackservice.store.base import StoredMessage, StoreError, StoreUnavailable
+from ackservice.store.base import Message, StoredMessage, StoreError, StoreUnavailable
 from ackservice.store.batch import MessageBatch, MessageRun
 from ackservice.store.sqlite import SQLiteReader, SQLiteStore
 from ackservice.store.sqlite_rows import (
@@ -274,3 +274,25 @@ async def test_a_read_only_version_2_file_is_refused_with_what_to_do(tmp_path: P
     assert "read-only" in message
     assert "\n" not in message
     assert user_version(path) == 2
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        (7, b"\x01\x00\x00"),  # lengths: not a whole number of uint32s
+        (8, b"\x01\x00\x00\x00\x00"),  # crc32s: the same
+        (7, "\x01\x00\x00\x00"),  # lengths as text (an SQL tool's UPDATE)
+        (9, "a"),  # payloads as text: would read back as str, not bytes
+        (8, None),
+    ],
+)
+def test_a_row_whose_columns_are_not_what_was_written_is_damaged(
+    column: int, value: object
+) -> None:
+    """A reader refuses a row whose binary columns are not whole uint32s, or not blobs,
+    with the one line naming it (``StoreUnavailable``), not a ValueError or TypeError
+    traceback, nor a message whose payload is not bytes."""
+    [row], _ = rows_of([Message(b"a", 1, 5.0, "p", 1, 1)], 7)
+    damaged = (*row[:column], value, *row[column + 1 :])
+    with pytest.raises(StoreUnavailable, match="chunk 7 is damaged"):
+        read_rows([damaged])

@@ -215,12 +215,16 @@ def stored_messages(row: Sequence[Any], after: int, into: list[StoredMessage]) -
         payloads,
         runs,
     ) = row
-    lengths = array(_U32, lengths_blob)
-    crc32s = array(_U32, crc32s_blob)
-    if _SWAP:
-        lengths.byteswap()
-        crc32s.byteswap()
-    if len(lengths) != count or len(crc32s) != count or sum(lengths) != len(payloads):
+    lengths = _uint32s(lengths_blob)
+    crc32s = _uint32s(crc32s_blob)
+    if (
+        lengths is None
+        or crc32s is None
+        or not isinstance(payloads, bytes)
+        or len(lengths) != count
+        or len(crc32s) != count
+        or sum(lengths) != len(payloads)
+    ):
         raise StoreUnavailable(f"chunk {first_id} is damaged (its sizes do not add up)")
     described = [(count, received_at, peer, conn_id, first_seq, identity)]
     if runs is not None:
@@ -248,6 +252,17 @@ def stored_messages(row: Sequence[Any], after: int, into: list[StoredMessage]) -
             message_id += 1
             k += 1
             offset = end
+
+
+def _uint32s(blob: object) -> array[int] | None:
+    """The little-endian uint32s of a ``lengths`` or ``crc32s`` column; None if it is not
+    a blob of whole uint32s (an SQL tool may have written anything there)."""
+    if not isinstance(blob, bytes) or len(blob) % 4:
+        return None
+    column = array(_U32, blob)
+    if _SWAP:
+        column.byteswap()
+    return column
 
 
 def received_at_of(row: Sequence[Any], *, last: bool) -> float:
