@@ -126,3 +126,28 @@ async def test_close_ends_the_thread_after_the_calls_made() -> None:
     assert not thread._thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         await thread.run(lambda: 2)
+
+
+async def test_the_last_call_runs_even_when_its_caller_is_cancelled_already() -> None:
+    """``run_last`` queues its call (what closes a resource) also in a cancelled scope,
+    after the calls made before it; the caller gets ``Cancelled`` at once, and the thread
+    ends after the call."""
+    thread = SerialThread("test")
+    events: list[str] = []
+    release = threading.Event()
+
+    def slow() -> None:
+        release.wait(5)
+        events.append("slow")
+
+    with trio.move_on_after(0.02):
+        await thread.run(slow, abandon_on_cancel=True)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await thread.run_last(events.append, "last")
+    assert scope.cancelled_caught
+    assert thread.closed
+    release.set()
+    thread._thread.join(5)
+    assert not thread._thread.is_alive()
+    assert events == ["slow", "last"]

@@ -679,3 +679,24 @@ async def test_a_run_whose_columns_no_longer_match_is_refused_not_stored(
     finally:
         await store.aclose()
     assert [m.payload for m in await read_all(path)] == [b"first", b"last"]
+
+
+async def test_closing_in_a_cancelled_scope_still_closes_the_file(tmp_path: Path) -> None:
+    """The store may be closed where cancellation is already under way (an embedder
+    cancelling ``serve()``, whose ``open_store`` closes it on the way out): ``aclose``
+    raises ``Cancelled`` at once, but the connection and the lock file are closed all the
+    same, after the calls already made, and the store's thread ends. A second ``aclose``
+    could not make up for it: it finds the store closed."""
+    path = tmp_path / "store.db"
+    store = await SQLiteStore.open(path)
+    await store.store(batch_of([b"kept"]))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.aclose()
+    store._thread._thread.join(5)
+    assert not store._thread._thread.is_alive()
+    assert store._writer_lock == -1
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        store._connection.execute("SELECT 1")
+    await store.aclose()  # again: harmless
+    assert [m.payload for m in await read_all(path)] == [b"kept"]

@@ -55,9 +55,30 @@ class SerialThread:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise RuntimeError("the thread was closed")
+        return await self._wait(self._submit(fn, args), abandon_on_cancel=abandon_on_cancel)
+
+    async def run_last(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` as the thread's last call, then ``close``; what it returns or raises.
+
+        Queued even when the caller is cancelled already, unlike ``run``: what closes a
+        resource must run whatever the caller's state (a shutdown in a cancelled scope), or
+        nothing could close it any more. Waited for as ``run`` with ``abandon_on_cancel``.
+
+        Raises:
+            RuntimeError: the thread was closed.
+        """
+        if self._closed:
+            raise RuntimeError("the thread was closed")
+        call = self._submit(fn, args)
+        self.close()
+        return await self._wait(call, abandon_on_cancel=True)
+
+    def _submit(self, fn: Callable[..., T], args: tuple[object, ...]) -> _Call[T]:
         call = _Call(fn, args, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task())
         self._calls.put(call)
+        return call
 
+    async def _wait(self, call: _Call[T], *, abandon_on_cancel: bool) -> T:
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             if not abandon_on_cancel:
                 return trio.lowlevel.Abort.FAILED

@@ -222,11 +222,10 @@ class SQLiteStore(_StoreFile):
         """Close the file, after any abandoned commit has finished."""
         if self._thread.closed:
             return  # closed already (closing twice is harmless)
-        # In the writer's thread, so the connection is never closed under a running commit.
-        try:
-            await self._thread.run(self._close, abandon_on_cancel=True)
-        finally:
-            self._thread.close()
+        # In the writer's thread, so the connection is never closed under a running commit;
+        # queued even when cancelled already (a shutdown in a cancelled scope), or nothing
+        # would ever close the file: a second aclose finds the thread closed.
+        await self._thread.run_last(self._close)
 
     _writer_lock = -1
     """The descriptor of the file whose lock the writers of this store take (see _insert)."""
