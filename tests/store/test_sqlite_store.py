@@ -475,6 +475,30 @@ async def test_messages_after_an_id_across_pages(tmp_path: Path) -> None:
     assert ids == list(range(4, count + 1))
 
 
+def test_a_page_stops_at_its_byte_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader's page holds chunks up to PAGE_BYTES of payloads (then the next page goes
+    on from there), so large chunks do not multiply a page's memory by PAGE_ROWS."""
+    monkeypatch.setattr(sqlite_module, "PAGE_BYTES", 2500)
+    path = tmp_path / "store.db"
+    pages: list[int] = []
+    read_page = sqlite_module._read_page
+
+    def spied(connection: sqlite3.Connection, after: int) -> tuple[bool, list[StoredMessage]]:
+        full, page = read_page(connection, after)
+        pages.append(sum(len(m.payload) for m in page))
+        return full, page
+
+    monkeypatch.setattr(sqlite_module, "_read_page", spied)
+    commits = [[message(b"%d" % n + b"x" * 999, n)] for n in range(1, 8)]
+
+    async def main() -> list[StoredMessage]:
+        await store_batches(path, commits)
+        return await read_all(path, after=1)
+
+    assert [m.seq for m in trio.run(main)] == list(range(2, 8))
+    assert pages == [3000, 3000, 0]  # each page stops at the chunk that passes 2,500 bytes
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB tmpfs, unmounted afterwards (needs root; skipped with the reason

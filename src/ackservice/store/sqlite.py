@@ -73,9 +73,11 @@ _BUSY_STEP: Final = 0.05
 # throughput a blocking flock() had; 0.2 ms steps, nothing beyond the runs' noise.
 _LOCK_STEP: Final = 0.0002
 
-# Chunks per read: bounds a reader's memory (at most this many chunks, each at most one
-# server read's worth of payloads) while keeping the per-query overhead small.
+# A reader's page: at most this many chunks, and no more chunks once it holds PAGE_BYTES of
+# payloads (a chunk is up to a commit's 1 MiB, or one large read): bounds a reader's memory
+# while keeping the per-query overhead small.
 PAGE_ROWS: Final = 64
+PAGE_BYTES: Final = 4 << 20
 
 # How often a following reader asks whether another connection committed. The check is
 # ``PRAGMA data_version``, which reads one counter in shared memory: cheap enough to run
@@ -273,12 +275,12 @@ class SQLiteReader(_StoreFile):
             # Read the change counter before the page: a commit that lands after this read
             # changes it, so the wait below cannot miss rows the page did not see.
             version = await self._run(_data_version) if follow else 0
-            chunks, page = await self._run(_read_page, last_id)
+            full, page = await self._run(_read_page, last_id)
             for message in page:
                 yield message
             if page:
                 last_id = page[-1].id
-            if chunks == PAGE_ROWS:
+            if full:
                 continue  # more may be waiting right now
             if not follow:
                 return
@@ -633,13 +635,20 @@ def _detail(exc: sqlite3.Error) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _read_page(connection: sqlite3.Connection, after: int) -> tuple[int, list[StoredMessage]]:
-    """How many chunks the page read, and their messages with ``id > after``."""
-    rows = connection.execute(_SELECT_PAGE, (after, PAGE_ROWS)).fetchall()
+def _read_page(connection: sqlite3.Connection, after: int) -> tuple[bool, list[StoredMessage]]:
+    """Whether the page is full (more chunks may follow), and its messages with ``id >
+    after``: ``PAGE_ROWS`` chunks, or fewer once they hold ``PAGE_BYTES`` of payloads."""
     messages: list[StoredMessage] = []
-    for row in rows:
-        stored_messages(row, after, messages)
-    return len(rows), messages
+    rows = nbytes = 0
+    # Closed when done: a statement left unfinished would hold its read snapshot.
+    with contextlib.closing(connection.execute(_SELECT_PAGE, (after, PAGE_ROWS))) as cursor:
+        for row in cursor:
+            stored_messages(row, after, messages)
+            rows += 1
+            nbytes += len(row[9])
+            if nbytes >= PAGE_BYTES:
+                return True, messages
+    return rows == PAGE_ROWS, messages
 
 
 def _data_version(connection: sqlite3.Connection) -> int:
