@@ -16,54 +16,16 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from server_support import ListStore, connect
 from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, ServerConfig, serve
 from ackservice.server.committing import GroupCommitter, Parcel
-from ackservice.store import Message, Rejected, StoreUnavailable, Unavailable, Verdict
+from ackservice.store import Message, Rejected, Unavailable, Verdict
 from support import LineReader
 
 EventList = list[dict[str, Any]]
-
-
-class ListStore:
-    """Keeps batches in a list; ``gate`` (when set) holds each commit until it is opened;
-    ``failing`` makes commits raise ``StoreUnavailable``."""
-
-    description = "list"
-
-    def __init__(self) -> None:
-        self.batches: list[list[Message]] = []
-        self.gate: trio.Event | None = None
-        self.failing = False
-        self.verdicts: dict[bytes, Verdict] = {}
-        self.commit_started = trio.Event()
-
-    @property
-    def payloads(self) -> list[bytes]:
-        return [message.payload for batch in self.batches for message in batch]
-
-    async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
-        self.commit_started.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.failing:
-            raise StoreUnavailable("disk full")
-        verdicts = [self.verdicts.get(message.payload) for message in batch]
-        self.batches.append([m for m, v in zip(batch, verdicts, strict=True) if v is None])
-        return verdicts if any(v is not None for v in verdicts) else None
-
-    async def aclose(self) -> None:
-        pass
-
-
-def connect(
-    nursery: trio.Nursery, handler: AckHandler
-) -> tuple[trio.testing.StapledStream[Any, Any], LineReader]:
-    client, server_side = trio.testing.memory_stream_pair()
-    nursery.start_soon(handler, server_side)
-    return client, LineReader(client)
 
 
 async def test_ack_follows_the_commit_and_carries_the_message(nursery: trio.Nursery) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +13,7 @@ import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
-from test_committing import ListStore, connect  # type: ignore[import-not-found]
+from server_support import ListStore, connect, run_cli, samples, scrape, value
 
 from ackservice.server import AckHandler, ServerConfig
 from ackservice.server.metrics import snapshot
@@ -172,27 +169,6 @@ async def test_snapshot_counts_open_connections_and_errors_by_kind(nursery: trio
 # --- a real server process --------------------------------------------------------------
 
 
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a scrape, parsed by prometheus-client's own parser."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text)[(name, tuple(sorted({"worker": "0", **labels}.items())))]
-
-
 @pytest.fixture(scope="module")
 def metrics_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, int]]:
     """One server for the module, with metrics on a free port and a quick drain."""
@@ -276,8 +252,6 @@ def test_bad_metrics_settings_are_one_line_errors(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str
 ) -> None:
     """Out-of-range or empty metrics settings: one line, exit 2."""
-    from test_systemd import run_cli  # type: ignore[import-not-found]
-
     done = run_cli(tmp_path, args, env)
     assert done.returncode == 2
     assert message in done.stderr
@@ -285,8 +259,6 @@ def test_bad_metrics_settings_are_one_line_errors(
 
 def test_a_metrics_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
     """A metrics port that cannot be bound stops the start-up: one line, exit 1."""
-    from test_systemd import run_cli
-
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         done = run_cli(tmp_path, ["--metrics-port", str(port)], {})

@@ -7,12 +7,11 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from server_support import run_cli
 from structlog.testing import capture_logs
 
 import systemd_support
@@ -206,19 +205,6 @@ def test_bad_log_file_or_activation_variables_are_one_line_errors(
     assert done.returncode == 2
     assert message in done.stderr
     assert len(done.stderr.splitlines()) == 1
-
-
-def run_cli(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """The server CLI run to its end (a start-up error), with ``env`` added."""
-    return subprocess.run(
-        [sys.executable, "-m", "ackservice.server", "--store", "none", "--port", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env={**os.environ, **env},
-        cwd=cwd,
-        check=False,
-    )
 
 
 def _event_names(log_file: Path) -> list[str]:

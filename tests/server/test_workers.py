@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 import pytest
 import trio
 import trio.testing
+from server_support import run_cli, scrape, value
 from structlog.testing import capture_logs
-from test_metrics import scrape, value  # type: ignore[import-not-found]
 
 from ackservice.server.cli import _workers
 from ackservice.server.workers import cpu_count
@@ -390,8 +390,6 @@ def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) 
     not a traceback of the exception group trio wraps a nursery's errors in (nor one line from
     each worker); a metrics port in use and an unusable store file are found before any
     worker starts."""
-    from test_systemd import run_cli  # type: ignore[import-not-found]
-
     with socket.create_server(("127.0.0.1", 0)) as taken:
         if failure == "metrics port in use":
             args = ["--metrics-port", str(taken.getsockname()[1])]
