@@ -4,46 +4,16 @@ store's rows for them the same as for that list."""
 from __future__ import annotations
 
 import pickle
-import zlib
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from store_support import as_messages, runs
 
 from ackservice.store import Message, MessageBatch, MessageRun
 from ackservice.store.batch import joined
 from ackservice.store.sqlite_rows import rows_of
-
-_payloads = st.lists(st.binary(max_size=20), min_size=1, max_size=6)
-
-
-@st.composite
-def runs(draw: st.DrawFn) -> list[MessageRun]:
-    """Runs of distinct connections (one read each, as a commit holds them)."""
-    made = []
-    for conn_id in range(1, draw(st.integers(1, 5)) + 1):
-        payloads = draw(_payloads)
-        made.append(
-            MessageRun(
-                payloads,
-                [zlib.crc32(p) for p in payloads],
-                draw(st.floats(0, 2e9)),
-                f"127.0.0.1:{40000 + conn_id}",
-                conn_id,
-                draw(st.integers(1, 2**40)),
-                draw(st.none() | st.just("CN=client")),
-            )
-        )
-    return made
-
-
-def as_messages(made: list[MessageRun]) -> list[Message]:
-    return [
-        Message(p, c, r.received_at, r.peer, r.conn_id, r.first_seq + i, r.identity)
-        for r in made
-        for i, (p, c) in enumerate(zip(r.payloads, r.crc32s, strict=True))
-    ]
 
 
 @given(runs(), st.data())

@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_batch import as_messages, runs
-from test_sqlite_store import as_stored, chunk_count, message, read_all, store_batches
+from store_support import (
+    as_messages,
+    as_stored,
+    chunk_count,
+    message,
+    read_all,
+    runs,
+    store_batches,
+)
 
 from ackservice.store import sqlite as sqlite_module
 from ackservice.store.base import Message, StoredMessage, StoreError, StoreUnavailable

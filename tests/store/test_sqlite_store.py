@@ -9,7 +9,6 @@ import sqlite3
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_support import as_stored, chunk_count, message, read_all, store_batches
 
 import support
 from ackservice.store import sqlite as sqlite_module
@@ -25,65 +25,9 @@ from ackservice.store.batch import MessageBatch, MessageRun
 from ackservice.store.sqlite import SQLiteReader, SQLiteStore
 
 
-def message(
-    payload: bytes,
-    seq: int = 1,
-    *,
-    identity: str | None = None,
-    conn_id: int = 7,
-    received_at: float = 1_700_000_000.5,
-) -> Message:
-    """A message as the server would hand it over (one read's share ``received_at``)."""
-    return Message(
-        payload=payload,
-        crc32=zlib.crc32(payload),
-        received_at=received_at,
-        peer=f"127.0.0.1:{40000 + conn_id}",
-        conn_id=conn_id,
-        seq=seq,
-        identity=identity,
-    )
-
-
 def batch_of(payloads: list[bytes], first_seq: int = 1) -> list[Message]:
     """One message per payload, numbered from ``first_seq``."""
     return [message(p, first_seq + i) for i, p in enumerate(payloads)]
-
-
-async def read_all(path: Path, after: int = 0) -> list[StoredMessage]:
-    """Everything the store at ``path`` holds (with ``id > after``), through a reader."""
-    reader = await SQLiteReader.open(path)
-    try:
-        return [m async for m in reader.messages(after=after)]
-    finally:
-        await reader.aclose()
-
-
-async def store_batches(path: Path, batches: list[list[Message]]) -> None:
-    """Store each batch in its own commit."""
-    store = await SQLiteStore.open(path)
-    try:
-        for batch in batches:
-            assert await store.store(batch) is None
-    finally:
-        await store.aclose()
-
-
-def as_stored(first_id: int, sent: list[Message]) -> list[StoredMessage]:
-    """What reading back ``sent`` must give, numbered from ``first_id``."""
-    return [
-        StoredMessage(
-            first_id + n, m.received_at, m.peer, m.conn_id, m.seq, m.crc32, m.payload, m.identity
-        )
-        for n, m in enumerate(sent)
-    ]
-
-
-def chunk_count(path: Path) -> int:
-    """How many rows the store's ``chunks`` table holds."""
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        count: int = connection.execute("SELECT count(*) FROM chunks").fetchone()[0]
-        return count
 
 
 def integrity(path: Path) -> str:
