@@ -3,34 +3,15 @@ in every way the issue lists: the exit code and one-line error are the contract.
 
 from __future__ import annotations
 
-import subprocess
 import zlib
 
 import trio
 from client_fakes import Replies, RunClient, StartFake, ack_everything
+from client_support import STARTUP_SLACK, assert_one_line_error
 
 from ackservice.protocol import err_line
 
-# A client process needs a fraction of a second to start; bounds below allow for a busy
-# machine without hiding a client that waits for the wrong thing.
-STARTUP_SLACK = 3.0
-
 FAST_RETRY = ["--retries", "2", "--backoff-base", "0.05", "--backoff-cap", "0.2"]
-
-
-def assert_one_line_error(run: subprocess.CompletedProcess[bytes], *fragments: str) -> str:
-    """stderr holds exactly one ``error:`` line (no traceback), containing ``fragments``."""
-    stderr = run.stderr.decode()
-    assert "Traceback" not in stderr
-    errors = [
-        line
-        for line in stderr.splitlines()
-        if line.startswith("python -m ackservice.client: error:")
-    ]
-    assert len(errors) == 1, stderr
-    for fragment in fragments:
-        assert fragment in errors[0]
-    return errors[0]
 
 
 async def test_nothing_listening_exits_3_within_the_retry_budget(

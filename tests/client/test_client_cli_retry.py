@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 from client_fakes import FlakyStore, RunClient, StartFake, client_env
-from test_client_cli_faults import STARTUP_SLACK, assert_one_line_error
+from client_support import STARTUP_SLACK, assert_one_line_error
 
 # The restart scenario: lines are fed for about 5 s, the server is away for 2 s of them.
 FEED_BATCHES = 100

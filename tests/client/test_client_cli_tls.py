@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 from client_fakes import RunClient, StartFake, StartServer
-from test_client_cli_faults import STARTUP_SLACK, assert_one_line_error
+from client_support import STARTUP_SLACK, assert_one_line_error
 
 import ackservice.client.tls
 from ackservice.client.cli import main
