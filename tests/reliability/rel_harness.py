@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -19,14 +20,22 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import trio
-from rel_checker import History, Recorded, message_key, read_records
+from rel_checker import (
+    History,
+    Recorded,
+    check,
+    filler_block,
+    make_payload,
+    message_key,
+    read_records,
+)
 
 from ackservice.client import ClientStats, client_tls_context, open_client
 from ackservice.client.tls import close_stream
@@ -630,3 +639,80 @@ async def deliver_all(
     assert [receipt.payload for receipt in receipts] == payloads
     assert all(receipt.acked for receipt in receipts)
     return client.stats
+
+
+# -- paced streaming clients, and what a graceful shutdown under them must leave ------------
+
+# Each client writes up to a window of messages, then pauses: with the SIGTERM scenario's 200
+# connections, about 200 x 8 / 0.05 = 32,000 messages/s offered in all, a steady load rather
+# than a saturating one.
+WINDOW = 8
+PAUSE = 0.05
+# Bounds every streaming client; shutdown comes long before.
+MAX_MESSAGES_PER_CLIENT = 100_000
+
+
+def stream_of_payloads(client: int, filler: bytes) -> Iterator[bytes]:
+    """Client ``client``'s payloads: distinct, checkable, of 16 to 300 bytes."""
+    rng = random.Random(client)
+    for index in range(MAX_MESSAGES_PER_CLIENT):
+        yield make_payload(f"t{client}-{index}", rng.randint(16, 300), filler, index * 7919)
+
+
+async def streaming_clients(
+    server: ServerUnderTest,
+    history: History,
+    runs: list[ClientRun],
+    nursery: trio.Nursery,
+    count: int,
+    *,
+    window: int = WINDOW,
+    at_least: float,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    """Start ``count`` paced streaming clients (over TLS with ``tls``); return once each has
+    had an ACK and ``at_least`` seconds have passed."""
+    filler = filler_block()
+    histories = [History() for _ in range(count)]
+
+    async def one(client: int) -> None:
+        run = await pipelined_client(
+            server.port,
+            stream_of_payloads(client, filler),
+            histories[client],
+            window=window,
+            pause=PAUSE,
+            half_close=tls is None,  # never reached: they stream until the shutdown
+            tls=tls,
+        )
+        history.merge(histories[client])
+        runs.append(run)
+
+    for client in range(count):
+        nursery.start_soon(one, client)
+    await trio.sleep(at_least)
+    await poll_until(lambda: all(h.acks for h in histories), 0.05)
+
+
+def assert_drained_cleanly(
+    server: ServerUnderTest, code: int, runs: list[ClientRun], history: History, connections: int
+) -> Any:
+    """What a graceful shutdown under load must leave: exit 0, not forced, no problem in the
+    log, every client told ``shutting-down`` after exactly the replies the server counted
+    for it, and the checker's verdict valid (lost 0); the verdict, for the report."""
+    assert code == 0
+    [complete] = server.events_named("shutdown_complete")
+    assert complete["forced"] is False
+    assert not server.log_problems()
+    assert len(runs) == connections
+    assert {run.end for run in runs} == {"shutting-down"}
+    answered_by_peer = {
+        event["peer"]: event["messages"]
+        for event in server.events_named("connection_closed")
+        if event["reason"] == "shutting-down"
+    }
+    for run in runs:
+        assert run.acked + run.refused == answered_by_peer[run.local]
+    verdict = check(history, server.records())
+    verdict.assert_valid()
+    return verdict

@@ -6,105 +6,29 @@ from __future__ import annotations
 
 import gc
 import os
-import random
 import signal
 import socket
-import ssl
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import trio
-from rel_checker import History, check, filler_block, make_payload
+from rel_checker import History, check
 from rel_harness import (
     ClientRun,
-    ServerUnderTest,
+    assert_drained_cleanly,
     percentile,
     pick,
-    pipelined_client,
-    poll_until,
+    streaming_clients,
 )
 
 from conftest import Report, StartServer
 
 CONNECTIONS = 200
 GRACE = 10.0
-# Each client writes up to a window of messages, then pauses: about 200 x 8 / 0.05 =
-# 32,000 messages/s offered in all, a steady load rather than a saturating one.
-WINDOW = 8
-PAUSE = 0.05
-# Bounds every streaming client; shutdown comes long before.
-MAX_MESSAGES_PER_CLIENT = 100_000
 # How long the clients stream before the signal.
 STREAM_SECONDS = pick(1.0, 5.0)
 REFUSAL_BOUND = 0.100
 FORCED_EXIT_BOUND = 1.0
-
-
-def stream_of_payloads(client: int, filler: bytes) -> Iterator[bytes]:
-    rng = random.Random(client)
-    for index in range(MAX_MESSAGES_PER_CLIENT):
-        yield make_payload(f"t{client}-{index}", rng.randint(16, 300), filler, index * 7919)
-
-
-async def streaming_clients(
-    server: ServerUnderTest,
-    history: History,
-    runs: list[ClientRun],
-    nursery: trio.Nursery,
-    count: int,
-    *,
-    window: int = WINDOW,
-    at_least: float,
-    tls: ssl.SSLContext | None = None,
-) -> None:
-    """Start ``count`` paced streaming clients (over TLS with ``tls``); return once each has
-    had an ACK and ``at_least`` seconds have passed."""
-    filler = filler_block()
-    histories = [History() for _ in range(count)]
-
-    async def one(client: int) -> None:
-        run = await pipelined_client(
-            server.port,
-            stream_of_payloads(client, filler),
-            histories[client],
-            window=window,
-            pause=PAUSE,
-            half_close=tls is None,  # never reached: they stream until the shutdown
-            tls=tls,
-        )
-        history.merge(histories[client])
-        runs.append(run)
-
-    for client in range(count):
-        nursery.start_soon(one, client)
-    await trio.sleep(at_least)
-    await poll_until(lambda: all(h.acks for h in histories), 0.05)
-
-
-def assert_drained_cleanly(
-    server: ServerUnderTest, code: int, runs: list[ClientRun], history: History, connections: int
-) -> Any:
-    """What a graceful shutdown under load must leave: exit 0, not forced, no problem in the
-    log, every client told ``shutting-down`` after exactly the replies the server counted
-    for it, and the checker's verdict valid (lost 0); the verdict, for the report."""
-    assert code == 0
-    [complete] = server.events_named("shutdown_complete")
-    assert complete["forced"] is False
-    assert not server.log_problems()
-    assert len(runs) == connections
-    assert {run.end for run in runs} == {"shutting-down"}
-    answered_by_peer = {
-        event["peer"]: event["messages"]
-        for event in server.events_named("connection_closed")
-        if event["reason"] == "shutting-down"
-    }
-    for run in runs:
-        assert run.acked + run.refused == answered_by_peer[run.local]
-    verdict = check(history, server.records())
-    verdict.assert_valid()
-    return verdict
 
 
 def signal_then_probe(pid: int, port: int) -> tuple[float, list[bytes]]:

@@ -21,6 +21,7 @@ from rel_harness import (
     ClientRun,
     ServerUnderTest,
     WireTap,
+    assert_drained_cleanly,
     deliver_all,
     open_stream,
     pick,
@@ -28,9 +29,9 @@ from rel_harness import (
     reference_frames,
     reference_replies,
     reset_socket,
+    streaming_clients,
 )
 from rel_proxy import ChaosProxy, ChaosSettings
-from test_rel_shutdown import assert_drained_cleanly, streaming_clients
 
 from ackservice.client import open_client
 from ackservice.protocol import DEFAULT_MAX_MESSAGE_BYTES, Ack, message_line, parse_reply
