@@ -15,6 +15,11 @@ from ackservice.server import Server
 from support import Connect
 from tls_support import OPENED_SOCKETS, TLSFiles, write_tls_files
 
+# pytest explains a failed ``assert`` only in test modules and conftest files; these helper
+# modules hold assertions of their own (assert_one_line_error, assert_drained_cleanly, ...),
+# so they are rewritten too. This must run before any of them is imported.
+pytest.register_assert_rewrite("client_support", "rel_harness", "store_support")
+
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
