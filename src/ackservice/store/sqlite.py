@@ -187,9 +187,9 @@ class SQLiteStore(_StoreFile):
         """Insert ``batch`` in one transaction, as one row (or a few, see ``sqlite_rows``);
         return once its commit is on disk.
 
-        Cancelling the call abandons the worker thread, which rolls back at its next step
-        (unless it is already writing the commit record) before the next call's thread
-        starts.
+        Cancelling the call abandons the commit in the store's thread, which rolls back at
+        its next step (unless it is already writing the commit record) before the next
+        call starts there.
 
         Raises:
             StoreUnavailable: SQLite failed (disk full, database locked, I/O error); nothing
