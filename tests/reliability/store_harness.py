@@ -13,21 +13,23 @@ import base64
 import contextlib
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
 import zlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
-from rel_checker import Recorded, payload_id
-from rel_harness import WARMUP_PREFIX, ServerUnderTest, poll_until
+from rel_checker import History, Recorded, filler_block, make_payload, payload_id
+from rel_harness import WARMUP_PREFIX, ServerUnderTest, WireTap, poll_until
 
+from ackservice.client import Client, open_client
 from ackservice.protocol import MessageFramer
 from conftest import StartServer
-from nats_support import NatsServer
+from nats_support import NatsCluster, NatsServer
 
 # Reading a store back: a process start, then a few hundred thousand rows at most.
 EXPORT_TIMEOUT = 30.0
@@ -62,6 +64,18 @@ def running_nats(store_dir: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def running_cluster(store_dir: Path) -> Iterator[NatsCluster]:
+    """Three clustered nats-servers with JetStream on loopback, JetStream answering on each;
+    every node still running is stopped by PID at the end."""
+    cluster = NatsCluster(store_dir)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 async def export(store_url: str, fmt: str) -> bytes:
@@ -199,3 +213,70 @@ async def wait_for_replies(client: ClientCLI, count: int) -> None:
         return len(client.replies()) >= count
 
     await poll_until(enough, 0.02)
+
+
+CLIENTS = 4
+"""Clients of ``run_clients``."""
+
+Fault = Callable[[Callable[[], int], Callable[[], int]], Awaitable[None]]
+"""``fault(receipts, in_flight)``: breaks something once the run is under way."""
+
+
+def client_payloads(client: int, seed: int, count: int) -> list[bytes]:
+    """One client's ``count`` payloads, ids ``c<client>-<n>``, 16 to 300 bytes of random
+    bytes."""
+    filler = filler_block()
+    rng = random.Random(seed * 100 + client)
+    return [
+        make_payload(f"c{client}-{n}", rng.randint(16, 300), filler, rng.randrange(1 << 20))
+        for n in range(count)
+    ]
+
+
+async def run_clients(
+    port: int, history: History, fault: Fault, messages_per_client: int
+) -> dict[str, int]:
+    """``CLIENTS`` pipelining ``ackservice.client`` clients (reconnecting, resending), each
+    connection observed by a ``WireTap`` into ``history``, while ``fault`` strikes beside
+    them; every message must end acknowledged (bound it with a cancel scope). Returns the
+    clients' summed counts."""
+    receipts = [0] * CLIENTS
+    clients: list[Client] = []
+
+    async def connect() -> trio.abc.Stream:
+        return WireTap(await trio.open_tcp_stream("127.0.0.1", port), history)
+
+    async def send(number: int, payloads: list[bytes]) -> None:
+        async with open_client(
+            "127.0.0.1", port, connect=connect, backoff_base=0.05, backoff_cap=0.5
+        ) as client:
+            clients.append(client)
+            async for receipt in client.send_many(payloads):
+                assert receipt.acked, receipt.reply
+                receipts[number] += 1
+
+    async with trio.open_nursery() as nursery:
+        for number in range(CLIENTS):
+            nursery.start_soon(
+                send, number, client_payloads(number, seed=17, count=messages_per_client)
+            )
+        nursery.start_soon(fault, lambda: sum(receipts), lambda: sum(c.in_flight for c in clients))
+    assert receipts == [messages_per_client] * CLIENTS
+    return {
+        "resent": sum(c.stats.resent for c in clients),
+        "retried_unavailable": sum(c.stats.retried for c in clients),
+        "connections": sum(c.stats.connections for c in clients),
+    }
+
+
+def all_ids(messages_per_client: int) -> set[str]:
+    """The ids of every payload of ``run_clients``."""
+    return {f"c{c}-{n}" for c in range(CLIENTS) for n in range(messages_per_client)}
+
+
+async def check_store_outage_logged(server: ServerUnderTest) -> None:
+    """One ``store_unavailable`` (an error, so allowed here), then ``store_recovered``; alive,
+    no crash, descriptors back to the baseline."""
+    await server.wait_for_event("store_recovered", within=10)
+    assert server.count_events("store_unavailable") == 1
+    await server.assert_healthy(allowed_errors=["store_unavailable"])
