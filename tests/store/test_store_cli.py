@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -15,10 +16,11 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import nats
 import pytest
 import trio
 from hypothesis import given
@@ -562,6 +564,14 @@ class _Lines:
         return lines
 
 
+def _ctrl_c_ends_quietly(process: subprocess.Popen[bytes], out: _Lines, err: _Lines) -> None:
+    """Ctrl-C (SIGINT) ends a following export with 130, and nothing more on either pipe."""
+    os.kill(process.pid, signal.SIGINT)
+    assert process.wait(timeout=10) == 130
+    assert out.rest() == []
+    assert err.rest() == []
+
+
 def test_nats_going_away_during_export_is_one_line_and_exit_1(nats_stream: NatsServer) -> None:
     """nats-server killed in the middle of an export (without --follow): what was read is
     written, then one line on stderr and exit 1, within the --timeout (0.5 s) and the
@@ -615,33 +625,125 @@ def test_follow_rides_out_a_nats_restart(nats_stream: NatsServer) -> None:
             nats_stream.start()
             publish_many(nats_stream.url, "ackservice.ACKS", [b"second"])
             assert out.next() == b"second\n"
-            os.kill(process.pid, signal.SIGINT)
-            assert process.wait(timeout=10) == 130
+            _ctrl_c_ends_quietly(process, out, err)
         finally:
             if process.returncode is None:
                 process.kill()
-        assert out.rest() == []
-        assert err.rest() == []
     assert notice.startswith(b"python -m ackservice.store: warning: lost the connection to NATS")
     assert b"after id 1" in notice
 
 
-@pytest.mark.parametrize("command", ["export", "stats"])
-def test_nats_without_jetstream_is_one_line_and_exit_1(tmp_path: Path, command: str) -> None:
-    """A NATS server that has no JetStream (nothing answers its API): one line saying so,
-    exit 1, where a traceback (nats-py's NoRespondersError) used to end the command."""
+@pytest.fixture
+def plain_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A NATS server on loopback without JetStream (nothing answers its API unless a test
+    does), stopped by PID at the end."""
     server = NatsServer(tmp_path / "nats", jetstream=False)
     server.start()
     try:
-        result = subprocess.run(
-            _module(command, "--store", f"{server.url}/ACKS", "--timeout", "1"),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def jetstream_answering(url: str, consumer_create: dict[str, Any]) -> Iterator[list[str]]:
+    """A stand-in for JetStream on a plain NATS server: its API's ``STREAM.INFO`` says the
+    stream is there, ``CONSUMER.CREATE`` answers ``consumer_create`` (an error), anything
+    else an empty object. Yields the subjects asked so far."""
+    asked: list[str] = []
+
+    async def serve(started: asyncio.Future[Any], stop: asyncio.Event) -> None:
+        nc = await nats.connect(servers=[url], allow_reconnect=False)
+
+        async def answer(msg: Any) -> None:
+            asked.append(msg.subject)
+            if ".STREAM.INFO." in msg.subject:
+                body: dict[str, Any] = {"config": {}, "state": {"messages": 0}}
+            elif ".CONSUMER.CREATE." in msg.subject:
+                body = consumer_create
+            else:
+                body = {}
+            await msg.respond(json.dumps(body).encode())
+
+        await nc.subscribe("$JS.API.>", cb=answer)
+        await nc.flush()
+        started.set_result(None)
+        await stop.wait()
+        await nc.close()
+
+    loop = asyncio.new_event_loop()
+    started: asyncio.Future[Any] = loop.create_future()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(started, stop),))
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(asyncio.wait_for(started, 10), loop).result(11)
+        yield asked
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+def test_follow_waits_out_a_cluster_between_leaders(plain_nats: NatsServer) -> None:
+    """``export --follow`` whose consumer JetStream refuses with ``503 JetStream system
+    temporarily unavailable`` (err_code 10008, a cluster electing a meta leader) keeps
+    asking, says the wait once on stderr and still answers Ctrl-C with 130. It used to
+    end at the first such answer, exit 1 (``cannot read stream ACKS: JetStream system
+    temporarily unavailable (err_code 10008)``)."""
+    unavailable = {
+        "error": {
+            "code": 503,
+            "err_code": 10008,
+            "description": "JetStream system temporarily unavailable",
+        }
+    }
+    argv = _module("export", "--store", f"{plain_nats.url}/ACKS", "--follow", "--timeout", "1")
+    with (
+        jetstream_answering(plain_nats.url, unavailable) as asked,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process,
+    ):
+        assert process.stdout is not None
+        assert process.stderr is not None
+        out, err = _Lines(process.stdout), _Lines(process.stderr)
+        try:
+            notice = err.next()
+            deadline = time.monotonic() + 10
+            while asked.count("$JS.API.CONSUMER.CREATE.ACKS") < 3:
+                assert process.poll() is None, (notice, err.rest())
+                assert time.monotonic() < deadline, asked
+                time.sleep(0.05)
+            _ctrl_c_ends_quietly(process, out, err)
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert notice.startswith(b"python -m ackservice.store: warning: NATS at "), notice
+    assert b"JetStream system temporarily unavailable (err_code 10008)" in notice
+    assert b"waiting for it, to go on after id 0" in notice
+
+
+def test_follow_ends_on_a_stream_that_is_gone(plain_nats: NatsServer) -> None:
+    """A refusal that no waiting mends (``stream not found``, err_code 10059) still ends
+    ``export --follow`` at once with one line and exit 1."""
+    gone = {"error": {"code": 404, "err_code": 10059, "description": "stream not found"}}
+    argv = _module("export", "--store", f"{plain_nats.url}/ACKS", "--follow", "--timeout", "1")
+    with jetstream_answering(plain_nats.url, gone):
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        "python -m ackservice.store: error: cannot read stream ACKS: stream not found "
+        "(err_code 10059)\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["export", "stats"])
+def test_nats_without_jetstream_is_one_line_and_exit_1(
+    plain_nats: NatsServer, command: str
+) -> None:
+    """A NATS server that has no JetStream (nothing answers its API): one line saying so,
+    exit 1, where a traceback (nats-py's NoRespondersError) used to end the command."""
+    argv = _module(command, "--store", f"{plain_nats.url}/ACKS", "--timeout", "1")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "has no JetStream to answer" in result.stderr

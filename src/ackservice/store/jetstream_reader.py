@@ -36,10 +36,20 @@ PULL_BATCH = 500
 _PULL_EXPIRES = 1
 """Seconds a following reader's pull waits for messages on the server (then a 408)."""
 
+_FIRST_RETRY = 0.1
+"""Seconds a follower first waits to ask for a consumer again (doubling up to a second): a
+cluster's election is over in a few seconds."""
+
 _NOTHING_NOW = (b"404", b"408")
 """Statuses that end a pull because the consumer has nothing more now (No Messages,
 Request Timeout); any other (503 No Responders: the consumer is gone; 409 Consumer Deleted,
 ...) means the consumer cannot go on, except ``_PULL_AGAIN``'s."""
+
+_TEMPORARY_ERRORS = (10008, 10009)
+"""JetStream API errors (``err_code``) of a cluster between leaders, which a follower waits
+out: 10008 ``JetStream system temporarily unavailable`` (503: no meta leader, as while the
+cluster elects one), 10009 ``JetStream cluster can not handle request`` (asked a node that
+is no longer the leader). Any other refusal (the stream is gone, ...) is final."""
 
 _TOO_LARGE = "409 Message Size Exceeds MaxBytes"
 """How nats-server 2.15 ends a pull whose next message is larger than the bytes it has
@@ -177,7 +187,11 @@ class JetStreamReader:
                 ``nats_wait``; with or without, the stream cannot be read (it is gone).
         """
         last = after
-        consumer: _Consumer | None = await self._runner.run(self._create_consumer(after))
+        consumer: _Consumer | None
+        if follow:  # NATS refusing or silent for now is waited out from the first one on
+            consumer = await self._follow_consumer(after)
+        else:
+            consumer = await self._runner.run(self._create_consumer(after))
         replaced = 0  # consumers replaced since one last worked
         said_again = False  # the follower said its consumers keep going at once
         try:
@@ -236,7 +250,15 @@ class JetStreamReader:
                     f"lost the connection to NATS at {self._url} (not back within {wait:g}s)"
                 )
             return await self._runner.run(self._create_consumer(last))
+        return await self._follow_consumer(last)
+
+    async def _follow_consumer(self, last: int) -> _Consumer:
+        """A consumer from ``last + 1``, waiting for NATS as long as it takes (not connected,
+        not answering, refusing for now), saying so once."""
+        connection = self._connection
+        wait = connection.api_timeout
         noticed = False
+        pause = _FIRST_RETRY
         while True:
             if not await self._runner.run(connection.wait_up(0)):
                 if not noticed:
@@ -249,8 +271,10 @@ class JetStreamReader:
                 if not noticed:
                     noticed = True
                     self._waiting(str(error), last)
-            # Also when NATS answered at once (no responders while JetStream starts).
-            await trio.sleep(min(wait, 1.0))
+            # Also when NATS answered at once (no responders while JetStream starts, a
+            # cluster's 503 while it elects a leader): soon at first, then once a second.
+            await trio.sleep(min(pause, wait, 1.0))
+            pause *= 2
 
     def _again(self, outcome: _Pull, old: _Consumer) -> str:
         """Why the consumer that replaced another could not go on either, in a line."""
@@ -272,7 +296,8 @@ class JetStreamReader:
         """An ephemeral pull consumer from sequence ``after + 1``, unacknowledged.
 
         Raises:
-            _NoAnswer: NATS did not answer within ``nats_wait``, or could not be asked.
+            _NoAnswer: NATS did not answer within ``nats_wait``, could not be asked, or
+                refused for now (``_TEMPORARY_ERRORS``).
             StoreError: NATS refused (the stream is gone, ...).
         """
         config: dict[str, Any] = {
@@ -292,6 +317,8 @@ class JetStreamReader:
             f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config}
         )
         if (detail := api_error(answer)) is not None:
+            if answer["error"].get("err_code") in _TEMPORARY_ERRORS:
+                raise _NoAnswer(f"NATS at {self._url} cannot create a consumer now: {detail}")
             raise StoreError(f"cannot read stream {stream}: {detail}")
         consumer = _Consumer(answer["name"], answer.get("num_pending", 0), self._max_pull_bytes)
         consumer.inbox = self._client.new_inbox()
@@ -429,8 +456,9 @@ class JetStreamReader:
 
 
 class _NoAnswer(StoreError):
-    """NATS did not answer a request in time, or could not be asked (not connected): a
-    following reader waits for it, where any other ``StoreError`` ends the reading."""
+    """NATS did not answer a request in time, could not be asked (not connected), or
+    refused for now (a cluster between leaders): a following reader waits for it, where
+    any other ``StoreError`` ends the reading."""
 
 
 class _Pull(enum.Enum):
