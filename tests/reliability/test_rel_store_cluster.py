@@ -38,8 +38,11 @@ from conftest import Report, StartServer
 from nats_support import NatsCluster, NatsServer, api, create_stream, poll
 
 STREAM = "CLUSTER"
-MESSAGES_PER_CLIENT = 500
-# The leader is killed once the clients hold this many receipts in all (of 2,000).
+# Enough left after FAULT_AT that the kill lands in traffic even when it comes late (a
+# loaded machine: with 500 each, the clients once finished before the kill took effect, and
+# no commit was refused).
+MESSAGES_PER_CLIENT = 2000
+# The leader is killed once the clients hold this many receipts in all (of 8,000).
 FAULT_AT = 500
 # The election alone takes 4 to 9 s (nats-server's Raft election timeout).
 RUN_TIMEOUT = 30
@@ -83,9 +86,12 @@ def kill_the_leader(cluster: NatsCluster, leader: NatsServer, kill: LeaderKill) 
     SIGKILL ``leader`` by its PID and wait for the cluster to elect another."""
 
     async def fault(receipts: Callable[[], int], in_flight: Callable[[], int]) -> None:
-        await poll_until(lambda: receipts() >= FAULT_AT and in_flight() > 0, 0.0005)
-        # The leader now: it may have moved since the stream was made.
+        # The leader now (it may have moved since the stream was made), asked before the
+        # run gets to FAULT_AT: asking takes a NATS connection and a request, up to a few
+        # hundred milliseconds under load, in which the clients could finish the run and
+        # leave no traffic for the election to refuse.
         victim = await trio.to_thread.run_sync(cluster.leader_now, STREAM)
+        await poll_until(lambda: receipts() >= FAULT_AT and in_flight() > 0, 0.0005)
         kill.in_flight_at_kill = in_flight()
         kill.receipts_at_kill = receipts()
         kill.killed = victim.config_path.parent.name
@@ -117,7 +123,7 @@ async def run_through_a_leader_kill(
 async def test_leader_killed_mid_run_keeps_every_acknowledged_message(
     start_server: StartServer, tmp_path: Path, report: Report
 ) -> None:
-    """Four clients pipeline 500 messages each into a server whose stream has three
+    """Four clients pipeline 2,000 messages each into a server whose stream has three
     replicas; after 500 receipts the stream's leader node is SIGKILLed. While the cluster
     elects another, the server answers ``unavailable`` (logged once as
     ``store_unavailable``) and the clients resend; the server recovers by itself
