@@ -18,8 +18,8 @@ message, because a row costs SQLite a few microseconds of CPU whatever it holds:
 
 ``sqlite_rows`` says what a row holds. Version 2 wrote one row per run (one connection's
 read) and had no ``runs`` column; its rows are version 3 rows holding one run, so a version 2
-file is read as it is and upgraded (the column added, an instant change) when a server
-opens it.
+file is read as it is, once upgraded (the column added, an instant change) by whichever
+opens it first, server or reader (see ``_check_schema``).
 
 Ids are per message, start at 1 and are never handed out twice, even after the newest
 chunks were pruned, so a reader that resumes "after id N" cannot skip a message that reused
