@@ -48,7 +48,6 @@ async def test_results_and_errors_come_back_in_order_one_call_at_a_time() -> Non
     assert overlaps == [1] * 5
     assert [results[n] for n in (0, 1, 2, 4)] == [0, 10, 20, 40]
     assert str(results[3]) == "three"
-    assert threading.current_thread() is threading.main_thread()
 
 
 async def test_an_abandoned_call_goes_on_and_the_next_call_waits_for_it() -> None:
