@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -30,6 +29,7 @@ from ackservice.protocol import MessageFramer, message_line
 from ackservice.store import cli
 from ackservice.store.base import Message, StoredMessage
 from ackservice.store.cli import build_parser, duration, main
+from ackservice.store.jetstream_connection import AsyncioThread
 from ackservice.store.sqlite import SQLiteStore
 from nats_support import NatsServer, create_stream, publish_many
 from support import run_with_stderr_closed
@@ -652,37 +652,32 @@ def jetstream_answering(url: str, consumer_create: dict[str, Any]) -> Iterator[l
     else an empty object. Yields the subjects asked so far."""
     asked: list[str] = []
 
-    async def serve(started: asyncio.Future[Any], stop: asyncio.Event) -> None:
+    async def answer(msg: Any) -> None:
+        asked.append(msg.subject)
+        if ".STREAM.INFO." in msg.subject:
+            body: dict[str, Any] = {"config": {}, "state": {"messages": 0}}
+        elif ".CONSUMER.CREATE." in msg.subject:
+            body = consumer_create
+        else:
+            body = {}
+        await msg.respond(json.dumps(body).encode())
+
+    async def serve() -> nats.NATS:
         nc = await nats.connect(servers=[url], allow_reconnect=False)
-
-        async def answer(msg: Any) -> None:
-            asked.append(msg.subject)
-            if ".STREAM.INFO." in msg.subject:
-                body: dict[str, Any] = {"config": {}, "state": {"messages": 0}}
-            elif ".CONSUMER.CREATE." in msg.subject:
-                body = consumer_create
-            else:
-                body = {}
-            await msg.respond(json.dumps(body).encode())
-
         await nc.subscribe("$JS.API.>", cb=answer)
         await nc.flush()
-        started.set_result(None)
-        await stop.wait()
-        await nc.close()
+        return nc
 
-    loop = asyncio.new_event_loop()
-    started: asyncio.Future[Any] = loop.create_future()
-    stop = asyncio.Event()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(started, stop),))
-    thread.start()
+    # The store's own asyncio thread, as the reader runs nats-py.
+    runner = AsyncioThread("jetstream-stand-in")
     try:
-        asyncio.run_coroutine_threadsafe(asyncio.wait_for(started, 10), loop).result(11)
-        yield asked
+        nc = runner.submit(serve()).result(10)
+        try:
+            yield asked
+        finally:
+            runner.submit(nc.close()).result(10)
     finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
+        runner.close()
 
 
 def test_follow_waits_out_a_cluster_between_leaders(plain_nats: NatsServer) -> None:
