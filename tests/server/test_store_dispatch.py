@@ -220,6 +220,31 @@ async def test_reads_queued_behind_a_commit_make_the_next_one(
     assert batches == [[b"hold"], [b"two", b"three"]]
 
 
+@pytest.mark.parametrize(
+    ("sent", "messages"),
+    [
+        (b"one", [b"one"]),
+        (b"one\ntwo\n\nfour", [b"one", b"two", b"", b"four"]),  # split without the framer
+        (b"one\r\ntwo\r", [b"one", b"two"]),  # a "\r" to strip: the framer's work
+        (b"a\rb\r\n", [b"a\rb", b""]),  # only a "\r" before "\n" is dropped
+        (b"", [b""]),
+    ],
+)
+async def test_a_queued_read_is_framed_as_the_connections_task_frames_it(
+    nursery: trio.Nursery, connect: Connect, logs: EventList, sent: bytes, messages: list[bytes]
+) -> None:
+    """Reads of whole lines queued by the dispatcher: the same messages, and ACKs, as the
+    framer gives (empty lines are messages; a "\\r" before a newline is not part of one)."""
+    store = GatedStore()
+    server = await start(nursery, store)
+    _, [(_, reader)] = await queued_behind_a_running_commit(server, store, connect, sent)
+    store.gate.set()  # type: ignore[union-attr]
+    with trio.fail_after(5):
+        for seq, message in enumerate(messages, 1):
+            assert await reader.line() == ack_line(seq, message)[:-1]
+    assert [m.payload for m in store.batches[1]] == messages
+
+
 async def test_a_forced_exit_with_a_read_waiting_for_its_commit(
     nursery: trio.Nursery, connect: Connect, logs: EventList
 ) -> None:

@@ -558,14 +558,21 @@ class Connection:
         ):
             self._held = data  # the task's work
             return None
-        payloads: list[bytes] = framer.feed(data)  # type: ignore[assignment]  # whole lines
+        if b"\r" in data or type(data) is not bytes:
+            payloads: list[bytes] = framer.feed(data)  # type: ignore[assignment]  # whole lines
+            pending = sum(map(len, payloads))
+        else:
+            # Whole lines, none too long, no "\r" to strip: the framer would only split them
+            # (and keep nothing), at twice the cost of a split (0.7 against 0.3 us).
+            payloads = data[:-1].split(b"\n")
+            pending = len(data) - len(payloads)  # the newlines are not payload
         self.bytes_received += len(data)
         first_seq = self.messages + 1
         crc32s = list(map(crc32, payloads))
         messages = MessageRun(
             payloads, crc32s, time.time(), self.peer, self.conn_id, first_seq, self.identity
         )
-        pending = sum(map(len, payloads)) + len(payloads) * _MESSAGE_OVERHEAD_BYTES
+        pending += len(payloads) * _MESSAGE_OVERHEAD_BYTES
         parcel = committer.enqueue(messages, pending, self)
         self._queued = _QueuedRead(parcel, messages)
         self._last_message = trio.current_time()  # waiting for a store is not idling
