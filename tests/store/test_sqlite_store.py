@@ -228,10 +228,15 @@ async def test_a_path_that_cannot_be_created_names_the_path(tmp_path: Path) -> N
 
 
 async def test_a_directory_in_place_of_the_file_names_the_path(tmp_path: Path) -> None:
-    """A path that exists but cannot be opened as a file is reported with the path."""
+    """A directory where the file should be is reported as one, with the path and what to
+    give instead (SQLite says only "unable to open database file")."""
     (tmp_path / "store.db").mkdir()
-    with pytest.raises(StoreError, match=r"cannot open store .*store\.db"):
+    with pytest.raises(
+        StoreError, match=r"store\.db is a directory; sqlite:PATH names the database file"
+    ):
         await SQLiteStore.open(tmp_path / "store.db")
+    with pytest.raises(StoreError, match=r"store\.db is a directory"):
+        await SQLiteReader.open(tmp_path / "store.db")
 
 
 async def test_reader_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:

@@ -282,6 +282,32 @@ def test_missing_store_is_one_line_and_exit_1(
     assert not path.exists()
 
 
+def test_a_directory_as_store_is_named_as_one(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``--store sqlite:DIR`` says the path is a directory and what to give instead, as the
+    server does, not SQLite's "unable to open database file; check that the path is a file
+    you may write"."""
+    for command in (["export"], ["stats"], ["prune", "--before", "5"]):
+        code, out, err = run_main([*command, "--store", f"sqlite:{tmp_path}"], capsysbinary)
+        assert (code, out) == (1, b"")
+        assert err == (
+            f"python -m ackservice.store: error: {tmp_path} is a directory; sqlite:PATH names "
+            f"the database file, e.g. sqlite:{tmp_path / 'ackservice.db'}\n"
+        )
+
+
+def test_a_bad_store_url_suggests_only_stores_that_keep_messages(
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    """The reader's unknown-store message does not suggest ``none``, which it then refuses
+    ("the store 'none' keeps nothing")."""
+    code, out, err = run_main(["stats", "--store", "/tmp/x.db"], capsysbinary)
+    assert (code, out) == (2, b"")
+    assert "use sqlite:PATH or nats://HOST:PORT/STREAM (see --help)" in err
+    assert "none" not in err
+
+
 @pytest.mark.parametrize(
     ("store", "code", "line"),
     [
@@ -295,8 +321,7 @@ def test_missing_store_is_one_line_and_exit_1(
             "bogus",
             2,
             "python -m ackservice.store stats: error: environment variable ACKSERVICE_STORE: "
-            "unknown store 'bogus'; use sqlite:PATH, nats://HOST:PORT/STREAM or none "
-            "(see --help)",
+            "unknown store 'bogus'; use sqlite:PATH or nats://HOST:PORT/STREAM (see --help)",
         ),
     ],
     ids=["missing-file", "bad-url"],

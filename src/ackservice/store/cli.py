@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     store_setting = STORE_ENV if from_env else "--store"
     source = f"environment variable {STORE_ENV}" if from_env else "--store"
     try:
-        parsed = parse_store_url(url)
+        parsed = parse_store_url(url, none_allowed=False)
     except AckServiceError as exc:
         command.error(f"{source}: {exc}")
     if parsed is None:

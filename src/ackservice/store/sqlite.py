@@ -363,6 +363,11 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
             check_same_thread=False,
         )
     except sqlite3.Error as exc:
+        if path.is_dir():  # SQLite says only "unable to open database file"
+            raise StoreError(
+                f"{path} is a directory; sqlite:PATH names the database file, "
+                f"e.g. sqlite:{path / 'ackservice.db'}"
+            ) from exc
         raise StoreError(
             f"cannot open store {path}: {exc}; check that the path is a file you may write"
         ) from exc

@@ -54,8 +54,11 @@ class JetStreamURL:
 StoreURL = SQLiteURL | JetStreamURL | None
 
 
-def parse_store_url(url: str) -> StoreURL:
+def parse_store_url(url: str, *, none_allowed: bool = True) -> StoreURL:
     """Parse a ``--store`` value; ``None`` for ``none``.
+
+    ``none_allowed=False`` (for a reader of stores, to which ``none`` is no use) leaves
+    ``none`` out of what an unknown URL's message suggests; ``none`` itself still parses.
 
     Raises:
         StoreError: the URL is not one of the forms above (the message says what is).
@@ -72,7 +75,10 @@ def parse_store_url(url: str) -> StoreURL:
         return SQLiteURL(Path(path))
     if text.startswith(("nats://", "tls://")):
         return _parse_jetstream(url, text)
-    raise StoreError(f"unknown store {url!r}; use sqlite:PATH, nats://HOST:PORT/STREAM or none")
+    forms = "sqlite:PATH or nats://HOST:PORT/STREAM"
+    if none_allowed:
+        forms = "sqlite:PATH, nats://HOST:PORT/STREAM or none"
+    raise StoreError(f"unknown store {url!r}; use {forms}")
 
 
 def _parse_jetstream(url: str, text: str) -> JetStreamURL:
