@@ -83,3 +83,27 @@ def test_two_workers_serve_tls_on_one_port(tmp_path: Path, tls_files: TLSFiles) 
             )
             assert sent.returncode == 0, sent.stderr
             assert sent.stdout.startswith(b"message 1: ACK 1 2 ")
+
+
+def test_a_plaintext_client_on_a_tls_port_is_told_what_to_do_once(
+    tmp_path: Path, tls_files: TLSFiles
+) -> None:
+    """The client without --tls on a TLS port: one line, exit 3, the server's words then the
+    client's flags, once (the server's detail named the client's flags too, so the line said
+    "connect with TLS (the client's --tls or --tls-ca)); ... connect with --tls (or --tls-ca)")."""
+    with server_process(
+        tmp_path / "server.log",
+        "--store",
+        "none",
+        "--tls-cert",
+        str(tls_files.server_cert),
+        "--tls-key",
+        str(tls_files.server_key),
+    ) as server:
+        refused = run("ackservice.client", "--port", str(server.port), "hello")
+    assert refused.returncode == 3, refused.stderr
+    assert refused.stderr.decode() == (
+        f"python -m ackservice.client: error: 127.0.0.1:{server.port} refused this client "
+        "(tls-required: this port serves TLS only; reconnect with TLS); "
+        "connect with --tls (or --tls-ca); 1 message not acknowledged\n"
+    )

@@ -165,7 +165,7 @@ async def test_tls_client_on_a_plain_port_exits_3(
     ("code", "complaint"),
     [
         ("forbidden", "the server's --allow does not admit this client's address"),
-        ("tls-required", "the port serves TLS only: connect with --tls"),
+        ("tls-required", "connect with --tls (or --tls-ca)"),
     ],
 )
 async def test_final_connection_errors_exit_3(

@@ -88,7 +88,7 @@ MAX_WRITE_BYTES = 256 * 1024
 # ``shutting-down``, ``idle-timeout``, and codes added later) ends only this connection.
 _FINAL_CONNECTION_CODES = {
     ErrorCode.FORBIDDEN: "the server's --allow does not admit this client's address",
-    ErrorCode.TLS_REQUIRED: "the port serves TLS only: connect with --tls (or --tls-ca)",
+    ErrorCode.TLS_REQUIRED: "connect with --tls (or --tls-ca)",
 }
 
 

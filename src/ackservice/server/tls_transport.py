@@ -338,7 +338,9 @@ class TLSTransport(SocketTransport):
             await close_with_error(
                 SocketTransport.as_stream(self),
                 ErrorCode.TLS_REQUIRED,
-                "this port serves TLS; connect with TLS (the client's --tls or --tls-ca)",
+                # Generic words: the reader may be nc or another client, not ours
+                # (ours adds its own flags, and said them twice when this named them too).
+                "this port serves TLS only; reconnect with TLS",
                 self._drain_timeout,
             )
 
