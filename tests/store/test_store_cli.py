@@ -449,6 +449,29 @@ def test_follow_then_ctrl_c_exits_130(tmp_path: Path) -> None:
     assert stderr == b""
 
 
+def test_follow_then_sigterm_ends_as_ctrl_c_does_with_143(tmp_path: Path) -> None:
+    """SIGTERM (systemd stopping a unit, ``timeout``) ends ``export --follow`` as Ctrl-C does:
+    what was read is written out whole, no traceback, exit code 143. It killed the process,
+    losing what was buffered and possibly ending the output inside a line."""
+    path = tmp_path / "store.db"
+    url = make_store(path, [b"first"])
+    with subprocess.Popen(
+        _module("export", "--store", url, "--follow"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None
+        try:
+            assert process.stdout.readline() == b"first\n"
+            os.kill(process.pid, signal.SIGTERM)
+            rest, stderr = process.communicate(timeout=30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert process.returncode == 143
+    assert (rest, stderr) == (b"", b"")
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_the_wait_for_nats_is_a_setting(how: str) -> None:
     """--timeout (or its variable) bounds the wait for a NATS server that never answers: a

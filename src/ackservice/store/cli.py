@@ -50,6 +50,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_OUTPUT_CLOSED",
     "EXIT_STORE_FAILED",
+    "EXIT_TERMINATED",
     "build_parser",
     "duration",
     "main",
@@ -68,6 +69,7 @@ _MAX_PULL_BYTES: Final = 1 << 40
 EXIT_OK: Final = 0
 EXIT_STORE_FAILED: Final = 1
 EXIT_INTERRUPTED: Final = 130
+EXIT_TERMINATED: Final = 143  # 128 + SIGTERM: the same clean end as Ctrl-C
 EXIT_OUTPUT_CLOSED: Final = 141  # 128 + SIGPIPE, as the shell reports for cat or seq
 
 # How often ``export --follow`` flushes standard output: new messages reach a pipe within
@@ -86,8 +88,8 @@ Read back, count and prune the messages a store keeps.
 
 _EPILOG = """\
 exit codes: 0 done; 1 the store failed, or standard output could not be written;
-2 usage error; 130 interrupted; 141 standard output was closed by its reader
-(export | head).
+2 usage error; 130 interrupted (Ctrl-C); 141 standard output was closed by its reader
+(export | head); 143 terminated (SIGTERM), ended as Ctrl-C does.
 """
 
 
@@ -312,9 +314,14 @@ class _Run:
         self._nursery: trio.Nursery | None = None
 
     async def session(self, body: Callable[[], Awaitable[None]]) -> int:
-        """Run ``body``; Ctrl-C and a closed stdout end it early. Errors become exit codes,
-        caught inside the nursery so that none arrives wrapped in an exception group."""
-        with trio.open_signal_receiver(signal.SIGINT) as interrupts, self._scope:
+        """Run ``body``; Ctrl-C, SIGTERM and a closed stdout end it early. Errors become exit
+        codes, caught inside the nursery so that none arrives wrapped in an exception group.
+
+        SIGTERM (systemd stopping a unit, ``timeout``) ends it as Ctrl-C does, so the output
+        ends on a whole message: killed by the signal, an ``export`` lost what it had buffered
+        and could leave a line cut where its buffer last filled."""
+        signals = (signal.SIGINT, signal.SIGTERM)
+        with trio.open_signal_receiver(*signals) as interrupts, self._scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._cancel_on_interrupt, interrupts)
@@ -338,8 +345,8 @@ class _Run:
             self._fail(str(exc))
 
     async def _cancel_on_interrupt(self, interrupts: AsyncIterator[int]) -> None:
-        async for _ in interrupts:
-            self.code = EXIT_INTERRUPTED
+        async for signum in interrupts:
+            self.code = EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
             self._scope.cancel()
             return
 
