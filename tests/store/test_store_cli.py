@@ -267,6 +267,40 @@ def test_help_text_is_uniform() -> None:
                 assert "(range: above 0, at most " in text, text
 
 
+def test_prune_help_says_a_straddling_commit_is_kept(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``prune --before 3`` deletes fewer than the two messages below 3 when they were stored
+    in one commit with message 3; its help says so, as docs/store.md does, rather than
+    promising to delete "the messages with an id below ID"."""
+
+    async def fill() -> None:
+        store = await SQLiteStore.open(tmp_path / "store.db")
+        try:
+            batch = [
+                Message(
+                    payload=b"m",
+                    crc32=zlib.crc32(b"m"),
+                    received_at=time.time(),
+                    peer="[::1]:5000",
+                    conn_id=1,
+                    seq=n,
+                )
+                for n in (1, 2, 3)
+            ]
+            await store.store(batch)
+        finally:
+            await store.aclose()
+
+    trio.run(fill)
+    url = f"sqlite:{tmp_path / 'store.db'}"
+    code, out, _ = run_main(["prune", "--store", url, "--before", "3"], capsysbinary)
+    assert (code, out) == (0, b"deleted 0 messages\n")
+    code, out, _ = run_main(["prune", "--help"], capsysbinary)
+    assert code == 0
+    assert b"keeps one that straddles the limit" in b" ".join(out.split())
+
+
 def test_missing_store_is_one_line_and_exit_1(
     tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

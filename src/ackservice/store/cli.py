@@ -172,7 +172,9 @@ def build_parser(environ: dict[str, str] | None = None) -> _cli.SettingsParser:
         "prune",
         environ=environ,
         help="delete old messages",
-        description="Delete messages below an id or older than a duration; print how many.",
+        description="Delete messages below an id or older than a duration; print how many. "
+        "A sqlite: store deletes whole commits, and keeps one that straddles the limit, so a "
+        "few messages below the id, or older than the duration, may stay (docs/store.md).",
     )
     _add_store(prune)
     prune.set_defaults(command_parser=prune)
