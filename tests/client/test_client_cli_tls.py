@@ -146,19 +146,26 @@ async def test_mutual_tls(
         assert server.handler.stats.connections == 1
 
 
+@pytest.mark.parametrize("tls_flag", ["--tls", "--tls-ca"])
 async def test_tls_client_on_a_plain_port_exits_3(
-    start_fake: StartFake, tls_files: TLSFiles, run_client: RunClient
+    start_fake: StartFake, tls_files: TLSFiles, run_client: RunClient, tls_flag: str
 ) -> None:
     """A plaintext server that closes on the ClientHello: the line says the port does
-    not seem to serve TLS."""
+    not seem to serve TLS, and which flags to drop: given only --tls-ca (which implies
+    --tls), the line said "(drop --tls)", a flag not on the command line."""
 
     async def closes(stream: trio.abc.Stream) -> None:
         await stream.receive_some()
 
     port = await start_fake(closes)
-    run = await run_client("--port", str(port), "--tls", "hello")
+    flags = ["--tls"] if tls_flag == "--tls" else ["--tls-ca", str(tls_files.ca)]
+    run = await run_client("--port", str(port), *flags, "hello")
     assert run.returncode == 3
-    assert_one_line_error(run, "the server did not answer in TLS", "(drop --tls)")
+    assert_one_line_error(
+        run,
+        "the server did not answer in TLS",
+        "(if not, connect without --tls and --tls-ca)",
+    )
 
 
 @pytest.mark.parametrize(

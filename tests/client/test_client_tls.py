@@ -198,7 +198,7 @@ async def test_tls_client_on_a_plain_port_is_told_so(
     message = str(caught.value)
     assert "the server did not answer in TLS" in message
     assert openssl_says in message
-    assert message.endswith("is the port serving TLS? (drop --tls)")
+    assert message.endswith("is the port serving TLS? (if not, connect without --tls and --tls-ca)")
 
 
 @pytest.mark.parametrize("code", ["forbidden", "tls-required"])

@@ -284,7 +284,8 @@ def _handshake_failure(cause: ssl.SSLError) -> TLSError:
         )
     if isinstance(cause, ssl.SSLEOFError | ssl.SSLSyscallError) or reason in _NOT_TLS_REASONS:
         return TLSError(
-            f"the server did not answer in TLS ({text}); is the port serving TLS? (drop --tls)",
+            f"the server did not answer in TLS ({text}); is the port serving TLS? "
+            "(if not, connect without --tls and --tls-ca)",
             reason,
         )
     if "_ALERT_" in reason:
