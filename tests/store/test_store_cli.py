@@ -316,6 +316,24 @@ def test_missing_store_is_one_line_and_exit_1(
     assert not path.exists()
 
 
+def test_an_empty_file_is_no_store_yet(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """An empty file (``touch``ed, or a server's just being created) is no store yet, as a
+    server starting on it would make it one: it was "a SQLite database but not an ackservice
+    store; choose another path"."""
+    path = tmp_path / "empty.db"
+    path.touch()
+    for command in (["export"], ["stats"], ["prune", "--before", "5"]):
+        code, out, err = run_main([*command, "--store", f"sqlite:{path}"], capsysbinary)
+        assert (code, out) == (1, b"")
+        assert err == (
+            f"python -m ackservice.store: error: no store at {path}, an empty file; "
+            "check --store (the server creates it on start)\n"
+        )
+    assert path.stat().st_size == 0
+
+
 def test_a_directory_as_store_is_named_as_one(
     tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

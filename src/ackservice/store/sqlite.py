@@ -133,19 +133,23 @@ _SELECT_PAGE: Final = (
 
 
 class NoStoreError(StoreError):
-    """There is no store file to read at ``path`` (only the server creates one).
+    """There is no store file to read at ``path`` (only the server creates one), or only an
+    empty file, which a server would make a store of.
 
     Attributes:
         path: the absolute path looked at.
+        empty: the file exists but is empty.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, empty: bool = False) -> None:
         self.path = path
+        self.empty = empty
         super().__init__(self.describe())
 
     def describe(self, setting: str = "--store") -> str:
         """The one-line error, naming the setting that gave the path as the user gave it."""
-        return f"no store at {self.path}; check {setting} (the server creates it on start)"
+        where = f"{self.path}, an empty file" if self.empty else str(self.path)
+        return f"no store at {where}; check {setting} (the server creates it on start)"
 
 
 class _StoreFile:
@@ -419,6 +423,10 @@ def _open_for_reading(path: Path) -> tuple[Path, sqlite3.Connection]:
     path = Path(os.path.abspath(path))
     if not path.exists():
         raise NoStoreError(path)
+    if path.is_file() and path.stat().st_size == 0:
+        # SQLite takes it for an empty database, which the reader would call "not an
+        # ackservice store; choose another path", while a server makes it a store.
+        raise NoStoreError(path, empty=True)
     return path, _connect(path, create=False)
 
 
