@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
+import trio.lowlevel
 from client_fakes import StartServer
 
 from ackservice.client import (
@@ -20,6 +21,7 @@ from ackservice.client import (
     Receipt,
     open_client,
 )
+from ackservice.client.pipeline import YIELD_EVERY
 from ackservice.errors import Reject
 from ackservice.server import MessageContext, Server
 from support import wait_until
@@ -60,6 +62,48 @@ async def test_send_many_yields_receipts_in_order(server: Server) -> None:
     assert all(r.acked and r.attempts == 1 and r.rtt >= 0 for r in receipts)
     assert [r.reply.seq for r in receipts] == list(range(1, 2001))
     assert client.stats.acked == client.stats.sent == 2000
+
+
+async def test_ready_receipts_come_without_a_turn_of_the_scheduler_each(server: Server) -> None:
+    """Receipts already answered are handed out without yielding to Trio's scheduler for
+    each (it cost more than the rest of a message's work), yet other tasks still run at
+    least every ``YIELD_EVERY`` receipts."""
+    turns = 0
+    seen: list[int] = []
+
+    async def spin() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    payloads = [b"%d" % i for i in range(20_000)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spin)
+        async with open_client("127.0.0.1", server.port, window=512) as client:
+            async for _ in client.send_many(payloads):
+                seen.append(turns)
+        nursery.cancel_scope.cancel()
+    assert len(seen) == 20_000
+    assert turns < len(seen) / 4  # one turn per receipt before
+    # Trio runs a batch's tasks in any order: the spinner may run before the consumer in
+    # one batch and after it in the next, so two stretches of receipts can pass between turns.
+    longest_without_a_turn = max(len(list(run)) for _, run in itertools.groupby(seen))
+    assert longest_without_a_turn <= 2 * (YIELD_EVERY + 1)
+
+
+async def test_a_cancelled_consumer_stops_at_the_next_receipt(server: Server) -> None:
+    """Receipts ready or not, each one handed out is a cancel point."""
+    taken = 0
+    async with open_client("127.0.0.1", server.port, window=512) as client:
+        deliveries = client.send_many([b"%d" % i for i in range(5_000)])
+        with trio.CancelScope() as scope:
+            async for receipt in deliveries:
+                taken += 1
+                if receipt.index == 300:  # replies come in blocks: more are ready now
+                    scope.cancel()
+        await deliveries.aclose()
+    assert taken == 300
 
 
 async def test_large_pipelined_run_does_not_deadlock(server: Server) -> None:
