@@ -8,6 +8,7 @@ a traceback or argparse's multi-line usage dump.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import shlex
@@ -39,6 +40,31 @@ ENV_PREFIX = "ACKSERVICE_"
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "console", "json")
+
+
+def buffered_stdout() -> None:
+    """Give standard output a buffer if it has none (``PYTHONUNBUFFERED``, ``python -u``,
+    common in containers): the client and the store CLI write a line per message and flush
+    on their own schedule (at a prompt, a tick, the end of a run, every fifth of a second
+    while following), so unbuffered, every line was a system call of its own (an export of
+    1,000,000 messages: 1,000,000 writes, 30% more time). A terminal stays line-buffered."""
+    out = sys.stdout
+    if out is not sys.__stdout__:
+        return  # replaced by whoever runs us (a test's capture): theirs to buffer
+    if out is None:
+        return  # started with standard output closed
+    raw = getattr(out, "buffer", None)
+    if not isinstance(raw, io.RawIOBase):
+        return  # buffered already
+    # A file object of its own on descriptor 1 that never closes it: neither wrapper, this
+    # one or the original (still sys.__stdout__), can then close the other's.
+    own = io.FileIO(raw.fileno(), "wb", closefd=False)
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(own),
+        encoding=out.encoding,
+        errors=out.errors,
+        line_buffering=own.isatty(),
+    )
 
 
 def positive_int(text: str) -> int:

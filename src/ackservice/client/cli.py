@@ -288,6 +288,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         tls=tls,
         tls_server_name=args.tls_server_name,
     )
+    _cli.buffered_stdout()
     reporter = Reporter(
         sys.stdout,
         sys.stderr,
@@ -407,6 +408,9 @@ class _Run:
                 self.started = trio.current_time()
                 try:
                     await body(client)
+                    # Here, where a failure is reported as one line: buffered replies that
+                    # cannot be written (a full disk) fail only when flushed.
+                    self.reporter.out.flush()
                 finally:
                     self._take_counts(client)
         except (TLSError, ServerRefusedError) as exc:
@@ -434,6 +438,9 @@ class _Run:
         except OSError as exc:
             # Not input: the replies' own writes (stdout on a full disk, an I/O error) were
             # reported as "cannot read standard input" before, sending the user to the wrong end.
+            # What is still buffered must not fail again in the interpreter's last flush (a
+            # second message and exit code 120).
+            _silence_stdout()
             self._fail(
                 f"cannot write the output: {exc.strerror or exc}; check where standard output goes"
             )
@@ -529,7 +536,10 @@ class _Run:
         """Flush the reply lines written so far and redraw the progress line, periodically."""
         with scope:
             while True:
-                self.reporter.out.flush()
+                try:
+                    self.reporter.out.flush()
+                except OSError:
+                    break  # the next reply's write fails too, where it is reported
                 if show_progress:
                     self._take_counts(client)
                     elapsed = trio.current_time() - self.started

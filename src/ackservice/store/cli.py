@@ -238,6 +238,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         command.error(f"{source}: the store 'none' keeps nothing; name a sqlite: or nats:// store")
     if sys.stdout is None:  # started with stdout closed (``>&-``)
         command.error("no standard output to write to")
+    _cli.buffered_stdout()
     nats_timeout = _flag_or_environment(
         command,
         args.timeout,
