@@ -9,7 +9,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -237,6 +237,18 @@ async def test_a_directory_in_place_of_the_file_names_the_path(tmp_path: Path) -
         await SQLiteStore.open(tmp_path / "store.db")
     with pytest.raises(StoreError, match=r"store\.db is a directory"):
         await SQLiteReader.open(tmp_path / "store.db")
+
+
+@pytest.mark.parametrize("opener", [SQLiteStore.open, SQLiteReader.open])
+async def test_a_path_that_cannot_be_looked_at_is_a_store_error(
+    tmp_path: Path, opener: Callable[[Path], Awaitable[object]]
+) -> None:
+    """A path that ``stat`` refuses (as it does in a directory one may not search, EACCES,
+    which root never meets; here a name too long, ENAMETOOLONG) is a ``StoreError`` naming
+    it: the check for a directory raised ``OSError`` from the open's error handler, and the
+    server ended with a traceback."""
+    with pytest.raises(StoreError, match=r"cannot open store .*xxx"):
+        await opener(tmp_path / ("x" * 300))
 
 
 async def test_reader_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:

@@ -367,7 +367,10 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
             check_same_thread=False,
         )
     except sqlite3.Error as exc:
-        if path.is_dir():  # SQLite says only "unable to open database file"
+        # SQLite says only "unable to open database file". os.path, not Path.is_dir: a
+        # path stat refuses (EACCES in a directory one may not search) is no directory,
+        # not an OSError raised over the StoreError below.
+        if os.path.isdir(path):
             raise StoreError(
                 f"{path} is a directory; sqlite:PATH names the database file, "
                 f"e.g. sqlite:{path / 'ackservice.db'}"
@@ -421,9 +424,13 @@ def _open_for_writing(path: Path) -> tuple[Path, sqlite3.Connection]:
 
 def _open_for_reading(path: Path) -> tuple[Path, sqlite3.Connection]:
     path = Path(os.path.abspath(path))
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError:  # stat refused (EACCES): SQLite's open fails, and says so as a StoreError
+        exists = True
+    if not exists:
         raise NoStoreError(path)
-    if path.is_file() and path.stat().st_size == 0:
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
         # SQLite takes it for an empty database, which the reader would call "not an
         # ackservice store; choose another path", while a server makes it a store.
         raise NoStoreError(path, empty=True)
