@@ -251,6 +251,16 @@ async def test_a_path_that_cannot_be_looked_at_is_a_store_error(
         await opener(tmp_path / ("x" * 300))
 
 
+async def test_a_file_name_that_is_not_utf8_is_opened_by_its_bytes(tmp_path: Path) -> None:
+    """A name whose bytes are not UTF-8 (Latin-1 ``caf\xe9.db``): the store is that file,
+    written and read back; the URI SQLite is given was built from text and raised
+    ``UnicodeEncodeError`` (a traceback for the server and the store CLI)."""
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.db"))
+    await store_batches(path, [[message(b"kept")]])
+    assert b"caf\xe9.db" in os.listdir(os.fsencode(tmp_path))  # that name, not a re-encoding
+    assert [m.payload for m in await read_all(path)] == [b"kept"]
+
+
 async def test_reader_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:
     """Reading a store that does not exist fails with "no store at PATH" and leaves no
     empty file behind."""

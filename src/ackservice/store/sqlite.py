@@ -357,7 +357,9 @@ class SQLiteReader(_StoreFile):
 def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), durable commits."""
     mode = "rwc" if create else "rw"
-    uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+    # The path's bytes, as the file system has them: a name that is not UTF-8 (Python holds
+    # it with surrogate escapes) cannot be encoded as text, and SQLite takes %XX as bytes.
+    uri = f"file:{urllib.parse.quote(os.fsencode(path))}?mode={mode}"
     try:
         connection = sqlite3.connect(
             uri,
