@@ -8,7 +8,7 @@ import platform
 import zlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ackservice.protocol import (
@@ -293,11 +293,13 @@ def _parse_reply_by_checks(line: bytes) -> Reply:
 
 
 # Lines built as ACK lines are, each part usually right and now and then not quite.
-_DECIMAL = st.from_regex(rb"\A[0-9]{1,20}\Z")
+_DECIMAL = st.integers(0, 10**20).map(b"%d".__mod__)
 _NOT_QUITE_DECIMAL = st.sampled_from([b"", b"+1", b"1_0", b"-1", b"\xb2", "\u0663".encode()])
 _DECIMAL_ISH = st.one_of(_DECIMAL, _DECIMAL, _DECIMAL, _NOT_QUITE_DECIMAL)
-_HEX = st.from_regex(rb"\A[0-9a-f]{8}\Z")
-_HEX_ISH = st.one_of(_HEX, _HEX, st.from_regex(rb"\A[0-9a-fA-F_]{7,9}\Z"))
+_HEX = st.integers(0, 2**32 - 1).map(b"%08x".__mod__)
+_HEX_ISH = st.one_of(
+    _HEX, _HEX, st.text("0123456789abcdefABCDEF_", min_size=7, max_size=9).map(str.encode)
+)
 _SPACE_ISH = st.sampled_from([b" "] * 6 + [b"  ", b"\t", b""])
 _ACK_LIKE = st.tuples(
     st.sampled_from([b"ACK"] * 4 + [b"ack", b"ERR"]),
@@ -313,6 +315,13 @@ _ACK_LIKE = st.tuples(
 
 @settings(max_examples=2000)
 @given(st.one_of(_ACK_LIKE, st.binary(max_size=40)))
+@example(b"ACK 1_0 5 0123abcd")  # int() takes underscores, the checks do not
+@example(b"ACK +1 5 0123abcd")
+@example("ACK \u0663 5 0123abcd".encode())  # a digit, but not an ASCII one
+@example(b"ACK 1  5 0123abcd")
+@example(b"ACK 1 5 0123ABCD")
+@example(b"ACK 1 5 0123abcd\r\r")  # one "\r" is dropped, not two
+@example(b"ACK 1 5 0123abcd\r")
 def test_parse_reply_agrees_with_its_checks(line: bytes) -> None:
     """The ACK fast path accepts exactly the lines the plain checks accept, with the same
     values; anything else still goes the plain way (a ``ProtocolError`` for both)."""
