@@ -477,9 +477,16 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_1(
     ]
 
 
-def test_follow_then_ctrl_c_exits_130(tmp_path: Path) -> None:
-    """``export --follow`` writes messages stored after it started, and Ctrl-C ends it with
-    exit code 130 and no traceback."""
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_follow_ends_on_ctrl_c_with_130_and_on_sigterm_with_143(
+    tmp_path: Path, signum: int, code: int
+) -> None:
+    """``export --follow`` writes messages stored after it started; Ctrl-C ends it with exit
+    code 130, and SIGTERM (systemd stopping a unit, ``timeout``) the same way with 143: what
+    was read written out whole, no traceback. SIGTERM killed the process, losing what was
+    buffered and possibly ending the output inside a line."""
     path = tmp_path / "store.db"
     url = make_store(path, [b"first"])
     with subprocess.Popen(
@@ -492,35 +499,12 @@ def test_follow_then_ctrl_c_exits_130(tmp_path: Path) -> None:
             assert process.stdout.readline() == b"first\n"
             make_store(path, [b"second"])
             assert process.stdout.readline() == b"second\n"
-            os.kill(process.pid, signal.SIGINT)
-            _, stderr = process.communicate(timeout=30)
-        finally:
-            if process.returncode is None:
-                process.kill()
-    assert process.returncode == 130
-    assert stderr == b""
-
-
-def test_follow_then_sigterm_ends_as_ctrl_c_does_with_143(tmp_path: Path) -> None:
-    """SIGTERM (systemd stopping a unit, ``timeout``) ends ``export --follow`` as Ctrl-C does:
-    what was read is written out whole, no traceback, exit code 143. It killed the process,
-    losing what was buffered and possibly ending the output inside a line."""
-    path = tmp_path / "store.db"
-    url = make_store(path, [b"first"])
-    with subprocess.Popen(
-        _module("export", "--store", url, "--follow"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as process:
-        assert process.stdout is not None
-        try:
-            assert process.stdout.readline() == b"first\n"
-            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, signum)
             rest, stderr = process.communicate(timeout=30)
         finally:
             if process.returncode is None:
                 process.kill()
-    assert process.returncode == 143
+    assert process.returncode == code
     assert (rest, stderr) == (b"", b"")
 
 
