@@ -233,6 +233,48 @@ async def test_ctrl_c_stops_piped_input_with_a_summary(server: Server) -> None:
     )
 
 
+async def test_ctrl_c_with_replies_still_buffered_for_a_full_disk_is_one_line(
+    server: Server,
+) -> None:
+    """Interrupted with replies still in its output buffer, and that output a full disk: the
+    write fails at the last flush, and that is the run's one line (the summary follows),
+    exit 130. The summary's flush raised it as a traceback, then Python's "Exception ignored"
+    at exit."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ackservice.client", "--port", str(server.port)],
+            stdin=subprocess.PIPE,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=client_env(),
+        )
+    finally:
+        os.close(full)
+    try:
+        assert process.stdin is not None
+        assert process.stderr is not None
+        await process.stdin.send_all(b"one\n")
+        await wait_until(lambda: sum(c.acked for c in server.handler._connections) == 1)
+        await trio.sleep(0.2)  # the client has the reply (and its ticker a failed flush)
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await process.wait() == 130
+        stderr = b""
+        while chunk := await process.stderr.receive_some():
+            stderr += chunk
+    finally:
+        process.kill()
+        await process.wait()
+    assert lines(stderr)[0] == (
+        "python -m ackservice.client: error: cannot write the output: No space left on "
+        "device; check where standard output goes"
+    )
+    assert lines(stderr)[-1].startswith("interrupted: sent 1, acked ")
+    assert b"Traceback" not in stderr
+    assert b"Exception ignored" not in stderr
+
+
 def test_server_settings_in_the_environment_do_not_reach_the_client() -> None:
     """A shell that exports the server's settings (``ACKSERVICE_*``) does not change the
     client, whose settings are ``ACKSERVICE_CLIENT_*``; its own variables still apply."""

@@ -333,6 +333,7 @@ class _Run:
         """One message per argument, pipelined; one line per reply."""
         frames = _arguments(messages, self.max_message_bytes)
         await self._session(lambda client: self._pipeline(client, frames))
+        self._flush_output()
         if self.interrupted and not self.unreachable:
             self._summary()
         return self._exit_code(interactive=False)
@@ -341,6 +342,7 @@ class _Run:
         """Every line of piped stdin, pipelined; progress on a terminal, then a summary."""
         frames = read_lines(stdin_fd, self.max_message_bytes)
         await self._session(lambda client: self._pipeline(client, frames, progress=True))
+        self._flush_output()
         if not self.unreachable:
             self._summary()
         return self._exit_code(interactive=False)
@@ -349,6 +351,7 @@ class _Run:
         """A prompt: each line typed is sent and its reply shown with the round-trip time."""
         reader = LineReader(stdin_fd, self.max_message_bytes)
         await self._session(lambda client: self._prompt_loop(client, reader))
+        self._flush_output()
         self.reporter.err.write("\n")  # leave the shell's prompt on a line of its own
         self.reporter.err.flush()
         return self._exit_code(interactive=True)
@@ -408,9 +411,6 @@ class _Run:
                 self.started = trio.current_time()
                 try:
                     await body(client)
-                    # Here, where a failure is reported as one line: buffered replies that
-                    # cannot be written (a full disk) fail only when flushed.
-                    self.reporter.out.flush()
                 finally:
                     self._take_counts(client)
         except (TLSError, ServerRefusedError) as exc:
@@ -429,18 +429,32 @@ class _Run:
             self._fail(f"{self.config.address} does not speak the ackservice protocol: {exc}")
         except AckServiceError as exc:
             self._fail(str(exc))
-        except BrokenPipeError:
-            # Whoever read our stdout stopped (``| head``): nothing more can be shown there.
-            _silence_stdout()
-            self._fail("standard output was closed")
         except StdinError as exc:
             self._fail(f"cannot read standard input: {exc.strerror or exc}")
         except OSError as exc:
             # Not input: the replies' own writes (stdout on a full disk, an I/O error) were
             # reported as "cannot read standard input" before, sending the user to the wrong end.
-            # What is still buffered must not fail again in the interpreter's last flush (a
-            # second message and exit code 120).
-            _silence_stdout()
+            self._output_failed(exc)
+
+    def _flush_output(self) -> None:
+        """Write out the replies still buffered, here, where a failure (a full disk) is the
+        run's one-line error: at the interpreter's last flush it was a traceback and exit
+        code 120 (after Ctrl-C, from the summary's own flush)."""
+        try:
+            self.reporter.out.flush()
+        except OSError as exc:
+            if self.error is None:
+                self._output_failed(exc)
+            else:  # said already (the write that failed first): only keep exit quiet
+                _silence_stdout()
+
+    def _output_failed(self, exc: OSError) -> None:
+        # What is still buffered must not fail again in the interpreter's last flush.
+        _silence_stdout()
+        if isinstance(exc, BrokenPipeError):
+            # Whoever read our stdout stopped (``| head``): nothing more can be shown there.
+            self._fail("standard output was closed")
+        else:
             self._fail(
                 f"cannot write the output: {exc.strerror or exc}; check where standard output goes"
             )
