@@ -13,6 +13,11 @@ from support import server_process
 from tls_support import CLIENT_COMMON_NAME, TLSFiles
 
 
+def serving_tls(tls_files: TLSFiles) -> list[str]:
+    """The server's flags for its certificate and key."""
+    return ["--tls-cert", str(tls_files.server_cert), "--tls-key", str(tls_files.server_key)]
+
+
 def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", *args], input=stdin, capture_output=True, timeout=60, check=False
@@ -28,10 +33,7 @@ def test_mutual_tls_lines_come_back_from_the_store_with_their_sender(
         tmp_path / "server.log",
         "--store",
         store,
-        "--tls-cert",
-        str(tls_files.server_cert),
-        "--tls-key",
-        str(tls_files.server_key),
+        *serving_tls(tls_files),
         "--tls-client-ca",
         str(tls_files.ca),
     ) as server:
@@ -72,10 +74,7 @@ def test_two_workers_serve_tls_on_one_port(tmp_path: Path, tls_files: TLSFiles) 
         "2",
         "--store",
         "none",
-        "--tls-cert",
-        str(tls_files.server_cert),
-        "--tls-key",
-        str(tls_files.server_key),
+        *serving_tls(tls_files),
     ) as server:
         for _ in range(4):
             sent = run(
@@ -95,10 +94,7 @@ def test_a_plaintext_client_on_a_tls_port_is_told_what_to_do_once(
         tmp_path / "server.log",
         "--store",
         "none",
-        "--tls-cert",
-        str(tls_files.server_cert),
-        "--tls-key",
-        str(tls_files.server_key),
+        *serving_tls(tls_files),
     ) as server:
         refused = run("ackservice.client", "--port", str(server.port), "hello")
     assert refused.returncode == 3, refused.stderr
