@@ -32,7 +32,7 @@ from ackservice.store.cli import build_parser, duration, main
 from ackservice.store.jetstream_connection import AsyncioThread
 from ackservice.store.sqlite import SQLiteStore
 from nats_support import NatsServer, create_stream, publish_many
-from support import run_with_stderr_closed
+from support import poll_until, run_with_stderr_closed
 
 PAYLOADS = [b"plain", b"", b"ends in cr\r", b"\r", b"\xff\xfe not utf-8", "caf\u00e9".encode()]
 
@@ -506,6 +506,52 @@ def test_follow_ends_on_ctrl_c_with_130_and_on_sigterm_with_143(
                 process.kill()
     assert process.returncode == code
     assert (rest, stderr) == (b"", b"")
+
+
+# The store CLI with its periodic flush of --follow put off, so that what the export read is
+# still in its buffer when the signal comes.
+_NO_PERIODIC_FLUSH = (
+    "import sys, ackservice.store.cli as cli; cli.FOLLOW_FLUSH_INTERVAL = 3600; "
+    "sys.exit(cli.main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.parametrize("output", ["file", "/dev/full"])
+def test_what_an_interrupted_export_buffered_is_written_out_or_one_line(
+    tmp_path: Path, output: str
+) -> None:
+    """SIGTERM while ``export --follow`` holds messages in its output buffer: they are
+    written out whole (a file), or the full disk is one line (``/dev/full``); exit code 143
+    either way. The interpreter's last flush met the full disk: "Exception ignored" and exit
+    code 120."""
+    path = tmp_path / "store.db"
+    url = make_store(path, [b"first"])
+    out_path = tmp_path / "out" if output == "file" else Path(output)
+    with out_path.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _NO_PERIODIC_FLUSH, "export", "--store", url, "--follow"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+        )
+    try:
+        # The reader has the store open (then its first page comes at once).
+        fds = Path(f"/proc/{process.pid}/fd")
+        poll_until(lambda: any(f.resolve() == path for f in fds.iterdir()), 15, "the open store")
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143
+    if output == "file":
+        assert (out_path.read_bytes(), stderr) == (b"first\n", b"")
+    else:
+        assert stderr.decode() == (
+            "python -m ackservice.store: error: cannot write standard output: "
+            "No space left on device; check where it goes\n"
+        )
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])

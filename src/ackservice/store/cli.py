@@ -335,9 +335,22 @@ class _Run:
                 nursery.start_soon(self._cancel_on_interrupt, interrupts)
                 await self._guarded(body)
                 nursery.cancel_scope.cancel()
+        if self._scope.cancelled_caught and not self.out.failed:
+            self._flush_after_interrupt()
         if self.code == EXIT_OUTPUT_CLOSED or self.out.failed:
             _silence_stdout()
         return self.code
+
+    def _flush_after_interrupt(self) -> None:
+        """Write out what the interrupted body had buffered (whole messages), here, where a
+        failure (a full disk) is one line: at the interpreter's exit it was "Exception
+        ignored" and exit code 120. The interrupt's exit code stays."""
+        try:
+            self.out.flush()
+        except BrokenPipeError:
+            self.out.failed = True  # the reader is gone: nothing to say, nothing to retry
+        except _OutputFailed as exc:
+            _say("error", str(exc))
 
     async def _guarded(self, body: Callable[[], Awaitable[None]]) -> None:
         try:
