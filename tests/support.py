@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -174,6 +177,16 @@ def poll_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what or condition}")
         time.sleep(0.02)
+
+
+def unread_pipe_is_filling(read_fd: int) -> bool:
+    """Whether the pipe whose read end is ``read_fd`` holds half its capacity unread: its
+    writer, writing on, will soon block (pages are not always filled to the last byte, so
+    "full" is not a number to wait for)."""
+    capacity = fcntl.fcntl(read_fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+    unread = array.array("i", [0])
+    fcntl.ioctl(read_fd, termios.FIONREAD, unread)
+    return unread[0] >= capacity // 2
 
 
 def run_with_stderr_closed(*args: str) -> subprocess.CompletedProcess[bytes]:

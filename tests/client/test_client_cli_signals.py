@@ -7,13 +7,14 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
 from client_fakes import Replies, StartFake, client_env
 
 from ackservice.server import Server
-from support import wait_until
+from support import unread_pipe_is_filling, wait_until
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 SUMMARY = re.compile(
@@ -81,6 +82,48 @@ async def test_signal_during_a_piped_flood_counts_only_printed_acks(
     sent, acked, rejected, unacked = map(int, match.groups()[:4])
     assert acked == printed_acks
     assert sent == acked + rejected + unacked
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_a_second_signal_ends_a_client_whose_output_nobody_reads(
+    server: Server, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """The client's stdout is a pipe nobody reads, so it blocks writing replies: the first
+    signal cannot stop it cleanly (that needs the event loop, stuck in the write), a second
+    one ends it at once, by the signal, after one line saying so. Both did nothing before:
+    only SIGKILL ended it (systemd's stop waited for its timeout)."""
+    lines = tmp_path / "lines"
+    lines.write_bytes(b"".join(b"line %d\n" % i for i in range(200_000)))
+    with lines.open("rb") as stdin:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ackservice.client", "--port", str(server.port)],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=client_env(),
+        )
+    stderr = bytearray()
+    try:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, process.stderr, stderr)
+            with trio.fail_after(20):
+                await wait_until(lambda: unread_pipe_is_filling(process.stdout.fileno()))
+            await trio.sleep(0.5)  # writing on: blocked now
+            process.send_signal(signum)
+            await trio.sleep(0.2)
+            process.send_signal(signum)
+            with trio.fail_after(20):
+                assert await process.wait() == -signum
+    finally:
+        process.kill()
+        await process.wait()
+    assert b"Traceback" not in stderr
+    assert stderr.decode().splitlines()[-1] == (
+        "python -m ackservice.client: error: stopped at once by a signal; "
+        "replies not yet written, and the summary, are not shown"
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -32,7 +32,7 @@ from ackservice.store.cli import build_parser, duration, main
 from ackservice.store.jetstream_connection import AsyncioThread
 from ackservice.store.sqlite import SQLiteStore
 from nats_support import NatsServer, create_stream, publish_many
-from support import poll_until, run_with_stderr_closed
+from support import poll_until, run_with_stderr_closed, unread_pipe_is_filling
 
 PAYLOADS = [b"plain", b"", b"ends in cr\r", b"\r", b"\xff\xfe not utf-8", "caf\u00e9".encode()]
 
@@ -506,6 +506,36 @@ def test_follow_ends_on_ctrl_c_with_130_and_on_sigterm_with_143(
                 process.kill()
     assert process.returncode == code
     assert (rest, stderr) == (b"", b"")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_second_signal_ends_an_export_whose_output_nobody_reads(
+    tmp_path: Path, signum: int
+) -> None:
+    """An export into a pipe nobody reads blocks in a write: the first signal cannot end it
+    cleanly (the event loop is stuck in that write), a second ends it at once, by the
+    signal, after one line saying what that means for the output. Neither did anything
+    before (only SIGKILL ended it)."""
+    url = make_store(tmp_path / "store.db", [b"x" * 1000] * 200)
+    with subprocess.Popen(
+        _module("export", "--store", url), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None
+        try:
+            poll_until(lambda: unread_pipe_is_filling(process.stdout.fileno()), 15, "the pipe")
+            time.sleep(0.5)  # writing on: blocked now
+            process.send_signal(signum)
+            time.sleep(0.2)
+            process.send_signal(signum)
+            assert process.wait(timeout=20) == -signum
+        finally:
+            if process.returncode is None:
+                process.kill()
+        assert process.stderr is not None
+        assert process.stderr.read().decode().splitlines() == [
+            "python -m ackservice.store: error: stopped at once by a signal; "
+            "the output may end in the middle of a message"
+        ]
 
 
 # The store CLI with its periodic flush of --follow put off, so that what the export read is

@@ -33,6 +33,7 @@ from typing import NoReturn
 import trio
 
 from .. import _cli
+from .._stop_signals import StopSignals
 from ..errors import (
     AckServiceError,
     ConnectError,
@@ -46,7 +47,7 @@ from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, OVERSIZED, Ack, ErrorCode, Ove
 from .config import ClientConfig
 from .connection import Client, open_client
 from .message import Receipt
-from .output import Reporter, Tally, error_json
+from .output import ERROR_PREFIX, Reporter, Tally, error_json
 from .stdin import LineReader, StdinError, read_lines
 from .tls import context_from_flags
 
@@ -69,8 +70,6 @@ EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by it
 
-# Either ends a run early, with a summary; a service manager stops the client with SIGTERM.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # How often buffered reply lines are flushed and the progress line redrawn: live enough
 # for a person or a ``| while read`` loop downstream, and one write per tick instead of one
@@ -296,21 +295,33 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         quiet=args.quiet,
         json_err=log_format == "json",
     )
-    run = _Run(config, reporter, args.max_message_bytes)
-    if messages:
-        return trio.run(run.send_arguments, messages)
-    if sys.stdin is None:  # started with stdin closed (``<&-``)
+    if not messages and sys.stdin is None:  # started with stdin closed (``<&-``)
         parser.error("no MESSAGE arguments, and no standard input to read messages from")
-    stdin_fd = sys.stdin.fileno()
-    if os.isatty(stdin_fd):
-        return trio.run(run.interactive, stdin_fd)
-    return trio.run(run.send_lines, stdin_fd)
+    cut_short = (
+        "stopped at once by a signal; replies not yet written, and the summary, are not shown"
+    )
+    farewell = error_json(cut_short) if log_format == "json" else ERROR_PREFIX + cut_short
+    signals = StopSignals((farewell + "\n").encode())
+    run = _Run(config, reporter, args.max_message_bytes, signals)
+    with signals.installed():
+        if messages:
+            return trio.run(run.send_arguments, messages)
+        stdin_fd = sys.stdin.fileno()
+        if os.isatty(stdin_fd):
+            return trio.run(run.interactive, stdin_fd)
+        return trio.run(run.send_lines, stdin_fd)
 
 
 class _Run:
     """One invocation: connects, sends, reports, and turns the outcome into an exit code."""
 
-    def __init__(self, config: ClientConfig, reporter: Reporter, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        reporter: Reporter,
+        max_message_bytes: int,
+        signals: StopSignals,
+    ) -> None:
         self.config = config
         self.reporter = reporter
         self.max_message_bytes = max_message_bytes
@@ -326,6 +337,7 @@ class _Run:
         self.error: str | None = None
         self.unreachable = False
         self._nursery: trio.Nursery | None = None
+        self.signals = signals
 
     # -- the three modes ---------------------------------------------------------------
 
@@ -375,21 +387,18 @@ class _Run:
         The nursery also runs the output ticker, so that the body needs no nursery of its
         own (whose exception groups would hide the client's typed errors).
         """
-        with trio.open_signal_receiver(*STOP_SIGNALS) as interrupts, trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._cancel_on_interrupt, interrupts, scope)
-                await self._connected(body)
-                nursery.cancel_scope.cancel()
+        with trio.CancelScope() as scope:
 
-    async def _cancel_on_interrupt(
-        self, interrupts: AsyncIterator[int], scope: trio.CancelScope
-    ) -> None:
-        async for signum in interrupts:
-            self.interrupted = True
-            self.stop_signal = signum
-            scope.cancel()
-            return
+            def stop(signum: int) -> None:
+                self.interrupted = True
+                self.stop_signal = signum
+                scope.cancel()
+
+            with self.signals.stopping(stop):
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await self._connected(body)
+                    nursery.cancel_scope.cancel()
 
     async def _connected(self, body: _Body) -> None:
         self.started = trio.current_time()

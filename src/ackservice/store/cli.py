@@ -28,7 +28,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any, BinaryIO, Final, TypeVar
@@ -41,6 +41,7 @@ except ImportError:  # a platform it is not installed on (pyproject.toml): the s
     orjson = None  # type: ignore[assignment]
 
 from .. import __version__, _cli
+from .._stop_signals import StopSignals
 from ..errors import AckServiceError
 from ..protocol import message_line
 from .base import StoredMessage, StoreStats
@@ -264,10 +265,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         body = partial(run.stats, args.json)
     else:
         body = partial(run.prune, args.before, args.older_than)
-    try:
+    with run.signals.installed():
         return trio.run(run.session, body)
-    except KeyboardInterrupt:  # before the signal receiver was in place
-        return EXIT_INTERRUPTED
 
 
 def _flag_or_environment(
@@ -320,6 +319,10 @@ class _Run:
         self.code = EXIT_OK
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self.signals = StopSignals(
+            f"{PROG}: error: stopped at once by a signal; "
+            "the output may end in the middle of a message\n".encode()
+        )
 
     async def session(self, body: Callable[[], Awaitable[None]]) -> int:
         """Run ``body``; Ctrl-C, SIGTERM and a closed stdout end it early. Errors become exit
@@ -328,11 +331,9 @@ class _Run:
         SIGTERM (systemd stopping a unit, ``timeout``) ends it as Ctrl-C does, so the output
         ends on a whole message: killed by the signal, an ``export`` lost what it had buffered
         and could leave a line cut where its buffer last filled."""
-        signals = (signal.SIGINT, signal.SIGTERM)
-        with trio.open_signal_receiver(*signals) as interrupts, self._scope:
+        with self.signals.stopping(self._stop), self._scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._cancel_on_interrupt, interrupts)
                 await self._guarded(body)
                 nursery.cancel_scope.cancel()
         if self._scope.cancelled_caught and not self.out.failed:
@@ -365,11 +366,9 @@ class _Run:
         except AckServiceError as exc:
             self._fail(str(exc))
 
-    async def _cancel_on_interrupt(self, interrupts: AsyncIterator[int]) -> None:
-        async for signum in interrupts:
-            self.code = EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
-            self._scope.cancel()
-            return
+    def _stop(self, signum: int) -> None:
+        self.code = EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+        self._scope.cancel()
 
     def _fail(self, text: str) -> None:
         self.code = EXIT_STORE_FAILED
