@@ -159,6 +159,50 @@ async def test_a_failing_store_is_an_internal_error_not_a_crash(
     assert isinstance(failed["exc_info"], RuntimeError)
 
 
+def _strings(batch: Sequence[Message]) -> Any:
+    return ["stored" for _ in batch]
+
+
+def _verdict_classes(batch: Sequence[Message]) -> Any:
+    return [Rejected for _ in batch]  # the class, not Rejected("reason")
+
+
+def _a_generator(batch: Sequence[Message]) -> Any:
+    return (None for _ in batch)  # not a Sequence: no len()
+
+
+@pytest.mark.parametrize("answer", [_strings, _verdict_classes, _a_generator])
+async def test_a_store_answering_something_other_than_verdicts_is_an_internal_error(
+    nursery: trio.Nursery, logs: EventList, answer: Any
+) -> None:
+    """A store whose answer is not one ``Verdict`` per message (a string, the ``Rejected``
+    class itself, a generator) is a store bug: its messages are answered internal-error,
+    it is logged as ``store_failed``, and the connection goes on. Before, the connection
+    died without a reply (an AssertionError or a TypeError from the server's internals),
+    and its ``connection_closed`` counted those messages as acked."""
+
+    class WrongAnswers(ListStore):
+        async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
+            if batch[0].payload == b"fine":
+                return None
+            return answer(batch)  # type: ignore[no-any-return]
+
+    handler = AckHandler(ServerConfig(), store=WrongAnswers())
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"a\nb\n")
+    lines = await replies.lines(2)
+    assert [line.split(b" ", 3)[:3] for line in lines] == [
+        [b"ERR", b"1", b"internal-error"],
+        [b"ERR", b"2", b"internal-error"],
+    ]
+    await client.send_all(b"fine\n")
+    assert await replies.line() == ack_line(3, b"fine")[:-1]
+    assert [e["event"] for e in logs if e["event"].startswith("store_")] == [
+        "store_failed",
+        "store_recovered",
+    ]
+
+
 async def test_connections_stop_reading_while_the_store_is_behind(nursery: trio.Nursery) -> None:
     """Past max_pending_store_bytes waiting for a commit, connections read nothing more:
     a slow store slows clients down instead of growing the server's memory."""

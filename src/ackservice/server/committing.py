@@ -32,7 +32,15 @@ import outcome
 import structlog
 import trio
 
-from ..store.base import Failed, Message, Store, StoreUnavailable, Unavailable, Verdict
+from ..store.base import (
+    Failed,
+    Message,
+    Rejected,
+    Store,
+    StoreUnavailable,
+    Unavailable,
+    Verdict,
+)
 from ..store.batch import joined
 from .ratelimit import WarningLimiter
 
@@ -370,10 +378,15 @@ class GroupCommitter:
                 self._failed(batch, failure, exc)
                 return [failure] * len(batch)
             else:
-                if verdicts is not None and len(verdicts) != len(batch):
-                    failure = Failed("the store answered for a different number of messages")
-                    self._failed(batch, failure, None)
-                    return [failure] * len(batch)
+                if verdicts is not None:
+                    wrong = _wrong_answer(verdicts, len(batch))
+                    if wrong is not None:
+                        # A store bug like an exception, logged as one, though with no
+                        # traceback: the connection would otherwise fail on it with no
+                        # reply at all (an AssertionError or TypeError from our code).
+                        failure = Failed(wrong)
+                        self._failed(batch, failure, None, store_bug=True)
+                        return [failure] * len(batch)
                 self._recovered()
                 return verdicts
         if scope.cancelled_caught:
@@ -382,16 +395,23 @@ class GroupCommitter:
         return [failure] * len(batch)
 
     def _failed(
-        self, batch: Sequence[Message], failure: Verdict, exc: BaseException | None
+        self,
+        batch: Sequence[Message],
+        failure: Verdict,
+        exc: BaseException | None,
+        *,
+        store_bug: bool = False,
     ) -> None:
         if self._outage is None:
             self._outage = _Outage(trio.current_time())
             self.outages += 1
             fields = {"store": self.store.description, "detail": getattr(failure, "detail", "")}
-            if exc is None:
-                log.error("store_unavailable", **fields)
-            else:
+            if exc is not None:
                 log.error("store_failed", **fields, exc_info=exc)
+            elif store_bug:
+                log.error("store_failed", **fields)
+            else:
+                log.error("store_unavailable", **fields)
         self._outage.messages += len(batch)
 
     def _recovered(self) -> None:
@@ -405,6 +425,24 @@ class GroupCommitter:
             unavailable_for=round(trio.current_time() - outage.started, 3),
             messages_refused=outage.messages,
         )
+
+
+def _wrong_answer(verdicts: object, expected: int) -> str | None:
+    """What is wrong with a store's answer, if it is not one ``Verdict`` per message.
+
+    Checked here, once per commit that has verdicts (rare: most return ``None``), so that
+    the connections can trust every verdict they are handed.
+    """
+    if not isinstance(verdicts, Sequence) or isinstance(verdicts, str | bytes):
+        return "the store's answer was not a sequence of verdicts"
+    if len(verdicts) != expected:
+        return "the store answered for a different number of messages"
+    if not all(verdict is None or isinstance(verdict, _VERDICT_TYPES) for verdict in verdicts):
+        return "the store's answer held something other than a verdict"
+    return None
+
+
+_VERDICT_TYPES: Final = (Rejected, Unavailable, Failed)
 
 
 class _Outage:
