@@ -95,8 +95,14 @@ class Reject(Exception):
     """Raised by a server application hook to refuse a message.
 
     The client receives ``ERR <seq> rejected <reason>``; the connection carries on.
+
+    Raises:
+        TypeError: ``reason`` is not a ``str`` (bytes included): here, in the hook that
+            made it, rather than later in the server, where it would end the connection.
     """
 
     def __init__(self, reason: str) -> None:
+        if not isinstance(reason, str):
+            raise TypeError(f"a Reject reason must be str, not {type(reason).__name__}")
         super().__init__(reason)
         self.reason = reason

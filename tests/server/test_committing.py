@@ -20,7 +20,7 @@ from server_support import ListStore, connect
 from structlog.testing import capture_logs
 
 from ackservice.protocol import ack_line
-from ackservice.server import AckHandler, MessageContext, ServerConfig, serve
+from ackservice.server import AckHandler, MessageContext, Reject, ServerConfig, serve
 from ackservice.server.committing import GroupCommitter, Parcel
 from ackservice.store import Message, Rejected, Unavailable, Verdict
 from support import LineReader
@@ -171,15 +171,19 @@ def _a_generator(batch: Sequence[Message]) -> Any:
     return (None for _ in batch)  # not a Sequence: no len()
 
 
-@pytest.mark.parametrize("answer", [_strings, _verdict_classes, _a_generator])
+def _bytes_reasons(batch: Sequence[Message]) -> Any:
+    return [Rejected(b"no") for _ in batch]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("answer", [_strings, _verdict_classes, _a_generator, _bytes_reasons])
 async def test_a_store_answering_something_other_than_verdicts_is_an_internal_error(
     nursery: trio.Nursery, logs: EventList, answer: Any
 ) -> None:
     """A store whose answer is not one ``Verdict`` per message (a string, the ``Rejected``
-    class itself, a generator) is a store bug: its messages are answered internal-error,
-    it is logged as ``store_failed``, and the connection goes on. Before, the connection
-    died without a reply (an AssertionError or a TypeError from the server's internals),
-    and its ``connection_closed`` counted those messages as acked."""
+    class itself, a generator, a reason in bytes) is a store bug: its messages are answered
+    internal-error, it is logged as ``store_failed``, and the connection goes on. Before,
+    the connection died without a reply (an AssertionError or a TypeError from the server's
+    internals), and its ``connection_closed`` counted those messages as acked."""
 
     class WrongAnswers(ListStore):
         async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
@@ -305,6 +309,28 @@ async def test_a_hook_raising_system_exit_fails_its_message_only(
     lines = await replies.lines(2)
     assert lines[0].startswith(b"ERR 1 internal-error ")
     assert lines[1] == ack_line(2, b"after")[:-1]
+
+
+async def test_a_hook_rejecting_with_a_reason_that_is_not_text_fails_its_message_only(
+    nursery: trio.Nursery, logs: EventList
+) -> None:
+    """``Reject(b"...")`` (bytes, as the payload is) is a TypeError raised where the hook
+    makes it, so the message is answered internal-error, the log points at the hook, and
+    the connection goes on. Before, the connection died without a reply, on a TypeError
+    from the protocol module, and counted the other messages of the read as acked."""
+
+    async def rejects_in_bytes(payload: bytes, context: MessageContext) -> None:
+        if payload == b"no":
+            raise Reject(payload)  # type: ignore[arg-type]
+
+    handler = AckHandler(on_message=rejects_in_bytes)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"no\nafter\n")
+    lines = await replies.lines(2)
+    assert lines[0].startswith(b"ERR 1 internal-error ")
+    assert lines[1] == ack_line(2, b"after")[:-1]
+    [failed] = [e for e in logs if e["event"] == "on_message_failed"]
+    assert isinstance(failed["exc_info"], TypeError)
 
 
 class _SlowToAnswer:
