@@ -159,6 +159,30 @@ async def test_a_failing_store_is_an_internal_error_not_a_crash(
     assert isinstance(failed["exc_info"], RuntimeError)
 
 
+async def test_a_store_raising_system_exit_fails_its_batch_only(
+    nursery: trio.Nursery, logs: EventList
+) -> None:
+    """SystemExit from a store (a library in it calling ``sys.exit``) is a store failure
+    like any other, as it is from a hook: internal-error for that batch, ``store_failed``
+    with the traceback, and the server goes on. Before, it ended the connection's task and
+    with it the embedding application's nursery."""
+
+    class ExitingStore(ListStore):
+        async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
+            if batch[0].payload == b"exit":
+                raise SystemExit(3)
+            return await super().store(batch)
+
+    handler = AckHandler(ServerConfig(), store=ExitingStore())
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"exit\n")
+    assert (await replies.line()).startswith(b"ERR 1 internal-error ")
+    await client.send_all(b"after\n")
+    assert await replies.line() == ack_line(2, b"after")[:-1]
+    [failed] = [e for e in logs if e["event"] == "store_failed"]
+    assert isinstance(failed["exc_info"], SystemExit)
+
+
 def _strings(batch: Sequence[Message]) -> Any:
     return ["stored" for _ in batch]
 

@@ -371,9 +371,11 @@ class GroupCommitter:
                 verdicts = await self.store.store(batch)
             except StoreUnavailable as exc:
                 failure = Unavailable(exc.detail)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 # A bug in the store: its messages are not known to be kept. Logged once
-                # per outage, with the traceback.
+                # per outage, with the traceback. SystemExit too, as from a hook (hook.py):
+                # one store's sys.exit must not end the application embedding the server;
+                # Trio's Cancelled and KeyboardInterrupt still propagate.
                 failure = Failed("the store failed on this message")
                 self._failed(batch, failure, exc)
                 return [failure] * len(batch)
