@@ -7,6 +7,7 @@ have their own tests, and end-to-end tests drive them through real processes.
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 import zlib
@@ -181,6 +182,24 @@ async def test_a_store_raising_system_exit_fails_its_batch_only(
     assert await replies.line() == ack_line(2, b"after")[:-1]
     [failed] = [e for e in logs if e["event"] == "store_failed"]
     assert isinstance(failed["exc_info"], SystemExit)
+
+
+async def test_verdicts_in_any_sequence_answer_their_messages(nursery: trio.Nursery) -> None:
+    """``Store.store`` may answer with any ``Sequence`` of verdicts, not only a list: a
+    ``collections.deque`` (which cannot be sliced) answers each message like a list does.
+    Before, the connection died on a TypeError from slicing it, without a reply."""
+
+    class DequeStore(ListStore):
+        async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
+            verdicts = await super().store(batch)
+            return None if verdicts is None else collections.deque(verdicts)
+
+    store = DequeStore()
+    store.verdicts = {b"bad": Rejected("not allowed")}
+    handler = AckHandler(ServerConfig(), store=store)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"ok\nbad\n")
+    assert await replies.lines(2) == [ack_line(1, b"ok")[:-1], b"ERR 2 rejected not allowed"]
 
 
 def _strings(batch: Sequence[Message]) -> Any:

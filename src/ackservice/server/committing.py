@@ -389,6 +389,9 @@ class GroupCommitter:
                         failure = Failed(wrong)
                         self._failed(batch, failure, None, store_bug=True)
                         return [failure] * len(batch)
+                    if not isinstance(verdicts, list | tuple):
+                        # Any Sequence is an answer (a deque, say), but _commit slices it.
+                        verdicts = list(verdicts)
                 self._recovered()
                 return verdicts
         if scope.cancelled_caught:
