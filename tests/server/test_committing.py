@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from ackservice.protocol import ack_line
 from ackservice.server import AckHandler, MessageContext, Reject, ServerConfig, serve
 from ackservice.server.committing import GroupCommitter, Parcel
-from ackservice.store import Message, Rejected, Unavailable, Verdict
+from ackservice.store import Message, Rejected, StoreUnavailable, Unavailable, Verdict
 from support import LineReader
 
 EventList = list[dict[str, Any]]
@@ -125,6 +125,29 @@ async def test_outage_answers_unavailable_logs_once_and_recovers(
     ]
     recovered = next(e for e in logs if e["event"] == "store_recovered")
     assert recovered["messages_refused"] == 5
+
+
+async def test_a_store_unavailable_made_from_an_exception_answers_unavailable(
+    nursery: trio.Nursery,
+) -> None:
+    """``raise StoreUnavailable(exc) from exc`` (the exception rather than its text) still
+    answers the batch unavailable, with the exception's text, so clients resend. Before, the
+    connection died without a reply on an AttributeError from the protocol module, and
+    counted the other messages of the read as acked."""
+
+    class FullDisk(ListStore):
+        async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as exc:
+                raise StoreUnavailable(exc) from exc  # type: ignore[arg-type]
+
+    handler = AckHandler(ServerConfig(), store=FullDisk())
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"a\n")
+    assert await replies.line() == b"ERR 1 unavailable [Errno 28] No space left on device"
+    await client.send_all(b"b\n")
+    assert await replies.line() == b"ERR 2 unavailable [Errno 28] No space left on device"
 
 
 async def test_a_commit_past_the_store_timeout_is_unavailable(

@@ -84,9 +84,15 @@ class StoreError(AckServiceError):
 
 class StoreUnavailable(AckServiceError):
     """Raised by ``Store.store`` when it can keep none of the batch right now (disk full,
-    database locked, NATS down): every message in it gets ``ERR <seq> unavailable``."""
+    database locked, NATS down): every message in it gets ``ERR <seq> unavailable``.
+
+    ``detail`` is the text sent with it; anything else (``StoreUnavailable(exc)``, a common
+    idiom) is taken as its ``str()``, since that text is what it means and the outage must
+    still be an outage (clients resend ``unavailable``, not ``internal-error``).
+    """
 
     def __init__(self, detail: str) -> None:
+        detail = detail if isinstance(detail, str) else str(detail)
         super().__init__(detail)
         self.detail = detail
 
