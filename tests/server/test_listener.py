@@ -161,6 +161,29 @@ async def test_handler_embeds_in_trio_serve_tcp(nursery: trio.Nursery, connect: 
     assert_keepalive(accepted[0].socket, idle=300, interval=100)
 
 
+def test_a_handler_kept_across_trio_runs_serves_in_each() -> None:
+    """An AckHandler made once and used in several Trio runs (a module-level handler, a
+    fixture shared by pytest-trio tests, each its own run) serves in every run. Before,
+    the second run's connections used the readiness hub of the first, whose epoll had
+    closed with it: ValueError from the handler, which ended trio.serve_tcp."""
+    handler = AckHandler()
+
+    async def one_exchange() -> bytes:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            with trio.fail_after(10):
+                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                    await stream.send_all(b"hello\n")
+                    reply = await LineReader(stream).line()
+            nursery.cancel_scope.cancel()
+        return reply
+
+    assert [trio.run(one_exchange) for _ in range(2)] == [b"ACK 1 5 3610a686"] * 2
+
+
 @pytest.mark.usefixtures("either_level")
 async def test_reset_by_peer_ends_only_that_connection(
     nursery: trio.Nursery, connect: Connect

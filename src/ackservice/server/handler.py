@@ -255,10 +255,12 @@ class AckHandler:
             stats.internal_error += kinds[3]
 
     def _readiness_hub(self) -> ReadinessHub:
-        if self._hub is None:
-            # Used on its own (trio.serve_tcp): a hub for this Trio run, in a system task.
-            self._hub = current_hub()
-        return self._hub
+        if self._hub is not None:  # serve()'s own, for the run it serves in
+            return self._hub
+        # Used on its own (trio.serve_tcp): the hub of the current Trio run, in a system
+        # task. Not kept here: a handler may outlive its run (a module-level one, a test
+        # fixture), and the hub of an earlier run has closed its epoll.
+        return current_hub()
 
     def _stream_transport(self, stream: trio.abc.Stream) -> Transport:
         """How a stream given to ``__call__`` is served."""
