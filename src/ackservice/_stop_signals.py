@@ -46,12 +46,19 @@ class StopSignals:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignals]:
-        previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        # A signal ignored when we started stays ignored, as Python itself leaves it (``nohup``,
+        # a ``cmd &`` of a non-interactive shell): whoever started us chose that.
+        previous = {
+            signum: signal.signal(signum, self._handle)
+            for signum in STOP_SIGNALS
+            if signal.getsignal(signum) is not signal.SIG_IGN
+        }
         try:
             yield self
         finally:
             for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                if handler is not None:  # None: a handler not set from Python, not restorable
+                    signal.signal(signum, handler)
 
     @contextlib.contextmanager
     def stopping(self, stop: Callable[[int], object]) -> Iterator[None]:
