@@ -492,14 +492,22 @@ def test_a_stalled_standard_error_is_told_to_the_log_file_and_its_exit_loss_coun
         poll_until(lambda: port_file.exists() and port_file.read_text().endswith("\n"), 15)
         port = int(port_file.read_text().split()[0].rsplit(":", 1)[1])
         # 15,000 message_acked events overfill standard error's 10,000-line queue; sent in
-        # steps answered before the next, so that the file's writer keeps up.
+        # steps, the next once the file holds the last one's events, so that the file's
+        # queue never overflows (answered was not enough: on a busy host its writer thread
+        # fell 10,000 events behind, and the file counted drops of its own).
         step = 1_000
+
+        def acked_in_file() -> int:
+            return log_path.read_bytes().count(b'"message_acked"')
+
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             replies = client.makefile("rb")
             for first in range(0, 15_000, step):
                 client.sendall(b"".join(b"@m%d|x\n" % n for n in range(first, first + step)))
                 for _ in range(step):
                     assert replies.readline().startswith(b"ACK ")
+                written = first + step
+                poll_until(lambda n=written: acked_in_file() >= n, 15, "the file")
         poll_until(lambda: bool(stalls()), 15, "log_output_stalled")
         server.send_signal(signal.SIGTERM)
         assert server.wait(15) == 0
