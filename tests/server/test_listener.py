@@ -53,6 +53,26 @@ async def test_serve_reports_the_bound_port(nursery: trio.Nursery) -> None:
         assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_a_port_in_use_names_the_address(nursery: trio.Nursery, host: str) -> None:
+    """An embedder's serve() on a port in use: the OSError (errno and type as the system
+    gave them) names the address; it said only "[Errno 98] Address already in use"."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as taken:
+        try:
+            taken.bind((host, 0))
+        except OSError:
+            pytest.skip(f"no {host} here")
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = ServerConfig(host=host, port=port)
+        with pytest.raises(OSError, match="Address already in use") as caught:
+            await nursery.start(serve, config)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    assert caught.value.errno == errno.EADDRINUSE
+    assert str(caught.value) == f"[Errno {errno.EADDRINUSE}] Address already in use: '{where}'"
+
+
 @pytest.mark.usefixtures("either_level")
 async def test_many_clients_pipelining_get_correct_in_order_acks(nursery: trio.Nursery) -> None:
     """200 concurrent clients, each pipelining 500 messages of mixed sizes, all get correct

@@ -160,7 +160,14 @@ async def bind_sockets(
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 if listeners and port == 0:
                     sockaddr = (sockaddr[0], listeners[0].getsockname()[1], *sockaddr[2:])
-                await sock.bind(sockaddr)
+                try:
+                    await sock.bind(sockaddr)
+                except OSError as exc:
+                    # Which address, as Python names the file of a file error: the
+                    # library's callers see "[Errno 98] Address already in use" otherwise,
+                    # with nothing to say where.
+                    where = _address_text(sockaddr[0], sockaddr[1])
+                    raise OSError(exc.errno, exc.strerror, where) from None
                 if listen:
                     sock.listen(_BACKLOG)
             except BaseException:
@@ -174,3 +181,7 @@ async def bind_sockets(
     if not listeners:
         raise unsupported or OSError(errno.EADDRNOTAVAIL, "no address to listen on")
     return listeners
+
+
+def _address_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
