@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,6 +20,13 @@ from tls_support import OPENED_SOCKETS, TLSFiles, write_tls_files
 # modules hold assertions of their own (assert_one_line_error, assert_drained_cleanly, ...),
 # so they are rewritten too. This must run before any of them is imported.
 pytest.register_assert_rewrite("client_support", "rel_harness", "store_support")
+
+# The suite started with SIGINT ignored (run as ``cmd &`` by a non-interactive shell, or under
+# nohup) would hand that on to every process it starts, and the CLIs keep an ignored stop
+# signal ignored, as Python does: the Ctrl-C tests would then test nothing. Default
+# handling here is what a user's terminal gives them (exec resets a handled signal).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
