@@ -793,6 +793,45 @@ def test_follow_rides_out_a_nats_restart(nats_stream: NatsServer) -> None:
     assert b"after id 1" in notice
 
 
+def test_follow_started_before_nats_waits_for_it(tmp_path: Path) -> None:
+    """``export --follow`` started while NATS is down (a service started beside it, or
+    before it): one line says it waits, and once NATS is up it writes the stream, then what
+    is stored afterwards. It exited 1 ("cannot reach NATS") after --timeout, although it
+    waits out every later outage."""
+    nats_server = NatsServer(tmp_path / "nats")
+    nats_server.start()  # the stream first, kept in the server's store directory
+    create_stream(nats_server.url, {"name": "ACKS", "subjects": ["ackservice.ACKS"]})
+    publish_many(nats_server.url, "ackservice.ACKS", [b"first"])
+    nats_server.stop()
+    argv = _module("export", "--store", f"{nats_server.url}/ACKS", "--follow", "--timeout", "0.5")
+    try:
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            out, err = _Lines(process.stdout), _Lines(process.stderr)
+            try:
+                notice = err.next()
+                time.sleep(1)  # past the --timeout: waiting, not ended
+                assert process.poll() is None
+                nats_server.start()
+                assert out.next(timeout=20) == b"first\n"
+                publish_many(nats_server.url, "ackservice.ACKS", [b"second"])
+                assert out.next() == b"second\n"
+                _ctrl_c_ends_quietly(process, out, err)
+            finally:
+                if process.returncode is None:
+                    process.kill()
+    finally:
+        nats_server.stop()
+    assert (
+        notice
+        == (
+            f"python -m ackservice.store: warning: cannot reach NATS at {nats_server.url}/ACKS; "
+            "waiting for it, to go on after id 0\n"
+        ).encode()
+    )
+
+
 @pytest.fixture
 def plain_nats(tmp_path: Path) -> Iterator[NatsServer]:
     """A NATS server on loopback without JetStream (nothing answers its API unless a test

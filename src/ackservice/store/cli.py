@@ -389,6 +389,7 @@ class _Run:
             nats_wait=self.nats_timeout,
             notice=_warn,
             max_pull_bytes=self.max_pull_bytes,
+            follow=follow,
         ) as reader:
             if follow and self._nursery is not None:
                 self._nursery.start_soon(self._flush_periodically)

@@ -96,6 +96,8 @@ class JetStreamReader:
         self._notice = notice
         self._consumers: set[_Consumer] = set()
         """The consumers being read (asyncio side): a lost connection breaks them all."""
+        self._connecting: asyncio.Future[None] | None = None
+        """The first connection, when NATS was not there at ``open`` (``wait_for_nats``)."""
 
     @classmethod
     async def open(
@@ -105,14 +107,20 @@ class JetStreamReader:
         nats_wait: float = 5.0,
         notice: Callable[[str], None] | None = None,
         max_pull_bytes: int = DEFAULT_MAX_PULL_BYTES,
+        wait_for_nats: bool = False,
     ) -> JetStreamReader:
         """Connect and check the stream exists; ``nats_wait`` bounds the connection and each
         request to NATS after it. ``notice`` takes the line saying a following reader waits
         for NATS (without it, that is logged as ``store_reader_waiting``).
         ``max_pull_bytes`` (at least 1) bounds the bytes of the messages one pull asks for.
+        With ``wait_for_nats`` (a follower's), NATS not reachable within ``nats_wait`` is
+        not an error: connecting goes on, and ``messages(follow=True)`` waits for it, saying
+        so once, as it waits out an outage later on (a follower started beside NATS, or
+        before it, need not be started again).
 
         Raises:
-            StoreError: NATS is not reachable within ``nats_wait`` or has no such stream.
+            StoreError: NATS is not reachable within ``nats_wait`` (unless
+                ``wait_for_nats``) or has no such stream.
             ValueError: ``max_pull_bytes`` is below 1.
         """
         if max_pull_bytes < 1:
@@ -123,7 +131,7 @@ class JetStreamReader:
         reader = cls(url, runner, connection, client, notice, max_pull_bytes)
         connection.on_lost = reader._lost
         try:
-            await runner.run(reader._open(nats_wait))
+            await runner.run(reader._open(nats_wait, wait_for_nats))
         except BaseException:
             await reader.aclose()
             raise
@@ -137,13 +145,20 @@ class JetStreamReader:
                 self._client.detach(consumer.subscription)
             consumer.lose()
 
-    async def _open(self, connect_timeout: float) -> None:
-        try:
-            await asyncio.wait_for(
-                self._connection.connect(connect_timeout=connect_timeout), connect_timeout
-            )
-        except TimeoutError:
-            raise StoreError(f"cannot reach NATS at {self._url}") from None
+    async def _open(self, connect_timeout: float, wait_for_nats: bool) -> None:
+        connecting = asyncio.ensure_future(
+            self._connection.connect(connect_timeout=connect_timeout)
+        )
+        await asyncio.wait({connecting}, timeout=connect_timeout)
+        if not connecting.done():
+            if wait_for_nats:
+                self._connecting = connecting  # the follower waits for it (_wait_connected)
+                return
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            raise StoreError(f"cannot reach NATS at {self._url}")
+        connecting.result()
         answer = await self._api(f"STREAM.INFO.{self._url.stream}")
         if self._client.messages_seen == 0:
             # The answer came another way: deliveries would too, and an export would wait
@@ -188,6 +203,10 @@ class JetStreamReader:
         """
         last = after
         consumer: _Consumer | None
+        if self._connecting is not None:
+            if not follow:
+                raise StoreError(f"cannot reach NATS at {self._url}")
+            await self._wait_connected(after)
         if follow:  # NATS refusing or silent for now is waited out from the first one on
             consumer = await self._follow_consumer(after)
         else:
@@ -233,6 +252,26 @@ class JetStreamReader:
             if consumer is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self._runner.run(self._drop_consumer(consumer, delete=True))
+
+    async def _wait_connected(self, after: int) -> None:
+        """Wait for the first connection, which ``open`` left going on, saying so once.
+
+        Raises:
+            StoreError: connecting failed for good (nats-py gave up, not a refusal to wait
+                out).
+        """
+        connecting = self._connecting
+        assert connecting is not None
+        self._waiting(f"cannot reach NATS at {self._url}", after)
+
+        async def connected() -> None:
+            await asyncio.shield(connecting)
+
+        try:
+            await self._runner.run(connected())
+        except (nats.errors.Error, OSError) as error:
+            raise StoreError(f"cannot connect to NATS at {self._url}: {error}") from None
+        self._connecting = None
 
     async def _next_consumer(self, last: int, outcome: _Pull, follow: bool) -> _Consumer:
         """A consumer from ``last + 1`` to replace one that cannot go on (``outcome``).

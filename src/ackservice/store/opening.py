@@ -75,12 +75,15 @@ async def open_reader(
     nats_wait: float = 5.0,
     notice: Callable[[str], None] | None = None,
     max_pull_bytes: int = DEFAULT_MAX_PULL_BYTES,
+    follow: bool = False,
 ) -> AsyncIterator[StoreReader]:
     """Open the store ``url`` names for reading back; close it on exit. ``nats_wait``
     bounds each wait for NATS (connecting, a request) when it is a JetStream store;
     ``notice`` takes the line a following JetStream reader gives when it waits for NATS;
-    ``max_pull_bytes`` bounds the bytes of messages a JetStream reader asks for at once.
-    SQLite ignores both.
+    ``max_pull_bytes`` bounds the bytes of messages a JetStream reader asks for at once;
+    ``follow`` (for a reader whose ``messages(follow=True)`` comes next) opens a JetStream
+    reader even when NATS is not reachable yet: it goes on connecting, and the follower
+    waits for it. SQLite ignores all four.
 
     Raises:
         StoreError: the URL is malformed or ``none``, or the store does not exist.
@@ -103,6 +106,7 @@ async def open_reader(
             nats_wait=nats_wait,
             notice=notice,
             max_pull_bytes=max_pull_bytes,
+            wait_for_nats=follow,
         )
     try:
         yield reader
