@@ -232,13 +232,13 @@ class Reporter:
         self.clear_progress()
         # Errors may quote what the server sent.
         line = error_json(text) if self.json_err else f"{ERROR_PREFIX}{escape_controls(text)}"
-        print(line, file=self.err, flush=True)
+        self._err_line(line)
 
     def notice(self, text: str) -> None:
         """A line for the person at the terminal (not shown with ``--quiet``)."""
         if not self.quiet:
             line = json.dumps({"event": "notice", "level": "info", "text": text})
-            print(line if self.json_err else escape_controls(text), file=self.err, flush=True)
+            self._err_line(line if self.json_err else escape_controls(text))
 
     def prompt(self) -> None:
         """The interactive prompt, on stderr so that stdout stays pure output."""
@@ -268,12 +268,19 @@ class Reporter:
         self.out.flush()
         flush_logging(_LOG_FLUSH_SECONDS)
         render = summary_json if self.json_err else format_summary
-        print(render(tally, elapsed, interrupted=interrupted), file=self.err, flush=True)
+        self._err_line(render(tally, elapsed, interrupted=interrupted))
+
+    def _err_line(self, line: str) -> None:
+        # One write, newline included: under PYTHONUNBUFFERED print's two writes (the text,
+        # then the newline) each reach the descriptor, and a log line from the writer
+        # thread could land between them, on the same line.
+        self.err.write(line + "\n")
+        self.err.flush()
 
     def _print(self, line: str, *, to_err: bool) -> None:
         if to_err:
             self.clear_progress()
             self.out.flush()
-            print(line, file=self.err, flush=True)
+            self._err_line(line)
         else:
             self.out.write(line + "\n")

@@ -602,7 +602,10 @@ def _fail(message: str, code: int) -> int:
     is closed (Python then leaves ``sys.stderr`` None) or fails."""
     if sys.stderr is not None:
         with contextlib.suppress(OSError):
-            print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+            # One write, newline included: under PYTHONUNBUFFERED print's two writes could
+            # take a log line from the writer thread between them (seen with --workers).
+            sys.stderr.write(f"{PROG}: error: {message}\n")
+            sys.stderr.flush()
     return code
 
 

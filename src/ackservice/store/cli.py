@@ -573,7 +573,9 @@ def _say(kind: str, text: str) -> None:
     if sys.stderr is None:
         return
     with contextlib.suppress(OSError):
-        print(f"{PROG}: {kind}: {' '.join(text.split())}", file=sys.stderr, flush=True)
+        # One write, newline included (print's two could be split by another writer).
+        sys.stderr.write(f"{PROG}: {kind}: {' '.join(text.split())}\n")
+        sys.stderr.flush()
 
 
 def _silence_stdout() -> None:
