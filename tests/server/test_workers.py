@@ -407,6 +407,7 @@ def test_a_supervisors_start_up_error_is_one_line(tmp_path: Path, failure: str) 
     assert done.returncode == 1
     not_logs = [line for line in done.stderr.splitlines() if not line.startswith("{")]
     assert len(not_logs) == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == not_logs[0]  # the last line, after every log line
     assert not_logs[0].startswith("python -m ackservice.server: error: ")
     assert expected in not_logs[0]
     if failure != "port file cannot be written":  # found before any worker starts

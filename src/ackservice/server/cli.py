@@ -35,6 +35,7 @@ from ..logconfig import (
     DEFAULT_MAX_QUEUED_EVENTS,
     MAX_LOG_QUEUE,
     configure_logging,
+    flush_logging,
     reopen_log_file,
 )
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
@@ -600,6 +601,9 @@ def _fail(message: str, code: int) -> int:
     """Say ``message`` as the one error line on standard error; ``code``, the exit status.
     Not a word, rather than a traceback or a line on standard output, when standard error
     is closed (Python then leaves ``sys.stderr`` None) or fails."""
+    # The log lines queued before the failure go out first (a writer thread writes them),
+    # so the error is the last line, where one looks for it, not followed by a "listening".
+    flush_logging()
     if sys.stderr is not None:
         with contextlib.suppress(OSError):
             # One write, newline included: under PYTHONUNBUFFERED print's two writes could
