@@ -262,7 +262,8 @@ class JetStreamReader:
         """
         connecting = self._connecting
         assert connecting is not None
-        self._waiting(f"cannot reach NATS at {self._url}", after)
+        if not connecting.done():  # (connected since open: nothing to say)
+            self._waiting(f"cannot reach NATS at {self._url}", after)
 
         async def connected() -> None:
             await asyncio.shield(connecting)
