@@ -127,6 +127,60 @@ async def test_outage_answers_unavailable_logs_once_and_recovers(
     assert recovered["messages_refused"] == 5
 
 
+class _DisconnectingStore(ListStore):
+    """A store that knows when it is disconnected (as JetStream's does): ``available``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.available = True
+
+    async def store(self, batch: Sequence[Message]) -> Sequence[Verdict] | None:
+        if not self.available:
+            raise StoreUnavailable("not connected")
+        return await super().store(batch)
+
+
+async def test_a_store_that_reconnects_is_available_again_without_traffic(
+    nursery: trio.Nursery,
+) -> None:
+    """An outage that began because the store said it was disconnected ends, for /readyz
+    and ``ackservice_store_up``, once the store says it is connected again: before, it
+    lasted until the next commit worked, and a load balancer that sends traffic only to a
+    ready server never sent the message that would have ended it."""
+    store = _DisconnectingStore()
+    handler = AckHandler(ServerConfig(), store=store)
+    client, replies = connect(nursery, handler)
+    store.available = False
+    await client.send_all(b"lost\n")
+    assert await replies.line() == b"ERR 1 unavailable not connected"
+    committer = handler.committer
+    assert isinstance(committer, GroupCommitter)
+    assert not committer.available
+    store.available = True  # reconnected in the background; no message since
+    assert committer.available
+
+
+async def test_a_failing_commit_keeps_the_store_unavailable_while_it_says_connected(
+    nursery: trio.Nursery,
+) -> None:
+    """An outage the store did not announce (a full disk, a commit past --store-timeout)
+    lasts until a commit works: nothing else would say it is over."""
+    store = _DisconnectingStore()
+    store.failing = True
+    handler = AckHandler(ServerConfig(), store=store)
+    client, replies = connect(nursery, handler)
+    await client.send_all(b"m\n")
+    assert await replies.line() == b"ERR 1 unavailable disk full"
+    committer = handler.committer
+    assert isinstance(committer, GroupCommitter)
+    assert not committer.available
+    store.failing = False
+    assert not committer.available
+    await client.send_all(b"again\n")
+    assert await replies.line() == ack_line(2, b"again")[:-1]
+    assert committer.available
+
+
 async def test_a_store_unavailable_made_from_an_exception_answers_unavailable(
     nursery: trio.Nursery,
 ) -> None:

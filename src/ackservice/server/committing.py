@@ -195,8 +195,16 @@ class GroupCommitter:
     @property
     def available(self) -> bool:
         """Whether the store takes messages now: the last commit worked and the store does
-        not say it is disconnected (a JetStream store knows before any commit fails)."""
-        return self._outage is None and getattr(self.store, "available", True)
+        not say it is disconnected (a JetStream store knows before any commit fails).
+
+        An outage whose last failure came while the store said it was disconnected ends
+        here once the store says it is connected again, before any commit: /readyz must
+        turn ready without traffic, since a load balancer sends none to a server not ready.
+        """
+        store_connected: bool = getattr(self.store, "available", True)
+        if self._outage is None:
+            return store_connected
+        return store_connected and self._outage.store_said_disconnected
 
     def has_room(self) -> bool:
         return self._pending_bytes < self._max_pending_bytes
@@ -418,6 +426,7 @@ class GroupCommitter:
             else:
                 log.error("store_unavailable", **fields)
         self._outage.messages += len(batch)
+        self._outage.store_said_disconnected = not getattr(self.store, "available", True)
 
     def _recovered(self) -> None:
         outage = self._outage
@@ -456,11 +465,14 @@ _VERDICT_TYPES: Final = (Rejected, Unavailable, Failed)
 
 
 class _Outage:
-    __slots__ = ("messages", "started")
+    __slots__ = ("messages", "started", "store_said_disconnected")
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.messages = 0
+        # Whether the store said it was disconnected at the latest failure: then its
+        # reconnecting ends the outage for `available`; else only a working commit does.
+        self.store_said_disconnected = False
 
 
 def _wake(parcel: Parcel, to_lead: bool) -> None:
