@@ -90,6 +90,16 @@ def exchange(port: int, count: int) -> list[socket.socket]:
     return sockets
 
 
+def test_the_supervisors_listening_event_names_the_metrics_address(
+    supervised: Supervised,
+) -> None:
+    """With ``--metrics-port 0`` the port picked is in the supervisor's ``listening`` event
+    (``metrics``), where the README sends operators, as a single server's is: before, only
+    an undocumented ``metrics_listening`` event had it."""
+    (listening,) = supervised.events("listening", worker=0)
+    assert listening["metrics"] == [f"127.0.0.1:{supervised.metrics_port}"]
+
+
 def test_two_workers_serve_one_port(supervised: Supervised) -> None:
     """Both workers get connections on the one port (16 connections all hashed to one
     worker: 1 in 32,768), each in a session of its own; the supervisor's /metrics has both,
@@ -249,9 +259,10 @@ def test_workers_setting() -> None:
 def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
     tmp_path: Path,
 ) -> None:
-    """Under systemd with --workers 2: the inherited socket is handed to both workers, the
-    supervisor (the main process) sends READY=1 once both serve and STOPPING=1 on SIGTERM; a
-    second SIGTERM during the drain exits at once with 130."""
+    """Under systemd with --workers 2: the inherited socket is handed to both workers, every
+    `listening` event names it (`fd_names`), the supervisor (the main process) sends READY=1
+    once both serve and STOPPING=1 on SIGTERM; a second SIGTERM during the drain exits at
+    once with 130."""
     with notify_socket() as (notify, name), socket.create_server(("127.0.0.1", 0)) as inherited:
         fd = inherited.fileno()
         with server_process(
@@ -263,7 +274,7 @@ def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
             "--drain-timeout",
             "10",
             **socket_activated(fd),
-            env={"LISTEN_FDS": "1", "NOTIFY_SOCKET": name},
+            env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "ack", "NOTIFY_SOCKET": name},
         ) as server:
             ready = notify_fields(notify.recv(4096))
             assert ready["READY"] == "1"
@@ -275,6 +286,8 @@ def test_socket_activated_workers_notify_ready_and_a_second_signal_forces(
             # The log lines follow the datagram by a few ms (the log writer thread).
             poll_until(lambda: sorted(e["worker"] for e in listening()) == [0, 1, 2])
             assert all(e["socket_activation"] for e in listening())
+            # The supervisor's too (docs/deploy.md), as a single server's: which socket is which.
+            assert [e.get("fd_names") for e in listening()] == [["ack"]] * 3
             # A client that never closes keeps its worker draining after SIGTERM.
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
                 client.sendall(b"hi\n")

@@ -213,6 +213,7 @@ class _Supervisor:
         self._start_failed: StartFailed | None = None
         self._port = settings.port
         self._addresses: list[tuple[str, int]] = []
+        self._metrics_addresses: list[str] = []
 
     async def run(self, task_status: trio.TaskStatus[list[tuple[str, int]]]) -> int:
         from .sockets import bind_sockets
@@ -530,6 +531,13 @@ class _Supervisor:
     async def _announce_ready(self) -> None:
         await self._all_ready.wait()
         where = ", ".join(f"{host}:{port}" for host, port in self._addresses)
+        # The same fields as a single server's `listening` (cli.py), where the docs send
+        # operators for the port --metrics-port 0 picked and the sockets systemd passed.
+        extra: dict[str, Any] = {}
+        if self.settings.activated:
+            extra["fd_names"] = [inherited.name for inherited in self.settings.activated]
+        if self._metrics_addresses:
+            extra["metrics"] = self._metrics_addresses
         log.info(
             "listening",
             addresses=[f"{host}:{port}" for host, port in self._addresses],
@@ -537,6 +545,7 @@ class _Supervisor:
             workers=len(self.slots),
             pid=os.getpid(),
             socket_activation=bool(self.settings.activated),
+            **extra,
         )
         if self.settings.port_file is not None:
             from .cli import write_port_file
@@ -564,10 +573,10 @@ class _Supervisor:
         from .metrics import AckServiceCollector, metrics_registry
         from .monitoring import MonitoringApp, format_address, serve_monitoring
 
-        log.info(
-            "metrics_listening",
-            addresses=[format_address(listener.socket.getsockname()) for listener in listeners],
-        )
+        self._metrics_addresses = [
+            format_address(listener.socket.getsockname()) for listener in listeners
+        ]
+        log.info("metrics_listening", addresses=self._metrics_addresses)
         registry = metrics_registry(AckServiceCollector(self.snapshots))
         registry.register(_SupervisorCollector(self))
 
