@@ -75,6 +75,26 @@ def test_health_paths_follow_the_server_state() -> None:
     assert app.respond("GET", "/").status == 404
 
 
+def test_a_supervisor_with_no_worker_serving_does_not_claim_to_be_shutting_down() -> None:
+    """With --workers, /healthz and /readyz are 503 until a worker serves (start-up, or every
+    worker restarting); the body says so, and "shutting down" only once a shutdown began:
+    an operator reading a failed health check must not go looking for who stopped it."""
+    state = {"accepting": False, "stopping": False}
+    app = MonitoringApp(
+        lambda: b"m\n",
+        lambda: state["accepting"],
+        lambda: True,
+        stopping=lambda: state["stopping"],
+    )
+    for path in ("/healthz", "/readyz"):
+        response = app.respond("GET", path)
+        assert (response.status, response.body) == (503, b"no worker serving yet\n")
+    state["stopping"] = True
+    for path in ("/healthz", "/readyz"):
+        response = app.respond("GET", path)
+        assert (response.status, response.body) == (503, b"shutting down\n")
+
+
 async def test_a_silent_client_is_dropped_and_does_not_block_scrapes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

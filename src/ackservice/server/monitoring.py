@@ -116,6 +116,8 @@ class MonitoringApp:
         render_metrics: the Prometheus text exposition, made at each scrape.
         accepting: whether the server accepts connections (``/healthz``: 200, else 503).
         store_available: whether the store takes messages (``/readyz``, with ``accepting``).
+        stopping: whether a graceful shutdown began, when not accepting can also mean
+            that no worker serves yet (a supervisor); without it, not accepting is stopping.
     """
 
     def __init__(
@@ -123,10 +125,19 @@ class MonitoringApp:
         render_metrics: Callable[[], bytes],
         accepting: Callable[[], bool],
         store_available: Callable[[], bool],
+        *,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self._render_metrics = render_metrics
         self._accepting = accepting
         self._store_available = store_available
+        self._stopping = stopping
+
+    def _not_accepting(self) -> Response:
+        # The body is what an operator reads when a health check fails: say which it is.
+        if self._stopping is None or self._stopping():
+            return Response(503, b"shutting down\n")
+        return Response(503, b"no worker serving yet\n")
 
     def respond(self, method: str, path: str) -> Response:
         if method not in ("GET", "HEAD"):
@@ -136,10 +147,10 @@ class MonitoringApp:
         if path == "/healthz":
             if self._accepting():
                 return Response(200, b"ok\n")
-            return Response(503, b"shutting down\n")
+            return self._not_accepting()
         if path == "/readyz":
             if not self._accepting():
-                return Response(503, b"shutting down\n")
+                return self._not_accepting()
             if not self._store_available():
                 return Response(503, b"store unavailable\n")
             return Response(200, b"ready\n")

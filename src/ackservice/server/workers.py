@@ -587,7 +587,12 @@ class _Supervisor:
             stores = [snap["store"] for _, snap in self.snapshots() if snap["store"]]
             return all(store["up"] for store in stores)
 
-        app = MonitoringApp(lambda: generate_latest(registry), accepting, store_available)
+        app = MonitoringApp(
+            lambda: generate_latest(registry),
+            accepting,
+            store_available,
+            stopping=lambda: self.stopping,
+        )
         await serve_monitoring(listeners, app, task_status=task_status)
 
 
