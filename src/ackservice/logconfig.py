@@ -97,6 +97,9 @@ _LOG_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 
 _sink: _LogSink | None = None
 _exit_flush_registered = False
+# Fields every event of this process carries (``worker``), for the events the writer threads
+# log themselves: a thread does not see the contextvars bound in the main one.
+_process_fields: dict[str, Any] = {}
 
 
 def configure_logging(
@@ -130,6 +133,7 @@ def configure_logging(
         OSError: ``log_file`` could not be opened.
     """
     global _sink, _exit_flush_registered
+    _process_fields.clear()
     out = sys.stderr if stream is None else stream
     if out is None:
         # Python leaves sys.stderr None when the program starts with descriptor 2 closed
@@ -205,6 +209,18 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(levelno)
+
+
+def bind_process_fields(**fields: Any) -> None:
+    """Bind ``fields`` to every event of this process: the caller's context (and so every
+    task started from it) and the events the log writer threads log themselves."""
+    structlog.contextvars.bind_contextvars(**fields)
+    _process_fields.update(fields)
+
+
+def _own_logger() -> Any:
+    """The logger for the sink's own events, with the process's fields bound."""
+    return structlog.get_logger(__name__).bind(**_process_fields)
 
 
 def log_events_dropped() -> int:
@@ -657,15 +673,13 @@ class _LogSink:
             output.reported += count
             # Caught up: the outage is over, and the next overflow is announced anew.
             output.stalled = False
-        structlog.get_logger(__name__).warning(
-            "log_events_dropped", count=count, output=output.name
-        )
+        _own_logger().warning("log_events_dropped", count=count, output=output.name)
 
     def _reopen(self, output: _Output) -> None:
         """Open the log file's path anew and write there from now on (in its writer's thread,
         so no line is ever written to a descriptor being closed); keep the old one on failure."""
         assert output.path is not None
-        event = structlog.get_logger(__name__)
+        event = _own_logger()
         try:
             fd = open_log_file(output.path)
         except OSError as exc:
@@ -735,7 +749,7 @@ class _LogSink:
             return
         output.failing = True
         error = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-        structlog.get_logger(__name__).warning(
+        _own_logger().warning(
             "log_output_failed",
             output=output.name,
             error=error,
@@ -757,7 +771,7 @@ def _render_event(level: str, event: str, **fields: Any) -> bytes | str | None:
     )
     # An empty context: the event is about logging, not about the connection whose event
     # happened to find the queue full.
-    contextvars.Context().run(getattr(logger, level), event, **fields)
+    contextvars.Context().run(getattr(logger, level), event, **_process_fields, **fields)
     return rendered[0] if rendered else None
 
 

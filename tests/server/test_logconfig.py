@@ -3,6 +3,7 @@ or fails the program; what does not fit, or cannot be written, is dropped and co
 
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import json
 import logging
@@ -19,6 +20,7 @@ import structlog
 
 from ackservice import logconfig
 from ackservice.logconfig import (
+    bind_process_fields,
     configure_logging,
     flush_logging,
     log_events_dropped,
@@ -312,6 +314,36 @@ def test_reopen_moves_to_a_new_file_and_survives_a_failure(
     failed = [e["path"] for e in seen if e["event"] == "log_file_reopen_failed"]
     assert failed == [str(path)]
     assert log_events_dropped() == 0
+
+
+def test_the_writers_own_events_say_which_process_they_come_from(
+    log_pipe: LogPipe, tmp_path: Path
+) -> None:
+    """Events the writer thread logs itself (``log_file_reopened``, ``log_file_reopen_failed``,
+    ``log_output_failed``, ``log_events_dropped``) carry the fields bound for the whole
+    process (``worker``), as every other event does: with --workers all processes write
+    one file, and a failed reopen must say whose it was. Before, the thread's events had
+    none of them (contextvars are not shared with a thread)."""
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = directory / "server.log"
+    configure_logging("info", "json", stream=log_pipe.stream, log_file=path)
+    # In a context of its own, so that the binding does not reach the other tests.
+    contextvars.copy_context().run(bind_process_fields, worker=3)
+    structlog.get_logger().info("before")
+    poll_until(lambda: "before" in path.read_text())
+    path.rename(tmp_path / "server.log.1")
+    assert reopen_log_file()
+    poll_until(lambda: path.exists() and "log_file_reopened" in path.read_text())
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(e["event"], e.get("worker")) for e in events] == [("log_file_reopened", 3)]
+    path.unlink()
+    directory.rmdir()
+    assert reopen_log_file()
+    structlog.get_logger().info("still")
+    seen = log_pipe.read_events(until="still")
+    failed = [e.get("worker") for e in seen if e["event"] == "log_file_reopen_failed"]
+    assert failed == [3]
 
 
 def test_reopen_without_a_log_file_says_so(log_pipe: LogPipe) -> None:

@@ -34,6 +34,7 @@ from .. import __version__, _cli
 from ..logconfig import (
     DEFAULT_MAX_QUEUED_EVENTS,
     MAX_LOG_QUEUE,
+    bind_process_fields,
     configure_logging,
     flush_logging,
     reopen_log_file,
@@ -376,7 +377,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         _warn_address_ignored(args, activated)
     if role is not None:
         # Every event of this process says which worker it is (tasks copy this context).
-        structlog.contextvars.bind_contextvars(worker=role.worker_id)
+        bind_process_fields(worker=role.worker_id)
     elif args.workers > 1:
         return _supervise(args, argv, environ, activated, notifier)
     config = config_from_args(args, max_connections=_fit_to_fd_limit(args.max_connections))
@@ -411,7 +412,7 @@ def _supervise(
     from .workers import StartFailed, SupervisorSettings, supervise, worker_argv
 
     # The supervisor's own events say worker 0; those about a worker name it.
-    structlog.contextvars.bind_contextvars(worker=0)
+    bind_process_fields(worker=0)
     # Opened here first, as the TLS files are: a store file that cannot be used is one
     # line, not one from each worker and then the supervisor's.
     try:
