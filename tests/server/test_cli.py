@@ -188,6 +188,56 @@ def test_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
         assert server.wait(timeout=10) == 0
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_signals_during_start_up_are_handled_as_documented(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """While the server starts (here: waiting for a NATS server that accepts and never
+    answers, up to --store-connect-timeout), SIGHUP does not kill it (logrotate or a closed
+    terminal may send it at any time), and SIGTERM or SIGINT stop it at once, with exit
+    code 0 and no traceback. Before, each signal's default action applied until serving
+    began: SIGHUP and SIGTERM killed it without a word, SIGINT printed a traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as silent_nats:
+        nats_port = silent_nats.getsockname()[1]
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ackservice.server",
+                "--port",
+                "0",
+                "--log-format",
+                "json",
+                "--store",
+                f"nats://127.0.0.1:{nats_port}/ACKS",
+                "--store-connect-timeout",
+                "30",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            silent_nats.settimeout(20)
+            connection, _ = silent_nats.accept()  # the server is opening its store now
+            with connection:
+                process.send_signal(signal.SIGHUP)
+                with pytest.raises(subprocess.TimeoutExpired):
+                    process.wait(0.5)
+                process.send_signal(stop)
+                assert process.wait(10) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            assert process.stderr is not None
+            with process.stderr:
+                stderr = process.stderr.read().decode()
+    assert "Traceback" not in stderr
+    events = [json.loads(line)["event"] for line in stderr.splitlines()]
+    assert "signal_received" in events
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [

@@ -22,7 +22,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Final
@@ -561,23 +561,63 @@ async def _open_store_and_serve(
     tls: ssl.SSLContext | None,
     store_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> int:
-    async with open_store(
-        store_url, commit_timeout=config.store_timeout, connect_timeout=store_connect_timeout
-    ) as store:
-        if role is not None:
-            port_file = None  # the supervisor's to write
-            metrics = (metrics[0], None)  # the supervisor serves it for all workers
-        return await serve_until_signalled(
-            config,
-            store=store,
-            port_file=port_file,
-            activated=activated,
-            notifier=notifier,
-            metrics_host=metrics[0],
-            metrics_port=metrics[1],
-            role=role,
-            tls=tls,
-        )
+    # Signals are ours from the start, not only once serving: opening the store can take
+    # up to --store-connect-timeout, and meanwhile SIGHUP's default action (logrotate, a
+    # closed terminal) would kill the server, and SIGINT print a traceback.
+    with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            starting, watching = trio.CancelScope(), trio.CancelScope()
+            watcher_done = trio.Event()
+            nursery.start_soon(_watch_start_up, signals, starting, watching, watcher_done)
+            with starting:
+                async with open_store(
+                    store_url,
+                    commit_timeout=config.store_timeout,
+                    connect_timeout=store_connect_timeout,
+                ) as store:
+                    # One reader of the signals at a time: the watcher stops, then the
+                    # serving loop reads them (a signal pending meanwhile stays queued).
+                    watching.cancel()
+                    await watcher_done.wait()
+                    if role is not None:
+                        port_file = None  # the supervisor's to write
+                        metrics = (metrics[0], None)  # the supervisor serves it for all workers
+                    return await serve_until_signalled(
+                        config,
+                        store=store,
+                        port_file=port_file,
+                        activated=activated,
+                        notifier=notifier,
+                        metrics_host=metrics[0],
+                        metrics_port=metrics[1],
+                        role=role,
+                        tls=tls,
+                        signals=signals,
+                    )
+    return EXIT_OK  # stopped by a signal before serving: nothing to drain
+
+
+async def _watch_start_up(
+    signals: AsyncIterator[int],
+    starting: trio.CancelScope,
+    watching: trio.CancelScope,
+    done: trio.Event,
+) -> None:
+    """Until ``watching`` is cancelled (serving begins): SIGTERM or SIGINT cancels
+    ``starting``, SIGHUP reopens the log file or is ignored, as once serving (``_on_signal``)."""
+    try:
+        with watching:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum in _IGNORED_SIGNALS:
+                    if not reopen_log_file():
+                        log.info("signal_ignored", signal=name, hint="stop the server with SIGTERM")
+                    continue
+                log.info("signal_received", signal=name, during="start-up")
+                starting.cancel()
+                return
+    finally:
+        done.set()
 
 
 class PortFileError(Exception):
@@ -732,6 +772,7 @@ async def serve_until_signalled(
     metrics_host: str = "127.0.0.1",
     metrics_port: int | None = None,
     role: WorkerRole | None = None,
+    signals: AsyncIterator[int] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful; a second one exits at once); return the exit code.
 
@@ -748,6 +789,8 @@ async def serve_until_signalled(
             ``/readyz``; ``metrics_port`` None: nowhere.
         role: this process is a worker under a supervisor (``workers.py``): it binds the
             port with ``SO_REUSEPORT`` and reports to the supervisor.
+        signals: a receiver of ``_STOP_SIGNALS`` and ``_IGNORED_SIGNALS`` opened by the
+            caller (to handle them during its own start-up); else one is opened here.
 
     Raises:
         OSError: the address could not be bound.
@@ -782,7 +825,11 @@ async def serve_until_signalled(
             format_address(listener.socket.getsockname()) for listener in metrics_listeners
         ]
     # Installed before serving starts, so no signal can arrive unhandled in between.
-    with trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS) as signals:
+    with (
+        contextlib.nullcontext(signals)
+        if signals is not None
+        else trio.open_signal_receiver(*_STOP_SIGNALS, *_IGNORED_SIGNALS)
+    ) as signals:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
                 _serve_then_stop_watching,
