@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import ipaddress
 import os
 import random
 import socket
@@ -51,6 +52,19 @@ async def test_serve_reports_the_bound_port(nursery: trio.Nursery) -> None:
     async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
         await stream.send_all(b"hello\n")
         assert await LineReader(stream).line() == b"ACK 1 5 3610a686"
+
+
+async def test_the_listening_event_names_allowed_networks_as_written(
+    nursery: trio.Nursery,
+) -> None:
+    """The ``listening`` event's settings give ``--allow`` networks as an operator writes
+    them (``10.0.0.0/8``), so a JSON log says ``["10.0.0.0/8"]``; before, it said
+    ``["IPv4Network('10.0.0.0/8')"]`` (the objects' repr)."""
+    networks = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+    with capture_logs() as logs:
+        await start(nursery, allow=networks)
+    (listening,) = [event for event in logs if event["event"] == "listening"]
+    assert listening["settings"]["allow"] == ["10.0.0.0/8", "2001:db8::/32"]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])

@@ -178,7 +178,9 @@ class Server:
                 field.name: getattr(config, field.name)
                 for field in dataclasses.fields(config)
                 if field.name not in ("host", "port")
-            },
+            }
+            # As an operator writes them (10.0.0.0/8), not the objects' repr.
+            | {"allow": [str(network) for network in config.allow]},
             **self._extra_start_up_fields,
         }
 
