@@ -100,6 +100,39 @@ def test_the_supervisors_listening_event_names_the_metrics_address(
     assert listening["metrics"] == [f"127.0.0.1:{supervised.metrics_port}"]
 
 
+def test_a_second_instance_on_the_same_port_is_refused(
+    supervised: Supervised, tmp_path: Path
+) -> None:
+    """Another ``--workers`` server started on a port that one already serves exits 1 with
+    one line (address in use), as a single server does: before, its workers joined the
+    running ones' SO_REUSEPORT group, took a share of the connections and stored them in
+    another store, without a word."""
+    try:
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ackservice.server",
+                "--workers",
+                "2",
+                "--port",
+                str(supervised.server.port),
+                "--store",
+                "none",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            cwd=tmp_path,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a second server started on a port in use")
+    assert second.returncode == 1
+    (line,) = second.stderr.splitlines()
+    assert "address already in use" in line
+
+
 def test_two_workers_serve_one_port(supervised: Supervised) -> None:
     """Both workers get connections on the one port (16 connections all hashed to one
     worker: 1 in 32,768), each in a session of its own; the supervisor's /metrics has both,

@@ -226,6 +226,14 @@ class _Supervisor:
             self._addresses = [_format(a.sock.getsockname()) for a in settings.activated]
             self._port = self._addresses[0][1]
         else:
+            if settings.port != 0:
+                # A bind without SO_REUSEPORT fails if anyone holds the port, including
+                # another server's SO_REUSEPORT group, which ours would otherwise join
+                # silently and take a share of its connections.
+                for probe in await bind_sockets(
+                    settings.host, settings.port, reuse_port=False, listen=False
+                ):
+                    probe.close()
             # Never listening: the port is ours while workers come and go, and the kernel
             # queues no connection here.
             reserved = await bind_sockets(
