@@ -199,43 +199,24 @@ def test_signals_during_start_up_are_handled_as_documented(
     began: SIGHUP and SIGTERM killed it without a word, SIGINT printed a traceback."""
     with socket.create_server(("127.0.0.1", 0)) as silent_nats:
         nats_port = silent_nats.getsockname()[1]
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ackservice.server",
-                "--port",
-                "0",
-                "--log-format",
-                "json",
-                "--store",
-                f"nats://127.0.0.1:{nats_port}/ACKS",
-                "--store-connect-timeout",
-                "30",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
+        with server_process(
+            tmp_path / "server.log",
+            "--store",
+            f"nats://127.0.0.1:{nats_port}/ACKS",
+            "--store-connect-timeout",
+            "30",
+            started_event=None,  # it cannot start: NATS never answers
+        ) as server:
             silent_nats.settimeout(20)
             connection, _ = silent_nats.accept()  # the server is opening its store now
             with connection:
-                process.send_signal(signal.SIGHUP)
+                server.signal(signal.SIGHUP)
                 with pytest.raises(subprocess.TimeoutExpired):
-                    process.wait(0.5)
-                process.send_signal(stop)
-                assert process.wait(10) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            assert process.stderr is not None
-            with process.stderr:
-                stderr = process.stderr.read().decode()
-    assert "Traceback" not in stderr
-    events = [json.loads(line)["event"] for line in stderr.splitlines()]
-    assert "signal_received" in events
+                    server.wait(0.5)
+                server.signal(stop)
+                assert server.wait(10) == 0
+            # Every line is a JSON event (a traceback fails the parse).
+            assert "signal_received" in [event["event"] for event in server.events()]
 
 
 @pytest.mark.parametrize(
