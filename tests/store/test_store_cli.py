@@ -724,6 +724,20 @@ class _Lines:
         return lines
 
 
+@contextmanager
+def _exporting(argv: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], _Lines, _Lines]]:
+    """The store CLI running ``argv``, its output and errors read line by line as they come;
+    killed at the end if it is still running."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        try:
+            yield process, _Lines(process.stdout), _Lines(process.stderr)
+        finally:
+            if process.returncode is None:
+                process.kill()
+
+
 def _ctrl_c_ends_quietly(process: subprocess.Popen[bytes], out: _Lines, err: _Lines) -> None:
     """Ctrl-C (SIGINT) ends a following export with 130, and nothing more on either pipe."""
     os.kill(process.pid, signal.SIGINT)
@@ -742,20 +756,13 @@ def test_nats_going_away_during_export_is_one_line_and_exit_1(nats_stream: NatsS
     payloads = [b"%04d " % number + b"x" * 195 for number in range(1, 5001)]
     publish_many(nats_stream.url, "ackservice.ACKS", payloads)
     argv = _module("export", "--store", f"{nats_stream.url}/ACKS", "--timeout", "0.5")
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        out, err = _Lines(process.stdout), _Lines(process.stderr)
-        try:
-            first = out.next()
-            nats_stream.kill()
-            started = time.monotonic()
-            written = [first, *out.rest()]
-            process.wait(timeout=10)
-            waited = time.monotonic() - started
-        finally:
-            if process.returncode is None:
-                process.kill()
+    with _exporting(argv) as (process, out, err):
+        first = out.next()
+        nats_stream.kill()
+        started = time.monotonic()
+        written = [first, *out.rest()]
+        process.wait(timeout=10)
+        waited = time.monotonic() - started
         stderr = err.rest()
     assert process.returncode == 1, stderr
     # What it wrote is what it read: the stream's first messages, in order, none missing.
@@ -773,22 +780,15 @@ def test_follow_rides_out_a_nats_restart(nats_stream: NatsServer) -> None:
     follow nothing forever, writing the reader's log lines into its output."""
     publish_many(nats_stream.url, "ackservice.ACKS", [b"first"])
     argv = _module("export", "--store", f"{nats_stream.url}/ACKS", "--follow", "--timeout", "0.5")
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        out, err = _Lines(process.stdout), _Lines(process.stderr)
-        try:
-            assert out.next() == b"first\n"
-            nats_stream.kill()
-            notice = err.next()
-            time.sleep(2)  # several pulls' worth of outage
-            nats_stream.start()
-            publish_many(nats_stream.url, "ackservice.ACKS", [b"second"])
-            assert out.next() == b"second\n"
-            _ctrl_c_ends_quietly(process, out, err)
-        finally:
-            if process.returncode is None:
-                process.kill()
+    with _exporting(argv) as (process, out, err):
+        assert out.next() == b"first\n"
+        nats_stream.kill()
+        notice = err.next()
+        time.sleep(2)  # several pulls' worth of outage
+        nats_stream.start()
+        publish_many(nats_stream.url, "ackservice.ACKS", [b"second"])
+        assert out.next() == b"second\n"
+        _ctrl_c_ends_quietly(process, out, err)
     assert notice.startswith(b"python -m ackservice.store: warning: lost the connection to NATS")
     assert b"after id 1" in notice
 
@@ -805,22 +805,15 @@ def test_follow_started_before_nats_waits_for_it(tmp_path: Path) -> None:
     nats_server.stop()
     argv = _module("export", "--store", f"{nats_server.url}/ACKS", "--follow", "--timeout", "0.5")
     try:
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-            assert process.stdout is not None
-            assert process.stderr is not None
-            out, err = _Lines(process.stdout), _Lines(process.stderr)
-            try:
-                notice = err.next()
-                time.sleep(1)  # past the --timeout: waiting, not ended
-                assert process.poll() is None
-                nats_server.start()
-                assert out.next(timeout=20) == b"first\n"
-                publish_many(nats_server.url, "ackservice.ACKS", [b"second"])
-                assert out.next() == b"second\n"
-                _ctrl_c_ends_quietly(process, out, err)
-            finally:
-                if process.returncode is None:
-                    process.kill()
+        with _exporting(argv) as (process, out, err):
+            notice = err.next()
+            time.sleep(1)  # past the --timeout: waiting, not ended
+            assert process.poll() is None
+            nats_server.start()
+            assert out.next(timeout=20) == b"first\n"
+            publish_many(nats_server.url, "ackservice.ACKS", [b"second"])
+            assert out.next() == b"second\n"
+            _ctrl_c_ends_quietly(process, out, err)
     finally:
         nats_server.stop()
     assert (
@@ -895,22 +888,15 @@ def test_follow_waits_out_a_cluster_between_leaders(plain_nats: NatsServer) -> N
     argv = _module("export", "--store", f"{plain_nats.url}/ACKS", "--follow", "--timeout", "1")
     with (
         jetstream_answering(plain_nats.url, unavailable) as asked,
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process,
+        _exporting(argv) as (process, out, err),
     ):
-        assert process.stdout is not None
-        assert process.stderr is not None
-        out, err = _Lines(process.stdout), _Lines(process.stderr)
-        try:
-            notice = err.next()
-            deadline = time.monotonic() + 10
-            while asked.count("$JS.API.CONSUMER.CREATE.ACKS") < 3:
-                assert process.poll() is None, (notice, err.rest())
-                assert time.monotonic() < deadline, asked
-                time.sleep(0.05)
-            _ctrl_c_ends_quietly(process, out, err)
-        finally:
-            if process.returncode is None:
-                process.kill()
+        notice = err.next()
+        deadline = time.monotonic() + 10
+        while asked.count("$JS.API.CONSUMER.CREATE.ACKS") < 3:
+            assert process.poll() is None, (notice, err.rest())
+            assert time.monotonic() < deadline, asked
+            time.sleep(0.05)
+        _ctrl_c_ends_quietly(process, out, err)
     assert notice.startswith(b"python -m ackservice.store: warning: NATS at "), notice
     assert b"JetStream system temporarily unavailable (err_code 10008)" in notice
     assert b"waiting for it, to go on after id 0" in notice
