@@ -11,7 +11,7 @@ import collections
 import functools
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -412,45 +412,44 @@ async def test_a_hook_past_its_timeout_is_unavailable(
     assert [e["seq"] for e in logs if e["event"] == "on_message_timed_out"] == [1]
 
 
-async def test_a_hook_raising_system_exit_fails_its_message_only(
-    nursery: trio.Nursery, logs: EventList
+def _exits(payload: bytes) -> BaseException:
+    return SystemExit(3)
+
+
+def _rejects_in_bytes(payload: bytes) -> BaseException:
+    return Reject(payload)  # type: ignore[arg-type]  # raises TypeError: what is tested
+
+
+@pytest.mark.parametrize(
+    ("failure", "logged"),
+    [(_exits, SystemExit), (_rejects_in_bytes, TypeError)],
+    ids=["system-exit", "reject-with-bytes"],
+)
+async def test_a_hook_failing_this_way_fails_its_message_only(
+    nursery: trio.Nursery,
+    logs: EventList,
+    failure: Callable[[bytes], BaseException],
+    logged: type[BaseException],
 ) -> None:
-    """SystemExit from a hook is an application failure like any other: internal-error for
-    that message, and the server goes on (Trio's Cancelled and KeyboardInterrupt still
-    propagate)."""
+    """SystemExit from a hook is an application failure like any other, and ``Reject(b"...")``
+    (bytes, as the payload is) is a TypeError raised where the hook makes it: either way that
+    message is answered internal-error, the log points at the hook, and the connection goes
+    on (Trio's Cancelled and KeyboardInterrupt still propagate). The bytes reason used to
+    kill the connection without a reply, on a TypeError from the protocol module, counting
+    the other messages of the read as acked."""
 
-    async def exits(payload: bytes, context: MessageContext) -> None:
-        if payload == b"exit":
-            raise SystemExit(3)
-
-    handler = AckHandler(on_message=exits)
-    client, replies = connect(nursery, handler)
-    await client.send_all(b"exit\nafter\n")
-    lines = await replies.lines(2)
-    assert lines[0].startswith(b"ERR 1 internal-error ")
-    assert lines[1] == ack_line(2, b"after")[:-1]
-
-
-async def test_a_hook_rejecting_with_a_reason_that_is_not_text_fails_its_message_only(
-    nursery: trio.Nursery, logs: EventList
-) -> None:
-    """``Reject(b"...")`` (bytes, as the payload is) is a TypeError raised where the hook
-    makes it, so the message is answered internal-error, the log points at the hook, and
-    the connection goes on. Before, the connection died without a reply, on a TypeError
-    from the protocol module, and counted the other messages of the read as acked."""
-
-    async def rejects_in_bytes(payload: bytes, context: MessageContext) -> None:
+    async def hook(payload: bytes, context: MessageContext) -> None:
         if payload == b"no":
-            raise Reject(payload)  # type: ignore[arg-type]
+            raise failure(payload)
 
-    handler = AckHandler(on_message=rejects_in_bytes)
+    handler = AckHandler(on_message=hook)
     client, replies = connect(nursery, handler)
     await client.send_all(b"no\nafter\n")
     lines = await replies.lines(2)
     assert lines[0].startswith(b"ERR 1 internal-error ")
     assert lines[1] == ack_line(2, b"after")[:-1]
     [failed] = [e for e in logs if e["event"] == "on_message_failed"]
-    assert isinstance(failed["exc_info"], TypeError)
+    assert isinstance(failed["exc_info"], logged)
 
 
 class _SlowToAnswer:
