@@ -24,6 +24,18 @@ def lines(output: bytes) -> list[str]:
     return output.decode().splitlines()
 
 
+async def interrupt(process: trio.Process) -> bytes:
+    """Ctrl-C the client: it ends with exit code 130; what it wrote on stderr."""
+    process.send_signal(signal.SIGINT)
+    with trio.fail_after(10):
+        assert await process.wait() == 130
+    assert process.stderr is not None
+    stderr = b""
+    while chunk := await process.stderr.receive_some():
+        stderr += chunk
+    return stderr
+
+
 async def test_arguments_are_sent_one_message_each(server: Server, run_client: RunClient) -> None:
     """Each argument is a message; one line per reply on stdout; exit 0."""
     run = await run_client("--port", str(server.port), "hello", "second message")
@@ -219,12 +231,7 @@ async def test_ctrl_c_stops_piped_input_with_a_summary(server: Server) -> None:
         with trio.fail_after(10):
             while stdout.count(b"\n") < 2:  # the replies are shown while input is awaited
                 stdout += await process.stdout.receive_some()
-        process.send_signal(signal.SIGINT)
-        with trio.fail_after(10):
-            assert await process.wait() == 130
-        stderr = b""
-        while chunk := await process.stderr.receive_some():
-            stderr += chunk
+        stderr = await interrupt(process)
     finally:
         process.kill()
         await process.wait()
@@ -257,12 +264,7 @@ async def test_ctrl_c_with_replies_still_buffered_for_a_full_disk_is_one_line(
         await process.stdin.send_all(b"one\n")
         await wait_until(lambda: sum(c.acked for c in server.handler._connections) == 1)
         await trio.sleep(0.2)  # the client has the reply (and its ticker a failed flush)
-        process.send_signal(signal.SIGINT)
-        with trio.fail_after(10):
-            assert await process.wait() == 130
-        stderr = b""
-        while chunk := await process.stderr.receive_some():
-            stderr += chunk
+        stderr = await interrupt(process)
     finally:
         process.kill()
         await process.wait()
