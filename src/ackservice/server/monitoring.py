@@ -21,6 +21,8 @@ from typing import Final
 import structlog
 import trio
 
+from .sockets import format_address
+
 __all__ = [
     "MAX_CLIENTS",
     "MAX_REQUEST_BYTES",
@@ -263,9 +265,3 @@ async def open_monitoring_listeners(host: str, port: int) -> list[trio.SocketLis
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise MetricsPortError(host, port, exc.strerror or str(exc), exc.errno) from exc
-
-
-def format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    """``host:port``, IPv6 in brackets."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -16,6 +16,7 @@ __all__ = [
     "bind_sockets",
     "configure_listening_socket",
     "enable_keepalive",
+    "format_address",
     "listen_addresses",
     "open_listeners",
     "parse_hosts",
@@ -166,7 +167,7 @@ async def bind_sockets(
                     # Which address, as Python names the file of a file error: the
                     # library's callers see "[Errno 98] Address already in use" otherwise,
                     # with nothing to say where.
-                    where = _address_text(sockaddr[0], sockaddr[1])
+                    where = format_address(sockaddr)
                     raise OSError(exc.errno, exc.strerror, where) from None
                 if listen:
                     sock.listen(_BACKLOG)
@@ -183,5 +184,7 @@ async def bind_sockets(
     return listeners
 
 
-def _address_text(host: str, port: int) -> str:
+def format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """``host:port``, IPv6 in brackets."""
+    host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
